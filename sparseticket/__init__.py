@@ -1,0 +1,8 @@
+"""sparseticket: lottery-ticket sparsity and NEq freezing that save real time and FLOPs."""
+from . import ops
+from .ops import BACKENDS
+from .ticket import Ticket
+from .functional import sparse_linear, neq_linear
+
+__version__ = "0.1.0"
+__all__ = ["ops", "BACKENDS", "Ticket", "sparse_linear", "neq_linear"]

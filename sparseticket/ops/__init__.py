@@ -1,0 +1,183 @@
+"""sparseticket ops: schemas, backends, autograd.
+
+``torch.ops.sparseticket.<name>`` is the op; this module makes sure its schema is
+defined, picks an implementation per device, and registers autograd. Import order:
+
+1. ``_library`` defines every schema and fake kernel;
+2. the compiled C++ extension (``sparseticket._C``) registers CPU kernels, unless
+   ``SPARSETICKET_NO_EXT=1`` or it was not built; failing that, the pure-PyTorch
+   references are registered for the CPU so everything still runs (slowly);
+3. autograd formulas, built from sparseticket ops.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import _library
+from . import reference as ref
+from ._library import (check_dense_to_ticket, check_masked_sgd, check_neq_linear, check_row_masked_grad_weight,
+                       check_sddmm, check_spmm, check_spmm_t, check_active)
+
+#: which implementation serves each device: "c++", "reference", "triton", ...
+BACKENDS: Dict[str, str] = {}
+#: why the compiled extension is not in use, if it is not
+EXTENSION_ERROR: Optional[str] = None
+
+_C = None
+if os.environ.get("SPARSETICKET_NO_EXT", "0") not in ("", "0"):
+    EXTENSION_ERROR = "disabled by SPARSETICKET_NO_EXT"
+else:
+    try:
+        from .. import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(sparseticket, CPU))
+    except ImportError as e:  # not built, or built against another torch
+        EXTENSION_ERROR = f"{type(e).__name__}: {e}"
+        warnings.warn(f"sparseticket: compiled kernels unavailable ({EXTENSION_ERROR}); "
+                      "using the pure-PyTorch reference path (correct but slow). "
+                      "Run `python -m sparseticket.info` for details.", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- reference backend
+
+
+def _checked_reference_impls():
+    """Reference implementations with the same input checks as the compiled kernels."""
+
+    def spmm(x, values, crow, col, bias):
+        check_spmm(x, values, crow, col, bias)
+        return ref.reference_spmm(x, values, crow, col, bias)
+
+    def sparse_linear(x, values, crow, col, ccol, row, perm, bias, active):
+        O = check_spmm(x, values, crow, col, bias)
+        check_active(active, O, x)
+        return ref.reference_spmm(x, values, crow, col, bias)
+
+    def neq_linear(x, weight, bias, active):
+        check_neq_linear(x, weight, bias, active)
+        return ref.reference_neq_linear(x, weight, bias, active)
+
+    def spmm_t(gy, values, ccol, row, perm):
+        check_spmm_t(gy, values, ccol, row, perm)
+        return ref.reference_spmm_t(gy, values, ccol, row, perm)
+
+    def sddmm(gy, x, crow, col, active):
+        check_sddmm(gy, x, crow, col, active)
+        return ref.reference_sddmm(gy, x, crow, col, active)
+
+    def row_masked_grad_weight(gy, x, active):
+        check_row_masked_grad_weight(gy, x, active)
+        return ref.reference_row_masked_grad_weight(gy, x, active)
+
+    def masked_sgd_(params, grads, bufs, keeps, actives, row_ptrs, fresh, lr, momentum, dampening, weight_decay,
+                    nesterov, maximize):
+        check_masked_sgd(params, grads, bufs, keeps, actives, row_ptrs, fresh, momentum)
+        ref.reference_masked_sgd_(params, grads, bufs, keeps, actives, row_ptrs, fresh, lr, momentum, dampening,
+                                  weight_decay, nesterov, maximize)
+
+    def dense_to_ticket(weight, mask):
+        check_dense_to_ticket(weight, mask)
+        return ref.reference_dense_to_ticket(weight, mask)
+
+    def ticket_transpose(crow, col, n_cols):
+        return ref.reference_ticket_transpose(crow, col, n_cols)
+
+    def ticket_to_dense(values, crow, col, n_cols):
+        return ref.reference_ticket_to_dense(values, crow, col, n_cols)
+
+    return dict(spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+                row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_,
+                dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
+
+
+def _register_reference(dispatch_key: str) -> None:
+    for name, fn in _checked_reference_impls().items():
+        _library.lib.impl(name, fn, dispatch_key)
+
+
+if _C is not None:
+    BACKENDS["cpu"] = "c++"
+else:
+    _register_reference("CPU")
+    BACKENDS["cpu"] = "reference"
+
+# GPU kernels register themselves for CUDA (sparseticket.triton); until one does, CUDA
+# tensors take the reference path rather than failing.
+_register_reference("CUDA")
+BACKENDS["cuda"] = "reference"
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _masked_bias_grad(gy: Tensor, active: Optional[Tensor]) -> Tensor:
+    gb = gy.sum(0)
+    if active is not None:
+        gb = torch.where(active, gb, torch.zeros_like(gb))
+    return gb
+
+
+def _sparse_linear_setup(ctx, inputs, output):
+    x, values, crow, col, ccol, row, perm, bias, active = inputs
+    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active)
+    ctx.has_bias = bias is not None
+
+
+def _sparse_linear_backward(ctx, gy):
+    x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors
+    gy = gy.contiguous()
+    gx = gvalues = gbias = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.sparseticket.spmm_t(gy, values, ccol, row, perm)
+    if ctx.needs_input_grad[1]:
+        gvalues = torch.ops.sparseticket.sddmm(gy, x, crow, col, active)
+    if ctx.has_bias and ctx.needs_input_grad[7]:
+        gbias = _masked_bias_grad(gy, active)
+    return gx, gvalues, None, None, None, None, None, gbias, None
+
+
+torch.library.register_autograd("sparseticket::sparse_linear", _sparse_linear_backward,
+                                setup_context=_sparse_linear_setup)
+
+
+def _neq_linear_setup(ctx, inputs, output):
+    x, weight, bias, active = inputs
+    ctx.save_for_backward(x, weight, active)
+    ctx.has_bias = bias is not None
+
+
+def _neq_linear_backward(ctx, gy):
+    x, weight, active = ctx.saved_tensors
+    gy = gy.contiguous()
+    gx = gw = gbias = None
+    if ctx.needs_input_grad[0]:
+        gx = gy @ weight  # frozen neurons still pass gradient to earlier layers
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.sparseticket.row_masked_grad_weight(gy, x, active)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gbias = _masked_bias_grad(gy, active)
+    return gx, gw, gbias, None
+
+
+torch.library.register_autograd("sparseticket::neq_linear", _neq_linear_backward, setup_context=_neq_linear_setup)
+
+
+# ----------------------------------------------------------------------------- public names
+
+spmm = torch.ops.sparseticket.spmm
+spmm_t = torch.ops.sparseticket.spmm_t
+sddmm = torch.ops.sparseticket.sddmm
+row_masked_grad_weight = torch.ops.sparseticket.row_masked_grad_weight
+masked_sgd_ = torch.ops.sparseticket.masked_sgd_
+dense_to_ticket = torch.ops.sparseticket.dense_to_ticket
+ticket_transpose = torch.ops.sparseticket.ticket_transpose
+ticket_to_dense = torch.ops.sparseticket.ticket_to_dense
+sparse_linear_op = torch.ops.sparseticket.sparse_linear
+neq_linear_op = torch.ops.sparseticket.neq_linear
+
+__all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "dense_to_ticket",
+           "ticket_transpose", "ticket_to_dense", "sparse_linear_op", "neq_linear_op", "BACKENDS",
+           "EXTENSION_ERROR", "ref"]

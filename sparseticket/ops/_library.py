@@ -1,0 +1,282 @@
+"""The one place where sparseticket's op schemas live.
+
+Backends only register implementations: the C++ extension through
+``TORCH_LIBRARY_IMPL(sparseticket, CPU, m)``, Triton/CUDA through their own modules,
+and, when no compiled kernel is available for a device, the pure-PyTorch references.
+Every op also has a fake kernel (shape/dtype inference with ``torch._check``), so
+``torch.compile`` traces through it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "sparseticket"
+lib = torch.library.Library(NAMESPACE, "DEF")
+
+SCHEMAS = {
+    # y = x Wᵀ + b for a ticket W; `ccol/row/perm` and `active` are carried for backward.
+    "sparse_linear": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, "
+    "Tensor perm, Tensor? bias, Tensor? active) -> Tensor",
+    # dense linear whose weight gradient skips frozen rows
+    "neq_linear": "(Tensor x, Tensor weight, Tensor? bias, Tensor? active) -> Tensor",
+    "spmm": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias) -> Tensor",
+    "spmm_t": "(Tensor gy, Tensor values, Tensor ccol, Tensor row, Tensor perm) -> Tensor",
+    "sddmm": "(Tensor gy, Tensor x, Tensor crow, Tensor col, Tensor? active) -> Tensor",
+    "row_masked_grad_weight": "(Tensor gy, Tensor x, Tensor? active) -> Tensor",
+    "masked_sgd_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+    "Tensor?[] keep_masks, Tensor?[] active_masks, Tensor?[] row_ptrs, bool[] fresh, float lr, "
+    "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()",
+    "dense_to_ticket": "(Tensor weight, Tensor mask) -> (Tensor, Tensor, Tensor)",
+    "ticket_transpose": "(Tensor crow, Tensor col, SymInt n_cols) -> (Tensor, Tensor, Tensor)",
+    "ticket_to_dense": "(Tensor values, Tensor crow, Tensor col, SymInt n_cols) -> Tensor",
+}
+
+for _name, _schema in SCHEMAS.items():
+    lib.define(_name + _schema)
+
+FLOATS = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- checks
+# Shared by the fake kernels and the reference backend, so both reject bad input with
+# the same message naming the argument. The C++ kernels carry the same checks.
+
+
+def _check(cond, msg):
+    torch._check(cond, lambda: msg)
+
+
+def _check_float(name: str, t: Tensor):
+    _check(t.dtype in FLOATS, f"sparseticket: {name} must be float32 or float64, got {t.dtype}")
+
+
+def _check_dim(name: str, t: Tensor, dim: int):
+    _check(t.dim() == dim, f"sparseticket: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_index(name: str, t: Tensor):
+    _check(t.dtype == torch.int32, f"sparseticket: {name} must be int32, got {t.dtype}")
+    _check_dim(name, t, 1)
+
+
+def _check_same(name: str, t: Tensor, ref_name: str, ref: Tensor):
+    _check(t.device == ref.device, f"sparseticket: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_bool(name: str, t: Tensor):
+    _check(t.dtype == torch.bool, f"sparseticket: {name} must be a torch.bool mask, got {t.dtype}")
+
+
+def check_csr(values: Tensor, crow: Tensor, col: Tensor, dtype_of: str, dtype: torch.dtype, device_ref: Tensor):
+    _check_dim("values", values, 1)
+    _check(values.dtype == dtype, f"sparseticket: values has dtype {values.dtype} but {dtype_of} has {dtype}")
+    _check_index("crow", crow)
+    _check_index("col", col)
+    _check(crow.numel() >= 1, "sparseticket: crow must have O + 1 >= 1 entries")
+    _check(col.numel() == values.numel(), f"sparseticket: col has {col.numel()} entries but values has {values.numel()}")
+    for n, t in (("values", values), ("crow", crow), ("col", col)):
+        _check_same(n, t, dtype_of, device_ref)
+
+
+def check_spmm(x, values, crow, col, bias):
+    _check_float("x", x)
+    _check_dim("x", x, 2)
+    check_csr(values, crow, col, "x", x.dtype, x)
+    O = crow.shape[0] - 1
+    if bias is not None:
+        _check_dim("bias", bias, 1)
+        _check(bias.shape[0] == O, f"sparseticket: bias has {bias.shape[0]} entries, expected out_features={O}")
+        _check(bias.dtype == x.dtype, f"sparseticket: bias has dtype {bias.dtype} but x has {x.dtype}")
+        _check_same("bias", bias, "x", x)
+    return O
+
+
+def check_active(active: Optional[Tensor], n: int, ref: Tensor):
+    if active is None:
+        return
+    _check_bool("active", active)
+    _check_dim("active", active, 1)
+    _check(active.shape[0] == n, f"sparseticket: active has {active.shape[0]} entries, expected out_features={n}")
+    _check_same("active", active, "x", ref)
+
+
+def check_spmm_t(gy, values, ccol, row, perm):
+    _check_float("gy", gy)
+    _check_dim("gy", gy, 2)
+    _check_dim("values", values, 1)
+    _check(values.dtype == gy.dtype, f"sparseticket: values has dtype {values.dtype} but gy has {gy.dtype}")
+    for n, t in (("ccol", ccol), ("row", row), ("perm", perm)):
+        _check_index(n, t)
+        _check_same(n, t, "gy", gy)
+    _check_same("values", values, "gy", gy)
+    _check(ccol.numel() >= 1, "sparseticket: ccol must have I + 1 >= 1 entries")
+    _check(row.numel() == values.numel(), f"sparseticket: row has {row.numel()} entries but values has {values.numel()}")
+    _check(perm.numel() == values.numel(), f"sparseticket: perm has {perm.numel()} entries but values has {values.numel()}")
+    return ccol.shape[0] - 1
+
+
+def check_sddmm(gy, x, crow, col, active):
+    _check_float("gy", gy)
+    _check_dim("gy", gy, 2)
+    _check_float("x", x)
+    _check_dim("x", x, 2)
+    _check(gy.dtype == x.dtype, f"sparseticket: gy has dtype {gy.dtype} but x has {x.dtype}")
+    _check_same("x", x, "gy", gy)
+    _check(gy.shape[0] == x.shape[0], f"sparseticket: gy has batch {gy.shape[0]} but x has batch {x.shape[0]}")
+    _check_index("crow", crow)
+    _check_index("col", col)
+    _check_same("crow", crow, "gy", gy)
+    _check_same("col", col, "gy", gy)
+    O = crow.shape[0] - 1
+    _check(gy.shape[1] == O, f"sparseticket: gy has {gy.shape[1]} columns but crow describes {O} rows")
+    check_active(active, O, gy)
+
+
+def check_row_masked_grad_weight(gy, x, active):
+    _check_float("gy", gy)
+    _check_dim("gy", gy, 2)
+    _check_float("x", x)
+    _check_dim("x", x, 2)
+    _check(gy.dtype == x.dtype, f"sparseticket: gy has dtype {gy.dtype} but x has {x.dtype}")
+    _check_same("x", x, "gy", gy)
+    _check(gy.shape[0] == x.shape[0], f"sparseticket: gy has batch {gy.shape[0]} but x has batch {x.shape[0]}")
+    check_active(active, gy.shape[1], gy)
+
+
+def check_neq_linear(x, weight, bias, active):
+    _check_float("x", x)
+    _check_dim("x", x, 2)
+    _check_dim("weight", weight, 2)
+    _check(weight.dtype == x.dtype, f"sparseticket: weight has dtype {weight.dtype} but x has {x.dtype}")
+    _check_same("weight", weight, "x", x)
+    _check(weight.shape[1] == x.shape[1], f"sparseticket: weight has in_features {weight.shape[1]} but x has {x.shape[1]}")
+    O = weight.shape[0]
+    if bias is not None:
+        _check_dim("bias", bias, 1)
+        _check(bias.shape[0] == O, f"sparseticket: bias has {bias.shape[0]} entries, expected out_features={O}")
+        _check(bias.dtype == x.dtype, f"sparseticket: bias has dtype {bias.dtype} but x has {x.dtype}")
+        _check_same("bias", bias, "x", x)
+    check_active(active, O, x)
+    return O
+
+
+def check_masked_sgd(params, grads, bufs, keeps, actives, row_ptrs, fresh, momentum):
+    n = len(params)
+    for name, seq in (("grads", grads), ("keep_masks", keeps), ("active_masks", actives), ("row_ptrs", row_ptrs), ("fresh", fresh)):
+        _check(len(seq) == n, f"sparseticket: masked_sgd_: {name} has {len(seq)} entries but params has {n}")
+    if momentum != 0:
+        _check(len(bufs) == n, f"sparseticket: masked_sgd_: momentum_buffers has {len(bufs)} entries but params has {n}")
+    for j, p in enumerate(params):
+        _check_float(f"params[{j}]", p)
+        g = grads[j]
+        _check(g.shape == p.shape, f"sparseticket: grads[{j}] has shape {tuple(g.shape)} but params[{j}] has {tuple(p.shape)}")
+        _check(g.dtype == p.dtype, f"sparseticket: grads[{j}] has dtype {g.dtype} but params[{j}] has {p.dtype}")
+        _check_same(f"grads[{j}]", g, f"params[{j}]", p)
+        if momentum != 0:
+            b = bufs[j]
+            _check(b.shape == p.shape, f"sparseticket: momentum_buffers[{j}] has shape {tuple(b.shape)} but params[{j}] has {tuple(p.shape)}")
+            _check(b.dtype == p.dtype, f"sparseticket: momentum_buffers[{j}] has dtype {b.dtype} but params[{j}] has {p.dtype}")
+            _check_same(f"momentum_buffers[{j}]", b, f"params[{j}]", p)
+        k = keeps[j]
+        if k is not None:
+            _check_bool(f"keep_masks[{j}]", k)
+            _check(k.shape == p.shape, f"sparseticket: keep_masks[{j}] has shape {tuple(k.shape)} but params[{j}] has {tuple(p.shape)}")
+            _check_same(f"keep_masks[{j}]", k, f"params[{j}]", p)
+        a = actives[j]
+        rp = row_ptrs[j]
+        if rp is not None:
+            _check_index(f"row_ptrs[{j}]", rp)
+            _check_same(f"row_ptrs[{j}]", rp, f"params[{j}]", p)
+            _check(p.dim() == 1, f"sparseticket: params[{j}] has row_ptrs so must be 1-D compact values, got shape {tuple(p.shape)}")
+        if a is not None:
+            _check_bool(f"active_masks[{j}]", a)
+            _check_same(f"active_masks[{j}]", a, f"params[{j}]", p)
+            if rp is not None:
+                _check(a.dim() == 1 and a.shape[0] == rp.shape[0] - 1,
+                       f"sparseticket: active_masks[{j}] has shape {tuple(a.shape)} but row_ptrs[{j}] describes {rp.shape[0] - 1} rows")
+            else:
+                _check(a.shape == p.shape or (a.dim() == 1 and p.dim() >= 1 and a.shape[0] == p.shape[0]),
+                       f"sparseticket: active_masks[{j}] has shape {tuple(a.shape)}; expected {tuple(p.shape)} (elements) "
+                       f"or [{p.shape[0] if p.dim() else 1}] (rows) for params[{j}]")
+
+
+def check_dense_to_ticket(weight, mask):
+    _check_float("weight", weight)
+    _check_dim("weight", weight, 2)
+    _check_bool("mask", mask)
+    _check(mask.shape == weight.shape, f"sparseticket: mask has shape {tuple(mask.shape)} but weight has {tuple(weight.shape)}")
+    _check_same("mask", mask, "weight", weight)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("sparseticket::sparse_linear")
+def _(x, values, crow, col, ccol, row, perm, bias, active):
+    O = check_spmm(x, values, crow, col, bias)
+    check_active(active, O, x)
+    return x.new_empty((x.shape[0], O))
+
+
+@torch.library.register_fake("sparseticket::neq_linear")
+def _(x, weight, bias, active):
+    O = check_neq_linear(x, weight, bias, active)
+    return x.new_empty((x.shape[0], O))
+
+
+@torch.library.register_fake("sparseticket::spmm")
+def _(x, values, crow, col, bias):
+    O = check_spmm(x, values, crow, col, bias)
+    return x.new_empty((x.shape[0], O))
+
+
+@torch.library.register_fake("sparseticket::spmm_t")
+def _(gy, values, ccol, row, perm):
+    I = check_spmm_t(gy, values, ccol, row, perm)
+    return gy.new_empty((gy.shape[0], I))
+
+
+@torch.library.register_fake("sparseticket::sddmm")
+def _(gy, x, crow, col, active):
+    check_sddmm(gy, x, crow, col, active)
+    return gy.new_empty((col.shape[0],))
+
+
+@torch.library.register_fake("sparseticket::row_masked_grad_weight")
+def _(gy, x, active):
+    check_row_masked_grad_weight(gy, x, active)
+    return gy.new_empty((gy.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("sparseticket::masked_sgd_")
+def _(params, grads, momentum_buffers, keep_masks, active_masks, row_ptrs, fresh, lr, momentum, dampening,
+      weight_decay, nesterov, maximize):
+    check_masked_sgd(params, grads, momentum_buffers, keep_masks, active_masks, row_ptrs, fresh, momentum)
+    return None
+
+
+@torch.library.register_fake("sparseticket::dense_to_ticket")
+def _(weight, mask):
+    check_dense_to_ticket(weight, mask)
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    O = weight.shape[0]
+    return (weight.new_empty((nnz,)), weight.new_empty((O + 1,), dtype=torch.int32),
+            weight.new_empty((nnz,), dtype=torch.int32))
+
+
+@torch.library.register_fake("sparseticket::ticket_transpose")
+def _(crow, col, n_cols):
+    _check_index("crow", crow)
+    _check_index("col", col)
+    nnz = col.shape[0]
+    return (col.new_empty((n_cols + 1,)), col.new_empty((nnz,)), col.new_empty((nnz,)))
+
+
+@torch.library.register_fake("sparseticket::ticket_to_dense")
+def _(values, crow, col, n_cols):
+    _check_index("crow", crow)
+    _check_index("col", col)
+    return values.new_empty((crow.shape[0] - 1, n_cols))

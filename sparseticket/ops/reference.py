@@ -1,0 +1,195 @@
+"""Pure-PyTorch references: the definition of what every sparseticket op computes.
+
+Every backend (C++ CPU, Triton, CUDA) is tested against these functions, and the
+benchmarks use them as the "what" next to each kernel's "how". They favour clarity
+over speed, but stay vectorised so tests over realistic shapes finish quickly.
+
+Ticket format (see ``sparseticket.ticket.Ticket``): a weight W of shape [O, I] with
+``nnz`` kept entries is stored as CSR
+
+* ``values``: [nnz]   kept weights, row-major order (row o, then column i ascending)
+* ``crow``:   [O + 1] int32 row pointers; row o owns ``values[crow[o]:crow[o+1]]``
+* ``col``:    [nnz]   int32 column index of each kept weight
+
+plus its transpose, built once per mask so the input gradient never scatters:
+
+* ``ccol``:   [I + 1] int32 column pointers
+* ``row``:    [nnz]   int32 row index of each entry in column-major order
+* ``perm``:   [nnz]   int32 position in ``values`` of each column-major entry
+
+Masks are ``torch.bool``; ``active`` masks say which neurons (rows) are updated,
+False meaning *frozen* (NEq); ``keep`` masks say which weights survive pruning,
+False meaning *pruned* (held at exactly zero).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- ticket
+
+
+def reference_dense_to_ticket(weight: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """weight: [O, I], mask: [O, I] bool -> (values [nnz], crow [O+1] int32, col [nnz] int32)."""
+    O, I = weight.shape
+    rows, cols = torch.nonzero(mask, as_tuple=True)  # row-major order
+    counts = torch.bincount(rows, minlength=O) if rows.numel() else torch.zeros(O, dtype=torch.long, device=weight.device)
+    crow = torch.zeros(O + 1, dtype=torch.int64, device=weight.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    values = weight[rows, cols].contiguous()
+    return values, crow.to(torch.int32), cols.to(torch.int32)
+
+
+def reference_ticket_transpose(crow: Tensor, col: Tensor, n_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """CSR structure of W [O, n_cols] -> CSC structure (ccol [n_cols+1], row [nnz], perm [nnz])."""
+    O = crow.numel() - 1
+    nnz = col.numel()
+    rows = torch.repeat_interleave(torch.arange(O, device=col.device), (crow[1:] - crow[:-1]).long())
+    # stable sort by column keeps rows ascending inside each column
+    key = col.long() * max(O, 1) + rows
+    perm = torch.argsort(key, stable=True)
+    counts = torch.bincount(col.long(), minlength=n_cols) if nnz else torch.zeros(n_cols, dtype=torch.long, device=col.device)
+    ccol = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
+    ccol[1:] = torch.cumsum(counts, 0)
+    return ccol.to(torch.int32), rows[perm].to(torch.int32), perm.to(torch.int32)
+
+
+def reference_ticket_to_dense(values: Tensor, crow: Tensor, col: Tensor, n_cols: int) -> Tensor:
+    """Ticket -> dense W [O, n_cols] with zeros at pruned positions."""
+    O = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(O, device=col.device), (crow[1:] - crow[:-1]).long())
+    out = torch.zeros(O, n_cols, dtype=values.dtype, device=values.device)
+    out[rows, col.long()] = values
+    return out
+
+
+# ----------------------------------------------------------------------------- matmuls
+
+
+def reference_spmm(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y = x Wᵀ + bias.  x: [B, I] -> y: [B, O] (contiguous)."""
+    W = reference_ticket_to_dense(values, crow, col, x.shape[1])
+    y = x @ W.t()
+    if bias is not None:
+        y = y + bias
+    return y.contiguous()
+
+
+def reference_spmm_t(gy: Tensor, values: Tensor, ccol: Tensor, row: Tensor, perm: Tensor) -> Tensor:
+    """gx = gy W.  gy: [B, O] -> gx: [B, I], using the transposed (CSC) structure.
+
+    O is not recoverable from the CSC arrays alone, so it is read from gy.
+    """
+    O, I = gy.shape[1], ccol.numel() - 1
+    cols = torch.repeat_interleave(torch.arange(I, device=row.device), (ccol[1:] - ccol[:-1]).long())
+    W = torch.zeros(O, I, dtype=values.dtype, device=values.device)
+    W[row.long(), cols] = values[perm.long()]
+    return (gy @ W).contiguous()
+
+
+def reference_sddmm(gy: Tensor, x: Tensor, crow: Tensor, col: Tensor, active: Optional[Tensor]) -> Tensor:
+    """Kept-weight gradient: g[k] = Σ_b gy[b, row_k] · x[b, col_k].  -> [nnz].
+
+    Rows with ``active[o] == False`` (frozen neurons) are not computed; their entries are 0.
+    """
+    O = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(O, device=col.device), (crow[1:] - crow[:-1]).long())
+    g = (gy[:, rows] * x[:, col.long()]).sum(0)
+    if active is not None:
+        g = torch.where(active[rows], g, torch.zeros_like(g))
+    return g.contiguous()
+
+
+def reference_row_masked_grad_weight(gy: Tensor, x: Tensor, active: Optional[Tensor]) -> Tensor:
+    """Dense weight gradient gW = gyᵀ x: [O, I]; rows of frozen neurons are 0 (never computed)."""
+    gw = gy.t() @ x
+    if active is not None:
+        gw = gw * active[:, None].to(gw.dtype)
+        gw[~active] = 0  # also clears any NaN/inf that the multiply would keep
+    return gw.contiguous()
+
+
+def reference_sparse_linear(x, values, crow, col, ccol, row, perm, bias, active):
+    """Autograd-carrying ticket linear: forward of ``reference_spmm``; ``active`` only affects backward."""
+    return reference_spmm(x, values, crow, col, bias)
+
+
+def reference_neq_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Optional[Tensor]) -> Tensor:
+    """Dense linear whose backward skips the weight gradient of frozen rows."""
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    return y.contiguous()
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def _active_elements(p: Tensor, active: Optional[Tensor], row_ptr: Optional[Tensor]) -> Optional[Tensor]:
+    """Expand an active mask (element, per-row, or per-CSR-row) to p's shape."""
+    if active is None:
+        return None
+    if row_ptr is not None:  # p is compact ticket values, active is per CSR row
+        counts = (row_ptr[1:] - row_ptr[:-1]).long()
+        return torch.repeat_interleave(active, counts)
+    if active.shape == p.shape:
+        return active
+    # per-row mask over dim 0
+    return active.reshape((-1,) + (1,) * (p.dim() - 1)).expand_as(p)
+
+
+def reference_masked_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    keep_masks: Sequence[Optional[Tensor]],
+    active_masks: Sequence[Optional[Tensor]],
+    row_ptrs: Sequence[Optional[Tensor]],
+    fresh: Sequence[bool],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """One step of torch.optim.SGD over ``params`` in place, with masks.
+
+    For each parameter p (with gradient g and, if momentum != 0, buffer buf):
+      d = -g if maximize else g;  d += weight_decay * p
+      buf = d if fresh else momentum * buf + (1 - dampening) * d
+      d = d + momentum * buf if nesterov else buf
+      p -= lr * d
+    then at pruned positions (keep == False) p = 0 and buf = 0; at frozen positions
+    (active == False) p and buf keep their old bits. ``fresh[j]`` marks a buffer that
+    torch.optim.SGD would create on this step (its old content is ignored).
+    """
+    for j, p in enumerate(params):
+        g = grads[j]
+        d = -g if maximize else g
+        if weight_decay != 0:
+            d = d.add(p, alpha=weight_decay)
+        buf_new = None
+        if momentum != 0:
+            buf = momentum_buffers[j]
+            if fresh[j]:
+                buf_new = d.clone()
+            else:
+                buf_new = buf.mul(momentum).add_(d, alpha=1 - dampening)
+            d = d.add(buf_new, alpha=momentum) if nesterov else buf_new
+        p_new = p.add(d, alpha=-lr)
+        keep = keep_masks[j]
+        if keep is not None:
+            p_new = torch.where(keep, p_new, torch.zeros_like(p_new))
+            if buf_new is not None:
+                buf_new = torch.where(keep, buf_new, torch.zeros_like(buf_new))
+        act = _active_elements(p, active_masks[j], row_ptrs[j])
+        if act is not None:
+            p_new = torch.where(act, p_new, p)
+            if buf_new is not None:
+                buf_new = torch.where(act, buf_new, momentum_buffers[j])
+        p.copy_(p_new)
+        if buf_new is not None:
+            momentum_buffers[j].copy_(buf_new)
