@@ -25,7 +25,7 @@ def get_extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=fast"]
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
         os.environ.get("SPARSETICKET_NO_CUDA", "0") in ("", "0")
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],

@@ -1,0 +1,86 @@
+// sparseticket CPU kernel core: torch-free declarations.
+//
+// Kernels take plain structs of pointers, sizes and strides and a range of rows to
+// work on; threading, allocation and argument checking live in the ATen glue
+// (ops_cpu.cpp). The core is compiled once per ISA (kernels_avx512.cpp,
+// kernels_avx2.cpp, kernels_base.cpp) and `kernel_table()` picks the best one the CPU
+// supports at run time.
+#pragma once
+#include <cstdint>
+
+namespace sparseticket {
+namespace cpu {
+
+// Packed dense operand: P[panel][k][lane] with `panel_width` lanes per row, zero padded
+// past the batch size. A panel row is what one sparse entry multiplies.
+//
+// out[b * ldo_b + r * ldo_r] = bias[r] + sum_{e in row r} val(e) * P[panel(b)][idx[e]][lane(b)]
+// where val(e) = val[perm ? perm[e] : e].
+struct SpmmArgs {
+  const int32_t* ptr;   // [R + 1]
+  const int32_t* idx;   // [nnz]
+  const int32_t* perm;  // [nnz] or nullptr
+  const void* val;      // [nnz]
+  const void* bias;     // [R] or nullptr
+  const void* packed;   // [n_panels][K][panel_width]
+  int64_t panel_width;  // lanes per panel (a multiple of the vector length)
+  int64_t K;            // rows of the packed operand
+  int64_t B;            // valid batch entries
+  void* out;
+  int64_t ldo_b, ldo_r;  // output strides (elements) along batch and along rows
+};
+
+// g[e] = sum_b A[r][b] * X[idx[e]][b] for e in row r; rows with active[r] == 0 give 0.
+// A: [R][ld], X: [K][ld], both batch-contiguous and zero padded to `ld` (a multiple of
+// the vector length).
+struct SddmmArgs {
+  const int32_t* ptr;
+  const int32_t* idx;
+  const uint8_t* active;  // [R] or nullptr
+  const void* a;
+  const void* x;
+  int64_t ld;
+  void* out;  // [nnz]
+};
+
+// One fused masked SGD step over elements [begin, end) of one parameter (see
+// reference_masked_sgd_ in sparseticket/ops/reference.py for the maths).
+struct SgdArgs {
+  void* p;
+  const void* g;
+  void* buf;              // nullptr when momentum == 0
+  const uint8_t* keep;    // per element, or nullptr
+  const uint8_t* active;  // per element, or nullptr (row masks are applied by the caller)
+  bool fresh;
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);
+using SddmmFn = void (*)(const SddmmArgs&, int64_t r_begin, int64_t r_end);
+using SgdFn = void (*)(const SgdArgs&, int64_t begin, int64_t end);
+
+// Panel widths, in vectors, for which spmm is instantiated.
+constexpr int kPanelChoices = 4;  // 1, 2, 4, 8 vectors
+
+struct KernelTable {
+  const char* isa;
+  int vector_bytes;
+  SpmmFn spmm_f32[kPanelChoices];
+  SpmmFn spmm_f64[kPanelChoices];
+  SddmmFn sddmm_f32;
+  SddmmFn sddmm_f64;
+  SgdFn sgd_f32;
+  SgdFn sgd_f64;
+};
+
+namespace avx512 { KernelTable make_table(); }
+namespace avx2 { KernelTable make_table(); }
+namespace base { KernelTable make_table(); }
+
+// The table for the best ISA this CPU supports (or the one forced with
+// SPARSETICKET_ISA=avx512|avx2|base).
+const KernelTable& kernel_table();
+
+}  // namespace cpu
+}  // namespace sparseticket

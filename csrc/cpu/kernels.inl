@@ -1,0 +1,298 @@
+// sparseticket CPU kernel core, written once and compiled per ISA.
+//
+// The including file sets the target (#pragma GCC target), ST_ISA (namespace name),
+// ST_VECTOR_BYTES and ST_HAS_FMA, then includes this file. Everything here is
+// torch-free and internal linkage (anonymous namespace) except make_table(), so the
+// AVX-512 instantiations can never be picked by the linker for another ISA's caller.
+//
+// Vectors are GCC vector extensions, so one source serves 64-, 32- and 16-byte
+// registers; the compiler maps `acc += w * x` to FMA where the target has it.
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace sparseticket {
+namespace cpu {
+namespace ST_ISA {
+namespace {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(ST_VECTOR_BYTES), aligned(4)));
+  static constexpr int L = ST_VECTOR_BYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(ST_VECTOR_BYTES), aligned(8)));
+  static constexpr int L = ST_VECTOR_BYTES / 8;
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline T hsum(typename Vec<T>::type v) {
+  // Tree reduction: halving keeps the dependency chain at log2(L) adds.
+  constexpr int L = Vec<T>::L;
+  T lanes[L];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+#pragma GCC unroll 16
+  for (int w = L / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
+}
+
+// a * b + c with one rounding where the ISA has FMA (as ATen's vectorised add does).
+inline float fmadd(float a, float b, float c) {
+#if ST_HAS_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline double fmadd(double a, double b, double c) {
+#if ST_HAS_FMA
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// ----------------------------------------------------------------------------- SpMM
+//
+// Row-split CSR times a packed, batch-contiguous dense operand. Each sparse entry
+// broadcasts one weight and FMAs it into NV vector accumulators that hold a panel of
+// the batch for the current output row, so the inner loop is NV loads + NV FMAs per
+// kept weight and nothing else. Rows are processed in tiles of kTileRows so the
+// transposed write-back to a row-major [B, R] output touches kTileRows contiguous
+// elements per batch entry.
+
+constexpr int kTileRows = 16;
+
+template <typename T, int NV, bool HasPerm>
+void spmm_kernel_impl(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr int PW = NV * L;
+  // For narrow panels the FMA chain per accumulator would stall on latency, so
+  // consecutive entries go to independent accumulator sets that are summed at the end.
+  constexpr int U = NV >= 4 ? 1 : 4 / NV;
+
+  const int32_t* __restrict ptr = a.ptr;
+  const int32_t* __restrict idx = a.idx;
+  const int32_t* __restrict perm = a.perm;
+  const T* __restrict val = static_cast<const T*>(a.val);
+  const T* __restrict bias = static_cast<const T*>(a.bias);
+  const T* __restrict packed = static_cast<const T*>(a.packed);
+  T* __restrict out = static_cast<T*>(a.out);
+  const int64_t n_panels = (a.B + PW - 1) / PW;
+
+  alignas(64) T tile[kTileRows][PW];
+
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
+    const int nr = static_cast<int>(r_end - r0 < kTileRows ? r_end - r0 : kTileRows);
+    for (int64_t panel = 0; panel < n_panels; ++panel) {
+      const T* __restrict P = packed + panel * a.K * PW;
+      for (int rr = 0; rr < nr; ++rr) {
+        const int64_t r = r0 + rr;
+        V acc[U][NV];
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[u][v] = V{};
+        int64_t e = ptr[r];
+        const int64_t e1 = ptr[r + 1];
+        for (; e + U <= e1; e += U) {
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) {
+            const T w = HasPerm ? val[perm[e + u]] : val[e + u];
+            const T* __restrict xr = P + static_cast<int64_t>(idx[e + u]) * PW;
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[u][v] += w * vload(xr + v * L);
+          }
+        }
+        for (; e < e1; ++e) {
+          const T w = HasPerm ? val[perm[e]] : val[e];
+          const T* __restrict xr = P + static_cast<int64_t>(idx[e]) * PW;
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[0][v] += w * vload(xr + v * L);
+        }
+#pragma GCC unroll 8
+        for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[0][v] += acc[u][v];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) vstore(&tile[rr][v * L], acc[0][v]);
+      }
+      // write back: out[b, r] for this panel's batch entries and the tile's rows
+      const int64_t b0 = panel * PW;
+      const int nb = static_cast<int>(a.B - b0 < PW ? a.B - b0 : PW);
+      T bias_tile[kTileRows];
+      for (int rr = 0; rr < nr; ++rr) bias_tile[rr] = bias ? bias[r0 + rr] : T(0);
+      if (a.ldo_r == 1) {
+        for (int b = 0; b < nb; ++b) {
+          T* __restrict o = out + (b0 + b) * a.ldo_b + r0;
+          for (int rr = 0; rr < nr; ++rr) o[rr] = tile[rr][b] + bias_tile[rr];
+        }
+      } else {
+        for (int rr = 0; rr < nr; ++rr) {
+          T* __restrict o = out + (r0 + rr) * a.ldo_r + b0 * a.ldo_b;
+          for (int b = 0; b < nb; ++b) o[b * a.ldo_b] = tile[rr][b] + bias_tile[rr];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int NV>
+void spmm_kernel(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
+  if (a.perm)
+    spmm_kernel_impl<T, NV, true>(a, r_begin, r_end);
+  else
+    spmm_kernel_impl<T, NV, false>(a, r_begin, r_end);
+}
+
+// ----------------------------------------------------------------------------- SDDMM
+//
+// One dot product over the batch per kept weight. Four entries of a row share the
+// loads of the row's gradient vector, and their four accumulators are independent, so
+// the loop is bound by the loads of X rows.
+
+template <typename T>
+void sddmm_kernel(const SddmmArgs& s, int64_t r_begin, int64_t r_end) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  const int32_t* __restrict ptr = s.ptr;
+  const int32_t* __restrict idx = s.idx;
+  const T* __restrict A = static_cast<const T*>(s.a);
+  const T* __restrict X = static_cast<const T*>(s.x);
+  T* __restrict out = static_cast<T*>(s.out);
+  const int64_t ld = s.ld;
+
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    int64_t e = ptr[r];
+    const int64_t e1 = ptr[r + 1];
+    if (s.active && !s.active[r]) {
+      for (; e < e1; ++e) out[e] = T(0);
+      continue;
+    }
+    const T* __restrict ar = A + r * ld;
+    for (; e + 4 <= e1; e += 4) {
+      const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
+      const T* __restrict x1 = X + static_cast<int64_t>(idx[e + 1]) * ld;
+      const T* __restrict x2 = X + static_cast<int64_t>(idx[e + 2]) * ld;
+      const T* __restrict x3 = X + static_cast<int64_t>(idx[e + 3]) * ld;
+      V c0{}, c1{}, c2{}, c3{};
+      for (int64_t c = 0; c < ld; c += L) {
+        const V av = vload(ar + c);
+        c0 += av * vload(x0 + c);
+        c1 += av * vload(x1 + c);
+        c2 += av * vload(x2 + c);
+        c3 += av * vload(x3 + c);
+      }
+      out[e] = hsum<T>(c0);
+      out[e + 1] = hsum<T>(c1);
+      out[e + 2] = hsum<T>(c2);
+      out[e + 3] = hsum<T>(c3);
+    }
+    for (; e < e1; ++e) {
+      const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
+      V c0{};
+      for (int64_t c = 0; c < ld; c += L) c0 += vload(ar + c) * vload(x0 + c);
+      out[e] = hsum<T>(c0);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- SGD
+//
+// torch.optim.SGD's maths in one pass over p, g, buf and the masks. The adds that
+// torch performs as `a.add_(b, alpha=s)` are written as fma(b, s, a), which is what
+// ATen's vectorised CPU add does, so kept weights follow torch closely.
+
+template <typename T, bool HasBuf, bool HasKeep, bool HasActive>
+void sgd_kernel_impl(const SgdArgs& s, int64_t begin, int64_t end) {
+  T* __restrict p = static_cast<T*>(s.p);
+  const T* __restrict g = static_cast<const T*>(s.g);
+  T* __restrict buf = static_cast<T*>(s.buf);
+  const uint8_t* __restrict keep = s.keep;
+  const uint8_t* __restrict active = s.active;
+  const T lr = static_cast<T>(s.lr), wd = static_cast<T>(s.weight_decay), mom = static_cast<T>(s.momentum);
+  const T damp1 = static_cast<T>(1.0 - s.dampening);
+  const T gsign = s.maximize ? T(-1) : T(1);
+  const bool fresh = s.fresh, nesterov = s.nesterov, use_wd = s.weight_decay != 0;
+
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const T p0 = p[i];
+    T d = gsign * g[i];
+    if (use_wd) d = fmadd(p0, wd, d);
+    T b1 = T(0);
+    if (HasBuf) {
+      const T b0 = buf[i];
+      b1 = fresh ? d : fmadd(d, damp1, b0 * mom);
+      d = nesterov ? fmadd(b1, mom, d) : b1;
+      if (HasKeep) b1 = keep[i] ? b1 : T(0);
+      if (HasActive) b1 = active[i] ? b1 : b0;
+      buf[i] = b1;
+    }
+    T p1 = fmadd(d, -lr, p0);
+    if (HasKeep) p1 = keep[i] ? p1 : T(0);
+    if (HasActive) p1 = active[i] ? p1 : p0;
+    p[i] = p1;
+  }
+}
+
+template <typename T>
+void sgd_kernel(const SgdArgs& s, int64_t begin, int64_t end) {
+  const bool hb = s.buf != nullptr, hk = s.keep != nullptr, ha = s.active != nullptr;
+#define ST_SGD_CASE(B, K, A) \
+  if (hb == B && hk == K && ha == A) return sgd_kernel_impl<T, B, K, A>(s, begin, end);
+  ST_SGD_CASE(false, false, false)
+  ST_SGD_CASE(false, false, true)
+  ST_SGD_CASE(false, true, false)
+  ST_SGD_CASE(false, true, true)
+  ST_SGD_CASE(true, false, false)
+  ST_SGD_CASE(true, false, true)
+  ST_SGD_CASE(true, true, false)
+  ST_SGD_CASE(true, true, true)
+#undef ST_SGD_CASE
+}
+
+}  // namespace
+
+KernelTable make_table() {
+  KernelTable t{};
+  t.isa = ST_ISA_NAME;
+  t.vector_bytes = ST_VECTOR_BYTES;
+  t.spmm_f32[0] = &spmm_kernel<float, 1>;
+  t.spmm_f32[1] = &spmm_kernel<float, 2>;
+  t.spmm_f32[2] = &spmm_kernel<float, 4>;
+  t.spmm_f32[3] = &spmm_kernel<float, 8>;
+  t.spmm_f64[0] = &spmm_kernel<double, 1>;
+  t.spmm_f64[1] = &spmm_kernel<double, 2>;
+  t.spmm_f64[2] = &spmm_kernel<double, 4>;
+  t.spmm_f64[3] = &spmm_kernel<double, 8>;
+  t.sddmm_f32 = &sddmm_kernel<float>;
+  t.sddmm_f64 = &sddmm_kernel<double>;
+  t.sgd_f32 = &sgd_kernel<float>;
+  t.sgd_f64 = &sgd_kernel<double>;
+  return t;
+}
+
+}  // namespace ST_ISA
+}  // namespace cpu
+}  // namespace sparseticket

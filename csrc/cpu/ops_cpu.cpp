@@ -1,0 +1,623 @@
+// ATen glue for the CPU kernels: argument checks, packing, threading, registration.
+//
+// Schemas are defined once, in sparseticket/ops/_library.py; this file only registers
+// CPU implementations (TORCH_LIBRARY_IMPL), so importing the package without the
+// compiled module still works on the reference path.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sparseticket {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------- checks
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "sparseticket: ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+void check_dim(const Tensor& t, int64_t d, const char* name) {
+  TORCH_CHECK(t.dim() == d, "sparseticket: ", name, " must be ", d, "-D, got shape ", t.sizes());
+}
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "sparseticket: ", name, " is on ", t.device(),
+              " but the CPU kernel was called; all arguments must be on the same device");
+}
+void check_index(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "sparseticket: ", name, " must be int32, got ", t.scalar_type());
+  check_dim(t, 1, name);
+  check_cpu(t, name);
+}
+void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sparseticket: ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type());
+}
+void check_bool_mask(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBool, "sparseticket: ", name, " must be a torch.bool mask, got ",
+              t.scalar_type());
+  check_cpu(t, name);
+}
+void check_active(const c10::optional<Tensor>& active, int64_t n) {
+  if (!active) return;
+  check_bool_mask(*active, "active");
+  check_dim(*active, 1, "active");
+  TORCH_CHECK(active->size(0) == n, "sparseticket: active has ", active->size(0), " entries, expected out_features=", n);
+}
+// Cheap structural checks that catch a mismatched ticket; a full check of every index
+// is done when the transpose is built (ticket_transpose), once per mask.
+void check_ptr(const Tensor& ptr, int64_t nnz, const char* name) {
+  TORCH_CHECK(ptr.numel() >= 1, "sparseticket: ", name, " must have at least one entry");
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int64_t stride = ptr.stride(0);
+  TORCH_CHECK(p[0] == 0 && p[(ptr.numel() - 1) * stride] == nnz, "sparseticket: ", name, " must start at 0 and end at nnz=",
+              nnz, ", got ", p[0], " and ", p[(ptr.numel() - 1) * stride]);
+}
+
+// ----------------------------------------------------------------------------- helpers
+
+int64_t vector_lanes(at::ScalarType t) {
+  return kernel_table().vector_bytes / (t == at::kFloat ? 4 : 8);
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Panel width (in vectors) for a batch of B: the smallest choice that covers B, up to
+// a cap. SPARSETICKET_SPMM_NV overrides the cap (for sweeps in bench/).
+int panel_choice(int64_t B, int64_t lanes) {
+  static const int cap = [] {
+    const char* s = std::getenv("SPARSETICKET_SPMM_NV");
+    int v = s ? std::atoi(s) : 4;
+    return v == 1 || v == 2 || v == 4 || v == 8 ? v : 4;
+  }();
+  int nv = 1;
+  while (nv < cap && nv * lanes < B) nv *= 2;
+  return nv;
+}
+int panel_index(int nv) { return nv == 1 ? 0 : nv == 2 ? 1 : nv == 4 ? 2 : 3; }
+
+// P[panel][k][lane] = x[panel * pw + lane, k] (0 past B). x: [B, K] with any strides.
+template <typename T>
+void pack_panels(const Tensor& x, T* P, int64_t pw) {
+  const int64_t B = x.size(0), K = x.size(1);
+  const int64_t sb = x.stride(0), sk = x.stride(1);
+  const T* X = x.data_ptr<T>();
+  const int64_t n_panels = (B + pw - 1) / pw;
+  constexpr int64_t KB = 16;
+  const int64_t kblocks = (K + KB - 1) / KB;
+  at::parallel_for(0, n_panels * kblocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t panel = job / kblocks, k0 = (job % kblocks) * KB;
+      const int64_t k1 = std::min(K, k0 + KB);
+      T* dst = P + panel * K * pw;
+      const int64_t b0 = panel * pw, nb = std::min(pw, B - b0);
+      for (int64_t lane = 0; lane < nb; ++lane) {
+        const T* src = X + (b0 + lane) * sb;
+        for (int64_t k = k0; k < k1; ++k) dst[k * pw + lane] = src[k * sk];
+      }
+      for (int64_t lane = nb; lane < pw; ++lane)
+        for (int64_t k = k0; k < k1; ++k) dst[k * pw + lane] = T(0);
+    }
+  });
+}
+
+Tensor pack(const Tensor& x, int64_t pw) {
+  const int64_t B = x.size(0), K = x.size(1);
+  const int64_t n_panels = std::max<int64_t>(1, (B + pw - 1) / pw);
+  Tensor P = at::empty({n_panels, K, pw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparseticket_pack", [&] { pack_panels<scalar_t>(x, P.data_ptr<scalar_t>(), pw); });
+  return P;
+}
+
+// Row ranges with roughly equal work (entries plus a per-row cost), for parallel_for.
+std::vector<int64_t> balanced_rows(const int32_t* ptr, int64_t R, int64_t row_cost, int64_t chunks) {
+  std::vector<int64_t> bounds{0};
+  const int64_t total = static_cast<int64_t>(ptr[R]) + R * row_cost;
+  chunks = std::max<int64_t>(1, std::min(chunks, R));
+  int64_t r = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = total * c / chunks;
+    // first row whose cumulative work reaches target
+    int64_t lo = r, hi = R;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<int64_t>(ptr[mid]) + mid * row_cost < target) lo = mid + 1; else hi = mid;
+    }
+    r = lo;
+    if (r > bounds.back() && r < R) bounds.push_back(r);
+  }
+  bounds.push_back(R);
+  return bounds;
+}
+
+int64_t n_chunks() { return static_cast<int64_t>(at::get_num_threads()) * 4; }
+
+// out[b, r] (row-major [B, R]) = bias[r] + sum over row r of ptr/idx/perm/val x P.
+void run_spmm(const Tensor& packed, int nv, const Tensor& ptr, const Tensor& idx, const c10::optional<Tensor>& perm,
+              const Tensor& val, const c10::optional<Tensor>& bias, int64_t B, const Tensor& out) {
+  const int64_t R = ptr.numel() - 1;
+  if (R == 0 || B == 0) return;
+  SpmmArgs a{};
+  a.ptr = ptr.data_ptr<int32_t>();
+  a.idx = idx.data_ptr<int32_t>();
+  a.perm = perm ? perm->data_ptr<int32_t>() : nullptr;
+  a.val = val.data_ptr();
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.packed = packed.data_ptr();
+  a.panel_width = packed.size(2);
+  a.K = packed.size(1);
+  a.B = B;
+  a.out = out.data_ptr();
+  a.ldo_b = out.stride(0);
+  a.ldo_r = out.stride(1);
+  const KernelTable& kt = kernel_table();
+  const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
+  const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
+  const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks());
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) fn(a, bounds[c], bounds[c + 1]);
+  });
+}
+
+Tensor contiguous_1d(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+// ----------------------------------------------------------------------------- ops
+
+Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, const Tensor& col_,
+                const c10::optional<Tensor>& bias_) {
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_cpu(x, "x");
+  check_dim(values, 1, "values");
+  check_same_dtype(values, "values", x, "x");
+  check_cpu(values, "values");
+  check_index(crow_, "crow");
+  check_index(col_, "col");
+  TORCH_CHECK(col_.numel() == values.numel(), "sparseticket: col has ", col_.numel(), " entries but values has ",
+              values.numel());
+  const int64_t B = x.size(0), O = crow_.numel() - 1;
+  c10::optional<Tensor> bias;
+  if (bias_) {
+    check_dim(*bias_, 1, "bias");
+    check_cpu(*bias_, "bias");
+    TORCH_CHECK(bias_->size(0) == O, "sparseticket: bias has ", bias_->size(0), " entries, expected out_features=", O);
+    check_same_dtype(*bias_, "bias", x, "x");
+    bias = contiguous_1d(*bias_);
+  }
+  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_), vals = contiguous_1d(values);
+  check_ptr(crow, vals.numel(), "crow");
+  Tensor out = at::empty({B, O}, x.options());
+  if (B == 0 || O == 0) return out;
+  const int nv = panel_choice(B, vector_lanes(x.scalar_type()));
+  const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()));
+  run_spmm(packed, nv, crow, col, c10::nullopt, vals, bias, B, out);
+  return out;
+}
+
+Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, const Tensor& row_,
+                  const Tensor& perm_) {
+  check_float(gy, "gy");
+  check_dim(gy, 2, "gy");
+  check_cpu(gy, "gy");
+  check_dim(values, 1, "values");
+  check_same_dtype(values, "values", gy, "gy");
+  check_cpu(values, "values");
+  check_index(ccol_, "ccol");
+  check_index(row_, "row");
+  check_index(perm_, "perm");
+  TORCH_CHECK(row_.numel() == values.numel(), "sparseticket: row has ", row_.numel(), " entries but values has ",
+              values.numel());
+  TORCH_CHECK(perm_.numel() == values.numel(), "sparseticket: perm has ", perm_.numel(), " entries but values has ",
+              values.numel());
+  const Tensor ccol = contiguous_1d(ccol_), row = contiguous_1d(row_), perm = contiguous_1d(perm_);
+  const Tensor vals = contiguous_1d(values);
+  check_ptr(ccol, vals.numel(), "ccol");
+  const int64_t B = gy.size(0), I = ccol.numel() - 1;
+  Tensor out = at::empty({B, I}, gy.options());
+  if (B == 0 || I == 0) return out;
+  const int nv = panel_choice(B, vector_lanes(gy.scalar_type()));
+  const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()));
+  run_spmm(packed, nv, ccol, row, perm, vals, c10::nullopt, B, out);
+  return out;
+}
+
+Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const Tensor& col_,
+                 const c10::optional<Tensor>& active_) {
+  check_float(gy, "gy");
+  check_dim(gy, 2, "gy");
+  check_cpu(gy, "gy");
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_cpu(x, "x");
+  check_same_dtype(x, "x", gy, "gy");
+  TORCH_CHECK(gy.size(0) == x.size(0), "sparseticket: gy has batch ", gy.size(0), " but x has batch ", x.size(0));
+  check_index(crow_, "crow");
+  check_index(col_, "col");
+  const int64_t O = crow_.numel() - 1;
+  TORCH_CHECK(gy.size(1) == O, "sparseticket: gy has ", gy.size(1), " columns but crow describes ", O, " rows");
+  check_active(active_, O);
+  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_);
+  check_ptr(crow, col.numel(), "crow");
+  const int64_t nnz = col.numel(), B = gy.size(0);
+  if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
+  Tensor out = at::empty({nnz}, gy.options());
+  const int64_t ld = round_up(B, vector_lanes(gy.scalar_type()));
+  const Tensor A = pack(gy, ld), X = pack(x, ld);
+  Tensor active;
+  if (active_) active = contiguous_1d(*active_);
+  SddmmArgs s{};
+  s.ptr = crow.data_ptr<int32_t>();
+  s.idx = col.data_ptr<int32_t>();
+  s.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
+  s.a = A.data_ptr();
+  s.x = X.data_ptr();
+  s.ld = ld;
+  s.out = out.data_ptr();
+  const KernelTable& kt = kernel_table();
+  const SddmmFn fn = gy.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
+  const auto bounds = balanced_rows(s.ptr, O, 4, n_chunks());
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) fn(s, bounds[c], bounds[c + 1]);
+  });
+  return out;
+}
+
+Tensor row_masked_grad_weight_cpu(const Tensor& gy, const Tensor& x, const c10::optional<Tensor>& active) {
+  check_float(gy, "gy");
+  check_dim(gy, 2, "gy");
+  check_cpu(gy, "gy");
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_cpu(x, "x");
+  check_same_dtype(x, "x", gy, "gy");
+  TORCH_CHECK(gy.size(0) == x.size(0), "sparseticket: gy has batch ", gy.size(0), " but x has batch ", x.size(0));
+  check_active(active, gy.size(1));
+  if (!active) return gy.t().mm(x);
+  // Only the active neurons' rows are multiplied: cost scales with (1 - frozen fraction).
+  const Tensor rows = active->nonzero().squeeze(1);
+  Tensor out = at::zeros({gy.size(1), x.size(1)}, gy.options());
+  if (rows.numel() == 0) return out;
+  if (rows.numel() == gy.size(1)) return gy.t().mm(x);
+  const Tensor part = gy.index_select(1, rows).t().mm(x);
+  out.index_copy_(0, rows, part);
+  return out;
+}
+
+Tensor sparse_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                         const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
+                         const c10::optional<Tensor>& active) {
+  check_active(active, crow.numel() - 1);
+  return spmm_cpu(x, values, crow, col, bias);
+}
+
+Tensor neq_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                      const c10::optional<Tensor>& active) {
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_cpu(x, "x");
+  check_dim(weight, 2, "weight");
+  check_cpu(weight, "weight");
+  check_same_dtype(weight, "weight", x, "x");
+  TORCH_CHECK(weight.size(1) == x.size(1), "sparseticket: weight has in_features ", weight.size(1), " but x has ",
+              x.size(1));
+  if (bias) {
+    check_dim(*bias, 1, "bias");
+    check_cpu(*bias, "bias");
+    check_same_dtype(*bias, "bias", x, "x");
+    TORCH_CHECK(bias->size(0) == weight.size(0), "sparseticket: bias has ", bias->size(0),
+                " entries, expected out_features=", weight.size(0));
+  }
+  check_active(active, weight.size(0));
+  return at::linear(x, weight, bias).contiguous();
+}
+
+// ----------------------------------------------------------------------------- masked SGD
+
+struct SgdJob {
+  int64_t param;
+  int64_t begin, end;
+};
+
+void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                    const c10::List<c10::optional<Tensor>>& keeps, const c10::List<c10::optional<Tensor>>& actives,
+                    const c10::List<c10::optional<Tensor>>& row_ptrs, c10::List<bool> fresh, double lr,
+                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  auto len_check = [&](int64_t got, const char* name) {
+    TORCH_CHECK(got == n, "sparseticket: masked_sgd_: ", name, " has ", got, " entries but params has ", n);
+  };
+  len_check(grads.size(), "grads");
+  len_check(keeps.size(), "keep_masks");
+  len_check(actives.size(), "active_masks");
+  len_check(row_ptrs.size(), "row_ptrs");
+  len_check(fresh.size(), "fresh");
+  const bool use_buf = momentum != 0;
+  if (use_buf) len_check(bufs.size(), "momentum_buffers");
+
+  std::vector<SgdArgs> args(n);
+  std::vector<Tensor> hold;  // keeps contiguous copies alive
+  std::vector<std::pair<Tensor, Tensor>> copy_back;
+  std::vector<SgdJob> jobs;
+  constexpr int64_t kChunk = 1 << 15;
+  auto add_range = [&](int64_t j, int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; s += kChunk) jobs.push_back({j, s, std::min(e, s + kChunk)});
+  };
+  std::string name;
+  for (int64_t j = 0; j < n; ++j) {
+    const Tensor& p = params[j];
+    const std::string pj = "params[" + std::to_string(j) + "]";
+    check_float(p, pj.c_str());
+    check_cpu(p, pj.c_str());
+    const Tensor& g = grads[j];
+    const std::string gj = "grads[" + std::to_string(j) + "]";
+    check_cpu(g, gj.c_str());
+    TORCH_CHECK(g.sizes() == p.sizes(), "sparseticket: ", gj, " has shape ", g.sizes(), " but ", pj, " has ",
+                p.sizes());
+    check_same_dtype(g, gj.c_str(), p, pj.c_str());
+    SgdArgs& a = args[j];
+    a.lr = lr;
+    a.momentum = momentum;
+    a.dampening = dampening;
+    a.weight_decay = weight_decay;
+    a.nesterov = nesterov;
+    a.maximize = maximize;
+    a.fresh = fresh[j];
+    Tensor pc = p;
+    if (!p.is_contiguous()) {
+      pc = p.contiguous();
+      copy_back.emplace_back(p, pc);
+    }
+    hold.push_back(pc);
+    a.p = pc.data_ptr();
+    const Tensor gc = g.contiguous();
+    hold.push_back(gc);
+    a.g = gc.data_ptr();
+    a.buf = nullptr;
+    if (use_buf) {
+      const Tensor& b = bufs[j];
+      const std::string bj = "momentum_buffers[" + std::to_string(j) + "]";
+      check_cpu(b, bj.c_str());
+      TORCH_CHECK(b.sizes() == p.sizes(), "sparseticket: ", bj, " has shape ", b.sizes(), " but ", pj, " has ",
+                  p.sizes());
+      check_same_dtype(b, bj.c_str(), p, pj.c_str());
+      Tensor bc = b;
+      if (!b.is_contiguous()) {
+        bc = b.contiguous();
+        copy_back.emplace_back(b, bc);
+      }
+      hold.push_back(bc);
+      a.buf = bc.data_ptr();
+    }
+    a.keep = nullptr;
+    if (keeps[j].has_value()) {
+      const Tensor k = *keeps[j];
+      const std::string kj = "keep_masks[" + std::to_string(j) + "]";
+      check_bool_mask(k, kj.c_str());
+      TORCH_CHECK(k.sizes() == p.sizes(), "sparseticket: ", kj, " has shape ", k.sizes(), " but ", pj, " has ",
+                  p.sizes());
+      const Tensor kc = k.contiguous();
+      hold.push_back(kc);
+      a.keep = reinterpret_cast<const uint8_t*>(kc.data_ptr<bool>());
+    }
+    a.active = nullptr;
+    const int64_t numel = p.numel();
+    const std::string aj = "active_masks[" + std::to_string(j) + "]";
+    c10::optional<Tensor> rp;
+    if (row_ptrs[j].has_value()) {
+      rp = *row_ptrs[j];
+      const std::string rj = "row_ptrs[" + std::to_string(j) + "]";
+      check_index(*rp, rj.c_str());
+      TORCH_CHECK(p.dim() == 1, "sparseticket: ", pj, " has row_ptrs so must be 1-D compact values, got shape ",
+                  p.sizes());
+      rp = contiguous_1d(*rp);
+      check_ptr(*rp, numel, rj.c_str());
+    }
+    if (!actives[j].has_value()) {
+      add_range(j, 0, numel);
+      continue;
+    }
+    const Tensor act = actives[j]->contiguous();
+    check_bool_mask(act, aj.c_str());
+    hold.push_back(act);
+    const bool* am = act.data_ptr<bool>();
+    if (rp) {
+      TORCH_CHECK(act.dim() == 1 && act.size(0) == rp->numel() - 1, "sparseticket: ", aj, " has shape ", act.sizes(),
+                  " but row_ptrs[", j, "] describes ", rp->numel() - 1, " rows");
+      const int32_t* r = rp->data_ptr<int32_t>();
+      // frozen rows are skipped entirely: consecutive active rows become one range
+      for (int64_t i = 0, R = act.size(0); i < R;) {
+        if (!am[i]) { ++i; continue; }
+        int64_t k = i;
+        while (k < R && am[k]) ++k;
+        add_range(j, r[i], r[k]);
+        i = k;
+      }
+    } else if (act.sizes() == p.sizes()) {
+      a.active = reinterpret_cast<const uint8_t*>(am);
+      add_range(j, 0, numel);
+    } else {
+      TORCH_CHECK(act.dim() == 1 && p.dim() >= 1 && act.size(0) == p.size(0), "sparseticket: ", aj, " has shape ",
+                  act.sizes(), "; expected ", p.sizes(), " (elements) or [", p.dim() ? p.size(0) : 1, "] (rows) for ",
+                  pj);
+      const int64_t R = act.size(0), row_len = R ? numel / R : 0;
+      for (int64_t i = 0; i < R;) {
+        if (!am[i]) { ++i; continue; }
+        int64_t k = i;
+        while (k < R && am[k]) ++k;
+        add_range(j, i * row_len, k * row_len);
+        i = k;
+      }
+    }
+  }
+  const KernelTable& kt = kernel_table();
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const SgdJob& job = jobs[q];
+      const SgdFn fn = params[job.param].scalar_type() == at::kFloat ? kt.sgd_f32 : kt.sgd_f64;
+      fn(args[job.param], job.begin, job.end);
+    }
+  });
+  for (auto& pr : copy_back) pr.first.copy_(pr.second);
+}
+
+// ----------------------------------------------------------------------------- conversions
+
+std::tuple<Tensor, Tensor, Tensor> dense_to_ticket_cpu(const Tensor& weight_, const Tensor& mask_) {
+  check_float(weight_, "weight");
+  check_dim(weight_, 2, "weight");
+  check_cpu(weight_, "weight");
+  check_bool_mask(mask_, "mask");
+  TORCH_CHECK(mask_.sizes() == weight_.sizes(), "sparseticket: mask has shape ", mask_.sizes(), " but weight has ",
+              weight_.sizes());
+  const Tensor weight = weight_.contiguous(), mask = mask_.contiguous();
+  const int64_t O = weight.size(0), I = weight.size(1);
+  TORCH_CHECK(I < (int64_t(1) << 31) && O < (int64_t(1) << 31), "sparseticket: weight is too large for int32 indices");
+  Tensor crow = at::empty({O + 1}, weight.options().dtype(at::kInt));
+  int32_t* cr = crow.data_ptr<int32_t>();
+  const bool* m = mask.data_ptr<bool>();
+  std::vector<int64_t> counts(O);
+  at::parallel_for(0, O, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      int64_t c = 0;
+      const bool* mr = m + r * I;
+      for (int64_t i = 0; i < I; ++i) c += mr[i];
+      counts[r] = c;
+    }
+  });
+  int64_t nnz = 0;
+  cr[0] = 0;
+  for (int64_t r = 0; r < O; ++r) {
+    nnz += counts[r];
+    TORCH_CHECK(nnz < (int64_t(1) << 31), "sparseticket: more than 2^31 kept weights");
+    cr[r + 1] = static_cast<int32_t>(nnz);
+  }
+  Tensor values = at::empty({nnz}, weight.options());
+  Tensor col = at::empty({nnz}, weight.options().dtype(at::kInt));
+  int32_t* cc = col.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "dense_to_ticket", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* v = values.data_ptr<scalar_t>();
+    at::parallel_for(0, O, 64, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        int64_t k = cr[r];
+        const bool* mr = m + r * I;
+        const scalar_t* wr = w + r * I;
+        for (int64_t i = 0; i < I; ++i) {
+          if (mr[i]) {
+            v[k] = wr[i];
+            cc[k] = static_cast<int32_t>(i);
+            ++k;
+          }
+        }
+      }
+    });
+  });
+  return {values, crow, col};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ticket_transpose_cpu(const Tensor& crow_, const Tensor& col_, int64_t n_cols) {
+  check_index(crow_, "crow");
+  check_index(col_, "col");
+  TORCH_CHECK(n_cols >= 0, "sparseticket: n_cols must be >= 0, got ", n_cols);
+  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_);
+  const int64_t O = crow.numel() - 1, nnz = col.numel();
+  check_ptr(crow, nnz, "crow");
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cc = col.data_ptr<int32_t>();
+  // Full validation of the ticket structure, once per mask.
+  for (int64_t r = 0; r < O; ++r) {
+    TORCH_CHECK(cr[r] <= cr[r + 1], "sparseticket: crow must be non-decreasing (row ", r, ")");
+    for (int64_t e = cr[r]; e < cr[r + 1]; ++e) {
+      TORCH_CHECK(cc[e] >= 0 && cc[e] < n_cols, "sparseticket: col[", e, "]=", cc[e], " is outside [0, ", n_cols, ")");
+      TORCH_CHECK(e == cr[r] || cc[e] > cc[e - 1], "sparseticket: col must be strictly increasing within a row (row ",
+                  r, ")");
+    }
+  }
+  Tensor ccol = at::zeros({n_cols + 1}, crow.options());
+  Tensor row = at::empty({nnz}, crow.options());
+  Tensor perm = at::empty({nnz}, crow.options());
+  int32_t* cp = ccol.data_ptr<int32_t>();
+  int32_t* rw = row.data_ptr<int32_t>();
+  int32_t* pm = perm.data_ptr<int32_t>();
+  for (int64_t e = 0; e < nnz; ++e) ++cp[cc[e] + 1];
+  for (int64_t c = 0; c < n_cols; ++c) cp[c + 1] += cp[c];
+  std::vector<int32_t> next(cp, cp + n_cols);
+  for (int64_t r = 0; r < O; ++r) {
+    for (int64_t e = cr[r]; e < cr[r + 1]; ++e) {
+      const int32_t dst = next[cc[e]]++;
+      rw[dst] = static_cast<int32_t>(r);
+      pm[dst] = static_cast<int32_t>(e);
+    }
+  }
+  return {ccol, row, perm};
+}
+
+Tensor ticket_to_dense_cpu(const Tensor& values_, const Tensor& crow_, const Tensor& col_, int64_t n_cols) {
+  check_float(values_, "values");
+  check_dim(values_, 1, "values");
+  check_cpu(values_, "values");
+  check_index(crow_, "crow");
+  check_index(col_, "col");
+  TORCH_CHECK(col_.numel() == values_.numel(), "sparseticket: col has ", col_.numel(), " entries but values has ",
+              values_.numel());
+  const Tensor values = contiguous_1d(values_), crow = contiguous_1d(crow_), col = contiguous_1d(col_);
+  check_ptr(crow, values.numel(), "crow");
+  const int64_t O = crow.numel() - 1;
+  Tensor out = at::zeros({O, n_cols}, values.options());
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cc = col.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ticket_to_dense", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, O, 64, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) {
+          TORCH_CHECK(cc[k] >= 0 && cc[k] < n_cols, "sparseticket: col[", k, "]=", cc[k], " is outside [0, ", n_cols,
+                      ")");
+          o[r * n_cols + cc[k]] = v[k];
+        }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
+  m.impl("spmm", &spmm_cpu);
+  m.impl("spmm_t", &spmm_t_cpu);
+  m.impl("sddmm", &sddmm_cpu);
+  m.impl("row_masked_grad_weight", &row_masked_grad_weight_cpu);
+  m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("neq_linear", &neq_linear_cpu);
+  m.impl("masked_sgd_", &masked_sgd_cpu);
+  m.impl("dense_to_ticket", &dense_to_ticket_cpu);
+  m.impl("ticket_transpose", &ticket_transpose_cpu);
+  m.impl("ticket_to_dense", &ticket_to_dense_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparseticket
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparseticket compiled kernels (registered into torch.ops.sparseticket on import)";
+  m.def("cpu_isa", [] { return std::string(sparseticket::cpu::kernel_table().isa); },
+        "ISA of the CPU kernel table in use: avx512, avx2 or base");
+  m.def("cpu_vector_bytes", [] { return sparseticket::cpu::kernel_table().vector_bytes; });
+  m.def("with_cuda", [] {
+#ifdef SPARSETICKET_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
