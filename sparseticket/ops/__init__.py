@@ -106,8 +106,9 @@ else:
 
 # GPU kernels register themselves for CUDA (sparseticket.triton); until one does, CUDA
 # tensors take the reference path rather than failing.
-_register_reference("CUDA")
-BACKENDS["cuda"] = "reference"
+from ..triton import register_cuda_backends as _register_cuda_backends  # noqa: E402  (never imports triton itself)
+
+BACKENDS["cuda"] = _register_cuda_backends(_library.lib, _checked_reference_impls())
 
 
 # ----------------------------------------------------------------------------- autograd
