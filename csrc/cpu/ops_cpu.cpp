@@ -71,16 +71,24 @@ int64_t vector_lanes(at::ScalarType t) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Panel width (in vectors) for a batch of B: the smallest choice that covers B, up to
-// a cap. SPARSETICKET_SPMM_NV overrides the cap (for sweeps in bench/).
-int panel_choice(int64_t B, int64_t lanes) {
-  static const int cap = [] {
+// Panel width (in vectors) for a batch of B against a packed operand of K rows: wide
+// enough to cover the batch (fewer passes over the sparse structure), narrow enough
+// that one panel (K x width) stays in a core's L2 while the rows stream past it.
+// SPARSETICKET_SPMM_NV forces a width (1, 2, 4 or 8) for sweeps in bench/.
+int panel_choice(int64_t B, int64_t K, int64_t lanes, int64_t elem_bytes) {
+  static const int forced = [] {
     const char* s = std::getenv("SPARSETICKET_SPMM_NV");
-    int v = s ? std::atoi(s) : 4;
-    return v == 1 || v == 2 || v == 4 || v == 8 ? v : 4;
+    const int v = s ? std::atoi(s) : 0;
+    return v == 1 || v == 2 || v == 4 || v == 8 ? v : 0;
   }();
+  static const int64_t budget = [] {
+    const char* s = std::getenv("SPARSETICKET_L2_BUDGET");
+    const long long v = s ? std::atoll(s) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(512) << 10;
+  }();
+  if (forced) return forced;
   int nv = 1;
-  while (nv < cap && nv * lanes < B) nv *= 2;
+  while (nv < 8 && nv * lanes < B && 2 * nv * lanes * K * elem_bytes <= budget) nv *= 2;
   return nv;
 }
 int panel_index(int nv) { return nv == 1 ? 0 : nv == 2 ? 1 : nv == 4 ? 2 : 3; }
@@ -197,7 +205,7 @@ Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, cons
   check_ptr(crow, vals.numel(), "crow");
   Tensor out = at::empty({B, O}, x.options());
   if (B == 0 || O == 0) return out;
-  const int nv = panel_choice(B, vector_lanes(x.scalar_type()));
+  const int nv = panel_choice(B, x.size(1), vector_lanes(x.scalar_type()), x.element_size());
   const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()));
   run_spmm(packed, nv, crow, col, c10::nullopt, vals, bias, B, out);
   return out;
@@ -224,7 +232,7 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   const int64_t B = gy.size(0), I = ccol.numel() - 1;
   Tensor out = at::empty({B, I}, gy.options());
   if (B == 0 || I == 0) return out;
-  const int nv = panel_choice(B, vector_lanes(gy.scalar_type()));
+  const int nv = panel_choice(B, gy.size(1), vector_lanes(gy.scalar_type()), gy.element_size());
   const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()));
   run_spmm(packed, nv, ccol, row, perm, vals, c10::nullopt, B, out);
   return out;
