@@ -157,8 +157,8 @@ Tensor spmm_cuda(const Tensor& x, const Tensor& values, const Tensor& crow, cons
 }
 
 Tensor sparse_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
-                          const Tensor& ccol, const Tensor& row, const Tensor& perm, const OptTensor& bias,
-                          const OptTensor& active) {
+                          const Tensor& /*ccol*/, const Tensor& /*row*/, const Tensor& /*perm*/,
+                          const OptTensor& bias, const OptTensor& active) {
   const int64_t O = check_spmm(x, values, crow, col, bias);
   check_active(active, O, x);
   return spmm_cuda(x, values, crow, col, bias);
