@@ -234,7 +234,11 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   if (B == 0 || I == 0) return out;
   const int nv = panel_choice(B, gy.size(1), vector_lanes(gy.scalar_type()), gy.element_size());
   const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()));
-  run_spmm(packed, nv, ccol, row, perm, vals, c10::nullopt, B, out);
+  // Gathering the values into column order first (one pass, independent loads) beats
+  // an indirect load inside the FMA loop, where each cache miss stalls the row
+  // (128x4096x4096, one thread: 244 -> 146 ms at 50%, within noise at 90%).
+  const Tensor vals_t = vals.index_select(0, perm);
+  run_spmm(packed, nv, ccol, row, c10::nullopt, vals_t, c10::nullopt, B, out);
   return out;
 }
 
