@@ -2,6 +2,7 @@
 
     python -m sparseticket.triton.aot               # first autotune config, sm_80 and sm_90
     python -m sparseticket.triton.aot --all-configs # every autotune config (slower)
+    python -m sparseticket.triton.aot --quick       # one variant per kernel (what the tests run)
 
 Triton's compiler does not need a device: given a signature and a target it lowers a kernel
 through TTIR/TTGIR/LLVM to PTX and runs ptxas to a cubin. This catches what the CPU
@@ -108,16 +109,34 @@ def _jit_and_configs(kernel):
     return jit, out
 
 
-def variants(all_configs: bool = False, archs=ARCHS, dtypes=("fp32", "fp64"), kernels=None) -> Iterator[Tuple]:
+def _pruned(kernel, configs, signature):
+    """The configs the autotuner would try for this signature (its early_config_prune, if any)."""
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is None:
+        return configs
+    import torch
+    import triton
+
+    dtypes = {"*fp32": torch.float32, "*fp64": torch.float64, "*i32": torch.int32, "*i64": torch.int64,
+              "*i1": torch.bool}
+    named = {a: torch.empty(0, dtype=dtypes[t]) for a, t in signature.items() if t in dtypes}
+    as_config = [triton.Config(kw, **opts) for kw, opts in configs]
+    kept = prune(as_config, named)
+    return [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in kept]
+
+
+def variants(all_configs: bool = False, archs=ARCHS, dtypes=("fp32", "fp64"), kernels=None,
+             quick: bool = False) -> Iterator[Tuple]:
     for name, (kernel, sig, cx) in _kernels().items():
         if kernels and name not in kernels:
             continue
-        jit, configs = _jit_and_configs(kernel)
-        if not all_configs:
-            configs = configs[:1]
-        for arch in archs:
-            for dt in dtypes:
-                for flags in cx(dt):
+        jit, all_kernel_configs = _jit_and_configs(kernel)
+        for dt in dtypes:
+            configs = _pruned(kernel, all_kernel_configs, sig(dt))
+            if not all_configs:
+                configs = configs[:1]
+            for arch in archs:
+                for flags in cx(dt)[:1] if quick else cx(dt):
                     for kw, opts in configs:
                         yield name, jit, sig(dt), dict(flags, **kw), dict(opts), arch, dt
 
@@ -135,7 +154,8 @@ def compile_one(jit, signature, constexprs, options, arch):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def run(all_configs: bool = False, archs=ARCHS, dtypes=("fp32", "fp64"), kernels=None, verbose: bool = True) -> List[str]:
+def run(all_configs: bool = False, archs=ARCHS, dtypes=("fp32", "fp64"), kernels=None, verbose: bool = True,
+        quick: bool = False) -> List[str]:
     """Compile every variant; returns a list of failures (empty when all compiled and fit)."""
     from ._common import interpreting
 
@@ -144,7 +164,7 @@ def run(all_configs: bool = False, archs=ARCHS, dtypes=("fp32", "fp64"), kernels
     failures = []
     n = 0
     t0 = time.time()
-    for name, jit, sig, cx, opts, arch, dt in variants(all_configs, archs, dtypes, kernels):
+    for name, jit, sig, cx, opts, arch, dt in variants(all_configs, archs, dtypes, kernels, quick):
         n += 1
         label = f"{name} sm_{arch} {dt} {cx} {opts}"
         try:
@@ -169,10 +189,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, action="append", help="SM version(s), default 80 and 90")
     ap.add_argument("--dtype", action="append", choices=("fp32", "fp64"))
     ap.add_argument("--kernel", action="append", help="kernel name(s), default all")
+    ap.add_argument("--quick", action="store_true", help="one flag combination per kernel (the test suite's check)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     failures = run(args.all_configs, tuple(args.arch or ARCHS), tuple(args.dtype or ("fp32", "fp64")), args.kernel,
-                   verbose=not args.quiet)
+                   verbose=not args.quiet, quick=args.quick)
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     return 1 if failures else 0

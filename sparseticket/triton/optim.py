@@ -18,7 +18,6 @@ contraction turned off, so the rounding is pinned rather than left to the compil
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 

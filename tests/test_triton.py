@@ -1,0 +1,367 @@
+"""Triton kernels, run on CPU tensors by Triton's interpreter, against the references.
+
+The launch wrappers are called directly: with no GPU the ops dispatch CUDA tensors nowhere,
+so the dispatcher route is covered by the registration test only. ``TRITON_INTERPRET=1`` is
+set before triton is imported; if another test module imported the kernels without it, they
+are reloaded here. Shapes are small and odd (the interpreter runs each program in Python):
+several blocks per dimension, partial blocks everywhere, empty rows and columns, 0% and
+100% sparsity, frozen rows, fp32 and fp64, strided and column-major inputs.
+
+The same kernels are compiled for sm_80/sm_90 (without running) by
+``test_kernels_compile_for_sm80_sm90``, through ``python -m sparseticket.triton.aot``.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import sparseticket  # noqa: E402
+import sparseticket.triton as st_triton  # noqa: E402
+from sparseticket.ops import reference as ref  # noqa: E402
+from sparseticket.triton import adamw_reference, grad_weight, optim, sddmm, spmm  # noqa: E402
+
+from helpers import (FLOATS, TOL, assert_bits_equal, assert_close, lay, make_active, make_mask, randn,  # noqa: E402
+                     ref_ticket)
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("TRITON_INTERPRET was set to 0 by the environment; these tests need the interpreter",
+                allow_module_level=True)
+
+
+def _interpreted(kernel) -> bool:
+    if type(kernel).__name__ == "Autotuner":
+        kernel = kernel.fn
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+for _mod, _kernel in ((spmm, "_csr_dense_rowsplit_kernel"), (sddmm, "_sddmm_kernel"),
+                      (grad_weight, "_row_masked_grad_weight_kernel"), (optim, "_masked_sgd_kernel")):
+    # kernels decorated before TRITON_INTERPRET was set would need a GPU: rebuild them
+    if not _interpreted(getattr(_mod, _kernel)):
+        importlib.reload(_mod)
+
+from sparseticket.triton import (triton_masked_adamw_, triton_masked_sgd_, triton_row_masked_grad_weight,  # noqa: E402
+                                 triton_sddmm, triton_sparse_linear, triton_spmm, triton_spmm_t)
+
+# O, I, B: prime-ish, so every block of the interpreter configs (8/16 wide) is partial somewhere
+SHAPE = (37, 29, 13)
+
+
+def _ticket(O, I, sparsity, dtype, gen, holes=True):
+    w = randn(O, I, dtype=dtype, gen=gen)
+    mask = make_mask(O, I, sparsity, gen, holes=holes and 0 < sparsity < 1)
+    return w, mask, ref_ticket(w, mask)
+
+
+# ----------------------------------------------------------------------------- spmm
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.65, 1.0], ids=["0%", "65%", "100%"])
+def test_spmm(dtype, sparsity, gen):
+    O, I, B = SHAPE
+    w, mask, t = _ticket(O, I, sparsity, dtype, gen)
+    x = randn(B, I, dtype=dtype, gen=gen)
+    bias = randn(O, dtype=dtype, gen=gen)
+    for layout, b in (("contiguous", bias), ("strided", None), ("transposed", bias)):
+        xl = lay(x, layout, dense_only=True)
+        y = triton_spmm(xl, lay(t.values, layout), lay(t.crow, layout), lay(t.col, layout), lay(b, layout))
+        expected = ref.reference_spmm(x, t.values, t.crow, t.col, b)
+        assert y.is_contiguous()
+        magnitude = x.abs() @ (w.abs() * mask).t() + (0 if b is None else b.abs())
+        assert_close(y, expected, magnitude, what=f"spmm {layout}")
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.65, 1.0], ids=["0%", "65%", "100%"])
+def test_spmm_t(dtype, sparsity, gen):
+    O, I, B = SHAPE
+    w, mask, t = _ticket(O, I, sparsity, dtype, gen)
+    gy = randn(B, O, dtype=dtype, gen=gen)
+    expected = ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm)
+    for layout in ("contiguous", "strided"):
+        gx = triton_spmm_t(lay(gy, layout), lay(t.values, layout), lay(t.ccol, layout), lay(t.row, layout),
+                           lay(t.perm, layout))
+        assert gx.is_contiguous()
+        assert_close(gx, expected, gy.abs() @ (w.abs() * mask), what=f"spmm_t {layout}")
+
+
+def test_sparse_linear_forward_is_spmm(gen):
+    O, I, B = 11, 7, 5
+    w, mask, t = _ticket(O, I, 0.5, torch.float64, gen)
+    x, bias = randn(B, I, dtype=torch.float64, gen=gen), randn(O, dtype=torch.float64, gen=gen)
+    active = make_active(O, gen)
+    y = triton_sparse_linear(x, t.values, t.crow, t.col, t.ccol, t.row, t.perm, bias, active)
+    assert_close(y, ref.reference_spmm(x, t.values, t.crow, t.col, bias), what="sparse_linear")
+
+
+def test_empty_batch_and_empty_matrix(gen):
+    w, mask, t = _ticket(9, 6, 0.5, torch.float32, gen)
+    bias = randn(9, gen=gen)
+    assert triton_spmm(torch.zeros(0, 6), t.values, t.crow, t.col, bias).shape == (0, 9)
+    assert triton_spmm_t(torch.zeros(0, 9), t.values, t.ccol, t.row, t.perm).shape == (0, 6)
+    assert triton_sddmm(torch.zeros(0, 9), torch.zeros(0, 6), t.crow, t.col, None).abs().sum() == 0
+    assert triton_row_masked_grad_weight(torch.zeros(0, 9), torch.zeros(0, 6), None).abs().sum() == 0
+    # a weight with no rows, and one with no columns
+    e = ref_ticket(torch.zeros(0, 6), torch.zeros(0, 6, dtype=torch.bool))
+    assert triton_spmm(randn(4, 6, gen=gen), e.values, e.crow, e.col, None).shape == (4, 0)
+
+
+# ----------------------------------------------------------------------------- sddmm
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.65, 1.0], ids=["0%", "65%", "100%"])
+def test_sddmm(dtype, sparsity, gen):
+    O, I, B = 23, 19, 11
+    w, mask, t = _ticket(O, I, sparsity, dtype, gen)
+    gy = randn(B, O, dtype=dtype, gen=gen)
+    x = randn(B, I, dtype=dtype, gen=gen)
+    rows = torch.repeat_interleave(torch.arange(O), (t.crow[1:] - t.crow[:-1]).long())
+    magnitude = (gy.abs()[:, rows] * x.abs()[:, t.col.long()]).sum(0) if t.values.numel() else None
+    for kind in ("none-given", "random", "none"):
+        active = None if kind == "none-given" else make_active(O, gen, kind)
+        gy_k = gy.clone()
+        if active is not None:
+            gy_k[:, ~active] = float("nan")  # a frozen row's gradient must never be read
+        layout = "strided" if kind == "random" else "contiguous"
+        g = triton_sddmm(lay(gy_k, layout, dense_only=True), lay(x, layout, dense_only=True), lay(t.crow, layout),
+                         lay(t.col, layout), lay(active, layout))
+        expected = ref.reference_sddmm(gy, x, t.crow, t.col, active)
+        assert_close(g, expected, magnitude, what=f"sddmm active={kind}")
+        if active is not None:
+            assert_bits_equal(g[~active[rows]], torch.zeros_like(g[~active[rows]]), what="frozen entries")
+
+
+# ----------------------------------------------------------------------------- row-masked grad weight
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["none-given", "random", "all", "none"])
+def test_row_masked_grad_weight(dtype, kind, gen):
+    B, O, I = 19, 37, 45  # 3 x 3 output tiles and 2 batch steps with the 16-wide interpreter config
+    gy = randn(B, O, dtype=dtype, gen=gen)
+    x = randn(B, I, dtype=dtype, gen=gen)
+    active = None if kind == "none-given" else make_active(O, gen, kind)
+    gy_k = gy.clone()
+    if active is not None:
+        gy_k[:, ~active] = float("inf")  # never computed: no inf/NaN can reach the result
+    layout = "transposed" if kind == "random" else "contiguous"
+    gw = triton_row_masked_grad_weight(lay(gy_k, layout), lay(x, "strided"), lay(active, layout))
+    expected = ref.reference_row_masked_grad_weight(gy, x, active)
+    assert gw.is_contiguous()
+    assert_close(gw, expected, gy.abs().t() @ x.abs(), what=f"row_masked_grad_weight active={kind}")
+    if active is not None:
+        assert_bits_equal(gw[~active], torch.zeros_like(gw[~active]), what="frozen rows")
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def _optimizer_problem(dtype, gen):
+    """Parameters of every layout masked_sgd_ accepts, with their masks.
+
+    0: dense weight with a keep mask and per-row active flags; 1: its bias (per-row active);
+    2: compact ticket values with per-CSR-row active flags; 3: a strided weight with an
+    element-wise active mask; 4: a 0-d parameter; 5: an empty parameter.
+    """
+    O, I = 23, 17
+    w = randn(O, I, dtype=dtype, gen=gen)
+    keep = make_mask(O, I, 0.5, gen, holes=True)
+    w = w * keep
+    active = make_active(O, gen)
+    t = ref_ticket(randn(O, I, dtype=dtype, gen=gen), keep)
+    strided_w = randn(9, 5, dtype=dtype, gen=gen).t()  # [5, 9], not contiguous
+    params = [w, randn(O, dtype=dtype, gen=gen), t.values.clone(), strided_w, randn((), dtype=dtype, gen=gen),
+              torch.zeros(0, 3, dtype=dtype)]
+    keeps = [keep, None, None, None, None, None]
+    actives = [active, active, active, torch.rand(5, 9, generator=gen) < 0.5, None, None]
+    row_ptrs = [None, None, t.crow, None, None, None]
+    return params, keeps, actives, row_ptrs
+
+
+def _randn_like(p, gen):
+    return torch.randn(tuple(p.shape), generator=gen, dtype=torch.float64).to(p.dtype)
+
+
+def _frozen_elements(p, active, row_ptr):
+    act = ref._active_elements(p, active, row_ptr)
+    return None if act is None else ~act
+
+
+SGD_SETTINGS = {
+    "nesterov": dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=False),
+    "dampening+maximize": dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.02, nesterov=False,
+                               maximize=True),
+    "plain": dict(lr=0.2, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("setting", list(SGD_SETTINGS))
+def test_masked_sgd(dtype, setting, gen):
+    hp = SGD_SETTINGS[setting]
+    params, keeps, actives, row_ptrs = _optimizer_problem(dtype, gen)
+    mine = [p.clone() if p.is_contiguous() else p.t().clone().t() for p in params]
+    theirs = [p.clone() for p in params]
+    bufs_mine = [torch.zeros_like(p) for p in params]
+    bufs_theirs = [torch.zeros_like(p) for p in params]
+    for step in range(3):
+        grads = [_randn_like(p, gen) for p in params]
+        fresh = [step == 0] * len(params)
+        before = [(p.clone(), b.clone()) for p, b in zip(mine, bufs_mine)]
+        triton_masked_sgd_(mine, grads, bufs_mine if hp["momentum"] else [], keeps, actives, row_ptrs, fresh, **hp)
+        ref.reference_masked_sgd_(theirs, grads, bufs_theirs, keeps, actives, row_ptrs, fresh, **hp)
+        for j, (p, q) in enumerate(zip(mine, theirs)):
+            assert_close(p, q, q.abs() + 1, what=f"sgd step {step} params[{j}]")
+            if hp["momentum"]:
+                assert_close(bufs_mine[j], bufs_theirs[j], bufs_theirs[j].abs() + 1, what=f"sgd buf[{j}]")
+            if keeps[j] is not None:
+                assert (p[~keeps[j]] == 0).all(), f"pruned params[{j}] not zero"
+                assert (bufs_mine[j][~keeps[j]] == 0).all(), f"pruned momentum_buffers[{j}] not zero"
+            frozen = _frozen_elements(p, actives[j], row_ptrs[j])
+            if frozen is not None:
+                assert_bits_equal(p[frozen], before[j][0][frozen], what=f"frozen params[{j}]")
+                assert_bits_equal(bufs_mine[j][frozen], before[j][1][frozen], what=f"frozen buf[{j}]")
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+def test_masked_sgd_matches_torch_optim(dtype, gen):
+    """Without masks the fused step is torch.optim.SGD (single-tensor path) on the same values."""
+    params = [randn(13, 7, dtype=dtype, gen=gen), randn(13, dtype=dtype, gen=gen)]
+    torch_params = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(torch_params, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, foreach=False)
+    bufs = [torch.zeros_like(p) for p in params]
+    n = len(params)
+    for step in range(3):
+        grads = [_randn_like(p, gen) for p in params]
+        for tp, g in zip(torch_params, grads):
+            tp.grad = g.clone()
+        opt.step()
+        triton_masked_sgd_(params, grads, bufs, [None] * n, [None] * n, [None] * n, [step == 0] * n,
+                           lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False)
+        for p, tp in zip(params, torch_params):
+            assert_close(p, tp.detach(), tp.detach().abs() + 1, tol=TOL[dtype] / 100, what=f"step {step}")
+
+
+ADAMW_SETTINGS = {
+    "default": dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False),
+    "amsgrad+maximize": dict(lr=3e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True,
+                             maximize=True),
+    "no-decay+big-lerp": dict(lr=1e-3, beta1=0.3, beta2=0.9, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                              maximize=False),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("setting", list(ADAMW_SETTINGS))
+def test_masked_adamw(dtype, setting, gen):
+    hp = ADAMW_SETTINGS[setting]
+    params, keeps, actives, row_ptrs = _optimizer_problem(dtype, gen)
+    mine = [p.clone() if p.is_contiguous() else p.t().clone().t() for p in params]
+    theirs = [p.clone() for p in params]
+    state_mine = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    state_theirs = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    for step in range(1, 4):
+        grads = [_randn_like(p, gen) for p in params]
+        before = [[s[j].clone() for s in [mine] + state_mine] for j in range(len(params))]
+        steps = [float(step)] * len(params)
+        triton_masked_adamw_(mine, grads, *state_mine, keeps, actives, row_ptrs, steps, **hp)
+        adamw_reference.reference_masked_adamw_(theirs, grads, *state_theirs, keeps, actives, row_ptrs, steps, **hp)
+        for j in range(len(params)):
+            for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), [mine] + state_mine,
+                                  [theirs] + state_theirs):
+                assert_close(a[j], b[j], b[j].abs() + 1, what=f"adamw step {step} {name}[{j}]")
+                if keeps[j] is not None:
+                    assert (a[j][~keeps[j]] == 0).all(), f"pruned {name}[{j}] not zero"
+                frozen = _frozen_elements(params[j], actives[j], row_ptrs[j])
+                if frozen is not None:
+                    k = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq").index(name)
+                    assert_bits_equal(a[j][frozen], before[j][k][frozen], what=f"frozen {name}[{j}]")
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+def test_adamw_reference_is_torch_optim(dtype, amsgrad, gen):
+    """The masked AdamW reference, without masks, is torch.optim.AdamW bit for bit; the Triton
+    kernel matches it to rounding (it divides as ATen's CUDA kernels do, not as the CPU ones)."""
+    params = [randn(13, 7, dtype=dtype, gen=gen), randn(13, dtype=dtype, gen=gen)]
+    torch_params = [p.clone().requires_grad_() for p in params]
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, amsgrad=amsgrad)
+    opt = torch.optim.AdamW(torch_params, foreach=False, **hp)
+    n = len(params)
+    ref_params = [p.clone() for p in params]
+    ref_state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    tri_state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    none = [None] * n
+    flat = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=amsgrad, maximize=False)
+    for step in range(1, 4):
+        grads = [_randn_like(p, gen) for p in params]
+        for tp, g in zip(torch_params, grads):
+            tp.grad = g.clone()
+        opt.step()
+        adamw_reference.reference_masked_adamw_(ref_params, grads, *ref_state, none, none, none, [step] * n, **flat)
+        triton_masked_adamw_(params, grads, *tri_state, none, none, none, [step] * n, **flat)
+        for p, r, tp in zip(params, ref_params, torch_params):
+            assert_bits_equal(r, tp.detach(), what=f"reference vs torch.optim.AdamW step {step}")
+            assert_close(p, r, r.abs() + 1, tol=TOL[dtype] / 100, what=f"triton vs reference step {step}")
+
+
+# ----------------------------------------------------------------------------- errors, registration, configs
+
+
+def test_bad_input_names_the_argument(gen):
+    w, mask, t = _ticket(5, 4, 0.5, torch.float32, gen)
+    x = randn(3, 4, gen=gen)
+    with pytest.raises(RuntimeError, match="crow must be int32"):
+        triton_spmm(x, t.values, t.crow.long(), t.col, None)
+    with pytest.raises(RuntimeError, match="values has dtype"):
+        triton_spmm(x, t.values.double(), t.crow, t.col, None)
+    with pytest.raises(RuntimeError, match="active must be a torch.bool mask"):
+        triton_sddmm(randn(3, 5, gen=gen), x, t.crow, t.col, torch.ones(5))
+    with pytest.raises(RuntimeError, match="gy has batch 2 but x has batch 3"):
+        triton_row_masked_grad_weight(randn(2, 5, gen=gen), x, None)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
+        triton_masked_sgd_([w], [x], [], [None], [None], [None], [True], 0.1, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"steps\[0\] is 0"):
+        triton_masked_adamw_([w], [w], [w.clone()], [w.clone()], [], [None], [None], [None], [0], 1e-3, 0.9, 0.999,
+                             1e-8, 0.0, False, False)
+
+
+def test_registration_without_gpu():
+    """Without a GPU, CUDA tensors keep the references; with one, Triton would take these ops."""
+    impls = st_triton.CUDA_IMPLS
+    assert set(impls) == set(sparseticket.ops._library.SCHEMAS)
+    if not torch.cuda.is_available():
+        assert sparseticket.BACKENDS["cuda"] == "reference"
+        assert set(impls.values()) == {"reference"}
+        assert st_triton.TRITON_ERROR == "no CUDA device"
+    assert set(st_triton.OP_TO_WRAPPER) <= set(sparseticket.ops._library.SCHEMAS)
+    assert all(callable(f) for f in st_triton.impls().values())
+
+
+def test_single_config_when_interpreting():
+    """Autotuning under the interpreter would time configs with no driver: one config each."""
+    for kernel in (spmm._csr_dense_rowsplit_kernel, sddmm._sddmm_kernel, grad_weight._row_masked_grad_weight_kernel):
+        assert len(kernel.configs) == 1
+    assert len(spmm._GPU_CONFIGS) > 1 and len(sddmm._GPU_CONFIGS) > 1 and len(grad_weight._GPU_CONFIGS) > 1
+
+
+def test_kernels_compile_for_sm80_sm90():
+    """Every kernel lowers to a cubin for A100 and H100 (first autotune config, fp32): a
+    subprocess without TRITON_INTERPRET, since interpreted kernels are not compilable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "sparseticket.triton.aot", "--quick", "--dtype", "fp32", "-q"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
