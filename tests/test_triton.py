@@ -1,25 +1,32 @@
-"""Triton kernels, run on CPU tensors by Triton's interpreter, against the references.
+"""Triton kernels against the references: on CPU tensors through Triton's interpreter, or
+natively on CUDA tensors when a GPU is visible.
 
-The launch wrappers are called directly: with no GPU the ops dispatch CUDA tensors nowhere,
-so the dispatcher route is covered by the registration test only. ``TRITON_INTERPRET=1`` is
-set before triton is imported; if another test module imported the kernels without it, they
-are reloaded here. Shapes are small and odd (the interpreter runs each program in Python):
-several blocks per dimension, partial blocks everywhere, empty rows and columns, 0% and
-100% sparsity, frozen rows, fp32 and fp64, strided and column-major inputs.
+Without a GPU, ``TRITON_INTERPRET=1`` is set before triton is imported (if another test module
+imported the kernels without it, they are reloaded). With a GPU nothing is interpreted: the same
+tests then run the compiled kernels on the device, and ``test_dispatched_ops_on_gpu`` checks the
+ops as dispatched for CUDA tensors (compiled CUDA kernels or Triton, see ``CUDA_IMPLS``).
 
-The same kernels are compiled for sm_80/sm_90 (without running) by
+The launch wrappers are called directly. Shapes are small and odd (the interpreter runs each
+program in Python): several blocks per dimension, partial blocks everywhere, empty rows and
+columns, 0% and 100% sparsity, frozen rows, fp32 and fp64, strided and column-major inputs.
+Inputs are built on the CPU, moved to the device, then laid out (so strides survive the move);
+references run on the CPU.
+
+The kernels are also compiled for sm_80/sm_90 (without running) by
 ``test_kernels_compile_for_sm80_sm90``, through ``python -m sparseticket.triton.aot``.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import importlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -31,9 +38,10 @@ from sparseticket.triton import adamw_reference, grad_weight, optim, sddmm, spmm
 from helpers import (FLOATS, TOL, assert_bits_equal, assert_close, lay, make_active, make_mask, randn,  # noqa: E402
                      ref_ticket)
 
-if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("TRITON_INTERPRET was set to 0 by the environment; these tests need the interpreter",
-                allow_module_level=True)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no GPU: nothing can run the Triton kernels", allow_module_level=True)
 
 
 def _interpreted(kernel) -> bool:
@@ -42,14 +50,30 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-for _mod, _kernel in ((spmm, "_csr_dense_rowsplit_kernel"), (sddmm, "_sddmm_kernel"),
-                      (grad_weight, "_row_masked_grad_weight_kernel"), (optim, "_masked_sgd_kernel")):
-    # kernels decorated before TRITON_INTERPRET was set would need a GPU: rebuild them
-    if not _interpreted(getattr(_mod, _kernel)):
-        importlib.reload(_mod)
+if INTERPRET:
+    for _mod, _kernel in ((spmm, "_csr_dense_rowsplit_kernel"), (sddmm, "_sddmm_kernel"),
+                          (grad_weight, "_row_masked_grad_weight_kernel"), (optim, "_masked_sgd_kernel")):
+        # kernels decorated before TRITON_INTERPRET was set would need a GPU: rebuild them
+        if not _interpreted(getattr(_mod, _kernel)):
+            importlib.reload(_mod)
 
 from sparseticket.triton import (triton_masked_adamw_, triton_masked_sgd_, triton_row_masked_grad_weight,  # noqa: E402
                                  triton_sddmm, triton_sparse_linear, triton_spmm, triton_spmm_t)
+
+
+def dev(t):
+    """t on the device under test (None stays None)."""
+    return None if t is None else t.to(DEVICE)
+
+
+def on(t, layout="contiguous", dense_only=False):
+    """t moved to the device, then given ``layout`` there (helpers.lay)."""
+    return lay(dev(t), layout, dense_only=dense_only)
+
+
+def host(t):
+    return t.cpu()
+
 
 # O, I, B: prime-ish, so every block of the interpreter configs (8/16 wide) is partial somewhere
 SHAPE = (37, 29, 13)
@@ -72,12 +96,12 @@ def test_spmm(dtype, sparsity, gen):
     x = randn(B, I, dtype=dtype, gen=gen)
     bias = randn(O, dtype=dtype, gen=gen)
     for layout, b in (("contiguous", bias), ("strided", None), ("transposed", bias)):
-        xl = lay(x, layout, dense_only=True)
-        y = triton_spmm(xl, lay(t.values, layout), lay(t.crow, layout), lay(t.col, layout), lay(b, layout))
+        y = triton_spmm(on(x, layout, True), on(t.values, layout), on(t.crow, layout), on(t.col, layout),
+                        on(b, layout))
         expected = ref.reference_spmm(x, t.values, t.crow, t.col, b)
-        assert y.is_contiguous()
+        assert y.is_contiguous() and y.device.type == DEVICE
         magnitude = x.abs() @ (w.abs() * mask).t() + (0 if b is None else b.abs())
-        assert_close(y, expected, magnitude, what=f"spmm {layout}")
+        assert_close(host(y), expected, magnitude, what=f"spmm {layout}")
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
@@ -88,10 +112,10 @@ def test_spmm_t(dtype, sparsity, gen):
     gy = randn(B, O, dtype=dtype, gen=gen)
     expected = ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm)
     for layout in ("contiguous", "strided"):
-        gx = triton_spmm_t(lay(gy, layout), lay(t.values, layout), lay(t.ccol, layout), lay(t.row, layout),
-                           lay(t.perm, layout))
+        gx = triton_spmm_t(on(gy, layout), on(t.values, layout), on(t.ccol, layout), on(t.row, layout),
+                           on(t.perm, layout))
         assert gx.is_contiguous()
-        assert_close(gx, expected, gy.abs() @ (w.abs() * mask), what=f"spmm_t {layout}")
+        assert_close(host(gx), expected, gy.abs() @ (w.abs() * mask), what=f"spmm_t {layout}")
 
 
 def test_sparse_linear_forward_is_spmm(gen):
@@ -99,20 +123,21 @@ def test_sparse_linear_forward_is_spmm(gen):
     w, mask, t = _ticket(O, I, 0.5, torch.float64, gen)
     x, bias = randn(B, I, dtype=torch.float64, gen=gen), randn(O, dtype=torch.float64, gen=gen)
     active = make_active(O, gen)
-    y = triton_sparse_linear(x, t.values, t.crow, t.col, t.ccol, t.row, t.perm, bias, active)
-    assert_close(y, ref.reference_spmm(x, t.values, t.crow, t.col, bias), what="sparse_linear")
+    y = triton_sparse_linear(*map(dev, (x, t.values, t.crow, t.col, t.ccol, t.row, t.perm, bias, active)))
+    assert_close(host(y), ref.reference_spmm(x, t.values, t.crow, t.col, bias), what="sparse_linear")
 
 
 def test_empty_batch_and_empty_matrix(gen):
-    w, mask, t = _ticket(9, 6, 0.5, torch.float32, gen)
-    bias = randn(9, gen=gen)
-    assert triton_spmm(torch.zeros(0, 6), t.values, t.crow, t.col, bias).shape == (0, 9)
-    assert triton_spmm_t(torch.zeros(0, 9), t.values, t.ccol, t.row, t.perm).shape == (0, 6)
-    assert triton_sddmm(torch.zeros(0, 9), torch.zeros(0, 6), t.crow, t.col, None).abs().sum() == 0
-    assert triton_row_masked_grad_weight(torch.zeros(0, 9), torch.zeros(0, 6), None).abs().sum() == 0
-    # a weight with no rows, and one with no columns
+    _, _, t = _ticket(9, 6, 0.5, torch.float32, gen)
+    t = t.__class__(*map(dev, (t.values, t.crow, t.col, t.ccol, t.row, t.perm)), t.shape)
+    bias, z = dev(randn(9, gen=gen)), dev(torch.zeros(0, 6))
+    assert triton_spmm(z, t.values, t.crow, t.col, bias).shape == (0, 9)
+    assert triton_spmm_t(dev(torch.zeros(0, 9)), t.values, t.ccol, t.row, t.perm).shape == (0, 6)
+    assert triton_sddmm(dev(torch.zeros(0, 9)), z, t.crow, t.col, None).abs().sum() == 0
+    assert triton_row_masked_grad_weight(dev(torch.zeros(0, 9)), z, None).abs().sum() == 0
+    # a weight with no rows
     e = ref_ticket(torch.zeros(0, 6), torch.zeros(0, 6, dtype=torch.bool))
-    assert triton_spmm(randn(4, 6, gen=gen), e.values, e.crow, e.col, None).shape == (4, 0)
+    assert triton_spmm(dev(randn(4, 6, gen=gen)), dev(e.values), dev(e.crow), dev(e.col), None).shape == (4, 0)
 
 
 # ----------------------------------------------------------------------------- sddmm
@@ -133,8 +158,8 @@ def test_sddmm(dtype, sparsity, gen):
         if active is not None:
             gy_k[:, ~active] = float("nan")  # a frozen row's gradient must never be read
         layout = "strided" if kind == "random" else "contiguous"
-        g = triton_sddmm(lay(gy_k, layout, dense_only=True), lay(x, layout, dense_only=True), lay(t.crow, layout),
-                         lay(t.col, layout), lay(active, layout))
+        g = host(triton_sddmm(on(gy_k, layout, True), on(x, layout, True), on(t.crow, layout), on(t.col, layout),
+                              on(active, layout)))
         expected = ref.reference_sddmm(gy, x, t.crow, t.col, active)
         assert_close(g, expected, magnitude, what=f"sddmm active={kind}")
         if active is not None:
@@ -155,9 +180,10 @@ def test_row_masked_grad_weight(dtype, kind, gen):
     if active is not None:
         gy_k[:, ~active] = float("inf")  # never computed: no inf/NaN can reach the result
     layout = "transposed" if kind == "random" else "contiguous"
-    gw = triton_row_masked_grad_weight(lay(gy_k, layout), lay(x, "strided"), lay(active, layout))
-    expected = ref.reference_row_masked_grad_weight(gy, x, active)
+    gw = triton_row_masked_grad_weight(on(gy_k, layout), on(x, "strided"), on(active, layout))
     assert gw.is_contiguous()
+    gw = host(gw)
+    expected = ref.reference_row_masked_grad_weight(gy, x, active)
     assert_close(gw, expected, gy.abs().t() @ x.abs(), what=f"row_masked_grad_weight active={kind}")
     if active is not None:
         assert_bits_equal(gw[~active], torch.zeros_like(gw[~active]), what="frozen rows")
@@ -188,6 +214,11 @@ def _optimizer_problem(dtype, gen):
     return params, keeps, actives, row_ptrs
 
 
+def _on_device(params):
+    """Copies on the device under test, with the same strides (clone keeps a dense layout)."""
+    return [p.clone().to(DEVICE) for p in params]
+
+
 def _randn_like(p, gen):
     return torch.randn(tuple(p.shape), generator=gen, dtype=torch.float64).to(p.dtype)
 
@@ -210,27 +241,29 @@ SGD_SETTINGS = {
 def test_masked_sgd(dtype, setting, gen):
     hp = SGD_SETTINGS[setting]
     params, keeps, actives, row_ptrs = _optimizer_problem(dtype, gen)
-    mine = [p.clone() if p.is_contiguous() else p.t().clone().t() for p in params]
+    mine = _on_device(params)
     theirs = [p.clone() for p in params]
-    bufs_mine = [torch.zeros_like(p) for p in params]
+    bufs_mine = [torch.zeros_like(p) for p in mine]
     bufs_theirs = [torch.zeros_like(p) for p in params]
+    masks = [list(map(dev, m)) for m in (keeps, actives, row_ptrs)]
     for step in range(3):
         grads = [_randn_like(p, gen) for p in params]
         fresh = [step == 0] * len(params)
-        before = [(p.clone(), b.clone()) for p, b in zip(mine, bufs_mine)]
-        triton_masked_sgd_(mine, grads, bufs_mine if hp["momentum"] else [], keeps, actives, row_ptrs, fresh, **hp)
+        before = [(host(p).clone(), host(b).clone()) for p, b in zip(mine, bufs_mine)]
+        triton_masked_sgd_(mine, list(map(dev, grads)), bufs_mine if hp["momentum"] else [], *masks, fresh, **hp)
         ref.reference_masked_sgd_(theirs, grads, bufs_theirs, keeps, actives, row_ptrs, fresh, **hp)
         for j, (p, q) in enumerate(zip(mine, theirs)):
+            p, buf = host(p), host(bufs_mine[j])
             assert_close(p, q, q.abs() + 1, what=f"sgd step {step} params[{j}]")
             if hp["momentum"]:
-                assert_close(bufs_mine[j], bufs_theirs[j], bufs_theirs[j].abs() + 1, what=f"sgd buf[{j}]")
+                assert_close(buf, bufs_theirs[j], bufs_theirs[j].abs() + 1, what=f"sgd buf[{j}]")
             if keeps[j] is not None:
                 assert (p[~keeps[j]] == 0).all(), f"pruned params[{j}] not zero"
-                assert (bufs_mine[j][~keeps[j]] == 0).all(), f"pruned momentum_buffers[{j}] not zero"
+                assert (buf[~keeps[j]] == 0).all(), f"pruned momentum_buffers[{j}] not zero"
             frozen = _frozen_elements(p, actives[j], row_ptrs[j])
             if frozen is not None:
                 assert_bits_equal(p[frozen], before[j][0][frozen], what=f"frozen params[{j}]")
-                assert_bits_equal(bufs_mine[j][frozen], before[j][1][frozen], what=f"frozen buf[{j}]")
+                assert_bits_equal(buf[frozen], before[j][1][frozen], what=f"frozen buf[{j}]")
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
@@ -239,6 +272,7 @@ def test_masked_sgd_matches_torch_optim(dtype, gen):
     params = [randn(13, 7, dtype=dtype, gen=gen), randn(13, dtype=dtype, gen=gen)]
     torch_params = [p.clone().requires_grad_() for p in params]
     opt = torch.optim.SGD(torch_params, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, foreach=False)
+    params = _on_device(params)
     bufs = [torch.zeros_like(p) for p in params]
     n = len(params)
     for step in range(3):
@@ -246,10 +280,11 @@ def test_masked_sgd_matches_torch_optim(dtype, gen):
         for tp, g in zip(torch_params, grads):
             tp.grad = g.clone()
         opt.step()
-        triton_masked_sgd_(params, grads, bufs, [None] * n, [None] * n, [None] * n, [step == 0] * n,
-                           lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False)
+        triton_masked_sgd_(params, list(map(dev, grads)), bufs, [None] * n, [None] * n, [None] * n,
+                           [step == 0] * n, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+                           maximize=False)
         for p, tp in zip(params, torch_params):
-            assert_close(p, tp.detach(), tp.detach().abs() + 1, tol=TOL[dtype] / 100, what=f"step {step}")
+            assert_close(host(p), tp.detach(), tp.detach().abs() + 1, tol=TOL[dtype] / 100, what=f"step {step}")
 
 
 ADAMW_SETTINGS = {
@@ -266,19 +301,20 @@ ADAMW_SETTINGS = {
 def test_masked_adamw(dtype, setting, gen):
     hp = ADAMW_SETTINGS[setting]
     params, keeps, actives, row_ptrs = _optimizer_problem(dtype, gen)
-    mine = [p.clone() if p.is_contiguous() else p.t().clone().t() for p in params]
+    mine = _on_device(params)
     theirs = [p.clone() for p in params]
-    state_mine = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    state_mine = [[torch.zeros_like(p) for p in mine] for _ in range(3)]
     state_theirs = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    masks = [list(map(dev, m)) for m in (keeps, actives, row_ptrs)]
     for step in range(1, 4):
         grads = [_randn_like(p, gen) for p in params]
-        before = [[s[j].clone() for s in [mine] + state_mine] for j in range(len(params))]
+        before = [[host(s[j]).clone() for s in [mine] + state_mine] for j in range(len(params))]
         steps = [float(step)] * len(params)
-        triton_masked_adamw_(mine, grads, *state_mine, keeps, actives, row_ptrs, steps, **hp)
+        triton_masked_adamw_(mine, list(map(dev, grads)), *state_mine, *masks, steps, **hp)
         adamw_reference.reference_masked_adamw_(theirs, grads, *state_theirs, keeps, actives, row_ptrs, steps, **hp)
         for j in range(len(params)):
-            for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), [mine] + state_mine,
-                                  [theirs] + state_theirs):
+            for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                                  [list(map(host, x)) for x in [mine] + state_mine], [theirs] + state_theirs):
                 assert_close(a[j], b[j], b[j].abs() + 1, what=f"adamw step {step} {name}[{j}]")
                 if keeps[j] is not None:
                     assert (a[j][~keeps[j]] == 0).all(), f"pruned {name}[{j}] not zero"
@@ -300,6 +336,7 @@ def test_adamw_reference_is_torch_optim(dtype, amsgrad, gen):
     n = len(params)
     ref_params = [p.clone() for p in params]
     ref_state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    params = _on_device(params)
     tri_state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     none = [None] * n
     flat = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=amsgrad, maximize=False)
@@ -309,26 +346,26 @@ def test_adamw_reference_is_torch_optim(dtype, amsgrad, gen):
             tp.grad = g.clone()
         opt.step()
         adamw_reference.reference_masked_adamw_(ref_params, grads, *ref_state, none, none, none, [step] * n, **flat)
-        triton_masked_adamw_(params, grads, *tri_state, none, none, none, [step] * n, **flat)
+        triton_masked_adamw_(params, list(map(dev, grads)), *tri_state, none, none, none, [step] * n, **flat)
         for p, r, tp in zip(params, ref_params, torch_params):
             assert_bits_equal(r, tp.detach(), what=f"reference vs torch.optim.AdamW step {step}")
-            assert_close(p, r, r.abs() + 1, tol=TOL[dtype] / 100, what=f"triton vs reference step {step}")
+            assert_close(host(p), r, r.abs() + 1, tol=TOL[dtype] / 100, what=f"triton vs reference step {step}")
 
 
 # ----------------------------------------------------------------------------- errors, registration, configs
 
 
 def test_bad_input_names_the_argument(gen):
-    w, mask, t = _ticket(5, 4, 0.5, torch.float32, gen)
-    x = randn(3, 4, gen=gen)
+    w, _, t = _ticket(5, 4, 0.5, torch.float32, gen)
+    w, x, values, crow, col = map(dev, (w, randn(3, 4, gen=gen), t.values, t.crow, t.col))
     with pytest.raises(RuntimeError, match="crow must be int32"):
-        triton_spmm(x, t.values, t.crow.long(), t.col, None)
+        triton_spmm(x, values, crow.long(), col, None)
     with pytest.raises(RuntimeError, match="values has dtype"):
-        triton_spmm(x, t.values.double(), t.crow, t.col, None)
+        triton_spmm(x, values.double(), crow, col, None)
     with pytest.raises(RuntimeError, match="active must be a torch.bool mask"):
-        triton_sddmm(randn(3, 5, gen=gen), x, t.crow, t.col, torch.ones(5))
+        triton_sddmm(dev(randn(3, 5, gen=gen)), x, crow, col, dev(torch.ones(5)))
     with pytest.raises(RuntimeError, match="gy has batch 2 but x has batch 3"):
-        triton_row_masked_grad_weight(randn(2, 5, gen=gen), x, None)
+        triton_row_masked_grad_weight(dev(randn(2, 5, gen=gen)), x, None)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
         triton_masked_sgd_([w], [x], [], [None], [None], [None], [True], 0.1, 0.0, 0.0, 0.0, False, False)
     with pytest.raises(RuntimeError, match=r"steps\[0\] is 0"):
@@ -336,18 +373,62 @@ def test_bad_input_names_the_argument(gen):
                              1e-8, 0.0, False, False)
 
 
-def test_registration_without_gpu():
-    """Without a GPU, CUDA tensors keep the references; with one, Triton would take these ops."""
+def test_cuda_backend_choice():
+    """Every op has a CUDA implementation; without a GPU it is the reference."""
     impls = st_triton.CUDA_IMPLS
     assert set(impls) == set(sparseticket.ops._library.SCHEMAS)
+    assert set(st_triton.OP_TO_WRAPPER) <= set(sparseticket.ops._library.SCHEMAS)
+    assert all(callable(f) for f in st_triton.impls().values())
     if not torch.cuda.is_available():
         assert sparseticket.BACKENDS["cuda"] == "reference"
         assert set(impls.values()) == {"reference"}
         assert st_triton.TRITON_ERROR == "no CUDA device"
-    assert set(st_triton.OP_TO_WRAPPER) <= set(sparseticket.ops._library.SCHEMAS)
-    assert all(callable(f) for f in st_triton.impls().values())
+    elif st_triton.TRITON_ERROR is None:
+        for op in st_triton.OP_TO_WRAPPER:
+            assert impls[op] in ("cuda", "triton"), (op, impls[op])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks the ops as dispatched for CUDA")
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp64"])
+def test_dispatched_ops_on_gpu(dtype, gen):
+    """torch.ops.sparseticket.* on CUDA tensors (compiled CUDA kernels or Triton, whichever
+    CUDA_IMPLS says) against the references on the CPU, including the autograd of sparse_linear."""
+    ST = torch.ops.sparseticket
+    O, I, B = 45, 38, 70
+    w, mask, t = _ticket(O, I, 0.65, dtype, gen)
+    x, gy, bias = randn(B, I, dtype=dtype, gen=gen), randn(B, O, dtype=dtype, gen=gen), randn(O, dtype=dtype, gen=gen)
+    active = make_active(O, gen)
+    c = "cuda"
+    tc = [v.to(c) for v in (t.values, t.crow, t.col, t.ccol, t.row, t.perm)]
+    assert_close(host(ST.spmm(x.to(c), *tc[:3], bias.to(c))), ref.reference_spmm(x, t.values, t.crow, t.col, bias),
+                 what=f"spmm via {st_triton.CUDA_IMPLS['spmm']}")
+    assert_close(host(ST.spmm_t(gy.to(c), tc[0], *tc[3:])), ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm),
+                 what=f"spmm_t via {st_triton.CUDA_IMPLS['spmm_t']}")
+    assert_close(host(ST.sddmm(gy.to(c), x.to(c), tc[1], tc[2], active.to(c))),
+                 ref.reference_sddmm(gy, x, t.crow, t.col, active), what=f"sddmm via {st_triton.CUDA_IMPLS['sddmm']}")
+    assert_close(host(ST.row_masked_grad_weight(gy.to(c), x.to(c), active.to(c))),
+                 ref.reference_row_masked_grad_weight(gy, x, active), gy.abs().t() @ x.abs(),
+                 what=f"row_masked_grad_weight via {st_triton.CUDA_IMPLS['row_masked_grad_weight']}")
+    xg, vg = x.to(c).requires_grad_(), tc[0].clone().requires_grad_()
+    y = ST.sparse_linear(xg, vg, *tc[1:], bias.to(c), active.to(c))
+    y.backward(gy.to(c))
+    assert_close(host(xg.grad), ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm), what="sparse_linear dx")
+    assert_close(host(vg.grad), ref.reference_sddmm(gy, x, t.crow, t.col, active), what="sparse_linear dvalues")
+    params, keeps, actives, row_ptrs = _optimizer_problem(dtype, gen)
+    mine, theirs = [p.clone().to(c) for p in params], [p.clone() for p in params]
+    bufs_mine, bufs_theirs = [torch.zeros_like(p) for p in mine], [torch.zeros_like(p) for p in params]
+    grads = [_randn_like(p, gen) for p in params]
+    hp = SGD_SETTINGS["nesterov"]
+    ST.masked_sgd_(mine, [g.to(c) for g in grads], bufs_mine, [None if k is None else k.to(c) for k in keeps],
+                   [None if a is None else a.to(c) for a in actives], [None if r is None else r.to(c) for r in row_ptrs],
+                   [True] * len(params), hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"], hp["nesterov"],
+                   hp["maximize"])
+    ref.reference_masked_sgd_(theirs, grads, bufs_theirs, keeps, actives, row_ptrs, [True] * len(params), **hp)
+    for j, (p, q) in enumerate(zip(mine, theirs)):
+        assert_close(host(p), q, q.abs() + 1, what=f"masked_sgd_ via {st_triton.CUDA_IMPLS['masked_sgd_']} [{j}]")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="only the interpreter restricts the configs")
 def test_single_config_when_interpreting():
     """Autotuning under the interpreter would time configs with no driver: one config each."""
     for kernel in (spmm._csr_dense_rowsplit_kernel, sddmm._sddmm_kernel, grad_weight._row_masked_grad_weight_kernel):
