@@ -4,6 +4,7 @@ Nothing here imports triton, so the helpers can be used (and tested) without it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import List, Sequence
@@ -35,6 +36,11 @@ def fp_fusion_kwargs(enabled: bool) -> dict:
     rounding does not depend on the compiler's choices.
     """
     return {} if interpreting() else {"enable_fp_fusion": enabled}
+
+
+def on_device_of(t: Tensor):
+    """Context that makes t's GPU current: Triton launches on the current device, not the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def feature_major(t: Tensor) -> Tensor:

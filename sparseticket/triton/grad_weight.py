@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._library import check_row_masked_grad_weight
-from ._common import active_rows_first, autotune_configs, dot_precision, fp_fusion_kwargs, tl_dtype
+from ._common import active_rows_first, autotune_configs, dot_precision, fp_fusion_kwargs, on_device_of, tl_dtype
 
 # (BLOCK_O, BLOCK_I, BLOCK_B, GROUP_O, num_warps, num_stages): the usual fp32/TF32 GEMM tiles
 # for A100 (164 KB shared memory) and H100 (228 KB); the largest use 144 KB over 3 stages.
@@ -111,11 +111,12 @@ def triton_row_masked_grad_weight(gy: Tensor, x: Tensor, active: Optional[Tensor
     def grid(meta):
         return (triton.cdiv(O, meta["BLOCK_O"]) * triton.cdiv(I, meta["BLOCK_I"]),)
 
-    _row_masked_grad_weight_kernel[grid](
-        gy, gy.stride(0), gy.stride(1), x, x.stride(0), x.stride(1),
-        order, n_active, out, out.stride(0), out.stride(1),
-        O, I, B,
-        HAS_ACTIVE=active is not None, ACC=tl_dtype(gy.dtype), INPUT_PRECISION=dot_precision(gy.dtype),
-        **fp_fusion_kwargs(True),
-    )
+    with on_device_of(gy):
+        _row_masked_grad_weight_kernel[grid](
+            gy, gy.stride(0), gy.stride(1), x, x.stride(0), x.stride(1),
+            order, n_active, out, out.stride(0), out.stride(1),
+            O, I, B,
+            HAS_ACTIVE=active is not None, ACC=tl_dtype(gy.dtype), INPUT_PRECISION=dot_precision(gy.dtype),
+            **fp_fusion_kwargs(True),
+        )
     return out

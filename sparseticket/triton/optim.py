@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._library import check_masked_sgd
-from ._common import fp_fusion_kwargs, interpreting, search_steps, tl_dtype
+from ._common import fp_fusion_kwargs, interpreting, on_device_of, search_steps, tl_dtype
 from .adamw_reference import check_masked_adamw
 
 # per-tensor table columns (int64): addresses, then sizes, then flags
@@ -319,12 +319,13 @@ def triton_masked_sgd_(
                            staged, keep_alive)
     for (device, dtype, _), (rows, n_search) in groups.items():
         meta, chunks = _device_tables(rows, device)
-        _masked_sgd_kernel[(chunks.shape[0],)](
-            meta, chunks, float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay), n_search,
-            DT=tl_dtype(dtype), HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-            HAS_WD=weight_decay != 0, BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_WARPS,
-            **fp_fusion_kwargs(False),
-        )
+        with on_device_of(meta):
+            _masked_sgd_kernel[(chunks.shape[0],)](
+                meta, chunks, float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay), n_search,
+                DT=tl_dtype(dtype), HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                HAS_WD=weight_decay != 0, BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_WARPS,
+                **fp_fusion_kwargs(False),
+            )
     staged.finish()
 
 
@@ -350,11 +351,12 @@ def triton_masked_adamw_(
         meta, chunks = _device_tables(rows, device)
         bias_correction1 = 1 - beta1 ** step
         bias_correction2 = 1 - beta2 ** step
-        _masked_adamw_kernel[(chunks.shape[0],)](
-            meta, chunks, 1.0 - lr * weight_decay, lerp_weight, float(beta2), 1.0 - beta2,
-            -(lr / bias_correction1), bias_correction2 ** 0.5, float(eps), n_search,
-            DT=tl_dtype(dtype), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-            LERP_SMALL=lerp_small, BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_WARPS,
-            **fp_fusion_kwargs(False),
-        )
+        with on_device_of(meta):
+            _masked_adamw_kernel[(chunks.shape[0],)](
+                meta, chunks, 1.0 - lr * weight_decay, lerp_weight, float(beta2), 1.0 - beta2,
+                -(lr / bias_correction1), bias_correction2 ** 0.5, float(eps), n_search,
+                DT=tl_dtype(dtype), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+                LERP_SMALL=lerp_small, BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_WARPS,
+                **fp_fusion_kwargs(False),
+            )
     staged.finish()

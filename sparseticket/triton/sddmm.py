@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._library import check_sddmm
-from ._common import autotune_configs, feature_major, fp_fusion_kwargs, search_steps, tl_dtype
+from ._common import autotune_configs, feature_major, fp_fusion_kwargs, on_device_of, search_steps, tl_dtype
 
 # (BLOCK_K, BLOCK_B, num_warps, num_stages): the batch loop is the long one (B up to ~8k),
 # so wide batch tiles amortise the per-entry row search and index loads.
@@ -96,11 +96,12 @@ def triton_sddmm(gy: Tensor, x: Tensor, crow: Tensor, col: Tensor, active: Optio
     def grid(meta):
         return (triton.cdiv(nnz, meta["BLOCK_K"]),)
 
-    _sddmm_kernel[grid](
-        g_t, g_t.stride(0), g_t.stride(1), x_t, x_t.stride(0), x_t.stride(1),
-        crow.contiguous(), col.contiguous(), active.contiguous() if active is not None else crow, out,
-        nnz, O, B, search_steps(O),
-        HAS_ACTIVE=active is not None, ACC=tl_dtype(gy.dtype),
-        **fp_fusion_kwargs(True),
-    )
+    with on_device_of(gy):
+        _sddmm_kernel[grid](
+            g_t, g_t.stride(0), g_t.stride(1), x_t, x_t.stride(0), x_t.stride(1),
+            crow.contiguous(), col.contiguous(), active.contiguous() if active is not None else crow, out,
+            nnz, O, B, search_steps(O),
+            HAS_ACTIVE=active is not None, ACC=tl_dtype(gy.dtype),
+            **fp_fusion_kwargs(True),
+        )
     return out

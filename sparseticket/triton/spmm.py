@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._library import check_active, check_spmm, check_spmm_t
-from ._common import (autotune_configs, feature_major, fp_fusion_kwargs, heavy_rows_first, nnz_bucket, tl_dtype)
+from ._common import (autotune_configs, feature_major, fp_fusion_kwargs, heavy_rows_first, nnz_bucket, on_device_of,
+                      tl_dtype)
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages). The accumulator is a BLOCK_K × BLOCK_B register
 # tile (≤ 64 fp32 registers per thread in every config); short rows (very sparse tickets)
@@ -94,14 +95,15 @@ def _rowsplit(dense_t: Tensor, values: Tensor, ptr: Tensor, idx: Tensor, bias: O
     def grid(meta):
         return (n_rows * triton.cdiv(B, meta["BLOCK_B"]),)
 
-    _csr_dense_rowsplit_kernel[grid](
-        dense_t, dense_t.stride(0), dense_t.stride(1),
-        values, ptr, idx, order, bias if bias is not None else values,
-        out_t, out_t.stride(1), out_t.stride(0),
-        n_rows, B, nnz_bucket(values.numel(), n_rows),
-        HAS_ORDER=True, HAS_BIAS=bias is not None, ACC=tl_dtype(values.dtype),
-        **fp_fusion_kwargs(True),
-    )
+    with on_device_of(values):
+        _csr_dense_rowsplit_kernel[grid](
+            dense_t, dense_t.stride(0), dense_t.stride(1),
+            values, ptr, idx, order, bias if bias is not None else values,
+            out_t, out_t.stride(1), out_t.stride(0),
+            n_rows, B, nnz_bucket(values.numel(), n_rows),
+            HAS_ORDER=True, HAS_BIAS=bias is not None, ACC=tl_dtype(values.dtype),
+            **fp_fusion_kwargs(True),
+        )
     return out_t.t().contiguous()
 
 
