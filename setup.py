@@ -24,7 +24,7 @@ def get_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=fast"]
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
         os.environ.get("SPARSETICKET_NO_CUDA", "0") in ("", "0")

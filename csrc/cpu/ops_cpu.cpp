@@ -63,6 +63,23 @@ void check_ptr(const Tensor& ptr, int64_t nnz, const char* name) {
               nnz, ", got ", p[0], " and ", p[(ptr.numel() - 1) * stride]);
 }
 
+// Indices are sorted within each row (ticket_transpose validates this once per mask),
+// so checking each row's first and last index bounds them all in O(rows), not O(nnz):
+// a ticket used with a narrower operand than it was built for raises instead of
+// reading out of bounds.
+void check_index_range(const Tensor& ptr, const Tensor& idx, int64_t K, const char* idx_name, const char* operand) {
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  const int64_t R = ptr.numel() - 1;
+  for (int64_t r = 0; r < R; ++r) {
+    if (p[r + 1] < p[r]) TORCH_CHECK(false, "sparseticket: row pointers of ", idx_name, " decrease at row ", r);
+    if (p[r + 1] == p[r]) continue;
+    const int32_t lo = ix[p[r]], hi = ix[p[r + 1] - 1];
+    TORCH_CHECK(lo >= 0 && hi < K, "sparseticket: ", idx_name, " has index ", lo < 0 ? lo : hi, " in row ", r,
+                " but ", operand, " has only ", K, " (is the ticket for a different in/out size?)");
+  }
+}
+
 // ----------------------------------------------------------------------------- helpers
 
 int64_t vector_lanes(at::ScalarType t) {
@@ -203,6 +220,7 @@ Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, cons
   }
   const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_), vals = contiguous_1d(values);
   check_ptr(crow, vals.numel(), "crow");
+  check_index_range(crow, col, x.size(1), "col", "x's feature dimension (x.size(1))");
   Tensor out = at::empty({B, O}, x.options());
   if (B == 0 || O == 0) return out;
   const int nv = panel_choice(B, x.size(1), vector_lanes(x.scalar_type()), x.element_size());
@@ -229,6 +247,7 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   const Tensor ccol = contiguous_1d(ccol_), row = contiguous_1d(row_), perm = contiguous_1d(perm_);
   const Tensor vals = contiguous_1d(values);
   check_ptr(ccol, vals.numel(), "ccol");
+  check_index_range(ccol, row, gy.size(1), "row", "gy's feature dimension (gy.size(1))");
   const int64_t B = gy.size(0), I = ccol.numel() - 1;
   Tensor out = at::empty({B, I}, gy.options());
   if (B == 0 || I == 0) return out;
@@ -259,6 +278,7 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const T
   check_active(active_, O);
   const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_);
   check_ptr(crow, col.numel(), "crow");
+  check_index_range(crow, col, x.size(1), "col", "x's feature dimension (x.size(1))");
   const int64_t nnz = col.numel(), B = gy.size(0);
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
   Tensor out = at::empty({nnz}, gy.options());
@@ -308,6 +328,10 @@ Tensor sparse_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& cr
                          const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
                          const c10::optional<Tensor>& active) {
   check_active(active, crow.numel() - 1);
+  check_index(ccol, "ccol");
+  TORCH_CHECK(x.dim() != 2 || x.size(1) == ccol.numel() - 1, "sparseticket: x has ", x.dim() == 2 ? x.size(1) : 0,
+              " features but the ticket expects in_features=", ccol.numel() - 1, " (ccol has ", ccol.numel(),
+              " entries)");
   return spmm_cpu(x, values, crow, col, bias);
 }
 

@@ -54,6 +54,7 @@ def _checked_reference_impls():
     def sparse_linear(x, values, crow, col, ccol, row, perm, bias, active):
         O = check_spmm(x, values, crow, col, bias)
         check_active(active, O, x)
+        _library.check_sparse_linear_in(x, ccol)
         return ref.reference_spmm(x, values, crow, col, bias)
 
     def neq_linear(x, weight, bias, active):
@@ -140,10 +141,6 @@ def _sparse_linear_backward(ctx, gy):
     return gx, gvalues, None, None, None, None, None, gbias, None
 
 
-torch.library.register_autograd("sparseticket::sparse_linear", _sparse_linear_backward,
-                                setup_context=_sparse_linear_setup)
-
-
 def _neq_linear_setup(ctx, inputs, output):
     x, weight, bias, active = inputs
     ctx.save_for_backward(x, weight, active)
@@ -163,7 +160,14 @@ def _neq_linear_backward(ctx, gy):
     return gx, gw, gbias, None
 
 
-torch.library.register_autograd("sparseticket::neq_linear", _neq_linear_backward, setup_context=_neq_linear_setup)
+# The compiled library registers the same formulas in C++ (csrc/autograd.cpp), which
+# saves the Python round trips of this path on every layer call; these serve the
+# reference path.
+if _C is None:
+    torch.library.register_autograd("sparseticket::sparse_linear", _sparse_linear_backward,
+                                    setup_context=_sparse_linear_setup)
+    torch.library.register_autograd("sparseticket::neq_linear", _neq_linear_backward,
+                                    setup_context=_neq_linear_setup)
 
 
 # ----------------------------------------------------------------------------- public names

@@ -94,6 +94,12 @@ def check_spmm(x, values, crow, col, bias):
     return O
 
 
+def check_sparse_linear_in(x, ccol):
+    _check_index("ccol", ccol)
+    _check(x.shape[1] == ccol.shape[0] - 1,
+           f"sparseticket: x has {x.shape[1]} features but the ticket expects in_features={ccol.shape[0] - 1}")
+
+
 def check_active(active: Optional[Tensor], n: int, ref: Tensor):
     if active is None:
         return
@@ -218,6 +224,7 @@ def check_dense_to_ticket(weight, mask):
 def _(x, values, crow, col, ccol, row, perm, bias, active):
     O = check_spmm(x, values, crow, col, bias)
     check_active(active, O, x)
+    check_sparse_linear_in(x, ccol)
     return x.new_empty((x.shape[0], O))
 
 
@@ -271,6 +278,7 @@ def _(weight, mask):
 def _(crow, col, n_cols):
     _check_index("crow", crow)
     _check_index("col", col)
+    _check_same("col", col, "crow", crow)
     nnz = col.shape[0]
     return (col.new_empty((n_cols + 1,)), col.new_empty((nnz,)), col.new_empty((nnz,)))
 
@@ -279,4 +287,6 @@ def _(crow, col, n_cols):
 def _(values, crow, col, n_cols):
     _check_index("crow", crow)
     _check_index("col", col)
+    _check_same("crow", crow, "values", values)
+    _check_same("col", col, "values", values)
     return values.new_empty((crow.shape[0] - 1, n_cols))
