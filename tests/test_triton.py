@@ -362,6 +362,8 @@ def test_bad_input_names_the_argument(gen):
         triton_spmm(x, values, crow.long(), col, None)
     with pytest.raises(RuntimeError, match="values has dtype"):
         triton_spmm(x, values.double(), crow, col, None)
+    with pytest.raises(RuntimeError, match="x has 3 features but the ticket expects in_features=4"):
+        triton_sparse_linear(x[:, :3], values, crow, col, *map(dev, (t.ccol, t.row, t.perm)), None, None)
     with pytest.raises(RuntimeError, match="active must be a torch.bool mask"):
         triton_sddmm(dev(randn(3, 5, gen=gen)), x, crow, col, dev(torch.ones(5)))
     with pytest.raises(RuntimeError, match="gy has batch 2 but x has batch 3"):

@@ -157,10 +157,14 @@ Tensor spmm_cuda(const Tensor& x, const Tensor& values, const Tensor& crow, cons
 }
 
 Tensor sparse_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
-                          const Tensor& /*ccol*/, const Tensor& /*row*/, const Tensor& /*perm*/,
+                          const Tensor& ccol, const Tensor& /*row*/, const Tensor& /*perm*/,
                           const OptTensor& bias, const OptTensor& active) {
   const int64_t O = check_spmm(x, values, crow, col, bias);
   check_active(active, O, x);
+  // the CSC side is only used by backward, but a ticket of the wrong width must fail here
+  check_index(ccol, "ccol", x, "x");
+  TORCH_CHECK(x.size(1) == ccol.numel() - 1, "sparseticket: x has ", x.size(1),
+              " features but the ticket expects in_features=", ccol.numel() - 1);
   return spmm_cuda(x, values, crow, col, bias);
 }
 

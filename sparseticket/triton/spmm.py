@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._library import check_active, check_spmm, check_spmm_t
+from ..ops._library import _check, _check_index, check_active, check_spmm, check_spmm_t
 from ._common import (autotune_configs, feature_major, fp_fusion_kwargs, heavy_rows_first, nnz_bucket, on_device_of,
                       tl_dtype)
 
@@ -133,6 +133,10 @@ def triton_sparse_linear(x, values, crow, col, ccol, row, perm, bias, active):
     """Forward of ``sparseticket::sparse_linear``: ``triton_spmm``; the rest is for backward."""
     O = check_spmm(x, values, crow, col, bias)
     check_active(active, O, x)
+    # the CSC side is only used by backward, but a ticket of the wrong width must fail here
+    _check_index("ccol", ccol)
+    _check(x.shape[1] == ccol.shape[0] - 1,
+           f"sparseticket: x has {x.shape[1]} features but the ticket expects in_features={ccol.shape[0] - 1}")
     return triton_spmm(x, values, crow, col, bias)
 
 
