@@ -375,6 +375,28 @@ def test_bad_input_names_the_argument(gen):
                              1e-8, 0.0, False, False)
 
 
+def test_ticket_for_a_wider_operand(gen):
+    """A ticket used with fewer features than it was built for: the same error as the CPU
+    kernels (on CUDA tensors only with SPARSETICKET_CHECK_INDICES=1, since it needs the host),
+    and in any case the kernels read nothing out of bounds: out-of-range entries are skipped."""
+    O, I, B = 9, 12, 5
+    w, mask, t = _ticket(O, I, 0.3, torch.float32, gen, holes=False)
+    x_narrow = randn(B, I - 4, gen=gen)
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="col has index .* but x's feature dimension"):
+            triton_spmm(x_narrow, t.values, t.crow, t.col, None)
+        with pytest.raises(RuntimeError, match="col has index .* but x's feature dimension"):
+            triton_sddmm(randn(B, O, gen=gen), x_narrow, t.crow, t.col, None)
+        with pytest.raises(RuntimeError, match="row has index .* but gy's feature dimension"):
+            triton_spmm_t(randn(B, O - 3, gen=gen), t.values, t.ccol, t.row, t.perm)
+    # the kernels alone (below the check): entries with col >= I - 4 contribute nothing
+    keep = t.col < I - 4
+    y = spmm._rowsplit(spmm.feature_major(dev(x_narrow)), dev(t.values), dev(t.crow), dev(t.col), None, B, O)
+    expected = x_narrow @ (w * mask)[:, : I - 4].t()
+    assert_close(host(y), expected, x_narrow.abs() @ (w.abs() * mask)[:, : I - 4].t(), what="out-of-range skipped")
+    assert keep.any() and not keep.all()
+
+
 def test_cuda_backend_choice():
     """Every op has a CUDA implementation; without a GPU it is the reference."""
     impls = st_triton.CUDA_IMPLS

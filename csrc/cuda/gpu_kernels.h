@@ -38,6 +38,8 @@ struct CsrDenseParams {
   int64_t out_ld;
   int32_t n_rows;
   int32_t batch;
+  int32_t nnz;                // entries past nnz, or indices outside [0, n_cols), are skipped:
+  int32_t n_cols;             // the kernel never reads out of bounds whatever the ticket holds
 };
 
 template <typename T>
@@ -60,6 +62,8 @@ struct SddmmParams {
   T* out;                     // [nnz]
   int32_t n_rows;
   int32_t batch;
+  int32_t n_cols;             // columns outside [0, n_cols) give 0 instead of an out-of-bounds read
+  int32_t nnz;                // row pointers are clamped to [0, nnz]
 };
 
 template <typename T>

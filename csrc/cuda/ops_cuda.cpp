@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -93,6 +94,41 @@ int64_t check_spmm(const Tensor& x, const Tensor& values, const Tensor& crow, co
   return O;
 }
 
+// The CSR structure (ptr, idx) must address an operand with K rows. Same checks and messages
+// as the CPU kernels, but reading the verdict needs the host (a sync per call), so on the GPU it
+// runs only with SPARSETICKET_CHECK_INDICES=1. Without it the kernels still never read out of
+// bounds: they skip out-of-range entries (gpu_kernels.h).
+bool check_indices_enabled() {
+  static const bool enabled = [] {
+    const char* s = std::getenv("SPARSETICKET_CHECK_INDICES");
+    return s != nullptr && std::string(s) != "" && std::string(s) != "0";
+  }();
+  return enabled;
+}
+
+void check_index_range(const Tensor& ptr, const Tensor& idx, int64_t K, const char* ptr_name, const char* idx_name,
+                       const char* operand) {
+  if (!check_indices_enabled()) return;
+  const int64_t nnz = idx.numel();
+  const int64_t first = ptr[0].item<int64_t>(), last = ptr[-1].item<int64_t>();
+  TORCH_CHECK(first == 0 && last == nnz, "sparseticket: ", ptr_name, " must start at 0 and end at nnz=", nnz,
+              ", got ", first, " and ", last);
+  const Tensor lengths = ptr.slice(0, 1) - ptr.slice(0, 0, ptr.numel() - 1);
+  const Tensor decreasing = (lengths < 0).nonzero();
+  TORCH_CHECK(decreasing.numel() == 0, "sparseticket: row pointers of ", idx_name, " decrease at row ",
+              decreasing.numel() ? decreasing[0][0].item<int64_t>() : 0);
+  const Tensor rows = (lengths > 0).nonzero().flatten();
+  if (rows.numel() == 0) return;
+  const Tensor lo = idx.index_select(0, ptr.index_select(0, rows));
+  const Tensor hi = idx.index_select(0, ptr.index_select(0, rows + 1) - 1);
+  const Tensor bad = ((lo < 0) | (hi >= K)).nonzero();
+  if (bad.numel() == 0) return;
+  const int64_t k = bad[0][0].item<int64_t>();
+  const int64_t l = lo[k].item<int64_t>(), h = hi[k].item<int64_t>();
+  TORCH_CHECK(false, "sparseticket: ", idx_name, " has index ", l < 0 ? l : h, " in row ", rows[k].item<int64_t>(),
+              " but ", operand, " has only ", K, " (is the ticket for a different in/out size?)");
+}
+
 // ----------------------------------------------------------------------------- layouts
 
 // [B, F] -> [F, B] with the batch contiguous (a view when t is already column-major)
@@ -134,6 +170,8 @@ Tensor rowsplit(const Tensor& dense_t, const Tensor& values, const OptTensor& pe
     prm.out_ld = out_t.stride(0);
     prm.n_rows = static_cast<int32_t>(n_rows);
     prm.batch = static_cast<int32_t>(batch);
+    prm.nnz = static_cast<int32_t>(v.numel());
+    prm.n_cols = static_cast<int32_t>(dense_t.size(0));
     C10_CUDA_CHECK(launch_csr_dense_rowsplit<scalar_t>(prm, stream()));
   });
   // written transposed so each warp stores a contiguous batch run; one copy turns it around
@@ -151,6 +189,7 @@ Tensor empty_product(int64_t batch, int64_t n, const Tensor& like, const OptTens
 Tensor spmm_cuda(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col, const OptTensor& bias) {
   const int64_t O = check_spmm(x, values, crow, col, bias);
   const c10::cuda::CUDAGuard guard(x.device());
+  check_index_range(crow, col, x.size(1), "crow", "col", "x's feature dimension (x.size(1))");
   const int64_t B = x.size(0);
   if (B == 0 || O == 0 || values.numel() == 0) return empty_product(B, O, x, bias);
   return rowsplit(batch_major(x), values, c10::nullopt, crow, col, bias, O, B);
@@ -185,6 +224,7 @@ Tensor spmm_t_cuda(const Tensor& gy, const Tensor& values, const Tensor& ccol, c
   TORCH_CHECK(perm.numel() == values.numel(), "sparseticket: perm has ", perm.numel(), " entries but values has ",
               values.numel());
   const c10::cuda::CUDAGuard guard(gy.device());
+  check_index_range(ccol, row, gy.size(1), "ccol", "row", "gy's feature dimension (gy.size(1))");
   const int64_t B = gy.size(0), I = ccol.numel() - 1;
   if (B == 0 || I == 0 || values.numel() == 0) return empty_product(B, I, gy, c10::nullopt);
   return rowsplit(batch_major(gy), values, perm, ccol, row, c10::nullopt, I, B);
@@ -208,6 +248,7 @@ Tensor sddmm_cuda(const Tensor& gy, const Tensor& x, const Tensor& crow, const T
   TORCH_CHECK(gy.size(1) == O, "sparseticket: gy has ", gy.size(1), " columns but crow describes ", O, " rows");
   check_active(active, O, gy);
   const c10::cuda::CUDAGuard guard(gy.device());
+  check_index_range(crow, col, x.size(1), "crow", "col", "x's feature dimension (x.size(1))");
   const int64_t nnz = col.numel(), B = gy.size(0);
   if (nnz == 0 || B == 0) return at::zeros({nnz}, gy.options());
   check_int32_range(O, "rows");
@@ -231,6 +272,8 @@ Tensor sddmm_cuda(const Tensor& gy, const Tensor& x, const Tensor& crow, const T
     prm.out = out.data_ptr<scalar_t>();
     prm.n_rows = static_cast<int32_t>(O);
     prm.batch = static_cast<int32_t>(B);
+    prm.n_cols = static_cast<int32_t>(x.size(1));
+    prm.nnz = static_cast<int32_t>(nnz);
     C10_CUDA_CHECK(launch_sddmm<scalar_t>(prm, stream()));
   });
   return out;

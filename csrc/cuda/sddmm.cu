@@ -31,8 +31,8 @@ __device__ __forceinline__ T warp_sum(T v) {
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) sddmm_kernel(const SddmmParams<T> p) {
   const int32_t r = p.row_order ? p.row_order[blockIdx.x] : static_cast<int32_t>(blockIdx.x);
-  const int32_t start = p.crow[r];
-  const int32_t end = p.crow[r + 1];
+  const int32_t start = max(p.crow[r], 0);
+  const int32_t end = min(p.crow[r + 1], p.nnz);
   if (p.active && !p.active[r]) {
     for (int32_t k = start + threadIdx.x; k < end; k += blockDim.x) p.out[k] = T(0);
     return;
@@ -43,7 +43,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) sddmm_kernel(const SddmmP
 
   for (int32_t k0 = start + 32 * warp; k0 < end; k0 += 32 * kWarpsPerBlock) {
     const int n = min(32, end - k0);
-    const int32_t my_col = lane < n ? p.col[k0 + lane] : 0;
+    int32_t my_col = lane < n ? p.col[k0 + lane] : 0;
+    const bool my_ok = my_col >= 0 && my_col < p.n_cols;
+    if (!my_ok) my_col = 0;
+    // entries to compute: in the chunk and inside x (an out-of-range column is never read)
+    const unsigned live = __ballot_sync(kFullMask, lane < n && my_ok);
     const T* x_row[32];
     T part[32];
 #pragma unroll
@@ -61,7 +65,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) sddmm_kernel(const SddmmP
       }
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
-        if (j < n) {  // uniform over the warp: a short last chunk skips its padding
+        if ((live >> j) & 1u) {  // uniform over the warp: padding of a short chunk is skipped
           T s = part[j];
 #pragma unroll
           for (int e = 0; e < kPerLane; ++e) {
@@ -77,7 +81,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) sddmm_kernel(const SddmmP
       const T total = warp_sum(part[j]);
       if (lane == j) mine = total;
     }
-    if (lane < n) p.out[k0 + lane] = mine;
+    if (lane < n) p.out[k0 + lane] = my_ok ? mine : T(0);
   }
 }
 

@@ -37,21 +37,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     acc[e] = T(0);
   }
 
-  const int32_t start = p.ptr[r];
-  const int32_t end = p.ptr[r + 1];
+  const int32_t start = max(p.ptr[r], 0);
+  const int32_t end = min(p.ptr[r + 1], p.nnz);
   for (int32_t k0 = start; k0 < end; k0 += 32) {
     const int32_t k = k0 + lane;
     int32_t my_idx = 0;
     T my_val = T(0);
     if (k < end) {
       my_idx = p.idx[k];
-      my_val = p.values[p.perm ? p.perm[k] : k];
+      const int32_t src = p.perm ? p.perm[k] : k;
+      if (my_idx < 0 || my_idx >= p.n_cols || src < 0 || src >= p.nnz) {
+        my_idx = -1;  // outside the operand: skipped below, nothing is read out of bounds
+      } else {
+        my_val = p.values[src];
+      }
     }
     const int n = min(32, end - k0);
 #pragma unroll 4
     for (int j = 0; j < n; ++j) {
       const int32_t i = __shfl_sync(kFullMask, my_idx, j);
       const T v = __shfl_sync(kFullMask, my_val, j);
+      if (i < 0) continue;  // same i for the whole warp: no divergence
       const T* d = p.dense + static_cast<int64_t>(i) * p.dense_ld + b0;
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) {

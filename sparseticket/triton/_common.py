@@ -55,6 +55,43 @@ def feature_major(t: Tensor) -> Tensor:
     return tt.contiguous()
 
 
+#: validate ticket indices on CUDA tensors too (costs a host sync per call); on CPU tensors always
+CHECK_INDICES = os.environ.get("SPARSETICKET_CHECK_INDICES", "0") not in ("", "0")
+
+
+def check_index_range(ptr: Tensor, idx: Tensor, K: int, ptr_name: str, idx_name: str, operand: str) -> None:
+    """The CSR structure (ptr, idx) addresses an operand with K rows: the same checks and
+    messages as the C++ CPU kernels (``check_ptr`` and ``check_index_range``).
+
+    Indices are sorted within each row (``ticket_transpose`` validates that once per mask), so
+    each row's first and last index bound all of them. Reading the verdict needs the host, so
+    on CUDA tensors this runs only with ``SPARSETICKET_CHECK_INDICES=1``; without it the GPU
+    kernels still never read out of bounds (an out-of-range entry is skipped, not raised).
+    """
+    if ptr.is_cuda and not CHECK_INDICES:
+        return
+    nnz = idx.numel()
+    first_last = ptr[[0, -1]].tolist()
+    torch._check(first_last[0] == 0 and first_last[1] == nnz, lambda: (
+        f"sparseticket: {ptr_name} must start at 0 and end at nnz={nnz}, got {first_last[0]} and {first_last[1]}"))
+    lengths = ptr[1:] - ptr[:-1]
+    if bool((lengths < 0).any()):
+        r = int((lengths < 0).nonzero()[0])
+        torch._check(False, lambda: f"sparseticket: row pointers of {idx_name} decrease at row {r}")
+    rows = (lengths > 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    lo = idx[ptr[rows].long()]
+    hi = idx[(ptr[rows + 1] - 1).long()]
+    bad = (lo < 0) | (hi >= K)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        value = int(lo[k]) if int(lo[k]) < 0 else int(hi[k])
+        torch._check(False, lambda: (
+            f"sparseticket: {idx_name} has index {value} in row {int(rows[k])} but {operand} has only {K} "
+            "(is the ticket for a different in/out size?)"))
+
+
 def search_steps(n_rows: int) -> int:
     """Binary-search iterations that find the row of an entry among ``n_rows`` CSR rows."""
     return max(1, int(n_rows).bit_length())

@@ -46,7 +46,7 @@ def _kernels():
     def rowsplit_sig(dt):
         return dict(d_ptr=f"*{dt}", stride_d_row="i32", stride_d_b="i32", val_ptr=f"*{dt}", ptr_ptr="*i32",
                     idx_ptr="*i32", order_ptr="*i32", bias_ptr=f"*{dt}", out_ptr=f"*{dt}", stride_out_b="i32",
-                    stride_out_row="i32", n_rows="i32", B="i32", row_len_bucket="i32")
+                    stride_out_row="i32", n_rows="i32", B="i32", nnz="i32", n_cols="i32", row_len_bucket="i32")
 
     def rowsplit_cx(dt):
         return [dict(HAS_ORDER=True, HAS_BIAS=b, ACC=tl_dt[dt]) for b in (True, False)]
@@ -54,7 +54,7 @@ def _kernels():
     def sddmm_sig(dt):
         return dict(g_ptr=f"*{dt}", stride_g_row="i32", stride_g_b="i32", x_ptr=f"*{dt}", stride_x_col="i32",
                     stride_x_b="i32", crow_ptr="*i32", col_ptr="*i32", active_ptr="*i1", out_ptr=f"*{dt}",
-                    nnz="i32", n_rows="i32", B="i32", n_search="i32")
+                    nnz="i32", n_rows="i32", n_cols="i32", B="i32", n_search="i32")
 
     def sddmm_cx(dt):
         return [dict(HAS_ACTIVE=a, ACC=tl_dt[dt]) for a in (True, False)]

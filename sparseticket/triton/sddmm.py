@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._library import check_sddmm
-from ._common import autotune_configs, feature_major, fp_fusion_kwargs, on_device_of, search_steps, tl_dtype
+from ._common import (autotune_configs, check_index_range, feature_major, fp_fusion_kwargs, on_device_of, search_steps,
+                      tl_dtype)
 
 # (BLOCK_K, BLOCK_B, num_warps, num_stages): the batch loop is the long one (B up to ~8k),
 # so wide batch tiles amortise the per-entry row search and index loads.
@@ -40,7 +41,7 @@ def _sddmm_kernel(
     g_ptr, stride_g_row, stride_g_b,     # gy seen as G[O, B]
     x_ptr, stride_x_col, stride_x_b,     # x  seen as X[I, B]
     crow_ptr, col_ptr, active_ptr, out_ptr,
-    nnz, n_rows, B, n_search,
+    nnz, n_rows, n_cols, B, n_search,
     HAS_ACTIVE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -63,6 +64,7 @@ def _sddmm_kernel(
     if HAS_ACTIVE:
         live = live & (tl.load(active_ptr + rows, mask=mask_k, other=0) != 0)
     cols = tl.load(col_ptr + ks, mask=live, other=0)
+    live = live & (cols >= 0) & (cols < n_cols)  # never read outside x (see check_index_range)
     g_rows = rows.to(tl.int64)[:, None] * stride_g_row
     x_rows = cols.to(tl.int64)[:, None] * stride_x_col
 
@@ -87,6 +89,7 @@ def triton_sddmm(gy: Tensor, x: Tensor, crow: Tensor, col: Tensor, active: Optio
     Same meaning as ``reference_sddmm``.
     """
     check_sddmm(gy, x, crow, col, active)
+    check_index_range(crow, col, x.shape[1], "crow", "col", "x's feature dimension (x.size(1))")
     nnz, B, O = col.numel(), gy.shape[0], crow.numel() - 1
     if nnz == 0 or B == 0:
         return torch.zeros(nnz, dtype=gy.dtype, device=gy.device)
@@ -100,7 +103,7 @@ def triton_sddmm(gy: Tensor, x: Tensor, crow: Tensor, col: Tensor, active: Optio
         _sddmm_kernel[grid](
             g_t, g_t.stride(0), g_t.stride(1), x_t, x_t.stride(0), x_t.stride(1),
             crow.contiguous(), col.contiguous(), active.contiguous() if active is not None else crow, out,
-            nnz, O, B, search_steps(O),
+            nnz, O, x.shape[1], B, search_steps(O),
             HAS_ACTIVE=active is not None, ACC=tl_dtype(gy.dtype),
             **fp_fusion_kwargs(True),
         )

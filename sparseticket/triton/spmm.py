@@ -24,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._library import _check, _check_index, check_active, check_spmm, check_spmm_t
-from ._common import (autotune_configs, feature_major, fp_fusion_kwargs, heavy_rows_first, nnz_bucket, on_device_of,
-                      tl_dtype)
+from ._common import (autotune_configs, check_index_range, feature_major, fp_fusion_kwargs, heavy_rows_first, nnz_bucket,
+                      on_device_of, tl_dtype)
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages). The accumulator is a BLOCK_K × BLOCK_B register
 # tile (≤ 64 fp32 registers per thread in every config); short rows (very sparse tickets)
@@ -48,7 +48,7 @@ def _csr_dense_rowsplit_kernel(
     order_ptr,                            # [n_rows] int32 order in which rows are visited
     bias_ptr,                             # [n_rows] or unused
     out_ptr, stride_out_b, stride_out_row,
-    n_rows, B, row_len_bucket,
+    n_rows, B, nnz, n_cols, row_len_bucket,
     HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -71,11 +71,13 @@ def _csr_dense_rowsplit_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC)
     for k0 in range(start, end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        mask_k = ks < end
-        idx = tl.load(idx_ptr + ks, mask=mask_k, other=0).to(tl.int64)
-        v = tl.load(val_ptr + ks, mask=mask_k, other=0.0).to(ACC)
-        d = tl.load(d_ptr + idx[:, None] * stride_d_row + d_cols[None, :],
-                    mask=mask_k[:, None] & mask_b[None, :], other=0.0).to(ACC)
+        mask_k = (ks < end) & (ks < nnz) & (ks >= 0)
+        idx = tl.load(idx_ptr + ks, mask=mask_k, other=0)
+        # never read outside D, even for a ticket built for a wider operand (see check_index_range)
+        ok = mask_k & (idx >= 0) & (idx < n_cols)
+        v = tl.load(val_ptr + ks, mask=ok, other=0.0).to(ACC)
+        d = tl.load(d_ptr + idx.to(tl.int64)[:, None] * stride_d_row + d_cols[None, :],
+                    mask=ok[:, None] & mask_b[None, :], other=0.0).to(ACC)
         acc += v[:, None] * d
     y = tl.sum(acc, axis=0)
     if HAS_BIAS:
@@ -100,7 +102,7 @@ def _rowsplit(dense_t: Tensor, values: Tensor, ptr: Tensor, idx: Tensor, bias: O
             dense_t, dense_t.stride(0), dense_t.stride(1),
             values, ptr, idx, order, bias if bias is not None else values,
             out_t, out_t.stride(1), out_t.stride(0),
-            n_rows, B, nnz_bucket(values.numel(), n_rows),
+            n_rows, B, values.numel(), dense_t.shape[0], nnz_bucket(values.numel(), n_rows),
             HAS_ORDER=True, HAS_BIAS=bias is not None, ACC=tl_dtype(values.dtype),
             **fp_fusion_kwargs(True),
         )
@@ -122,6 +124,7 @@ def triton_spmm(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Opti
     bias: [O] or None -> y: [B, O] contiguous. Same meaning as ``reference_spmm``.
     """
     O = check_spmm(x, values, crow, col, bias)
+    check_index_range(crow, col, x.shape[1], "crow", "col", "x's feature dimension (x.size(1))")
     B = x.shape[0]
     if B == 0 or O == 0 or values.numel() == 0:
         return _empty_product(B, O, x, bias)
@@ -147,6 +150,7 @@ def triton_spmm_t(gy: Tensor, values: Tensor, ccol: Tensor, row: Tensor, perm: T
     -> gx: [B, I] contiguous. Same meaning as ``reference_spmm_t``.
     """
     I = check_spmm_t(gy, values, ccol, row, perm)
+    check_index_range(ccol, row, gy.shape[1], "ccol", "row", "gy's feature dimension (gy.size(1))")
     B = gy.shape[0]
     if B == 0 or I == 0 or values.numel() == 0:
         return _empty_product(B, I, gy, None)
