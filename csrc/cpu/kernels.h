@@ -40,7 +40,9 @@ struct SddmmArgs {
   const void* a;
   const void* x;
   int64_t ld;
-  void* out;  // [nnz]
+  int64_t K;        // rows of X
+  int64_t k_block;  // visit entries in blocks of this many X rows (0: no blocking)
+  void* out;        // [nnz]
 };
 
 // One fused masked SGD step over elements [begin, end) of one parameter (see

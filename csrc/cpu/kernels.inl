@@ -228,46 +228,68 @@ void spmm_kernel(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
 // the loop is bound by the loads of X rows.
 
 template <typename T>
-void sddmm_kernel(const SddmmArgs& s, int64_t r_begin, int64_t r_end) {
+inline void sddmm_entries(const T* __restrict ar, const T* __restrict X, const int32_t* __restrict idx, int64_t e,
+                          int64_t e1, int64_t ld, T* __restrict out) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
+  for (; e + 4 <= e1; e += 4) {
+    const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
+    const T* __restrict x1 = X + static_cast<int64_t>(idx[e + 1]) * ld;
+    const T* __restrict x2 = X + static_cast<int64_t>(idx[e + 2]) * ld;
+    const T* __restrict x3 = X + static_cast<int64_t>(idx[e + 3]) * ld;
+    V c0{}, c1{}, c2{}, c3{};
+    for (int64_t c = 0; c < ld; c += L) {
+      const V av = vload(ar + c);
+      c0 += av * vload(x0 + c);
+      c1 += av * vload(x1 + c);
+      c2 += av * vload(x2 + c);
+      c3 += av * vload(x3 + c);
+    }
+    hsum4<T>(c0, c1, c2, c3, out + e);
+  }
+  for (; e < e1; ++e) {
+    const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
+    V c0{};
+    for (int64_t c = 0; c < ld; c += L) c0 += vload(ar + c) * vload(x0 + c);
+    out[e] = hsum<T>(c0);
+  }
+}
+
+// The X rows an entry reads are random; when X is larger than a core's L2 the
+// entries are visited in blocks of k_block X rows (a per-row cursor walks each row's
+// sorted indices), so each block is read from L2 rather than L3.
+template <typename T>
+void sddmm_kernel(const SddmmArgs& s, int64_t r_begin, int64_t r_end) {
   const int32_t* __restrict ptr = s.ptr;
   const int32_t* __restrict idx = s.idx;
   const T* __restrict A = static_cast<const T*>(s.a);
   const T* __restrict X = static_cast<const T*>(s.x);
   T* __restrict out = static_cast<T*>(s.out);
   const int64_t ld = s.ld;
+  const bool blocked = s.k_block > 0 && s.k_block < s.K;
 
   for (int64_t r = r_begin; r < r_end; ++r) {
-    int64_t e = ptr[r];
-    const int64_t e1 = ptr[r + 1];
     if (s.active && !s.active[r]) {
-      for (; e < e1; ++e) out[e] = T(0);
-      continue;
-    }
-    const T* __restrict ar = A + r * ld;
-    for (; e + 4 <= e1; e += 4) {
-      const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
-      const T* __restrict x1 = X + static_cast<int64_t>(idx[e + 1]) * ld;
-      const T* __restrict x2 = X + static_cast<int64_t>(idx[e + 2]) * ld;
-      const T* __restrict x3 = X + static_cast<int64_t>(idx[e + 3]) * ld;
-      V c0{}, c1{}, c2{}, c3{};
-      for (int64_t c = 0; c < ld; c += L) {
-        const V av = vload(ar + c);
-        c0 += av * vload(x0 + c);
-        c1 += av * vload(x1 + c);
-        c2 += av * vload(x2 + c);
-        c3 += av * vload(x3 + c);
-      }
-      hsum4<T>(c0, c1, c2, c3, out + e);
-    }
-    for (; e < e1; ++e) {
-      const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
-      V c0{};
-      for (int64_t c = 0; c < ld; c += L) c0 += vload(ar + c) * vload(x0 + c);
-      out[e] = hsum<T>(c0);
+      for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) out[e] = T(0);
+    } else if (!blocked) {
+      sddmm_entries<T>(A + r * ld, X, idx, ptr[r], ptr[r + 1], ld, out);
     }
   }
+  if (!blocked) return;
+  int64_t* cursor = static_cast<int64_t*>(__builtin_malloc(sizeof(int64_t) * (r_end - r_begin)));
+  for (int64_t r = r_begin; r < r_end; ++r) cursor[r - r_begin] = ptr[r];
+  for (int64_t k1 = s.k_block;; k1 += s.k_block) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      if (s.active && !s.active[r]) continue;
+      const int64_t e0 = cursor[r - r_begin], e_end = ptr[r + 1];
+      int64_t e1 = e0;
+      while (e1 < e_end && idx[e1] < k1) ++e1;
+      sddmm_entries<T>(A + r * ld, X, idx, e0, e1, ld, out);
+      cursor[r - r_begin] = e1;
+    }
+    if (k1 >= s.K) break;
+  }
+  __builtin_free(cursor);
 }
 
 // ----------------------------------------------------------------------------- SGD
