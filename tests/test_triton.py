@@ -50,7 +50,14 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-if INTERPRET:
+# If triton was imported before TRITON_INTERPRET was set (another test module reached it, e.g.
+# through torch._dynamo), triton.language itself is in compiled mode and cannot be interpreted in
+# this process: the kernel tests then run in a fresh interpreter (test_kernel_tests_in_subprocess).
+IN_PROCESS = not INTERPRET or _interpreted(__import__("triton").language.zeros)
+CHILD = os.environ.get("SPARSETICKET_TRITON_TEST_CHILD") == "1"
+DELEGATED = "triton was imported before TRITON_INTERPRET was set: run by test_kernel_tests_in_subprocess"
+
+if INTERPRET and IN_PROCESS:
     for _mod, _kernel in ((spmm, "_csr_dense_rowsplit_kernel"), (sddmm, "_sddmm_kernel"),
                           (grad_weight, "_row_masked_grad_weight_kernel"), (optim, "_masked_sgd_kernel")):
         # kernels decorated before TRITON_INTERPRET was set would need a GPU: rebuild them
@@ -59,6 +66,26 @@ if INTERPRET:
 
 from sparseticket.triton import (triton_masked_adamw_, triton_masked_sgd_, triton_row_masked_grad_weight,  # noqa: E402
                                  triton_sddmm, triton_sparse_linear, triton_spmm, triton_spmm_t)
+
+
+_NO_KERNELS = {"test_kernel_tests_in_subprocess", "test_cuda_backend_choice", "test_kernels_compile_for_sm80_sm90"}
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable_here(request):
+    if not IN_PROCESS and request.node.originalname not in _NO_KERNELS:
+        pytest.skip(DELEGATED)
+
+
+def test_kernel_tests_in_subprocess():
+    """Runs this module's kernel tests in a fresh Python when this process cannot interpret them."""
+    if IN_PROCESS:
+        pytest.skip("the kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", SPARSETICKET_TRITON_TEST_CHILD="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
 
 
 def dev(t):
@@ -460,6 +487,7 @@ def test_single_config_when_interpreting():
     assert len(spmm._GPU_CONFIGS) > 1 and len(sddmm._GPU_CONFIGS) > 1 and len(grad_weight._GPU_CONFIGS) > 1
 
 
+@pytest.mark.skipif(CHILD, reason="run by the parent process")
 def test_kernels_compile_for_sm80_sm90():
     """Every kernel lowers to a cubin for A100 and H100 (first autotune config, fp32): a
     subprocess without TRITON_INTERPRET, since interpreted kernels are not compilable."""
