@@ -33,7 +33,7 @@ def get_extensions():
     if use_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17"]
         kwargs["define_macros"] = [("SPARSETICKET_WITH_CUDA", "1")]
         return [CUDAExtension("sparseticket._C", sources, **kwargs)]
     return [CppExtension("sparseticket._C", sources, **kwargs)]

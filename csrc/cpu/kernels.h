@@ -58,9 +58,24 @@ struct SgdArgs {
   bool nesterov, maximize;
 };
 
+// One fused masked AdamW step (torch.optim.AdamW's maths; `step` is the step count
+// after this update, for the bias corrections).
+struct AdamWArgs {
+  void* p;
+  const void* g;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // nullptr unless amsgrad
+  const uint8_t* keep;
+  const uint8_t* active;
+  double lr, beta1, beta2, eps, weight_decay, step;
+  bool maximize;
+};
+
 using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);
 using SddmmFn = void (*)(const SddmmArgs&, int64_t r_begin, int64_t r_end);
 using SgdFn = void (*)(const SgdArgs&, int64_t begin, int64_t end);
+using AdamWFn = void (*)(const AdamWArgs&, int64_t begin, int64_t end);
 
 // Panel widths, in vectors, for which spmm is instantiated.
 constexpr int kPanelChoices = 4;  // 1, 2, 4, 8 vectors
@@ -74,6 +89,8 @@ struct KernelTable {
   SddmmFn sddmm_f64;
   SgdFn sgd_f32;
   SgdFn sgd_f64;
+  AdamWFn adamw_f32;
+  AdamWFn adamw_f64;
 };
 
 namespace avx512 { KernelTable make_table(); }

@@ -347,6 +347,81 @@ void sgd_kernel(const SgdArgs& s, int64_t begin, int64_t end) {
 #undef ST_SGD_CASE
 }
 
+// ----------------------------------------------------------------------------- AdamW
+//
+// torch.optim.AdamW, per element: decoupled decay, lerp of the first moment, second
+// moment, bias corrections, p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps).
+
+template <typename T, bool AmsGrad, bool HasKeep, bool HasActive>
+void adamw_kernel_impl(const AdamWArgs& s, int64_t begin, int64_t end) {
+  T* __restrict p = static_cast<T*>(s.p);
+  const T* __restrict g = static_cast<const T*>(s.g);
+  T* __restrict m = static_cast<T*>(s.exp_avg);
+  T* __restrict v = static_cast<T*>(s.exp_avg_sq);
+  T* __restrict vmax = static_cast<T*>(s.max_exp_avg_sq);
+  const uint8_t* __restrict keep = s.keep;
+  const uint8_t* __restrict active = s.active;
+  const double bc1 = 1.0 - __builtin_pow(s.beta1, s.step);
+  const double bc2 = 1.0 - __builtin_pow(s.beta2, s.step);
+  const T decay = static_cast<T>(1.0 - s.lr * s.weight_decay);
+  const T w1 = static_cast<T>(1.0 - s.beta1), b2 = static_cast<T>(s.beta2), w2 = static_cast<T>(1.0 - s.beta2);
+  const T step_size = static_cast<T>(s.lr / bc1);
+  const T bc2_sqrt = static_cast<T>(__builtin_sqrt(bc2));
+  const T eps = static_cast<T>(s.eps);
+  const T gsign = s.maximize ? T(-1) : T(1);
+
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const T p0 = p[i], m0 = m[i], v0 = v[i];
+    const T gi = gsign * g[i];
+    const T pd = p0 * decay;
+    const T m1 = fmadd(w1, gi - m0, m0);
+    const T v1 = fmadd(w2 * gi, gi, v0 * b2);
+    T vm0 = T(0), vm1 = v1;
+    if (AmsGrad) {
+      vm0 = vmax[i];
+      vm1 = vm0 > v1 ? vm0 : v1;
+    }
+    const T denom = __builtin_sqrt(vm1) / bc2_sqrt + eps;
+    T p1 = fmadd(-step_size, m1 / denom, pd);
+    T m2 = m1, v2 = v1, vm2 = vm1;
+    if (HasKeep) {
+      const bool k = keep[i];
+      p1 = k ? p1 : T(0);
+      m2 = k ? m2 : T(0);
+      v2 = k ? v2 : T(0);
+      vm2 = k ? vm2 : T(0);
+    }
+    if (HasActive) {
+      const bool a = active[i];
+      p1 = a ? p1 : p0;
+      m2 = a ? m2 : m0;
+      v2 = a ? v2 : v0;
+      vm2 = a ? vm2 : vm0;
+    }
+    p[i] = p1;
+    m[i] = m2;
+    v[i] = v2;
+    if (AmsGrad) vmax[i] = vm2;
+  }
+}
+
+template <typename T>
+void adamw_kernel(const AdamWArgs& s, int64_t begin, int64_t end) {
+  const bool ams = s.max_exp_avg_sq != nullptr, hk = s.keep != nullptr, ha = s.active != nullptr;
+#define ST_ADAMW_CASE(A, K, H) \
+  if (ams == A && hk == K && ha == H) return adamw_kernel_impl<T, A, K, H>(s, begin, end);
+  ST_ADAMW_CASE(false, false, false)
+  ST_ADAMW_CASE(false, false, true)
+  ST_ADAMW_CASE(false, true, false)
+  ST_ADAMW_CASE(false, true, true)
+  ST_ADAMW_CASE(true, false, false)
+  ST_ADAMW_CASE(true, false, true)
+  ST_ADAMW_CASE(true, true, false)
+  ST_ADAMW_CASE(true, true, true)
+#undef ST_ADAMW_CASE
+}
+
 }  // namespace
 
 KernelTable make_table() {
@@ -365,6 +440,8 @@ KernelTable make_table() {
   t.sddmm_f64 = &sddmm_kernel<double>;
   t.sgd_f32 = &sgd_kernel<float>;
   t.sgd_f64 = &sgd_kernel<double>;
+  t.adamw_f32 = &adamw_kernel<float>;
+  t.adamw_f64 = &adamw_kernel<double>;
   return t;
 }
 

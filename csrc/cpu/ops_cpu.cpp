@@ -372,153 +372,225 @@ Tensor neq_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional
   return at::linear(x, weight, bias).contiguous();
 }
 
-// ----------------------------------------------------------------------------- masked SGD
+// ----------------------------------------------------------------------------- masked optimizers
+//
+// Both fused optimizers share the plan: check every list, make every tensor
+// contiguous (non-contiguous params/state are updated through a copy and written
+// back), and cut the elements to update into jobs of at most kChunk. Frozen rows,
+// given per row of a dense parameter or per CSR row of compact ticket values, never
+// become jobs, so their memory is not even read.
 
-struct SgdJob {
+struct UpdateJob {
   int64_t param;
   int64_t begin, end;
 };
 
-void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                    const c10::List<c10::optional<Tensor>>& keeps, const c10::List<c10::optional<Tensor>>& actives,
-                    const c10::List<c10::optional<Tensor>>& row_ptrs, c10::List<bool> fresh, double lr,
-                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+struct UpdatePlan {
+  std::vector<std::vector<void*>> state;  // [n][n_state]: contiguous data of each state tensor
+  std::vector<void*> p;
+  std::vector<const void*> g;
+  std::vector<const uint8_t*> keep, active;
+  std::vector<UpdateJob> jobs;
+  std::vector<Tensor> hold;
+  std::vector<std::pair<Tensor, Tensor>> copy_back;  // (original, contiguous copy)
+  void finish() {
+    for (auto& pr : copy_back) pr.first.copy_(pr.second);
+  }
+};
+
+std::string nth(const char* name, int64_t j) { return std::string(name) + "[" + std::to_string(j) + "]"; }
+
+UpdatePlan plan_update(const char* op, at::TensorList params, at::TensorList grads,
+                       const std::vector<std::pair<const char*, at::TensorList>>& states,
+                       const c10::List<c10::optional<Tensor>>& keeps, const c10::List<c10::optional<Tensor>>& actives,
+                       const c10::List<c10::optional<Tensor>>& row_ptrs) {
   const int64_t n = static_cast<int64_t>(params.size());
   auto len_check = [&](int64_t got, const char* name) {
-    TORCH_CHECK(got == n, "sparseticket: masked_sgd_: ", name, " has ", got, " entries but params has ", n);
+    TORCH_CHECK(got == n, "sparseticket: ", op, ": ", name, " has ", got, " entries but params has ", n);
   };
   len_check(grads.size(), "grads");
+  for (const auto& st : states) len_check(st.second.size(), st.first);
   len_check(keeps.size(), "keep_masks");
   len_check(actives.size(), "active_masks");
   len_check(row_ptrs.size(), "row_ptrs");
-  len_check(fresh.size(), "fresh");
-  const bool use_buf = momentum != 0;
-  if (use_buf) len_check(bufs.size(), "momentum_buffers");
 
-  std::vector<SgdArgs> args(n);
-  std::vector<Tensor> hold;  // keeps contiguous copies alive
-  std::vector<std::pair<Tensor, Tensor>> copy_back;
-  std::vector<SgdJob> jobs;
+  UpdatePlan plan;
+  plan.state.resize(n);
+  plan.p.resize(n);
+  plan.g.resize(n);
+  plan.keep.assign(n, nullptr);
+  plan.active.assign(n, nullptr);
   constexpr int64_t kChunk = 1 << 15;
   auto add_range = [&](int64_t j, int64_t b, int64_t e) {
-    for (int64_t s = b; s < e; s += kChunk) jobs.push_back({j, s, std::min(e, s + kChunk)});
+    for (int64_t s = b; s < e; s += kChunk) plan.jobs.push_back({j, s, std::min(e, s + kChunk)});
   };
-  std::string name;
+  auto writable = [&](const Tensor& t) -> void* {
+    if (t.is_contiguous()) return t.data_ptr();
+    Tensor c = t.contiguous();
+    plan.copy_back.emplace_back(t, c);
+    return c.data_ptr();
+  };
   for (int64_t j = 0; j < n; ++j) {
     const Tensor& p = params[j];
-    const std::string pj = "params[" + std::to_string(j) + "]";
+    const std::string pj = nth("params", j);
     check_float(p, pj.c_str());
     check_cpu(p, pj.c_str());
     const Tensor& g = grads[j];
-    const std::string gj = "grads[" + std::to_string(j) + "]";
+    const std::string gj = nth("grads", j);
     check_cpu(g, gj.c_str());
-    TORCH_CHECK(g.sizes() == p.sizes(), "sparseticket: ", gj, " has shape ", g.sizes(), " but ", pj, " has ",
-                p.sizes());
+    TORCH_CHECK(g.sizes() == p.sizes(), "sparseticket: ", gj, " has shape ", g.sizes(), " but ", pj, " has ", p.sizes());
     check_same_dtype(g, gj.c_str(), p, pj.c_str());
-    SgdArgs& a = args[j];
-    a.lr = lr;
-    a.momentum = momentum;
-    a.dampening = dampening;
-    a.weight_decay = weight_decay;
-    a.nesterov = nesterov;
-    a.maximize = maximize;
-    a.fresh = fresh[j];
-    Tensor pc = p;
-    if (!p.is_contiguous()) {
-      pc = p.contiguous();
-      copy_back.emplace_back(p, pc);
-    }
-    hold.push_back(pc);
-    a.p = pc.data_ptr();
+    plan.p[j] = writable(p);
     const Tensor gc = g.contiguous();
-    hold.push_back(gc);
-    a.g = gc.data_ptr();
-    a.buf = nullptr;
-    if (use_buf) {
-      const Tensor& b = bufs[j];
-      const std::string bj = "momentum_buffers[" + std::to_string(j) + "]";
+    plan.hold.push_back(gc);
+    plan.g[j] = gc.data_ptr();
+    for (const auto& st : states) {
+      const Tensor& b = st.second[j];
+      const std::string bj = nth(st.first, j);
       check_cpu(b, bj.c_str());
       TORCH_CHECK(b.sizes() == p.sizes(), "sparseticket: ", bj, " has shape ", b.sizes(), " but ", pj, " has ",
                   p.sizes());
       check_same_dtype(b, bj.c_str(), p, pj.c_str());
-      Tensor bc = b;
-      if (!b.is_contiguous()) {
-        bc = b.contiguous();
-        copy_back.emplace_back(b, bc);
-      }
-      hold.push_back(bc);
-      a.buf = bc.data_ptr();
+      plan.state[j].push_back(writable(b));
     }
-    a.keep = nullptr;
     if (keeps[j].has_value()) {
-      const Tensor k = *keeps[j];
-      const std::string kj = "keep_masks[" + std::to_string(j) + "]";
+      const Tensor& k = *keeps[j];
+      const std::string kj = nth("keep_masks", j);
       check_bool_mask(k, kj.c_str());
       TORCH_CHECK(k.sizes() == p.sizes(), "sparseticket: ", kj, " has shape ", k.sizes(), " but ", pj, " has ",
                   p.sizes());
       const Tensor kc = k.contiguous();
-      hold.push_back(kc);
-      a.keep = reinterpret_cast<const uint8_t*>(kc.data_ptr<bool>());
+      plan.hold.push_back(kc);
+      plan.keep[j] = reinterpret_cast<const uint8_t*>(kc.data_ptr<bool>());
     }
-    a.active = nullptr;
     const int64_t numel = p.numel();
-    const std::string aj = "active_masks[" + std::to_string(j) + "]";
     c10::optional<Tensor> rp;
     if (row_ptrs[j].has_value()) {
-      rp = *row_ptrs[j];
-      const std::string rj = "row_ptrs[" + std::to_string(j) + "]";
-      check_index(*rp, rj.c_str());
+      const std::string rj = nth("row_ptrs", j);
+      check_index(*row_ptrs[j], rj.c_str());
       TORCH_CHECK(p.dim() == 1, "sparseticket: ", pj, " has row_ptrs so must be 1-D compact values, got shape ",
                   p.sizes());
-      rp = contiguous_1d(*rp);
+      rp = contiguous_1d(*row_ptrs[j]);
+      plan.hold.push_back(*rp);
       check_ptr(*rp, numel, rj.c_str());
     }
     if (!actives[j].has_value()) {
       add_range(j, 0, numel);
       continue;
     }
+    const std::string aj = nth("active_masks", j);
+    check_bool_mask(*actives[j], aj.c_str());
     const Tensor act = actives[j]->contiguous();
-    check_bool_mask(act, aj.c_str());
-    hold.push_back(act);
+    plan.hold.push_back(act);
     const bool* am = act.data_ptr<bool>();
+    // consecutive active rows become one range; frozen rows are skipped entirely
+    auto add_rows = [&](int64_t R, auto row_begin) {
+      for (int64_t i = 0; i < R;) {
+        if (!am[i]) {
+          ++i;
+          continue;
+        }
+        int64_t k = i;
+        while (k < R && am[k]) ++k;
+        add_range(j, row_begin(i), row_begin(k));
+        i = k;
+      }
+    };
     if (rp) {
       TORCH_CHECK(act.dim() == 1 && act.size(0) == rp->numel() - 1, "sparseticket: ", aj, " has shape ", act.sizes(),
                   " but row_ptrs[", j, "] describes ", rp->numel() - 1, " rows");
       const int32_t* r = rp->data_ptr<int32_t>();
-      // frozen rows are skipped entirely: consecutive active rows become one range
-      for (int64_t i = 0, R = act.size(0); i < R;) {
-        if (!am[i]) { ++i; continue; }
-        int64_t k = i;
-        while (k < R && am[k]) ++k;
-        add_range(j, r[i], r[k]);
-        i = k;
-      }
+      add_rows(act.size(0), [r](int64_t i) { return static_cast<int64_t>(r[i]); });
     } else if (act.sizes() == p.sizes()) {
-      a.active = reinterpret_cast<const uint8_t*>(am);
+      plan.active[j] = reinterpret_cast<const uint8_t*>(am);
       add_range(j, 0, numel);
     } else {
       TORCH_CHECK(act.dim() == 1 && p.dim() >= 1 && act.size(0) == p.size(0), "sparseticket: ", aj, " has shape ",
-                  act.sizes(), "; expected ", p.sizes(), " (elements) or [", p.dim() ? p.size(0) : 1, "] (rows) for ",
-                  pj);
+                  act.sizes(), "; expected ", p.sizes(), " (elements) or [", p.dim() ? p.size(0) : 1,
+                  "] (rows) for ", pj);
       const int64_t R = act.size(0), row_len = R ? numel / R : 0;
-      for (int64_t i = 0; i < R;) {
-        if (!am[i]) { ++i; continue; }
-        int64_t k = i;
-        while (k < R && am[k]) ++k;
-        add_range(j, i * row_len, k * row_len);
-        i = k;
-      }
+      add_rows(R, [row_len](int64_t i) { return i * row_len; });
     }
   }
+  return plan;
+}
+
+void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                    const c10::List<c10::optional<Tensor>>& keeps, const c10::List<c10::optional<Tensor>>& actives,
+                    const c10::List<c10::optional<Tensor>>& row_ptrs, c10::List<bool> fresh, double lr,
+                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+  TORCH_CHECK(static_cast<int64_t>(fresh.size()) == static_cast<int64_t>(params.size()),
+              "sparseticket: masked_sgd_: fresh has ", fresh.size(), " entries but params has ", params.size());
+  std::vector<std::pair<const char*, at::TensorList>> states;
+  if (momentum != 0) states.emplace_back("momentum_buffers", bufs);
+  UpdatePlan plan = plan_update("masked_sgd_", params, grads, states, keeps, actives, row_ptrs);
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<SgdArgs> args(n);
+  for (int64_t j = 0; j < n; ++j) {
+    SgdArgs& a = args[j];
+    a.p = plan.p[j];
+    a.g = plan.g[j];
+    a.buf = momentum != 0 ? plan.state[j][0] : nullptr;
+    a.keep = plan.keep[j];
+    a.active = plan.active[j];
+    a.fresh = fresh.get(j);
+    a.lr = lr;
+    a.momentum = momentum;
+    a.dampening = dampening;
+    a.weight_decay = weight_decay;
+    a.nesterov = nesterov;
+    a.maximize = maximize;
+  }
   const KernelTable& kt = kernel_table();
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(plan.jobs.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
-      const SgdJob& job = jobs[q];
+      const UpdateJob& job = plan.jobs[q];
       const SgdFn fn = params[job.param].scalar_type() == at::kFloat ? kt.sgd_f32 : kt.sgd_f64;
       fn(args[job.param], job.begin, job.end);
     }
   });
-  for (auto& pr : copy_back) pr.first.copy_(pr.second);
+  plan.finish();
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      const c10::List<c10::optional<Tensor>>& keeps, const c10::List<c10::optional<Tensor>>& actives,
+                      const c10::List<c10::optional<Tensor>>& row_ptrs, c10::ArrayRef<double> steps, double lr,
+                      double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize) {
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == static_cast<int64_t>(params.size()),
+              "sparseticket: masked_adamw_: steps has ", steps.size(), " entries but params has ", params.size());
+  std::vector<std::pair<const char*, at::TensorList>> states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) states.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
+  UpdatePlan plan = plan_update("masked_adamw_", params, grads, states, keeps, actives, row_ptrs);
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<AdamWArgs> args(n);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(steps[j] >= 1, "sparseticket: masked_adamw_: steps[", j, "] must be >= 1 (the count after this step)");
+    AdamWArgs& a = args[j];
+    a.p = plan.p[j];
+    a.g = plan.g[j];
+    a.exp_avg = plan.state[j][0];
+    a.exp_avg_sq = plan.state[j][1];
+    a.max_exp_avg_sq = amsgrad ? plan.state[j][2] : nullptr;
+    a.keep = plan.keep[j];
+    a.active = plan.active[j];
+    a.lr = lr;
+    a.beta1 = beta1;
+    a.beta2 = beta2;
+    a.eps = eps;
+    a.weight_decay = weight_decay;
+    a.step = steps[j];
+    a.maximize = maximize;
+  }
+  const KernelTable& kt = kernel_table();
+  at::parallel_for(0, static_cast<int64_t>(plan.jobs.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const UpdateJob& job = plan.jobs[q];
+      const AdamWFn fn = params[job.param].scalar_type() == at::kFloat ? kt.adamw_f32 : kt.adamw_f64;
+      fn(args[job.param], job.begin, job.end);
+    }
+  });
+  plan.finish();
 }
 
 // ----------------------------------------------------------------------------- conversions
@@ -652,6 +724,7 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("sparse_linear", &sparse_linear_cpu);
   m.impl("neq_linear", &neq_linear_cpu);
   m.impl("masked_sgd_", &masked_sgd_cpu);
+  m.impl("masked_adamw_", &masked_adamw_cpu);
   m.impl("dense_to_ticket", &dense_to_ticket_cpu);
   m.impl("ticket_transpose", &ticket_transpose_cpu);
   m.impl("ticket_to_dense", &ticket_to_dense_cpu);

@@ -79,6 +79,13 @@ def _checked_reference_impls():
         ref.reference_masked_sgd_(params, grads, bufs, keeps, actives, row_ptrs, fresh, lr, momentum, dampening,
                                   weight_decay, nesterov, maximize)
 
+    def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, keeps, actives, row_ptrs, steps, lr,
+                      beta1, beta2, eps, weight_decay, amsgrad, maximize):
+        _library.check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, keeps, actives, row_ptrs,
+                                    steps, amsgrad)
+        ref.reference_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, keeps, actives, row_ptrs,
+                                    steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize)
+
     def dense_to_ticket(weight, mask):
         check_dense_to_ticket(weight, mask)
         return ref.reference_dense_to_ticket(weight, mask)
@@ -90,7 +97,7 @@ def _checked_reference_impls():
         return ref.reference_ticket_to_dense(values, crow, col, n_cols)
 
     return dict(spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
-                row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_,
+                row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
                 dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
 
 
@@ -177,12 +184,13 @@ spmm_t = torch.ops.sparseticket.spmm_t
 sddmm = torch.ops.sparseticket.sddmm
 row_masked_grad_weight = torch.ops.sparseticket.row_masked_grad_weight
 masked_sgd_ = torch.ops.sparseticket.masked_sgd_
+masked_adamw_ = torch.ops.sparseticket.masked_adamw_
 dense_to_ticket = torch.ops.sparseticket.dense_to_ticket
 ticket_transpose = torch.ops.sparseticket.ticket_transpose
 ticket_to_dense = torch.ops.sparseticket.ticket_to_dense
 sparse_linear_op = torch.ops.sparseticket.sparse_linear
 neq_linear_op = torch.ops.sparseticket.neq_linear
 
-__all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "dense_to_ticket",
+__all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "sparse_linear_op", "neq_linear_op", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

@@ -29,6 +29,10 @@ SCHEMAS = {
     "masked_sgd_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] keep_masks, Tensor?[] active_masks, Tensor?[] row_ptrs, bool[] fresh, float lr, "
     "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()",
+    "masked_adamw_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] keep_masks, Tensor?[] active_masks, Tensor?[] row_ptrs, "
+    "float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+    "bool maximize) -> ()",
     "dense_to_ticket": "(Tensor weight, Tensor mask) -> (Tensor, Tensor, Tensor)",
     "ticket_transpose": "(Tensor crow, Tensor col, SymInt n_cols) -> (Tensor, Tensor, Tensor)",
     "ticket_to_dense": "(Tensor values, Tensor crow, Tensor col, SymInt n_cols) -> Tensor",
@@ -171,21 +175,37 @@ def check_neq_linear(x, weight, bias, active):
 
 def check_masked_sgd(params, grads, bufs, keeps, actives, row_ptrs, fresh, momentum):
     n = len(params)
-    for name, seq in (("grads", grads), ("keep_masks", keeps), ("active_masks", actives), ("row_ptrs", row_ptrs), ("fresh", fresh)):
-        _check(len(seq) == n, f"sparseticket: masked_sgd_: {name} has {len(seq)} entries but params has {n}")
-    if momentum != 0:
-        _check(len(bufs) == n, f"sparseticket: masked_sgd_: momentum_buffers has {len(bufs)} entries but params has {n}")
+    _check(len(fresh) == n, f"sparseticket: masked_sgd_: fresh has {len(fresh)} entries but params has {n}")
+    states = {"momentum_buffers": bufs} if momentum != 0 else {}
+    check_masked_update("masked_sgd_", params, grads, states, keeps, actives, row_ptrs)
+
+
+def check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, keeps, actives, row_ptrs, steps,
+                       amsgrad):
+    n = len(params)
+    _check(len(steps) == n, f"sparseticket: masked_adamw_: steps has {len(steps)} entries but params has {n}")
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        states["max_exp_avg_sqs"] = max_exp_avg_sqs
+    check_masked_update("masked_adamw_", params, grads, states, keeps, actives, row_ptrs)
+
+
+def check_masked_update(op, params, grads, states, keeps, actives, row_ptrs):
+    n = len(params)
+    for name, seq in (("grads", grads), ("keep_masks", keeps), ("active_masks", actives), ("row_ptrs", row_ptrs),
+                      *states.items()):
+        _check(len(seq) == n, f"sparseticket: {op}: {name} has {len(seq)} entries but params has {n}")
     for j, p in enumerate(params):
         _check_float(f"params[{j}]", p)
         g = grads[j]
         _check(g.shape == p.shape, f"sparseticket: grads[{j}] has shape {tuple(g.shape)} but params[{j}] has {tuple(p.shape)}")
         _check(g.dtype == p.dtype, f"sparseticket: grads[{j}] has dtype {g.dtype} but params[{j}] has {p.dtype}")
         _check_same(f"grads[{j}]", g, f"params[{j}]", p)
-        if momentum != 0:
-            b = bufs[j]
-            _check(b.shape == p.shape, f"sparseticket: momentum_buffers[{j}] has shape {tuple(b.shape)} but params[{j}] has {tuple(p.shape)}")
-            _check(b.dtype == p.dtype, f"sparseticket: momentum_buffers[{j}] has dtype {b.dtype} but params[{j}] has {p.dtype}")
-            _check_same(f"momentum_buffers[{j}]", b, f"params[{j}]", p)
+        for sname, seq in states.items():
+            b = seq[j]
+            _check(b.shape == p.shape, f"sparseticket: {sname}[{j}] has shape {tuple(b.shape)} but params[{j}] has {tuple(p.shape)}")
+            _check(b.dtype == p.dtype, f"sparseticket: {sname}[{j}] has dtype {b.dtype} but params[{j}] has {p.dtype}")
+            _check_same(f"{sname}[{j}]", b, f"params[{j}]", p)
         k = keeps[j]
         if k is not None:
             _check_bool(f"keep_masks[{j}]", k)
@@ -262,6 +282,14 @@ def _(gy, x, active):
 def _(params, grads, momentum_buffers, keep_masks, active_masks, row_ptrs, fresh, lr, momentum, dampening,
       weight_decay, nesterov, maximize):
     check_masked_sgd(params, grads, momentum_buffers, keep_masks, active_masks, row_ptrs, fresh, momentum)
+    return None
+
+
+@torch.library.register_fake("sparseticket::masked_adamw_")
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, keep_masks, active_masks, row_ptrs, steps, lr, beta1,
+      beta2, eps, weight_decay, amsgrad, maximize):
+    check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, keep_masks, active_masks, row_ptrs,
+                       steps, amsgrad)
     return None
 
 

@@ -23,6 +23,7 @@ False meaning *pruned* (held at exactly zero).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -193,3 +194,58 @@ def reference_masked_sgd_(
         p.copy_(p_new)
         if buf_new is not None:
             momentum_buffers[j].copy_(buf_new)
+
+
+def reference_masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    keep_masks: Sequence[Optional[Tensor]],
+    active_masks: Sequence[Optional[Tensor]],
+    row_ptrs: Sequence[Optional[Tensor]],
+    steps: Sequence[float],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """One step of torch.optim.AdamW over ``params`` in place, with masks.
+
+    ``steps[j]`` is parameter j's step count *after* this step (torch.optim's
+    ``state['step']``), used for the bias corrections. For each parameter:
+      g = -grad if maximize else grad;  p *= 1 - lr * weight_decay
+      m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g²;  (amsgrad: vmax = max(vmax, v))
+      p -= lr / (1 - beta1^step) * m / (sqrt(v or vmax) / sqrt(1 - beta2^step) + eps)
+    Pruned positions (keep == False): p and all state 0. Frozen positions (active ==
+    False): p and all state keep their bits.
+    """
+    for j, p in enumerate(params):
+        g = -grads[j] if maximize else grads[j]
+        step = float(steps[j])
+        p_new = p.mul(1 - lr * weight_decay)
+        m = exp_avgs[j].lerp(g, 1 - beta1)
+        v = exp_avg_sqs[j].mul(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = math.sqrt(1 - beta2 ** step)
+        vmax = None
+        if amsgrad:
+            vmax = torch.maximum(max_exp_avg_sqs[j], v)
+            denom = (vmax.sqrt() / bc2_sqrt).add_(eps)
+        else:
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p_new = p_new.addcdiv(m, denom, value=-lr / bc1)
+        news = [p_new, m, v] + ([vmax] if amsgrad else [])
+        olds = [p, exp_avgs[j], exp_avg_sqs[j]] + ([max_exp_avg_sqs[j]] if amsgrad else [])
+        keep = keep_masks[j]
+        if keep is not None:
+            news = [torch.where(keep, t, torch.zeros_like(t)) for t in news]
+        act = _active_elements(p, active_masks[j], row_ptrs[j])
+        if act is not None:
+            news = [torch.where(act, t, o) for t, o in zip(news, olds)]
+        for o, t in zip(olds, news):
+            o.copy_(t)

@@ -41,7 +41,7 @@ _WRAPPERS = {
 OP_TO_WRAPPER = {
     "spmm": "triton_spmm", "sparse_linear": "triton_sparse_linear", "spmm_t": "triton_spmm_t",
     "sddmm": "triton_sddmm", "row_masked_grad_weight": "triton_row_masked_grad_weight",
-    "masked_sgd_": "triton_masked_sgd_",
+    "masked_sgd_": "triton_masked_sgd_", "masked_adamw_": "triton_masked_adamw_",
 }
 #: which implementation serves each sparseticket op for CUDA tensors ("cuda", "triton", "reference")
 CUDA_IMPLS: Dict[str, str] = {}
