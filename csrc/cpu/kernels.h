@@ -76,6 +76,9 @@ using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);
 using SddmmFn = void (*)(const SddmmArgs&, int64_t r_begin, int64_t r_end);
 using SgdFn = void (*)(const SgdArgs&, int64_t begin, int64_t end);
 using AdamWFn = void (*)(const AdamWArgs&, int64_t begin, int64_t end);
+// dst[k * pw + lane] = X[lane * sb + k * sk] (lane < nb; 0 up to pw) for k in [k0, k1)
+using PackFn = void (*)(const void* X, int64_t sb, int64_t sk, void* dst, int64_t pw, int64_t nb, int64_t k0,
+                        int64_t k1);
 
 // Panel widths, in vectors, for which spmm is instantiated.
 constexpr int kPanelChoices = 4;  // 1, 2, 4, 8 vectors
@@ -91,6 +94,8 @@ struct KernelTable {
   SgdFn sgd_f64;
   AdamWFn adamw_f32;
   AdamWFn adamw_f64;
+  PackFn pack_f32;
+  PackFn pack_f64;
 };
 
 namespace avx512 { KernelTable make_table(); }

@@ -125,6 +125,74 @@ inline double fmadd(double a, double b, double c) {
 #endif
 }
 
+// ----------------------------------------------------------------------------- packing
+//
+// dst[k * pw + lane] = X[lane * sb + k * sk] for lane < nb, 0 for nb <= lane < pw, for k
+// in [k0, k1): the transpose of a [nb, K] slab into batch-contiguous rows. For the
+// common row-major float case the AVX-512 build moves 16x16 blocks through registers.
+
+template <typename T>
+void pack_scalar(const T* __restrict X, int64_t sb, int64_t sk, T* __restrict dst, int64_t pw, int64_t nb,
+                 int64_t k0, int64_t k1, int64_t lane0) {
+  for (int64_t lane = lane0; lane < nb; ++lane) {
+    const T* src = X + lane * sb;
+    for (int64_t k = k0; k < k1; ++k) dst[k * pw + lane] = src[k * sk];
+  }
+}
+
+#if ST_VECTOR_BYTES == 64
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      v[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      v[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0xDD);
+  }
+}
+#endif
+
+template <typename T>
+void pack_kernel(const void* Xv, int64_t sb, int64_t sk, void* dstv, int64_t pw, int64_t nb, int64_t k0, int64_t k1) {
+  const T* X = static_cast<const T*>(Xv);
+  T* dst = static_cast<T*>(dstv);
+  int64_t lane_done = 0;
+#if ST_VECTOR_BYTES == 64
+  if (sizeof(T) == 4 && sk == 1) {
+    const float* Xf = reinterpret_cast<const float*>(X);
+    float* df = reinterpret_cast<float*>(dst);
+    const int64_t nb16 = nb / 16 * 16, k16 = k0 + (k1 - k0) / 16 * 16;
+    for (int64_t l = 0; l < nb16; l += 16) {
+      for (int64_t k = k0; k < k16; k += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(Xf + (l + i) * sb + k);
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(df + (k + i) * pw + l, r[i]);
+      }
+      for (int64_t lane = l; lane < l + 16; ++lane)
+        for (int64_t k = k16; k < k1; ++k) df[k * pw + lane] = Xf[lane * sb + k];
+    }
+    lane_done = nb16;
+  }
+#endif
+  pack_scalar<T>(X, sb, sk, dst, pw, nb, k0, k1, lane_done);
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t lane = nb; lane < pw; ++lane) dst[k * pw + lane] = T(0);
+}
+
 // ----------------------------------------------------------------------------- SpMM
 //
 // Row-split CSR times a packed, batch-contiguous dense operand. Each sparse entry
@@ -442,6 +510,8 @@ KernelTable make_table() {
   t.sgd_f64 = &sgd_kernel<double>;
   t.adamw_f32 = &adamw_kernel<float>;
   t.adamw_f64 = &adamw_kernel<double>;
+  t.pack_f32 = &pack_kernel<float>;
+  t.pack_f64 = &pack_kernel<double>;
   return t;
 }
 

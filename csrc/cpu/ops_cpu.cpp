@@ -125,26 +125,21 @@ int64_t sddmm_k_block(int64_t K, int64_t row_bytes) {
 int panel_index(int nv) { return nv == 1 ? 0 : nv == 2 ? 1 : nv == 4 ? 2 : 3; }
 
 // P[panel][k][lane] = x[panel * pw + lane, k] (0 past B). x: [B, K] with any strides.
+// Jobs are (panel, block of 64 k); the kernel core does the transposing copy.
 template <typename T>
 void pack_panels(const Tensor& x, T* P, int64_t pw) {
   const int64_t B = x.size(0), K = x.size(1);
   const int64_t sb = x.stride(0), sk = x.stride(1);
   const T* X = x.data_ptr<T>();
   const int64_t n_panels = (B + pw - 1) / pw;
-  constexpr int64_t KB = 16;
+  constexpr int64_t KB = 64;
   const int64_t kblocks = (K + KB - 1) / KB;
-  at::parallel_for(0, n_panels * kblocks, 16, [&](int64_t begin, int64_t end) {
+  const PackFn fn = sizeof(T) == 4 ? kernel_table().pack_f32 : kernel_table().pack_f64;
+  at::parallel_for(0, n_panels * kblocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t panel = job / kblocks, k0 = (job % kblocks) * KB;
-      const int64_t k1 = std::min(K, k0 + KB);
-      T* dst = P + panel * K * pw;
-      const int64_t b0 = panel * pw, nb = std::min(pw, B - b0);
-      for (int64_t lane = 0; lane < nb; ++lane) {
-        const T* src = X + (b0 + lane) * sb;
-        for (int64_t k = k0; k < k1; ++k) dst[k * pw + lane] = src[k * sk];
-      }
-      for (int64_t lane = nb; lane < pw; ++lane)
-        for (int64_t k = k0; k < k1; ++k) dst[k * pw + lane] = T(0);
+      const int64_t b0 = panel * pw;
+      fn(X + b0 * sb, sb, sk, P + panel * K * pw, pw, std::min(pw, B - b0), k0, std::min(K, k0 + KB));
     }
   });
 }
