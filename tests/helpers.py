@@ -25,7 +25,9 @@ ERRORS = (RuntimeError, ValueError, TypeError)
 
 
 def randn(*shape, dtype=torch.float32, gen: Optional[torch.Generator] = None) -> Tensor:
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype)
 
 
 def make_mask(O: int, I: int, sparsity: float, gen: torch.Generator, holes: bool = False) -> Tensor:

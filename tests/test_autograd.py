@@ -9,10 +9,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FLOATS, ST, assert_close, lay, make_active, make_mask, make_ticket, masked_dense_grads, randn
 
 import sparseticket
-from helpers import (FLOATS, ST, assert_close, lay, make_active, make_mask, make_ticket, masked_dense_grads,
-                     randn)
 
 D = torch.float64
 MASKS = [(0.0, False), (0.5, True), (0.9, False), (1.0, False)]

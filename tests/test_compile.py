@@ -9,9 +9,9 @@ the compiled backward, compiled optimizer step) with inductor, the backend users
 """
 import pytest
 import torch
+from helpers import ST, assert_close, make_active, make_mask, make_ticket, randn
 
 import sparseticket
-from helpers import ST, assert_close, make_active, make_mask, make_ticket, randn
 
 LR, MOM, DAMP, WD = 0.1, 0.9, 0.0, 5e-4
 I, H, O = 12, 10, 6

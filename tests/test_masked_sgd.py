@@ -13,7 +13,6 @@ import itertools
 
 import pytest
 import torch
-
 from helpers import ST, assert_bits_equal, assert_close, bits, make_mask, randn, ref, strided, transposed
 
 LR = 0.05
@@ -339,3 +338,35 @@ def test_noncontiguous_params_updated_in_place(cfg, layout, gen):
         gaps = torch.ones_like(base_p, dtype=torch.bool)
         gaps[::2, ::2] = False
         assert torch.isnan(base_p[gaps]).all(), "the op wrote between the elements of a strided param"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", [CONFIGS[6], CONFIGS[8]], ids=[CONFIG_IDS[6], CONFIG_IDS[8]])
+def test_large_and_scalar_params_match_reference(cfg, dtype, gen):
+    """Params longer than one work chunk (tens of thousands of elements; frozen rows and
+    CSR rows straddle chunk boundaries), and a 0-dim param."""
+    O, I = 301, 257
+    keep = make_mask(O, I, 0.3, gen)
+    csr_mask = make_mask(O, I, 0.2, gen)
+    csr_mask[::50] = False  # some empty CSR rows
+    counts = csr_mask.sum(1)
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    nnz = int(csr_mask.sum())
+    assert nnz > 1 << 15 and O * I > 2 * (1 << 15)
+    ps = [randn(O, I, dtype=dtype, gen=gen) * keep, randn(nnz, dtype=dtype, gen=gen),
+          randn(O, I, dtype=dtype, gen=gen), randn(dtype=dtype, gen=gen)]
+    grads = [randn(*p.shape, dtype=dtype, gen=gen) for p in ps]
+    bufs = [randn(*p.shape, dtype=dtype, gen=gen) for p in ps]
+    keeps = [keep, None, None, None]
+    acts = [torch.rand(O, generator=gen) < 0.5, torch.rand(O, generator=gen) < 0.5,
+            torch.rand(O, I, generator=gen) < 0.5, None]
+    rps = [None, row_ptr, None, None]
+    ps_r, bufs_r = [p.clone() for p in ps], [b.clone() for b in bufs]
+    for step in range(2):
+        call_op(ps, grads, bufs, keeps, acts, rps, [step == 0] * 4, LR, cfg)
+        call_op(ps_r, grads, bufs_r, keeps, acts, rps, [step == 0] * 4, LR, cfg, op=ref.reference_masked_sgd_)
+        for j in range(len(ps)):
+            assert_close(ps[j], ps_r[j], tol=STEP_TOL[dtype], what=f"step {step} param {j}")
+            assert_close(bufs[j], bufs_r[j], tol=STEP_TOL[dtype], what=f"step {step} buf {j}")
+    frozen_rows = ~acts[0]
+    assert torch.equal(bits(ps[0])[frozen_rows], bits(ps_r[0])[frozen_rows])

@@ -8,9 +8,20 @@ dtypes and non-contiguous layouts whose gaps hold NaN (see ``helpers.strided``).
 """
 import pytest
 import torch
-
-from helpers import (FLOATS, LAYOUTS, SPARSITIES, ST, assert_close, lay, make_active, make_mask, make_ticket,
-                     randn, ref, ref_ticket)
+from helpers import (
+    FLOATS,
+    LAYOUTS,
+    SPARSITIES,
+    ST,
+    assert_close,
+    lay,
+    make_active,
+    make_mask,
+    make_ticket,
+    randn,
+    ref,
+    ref_ticket,
+)
 
 # (batch, in_features, out_features): every batch in {0, 1, 3, 17, 33, 130} and every
 # feature size in {1, 5, 31, 64, 257} appears, on both sides.
@@ -405,3 +416,53 @@ OPCHECK_CASES = _opcheck_cases()
 def test_opcheck(case):
     op, args = OPCHECK_CASES[case]
     torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------- edge sizes
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,I,O", [(3, 0, 5), (3, 5, 0), (0, 0, 0), (3, 0, 0)],
+                         ids=["no-inputs", "no-outputs", "all-empty", "no-features"])
+def test_zero_size_features(B, I, O, dtype, gen):
+    """A layer with no input or no output features: every op still agrees with its reference."""
+    c = make_case(B, I, O, 0.5, False, dtype, gen)
+    t, x, gy, w, bias = c["t"], c["x"], c["gy"], c["w"], c["bias"]
+    active = make_active(O, gen)
+    pairs = [
+        (ST.spmm(x, t.values, t.crow, t.col, bias), ref.reference_spmm(x, t.values, t.crow, t.col, bias)),
+        (ST.spmm_t(gy, t.values, t.ccol, t.row, t.perm), ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm)),
+        (ST.sddmm(gy, x, t.crow, t.col, active), ref.reference_sddmm(gy, x, t.crow, t.col, active)),
+        (ST.row_masked_grad_weight(gy, x, active), ref.reference_row_masked_grad_weight(gy, x, active)),
+        (ST.neq_linear(x, w, bias, active), ref.reference_neq_linear(x, w, bias, active)),
+        (ST.sparse_linear(x, t.values, t.crow, t.col, t.ccol, t.row, t.perm, bias, active),
+         ref.reference_spmm(x, t.values, t.crow, t.col, bias)),
+        (ST.ticket_to_dense(t.values, t.crow, t.col, I), ref.reference_ticket_to_dense(t.values, t.crow, t.col, I)),
+    ]
+    pairs += list(zip(ST.dense_to_ticket(w, c["mask"]), ref.reference_dense_to_ticket(w, c["mask"])))
+    pairs += list(zip(ST.ticket_transpose(t.crow, t.col, I), ref.reference_ticket_transpose(t.crow, t.col, I)))
+    for k, (got, expected) in enumerate(pairs):
+        assert got.shape == expected.shape and got.dtype == expected.dtype, k
+        assert torch.allclose(got, expected) if got.is_floating_point() else torch.equal(got, expected), k
+
+
+# Shapes big enough to reach the code paths small shapes never do: an SDDMM operand
+# larger than 1 MB (visited in blocks of rows), several batch panels (B=300), and a
+# long reduction dimension. Few cases: they are the slowest in this file.
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,I,O", [(130, 2100, 37), (300, 1100, 9)], ids=["B130-I2100-O37", "B300-I1100-O9"])
+def test_large_operands(B, I, O, dtype, gen):
+    c = make_case(B, I, O, 0.9, True, dtype, gen)
+    t, x, gy, bias = c["t"], c["x"], c["gy"], c["bias"]
+    active = make_active(O, gen)
+    out = ST.spmm(lay(x, "transposed"), t.values, t.crow, t.col, bias)
+    assert_close(out, ref.reference_spmm(x, t.values, t.crow, t.col, bias),
+                 ref.reference_spmm(x.abs(), t.values.abs(), t.crow, t.col, bias.abs()), what="spmm")
+    out = ST.spmm_t(gy, t.values, t.ccol, t.row, t.perm)
+    assert_close(out, ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm),
+                 ref.reference_spmm_t(gy.abs(), t.values.abs(), t.ccol, t.row, t.perm), what="spmm_t")
+    for act in (None, active):
+        out = ST.sddmm(gy, x, t.crow, t.col, act)
+        assert_close(out, ref.reference_sddmm(gy, x, t.crow, t.col, act),
+                     ref.reference_sddmm(gy.abs(), x.abs(), t.crow, t.col, None),
+                     what=f"sddmm active={act is not None}")
