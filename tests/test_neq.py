@@ -270,7 +270,8 @@ def test_stochastic_baseline_fraction():
         again.step()
         assert torch.equal(torch.cat(list(again.frozen().values())), m)
     per_layer = NEqTracker(_mlp(), None, NEqConfig(stochastic={"2": 0.5}))
-    per_layer.step()
+    per_layer.update()                     # nothing to measure: update() alone is enough
+    per_layer.apply()
     assert per_layer.frozen_fraction()["layer"] == {"0": 0.0, "2": 0.5, "4": 0.0}
 
 
@@ -477,3 +478,40 @@ def _train_epoch_digits(model, opt, X, y, epoch):
         opt.zero_grad()
         nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
         opt.step()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for broadcast in (False, True):
+            model = _mlp(0)
+            # each rank sees a different validation set, so local decisions differ
+            val = torch.randn(16, 6, generator=torch.Generator().manual_seed(100 + rank))
+            tr = NEqTracker(model, val, NEqConfig(rule="code", eps=0.004, broadcast=broadcast))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            tr.step()
+            results[broadcast] = {n: f.clone() for n, f in tr.frozen().items()}
+            results[(broadcast, "active")] = [m.active for m in model if hasattr(m, "active")]
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_freeze_the_same_neurons(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert any(not torch.equal(r0[False][n], r1[False][n]) for n in r0[False])   # local decisions differ
+    for n in r0[True]:
+        assert torch.equal(r0[True][n], r1[True][n])
+        assert torch.equal(r0[True][n], r0[False][n])                              # rank 0's decision wins
+    for a, b in zip(r0[(True, "active")], r1[(True, "active")]):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -285,7 +285,9 @@ class NEqTracker:
     def update(self) -> dict[str, Any]:
         """Commit the last ``measure()``: one epoch later, new decisions. Returns frozen_fraction()."""
         if self._pending is None:
-            raise RuntimeError("NEqTracker.update(): call measure() first")
+            if self.config.stochastic is None:
+                raise RuntimeError("NEqTracker.update(): call measure() first")
+            self._pending = {}                    # the stochastic baseline measures nothing
         if self.epoch < 0:
             self._commit_baseline()
             return self.frozen_fraction()
