@@ -1,0 +1,432 @@
+"""What SparseLinear and SparseConv2d share: the compact weight, its mask changes,
+NEq freezing, state_dict loading of data-dependent sizes, and the execution choice."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ticket import Ticket
+from . import _mode
+from ._registry import register_module_params
+
+FLOATS = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def where(module: nn.Module, name: Optional[str] = None) -> str:
+    """'layer 'fc1' (SparseLinear 784->300)' for error messages."""
+    name = name if name is not None else getattr(module, "_st_name", None)
+    desc = describe(module)
+    return f"layer '{name}' ({desc})" if name else desc
+
+
+def describe(module: nn.Module) -> str:
+    cls = type(module).__name__
+    if hasattr(module, "in_features"):
+        return f"{cls} {module.in_features}->{module.out_features}"
+    if hasattr(module, "in_channels"):
+        return f"{cls} {module.in_channels}->{module.out_channels}, kernel {tuple(module.kernel_size)}"
+    return cls
+
+
+def check_mask(mask, shape: Tuple[int, ...], what: str, device=None) -> Tensor:
+    """A keep mask of exactly ``shape`` as a bool tensor, or a ValueError naming the layer."""
+    if not isinstance(mask, Tensor):
+        try:
+            mask = torch.as_tensor(mask)
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(f"sparseticket: {what}: mask must be a tensor, got {type(mask).__name__}") from e
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"sparseticket: {what}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)} "
+                         f"(the weight's shape)")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not (mask.is_floating_point() or mask.dtype in
+                                     (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+            raise TypeError(f"sparseticket: {what}: mask must be bool or 0/1, got dtype {mask.dtype}")
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"sparseticket: {what}: mask must be binary (0/1), found value "
+                             f"{mask[bad].flatten()[0].item()!r}")
+        mask = mask != 0
+    return mask if device is None else mask.to(device)
+
+
+def check_active(active, n: int, what: str, device) -> Optional[Tensor]:
+    if active is None:
+        return None
+    if not isinstance(active, Tensor):
+        active = torch.as_tensor(active)
+    if active.dim() != 1 or active.shape[0] != n:
+        raise ValueError(f"sparseticket: {what}: active must have shape ({n},) (one entry per output neuron/channel), "
+                         f"got {tuple(active.shape)}")
+    return check_mask(active, (n,), what + ": active", device).contiguous()
+
+
+def check_weight_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in FLOATS:
+        raise TypeError(f"sparseticket: {what}: sparse layers support float32/float64 weights, got {dtype} "
+                        f"(keep this layer dense, e.g. sparsify(..., filter=...))")
+
+
+# ----------------------------------------------------------------------------- dense materialisation
+
+
+class TicketToDense(torch.autograd.Function):
+    """values [nnz] -> dense W [rows, cols] (zeros at pruned positions), differentiable in values.
+
+    Backward gathers the dense gradient at the kept positions (``flat`` = row*cols + col of
+    each value). The forward uses the ticket_to_dense kernel when the ticket's own layout is
+    the dense one (``use_kernel``), else a scatter through ``flat`` (grouped convolutions,
+    whose ticket is block-diagonal).
+    """
+
+    @staticmethod
+    def forward(ctx, values, crow, col, flat, rows: int, cols: int, use_kernel: bool):
+        ctx.save_for_backward(flat)
+        if use_kernel:
+            return ops.ticket_to_dense(values, crow, col, cols)
+        out = values.new_zeros(rows * cols)
+        out.index_copy_(0, flat, values)
+        return out.view(rows, cols)
+
+    @staticmethod
+    def backward(ctx, g):
+        (flat,) = ctx.saved_tensors
+        return g.reshape(-1).index_select(0, flat), None, None, None, None, None, None
+
+
+def rows_of(crow: Tensor) -> Tensor:
+    O = crow.numel() - 1
+    return torch.repeat_interleave(torch.arange(O, device=crow.device), (crow[1:] - crow[:-1]).long())
+
+
+# ----------------------------------------------------------------------------- NEq
+
+
+class NEqMixin:
+    """``active`` (None or bool [out]) and ``set_active``: the interface the NEq tracker uses."""
+
+    def _n_out(self) -> int:
+        raise NotImplementedError
+
+    def _param_device(self) -> torch.device:
+        return next(iter(self._parameters.values())).device
+
+    def set_active(self, mask: Optional[Tensor]) -> None:
+        """mask: [out] bool (False = frozen: no weight/bias gradient, no optimizer update), or None."""
+        a = check_active(mask, self._n_out(), where(self), self._param_device())
+        self._buffers["active"] = a
+
+    @property
+    def frozen_fraction(self) -> float:
+        a = self._buffers.get("active")
+        return 0.0 if a is None or a.numel() == 0 else 1.0 - float(a.float().mean())
+
+
+def neq_capable(module: nn.Module) -> bool:
+    """True when the module has an ``active`` mask and ``set_active`` (it can freeze neurons)."""
+    return hasattr(module, "set_active") and "active" in getattr(module, "_buffers", {})
+
+
+# ----------------------------------------------------------------------------- ticket module
+
+
+_NNZ_BUFFERS = ("col", "row", "perm")
+
+
+class TicketModule(NEqMixin, nn.Module):
+    """Base of SparseLinear / SparseConv2d: a weight held as a ticket.
+
+    Subclasses define the dense (natural) weight shape, the ticket's matrix shape, and how a
+    natural mask maps to ticket columns (identity except for grouped convolutions).
+    Parameters: ``weight_values`` [nnz], ``bias`` [out] or None. Buffers: ``crow`` [out+1],
+    ``col``/``row``/``perm`` [nnz], ``ccol`` [ticket cols + 1] (int32), ``active`` [out] bool or
+    None; non-persistent ``flat`` [nnz] int64 (dense position of each value).
+    """
+
+    weight_values: nn.Parameter
+
+    # -- to be defined by subclasses
+    def _weight_shape(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def _ticket_cols(self) -> int:
+        raise NotImplementedError
+
+    def _col_shift(self, rows: Tensor) -> Optional[Tensor]:
+        """Per-row column offset of the ticket relative to the natural 2-D layout (or None)."""
+        return None
+
+    def _n_out(self) -> int:
+        return self._weight_shape()[0]
+
+    def _dense2d_shape(self) -> Tuple[int, int]:
+        s = self._weight_shape()
+        n = 1
+        for d in s[1:]:
+            n *= d
+        return s[0], n
+
+    # -- construction
+    def _init_ticket(self, weight: Tensor, mask: Tensor, bias: Optional[Tensor], mode: str) -> None:
+        self.mode = _mode.check_mode(mode)
+        self._choice: Optional[str] = None
+        self._last_key: Optional[tuple] = None
+        self._st_prev = None
+        self.weight_values = nn.Parameter(weight.new_empty(0), requires_grad=weight.requires_grad)
+        for name in ("crow", "col", "ccol", "row", "perm"):
+            self.register_buffer(name, torch.empty(0, dtype=torch.int32, device=weight.device))
+        self.register_buffer("flat", torch.empty(0, dtype=torch.int64, device=weight.device), persistent=False)
+        self.register_buffer("active", None)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+        self._set_from_dense(weight.detach(), mask, remap=False)
+        register_module_params(self)
+
+    def _set_from_dense(self, weight: Tensor, mask: Tensor, remap: bool) -> None:
+        O, K = self._dense2d_shape()
+        check_weight_dtype(weight.dtype, where(self))
+        mask = check_mask(mask, self._weight_shape(), where(self), weight.device)
+        values, crow, col = ops.dense_to_ticket(weight.reshape(O, K).contiguous(), mask.reshape(O, K).contiguous())
+        shift = self._col_shift(rows_of(crow))
+        if shift is not None:
+            col = (col + shift.to(torch.int32)).contiguous()
+        self._set_structure(values, crow, col, remap=remap)
+
+    def _set_structure(self, values: Tensor, crow: Tensor, col: Tensor, remap: bool) -> None:
+        """Install a new ticket, keeping the ``weight_values`` Parameter object.
+
+        With ``remap`` the optimizers can carry their state over (entries kept in both
+        masks keep theirs, new entries start at zero); see ``_st_remap_state``.
+        """
+        old_flat = self._buffers["flat"]
+        flat = self._flat_of(crow, col)
+        if remap:
+            self._st_prev = (getattr(self, "_st_token", None), old_flat.numel(), *_match(old_flat, flat))
+        else:
+            self._st_prev = None
+        ccol, row, perm = ops.ticket_transpose(crow, col, self._ticket_cols())
+        p = self.weight_values
+        with torch.no_grad():
+            if p.shape != values.shape or remap:
+                p.grad = None  # a gradient laid out for the old structure means nothing now
+            p.data = values.contiguous()
+        self._buffers.update(crow=crow, col=col, ccol=ccol, row=row, perm=perm, flat=flat)
+        self._st_token = object()
+
+    def _flat_of(self, crow: Tensor, col: Tensor) -> Tensor:
+        rows = rows_of(crow)
+        K = self._dense2d_shape()[1]
+        natural = col.long()
+        shift = self._col_shift(rows)
+        if shift is not None:
+            natural = natural - shift
+        return rows * K + natural
+
+    # -- the public mask API
+    @property
+    def nnz(self) -> int:
+        return self.weight_values.numel()
+
+    @property
+    def density(self) -> float:
+        O, K = self._dense2d_shape()
+        return self.nnz / (O * K) if O * K else 0.0
+
+    @property
+    def ticket(self) -> Ticket:
+        """The ticket (values are the live Parameter; for grouped convs the block-diagonal matrix)."""
+        return Ticket(self.weight_values, self.crow, self.col, self.ccol, self.row, self.perm,
+                      (self._n_out(), self._ticket_cols()))
+
+    def dense_weight(self) -> Tensor:
+        """The dense-equivalent weight (natural shape, zeros where pruned), detached."""
+        O, K = self._dense2d_shape()
+        w = self.weight_values.detach().new_zeros(O * K)
+        w.index_copy_(0, self.flat, self.weight_values.detach())
+        return w.view(self._weight_shape())
+
+    def mask(self) -> Tensor:
+        """Keep mask, natural weight shape, bool."""
+        O, K = self._dense2d_shape()
+        m = torch.zeros(O * K, dtype=torch.bool, device=self.flat.device)
+        m[self.flat] = True
+        return m.view(self._weight_shape())
+
+    def set_mask(self, mask, weight: Optional[Tensor] = None) -> None:
+        """Rebuild the ticket for a new keep mask (natural weight shape).
+
+        The kept values come from ``weight`` if given (e.g. rewinding to initial weights in
+        IMP), else from the current dense-equivalent weight (newly kept positions start at 0).
+        The ``weight_values`` Parameter object stays the same (so optimizers keep referring
+        to it); its ``.grad`` is cleared; MaskedSGD/MaskedAdamW move their state onto the new
+        entries at their next step (entries kept in both masks keep it, new ones start at 0).
+        """
+        if weight is None:
+            weight = self.dense_weight()
+        else:
+            weight = weight.detach().to(self.weight_values.dtype).to(self.weight_values.device)
+            if tuple(weight.shape) != tuple(self._weight_shape()):
+                raise ValueError(f"sparseticket: {where(self)}: weight has shape {tuple(weight.shape)}, "
+                                 f"expected {tuple(self._weight_shape())}")
+        self._set_from_dense(weight, mask, remap=True)
+
+    def _st_remap_state(self, old_token, t: Tensor) -> Optional[Tensor]:
+        """Optimizer state laid out for the structure ``old_token`` -> the current one, or None."""
+        prev = self._st_prev
+        if prev is None or prev[0] is not old_token or t.dim() != 1 or t.shape[0] != prev[1]:
+            return None
+        _, n_old, pos, found = prev
+        if n_old == 0:
+            return torch.zeros(found.shape[0], dtype=t.dtype, device=t.device)
+        return torch.where(found, t.index_select(0, pos), torch.zeros((), dtype=t.dtype, device=t.device))
+
+    # -- execution choice
+    def _path(self, key_fn: Callable[[], tuple], measure_fn: Callable[[], Tuple[Callable, Callable]]) -> str:
+        forced = _mode.resolve(self.mode)
+        if forced is not None:
+            return forced
+        if torch.compiler.is_compiling():
+            # no measuring inside a trace: the last eager choice, else the density rule
+            if self._choice is not None:
+                return self._choice
+            return "sparse" if self.density < _mode.HEURISTIC_DENSITY else "dense"
+        key = key_fn()
+        choice = _mode._CHOICES.get(key)
+        if choice is None:
+            choice = _mode.decide(key, *measure_fn())
+        self._choice, self._last_key = choice, key
+        return choice
+
+    def _grad_key(self, x: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return bool(self.weight_values.requires_grad or x.requires_grad or
+                    (self.bias is not None and self.bias.requires_grad))
+
+    def _measure_fns(self, x: Tensor, run_sparse, run_dense):
+        """Two closures running each path (and its backward, when training) on detached copies."""
+        grad = self._grad_key(x)
+        v = self.weight_values.detach().requires_grad_(self.weight_values.requires_grad)
+        b = None if self.bias is None else self.bias.detach().requires_grad_(self.bias.requires_grad)
+        xx = x.detach().requires_grad_(x.requires_grad)
+        leaves = [t for t in (xx, v, b) if t is not None and t.requires_grad]
+
+        def wrap(run):
+            def go():
+                with torch.set_grad_enabled(grad):
+                    y = run(xx, v, b)
+                    if grad and leaves:
+                        torch.autograd.grad(y, leaves, torch.ones_like(y))
+            return go
+
+        return wrap(run_sparse), wrap(run_dense)
+
+    def execution_mode(self) -> str:
+        """What the layer runs: the forced mode, or the last measured choice ('auto (…)')."""
+        forced = _mode.resolve(self.mode)
+        if forced is not None:
+            return forced
+        return f"auto ({self._choice or 'not yet measured'})"
+
+    # -- state dict: data-dependent sizes
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        what = where(self, prefix[:-1] or None)
+        O, Kt = self._n_out(), self._ticket_cols()
+        get = lambda n: state_dict.get(prefix + n)  # noqa: E731
+        if get("weight_values") is None and get("weight") is not None:
+            error_msgs.append(f"sparseticket: {what}: the checkpoint holds a dense 'weight' "
+                              f"{tuple(get('weight').shape)}, not a ticket; load it into the dense model and "
+                              f"sparsify, or densify this model first")
+            return
+        crow, ccol, vals = get("crow"), get("ccol"), get("weight_values")
+        old = (self.crow.clone(), self.col.clone())
+        if crow is not None and crow.shape != (O + 1,):
+            error_msgs.append(f"sparseticket: {what}: the checkpoint's crow has shape {tuple(crow.shape)}, expected "
+                              f"({O + 1},) = out + 1: is the checkpoint from another architecture?")
+            return
+        if ccol is not None and ccol.shape != (Kt + 1,):
+            error_msgs.append(f"sparseticket: {what}: the checkpoint's ccol has shape {tuple(ccol.shape)}, expected "
+                              f"({Kt + 1},): is the checkpoint from another architecture?")
+            return
+        if vals is not None:
+            n = vals.shape[0] if vals.dim() == 1 else -1
+            bad = [k for k in ("weight_values",) + _NNZ_BUFFERS if get(k) is not None and tuple(get(k).shape) != (n,)]
+            if n < 0 or bad or (crow is not None and int(crow[-1]) != n):
+                error_msgs.append(f"sparseticket: {what}: inconsistent ticket in checkpoint (weight_values "
+                                  f"{tuple(vals.shape)}, {', '.join(f'{k} {tuple(get(k).shape)}' for k in _NNZ_BUFFERS if get(k) is not None)}"
+                                  f"{'' if crow is None else f', crow[-1]={int(crow[-1])}'})")
+                return
+            if n != self.nnz:  # resize in place so the copy below fits (Parameter object kept)
+                p = self.weight_values
+                with torch.no_grad():
+                    p.grad = None
+                    p.data = p.data.new_empty(n)
+                for k in _NNZ_BUFFERS:
+                    self._buffers[k] = self._buffers[k].new_empty(n)
+        a = get("active")
+        if a is not None and self._buffers.get("active") is None:
+            if a.shape != (O,):
+                error_msgs.append(f"sparseticket: {what}: the checkpoint's active has shape {tuple(a.shape)}, "
+                                  f"expected ({O},)")
+                return
+            self._buffers["active"] = torch.empty(O, dtype=torch.bool, device=self.crow.device)
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) > n_err:
+            return
+        msg = self._validate_structure()
+        if msg:
+            error_msgs.append(f"sparseticket: {what}: invalid ticket in checkpoint: {msg}")
+            return
+        same = torch.equal(old[0], self.crow) and torch.equal(old[1], self.col)
+        if not same:
+            self._st_prev = None
+            self._st_token = object()  # optimizers reset this param's state
+        self._buffers["flat"] = self._flat_of(self.crow, self.col)
+        register_module_params(self)  # load_state_dict(assign=True) makes new Parameter objects
+
+    def _validate_structure(self) -> Optional[str]:
+        crow, col, Kt = self.crow, self.col, self._ticket_cols()
+        n = self.col.numel()
+        if crow.dtype != torch.int32 or col.dtype != torch.int32:
+            return "index buffers must be int32"
+        if int(crow[0]) != 0 or int(crow[-1]) != n or bool((crow[1:] < crow[:-1]).any()):
+            return "crow must start at 0, be non-decreasing and end at nnz"
+        if n and (int(col.min()) < 0 or int(col.max()) >= Kt):
+            return f"col out of range [0, {Kt})"
+        return None
+
+    # -- keep the optimizer registry in step with the Parameter objects
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_module_params(self)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        register_module_params(self)
+        return out
+
+    def _repr_common(self) -> str:
+        s = f"nnz={self.nnz}, density={self.density:.4g}, mode={self.execution_mode()}"
+        a = self._buffers.get("active")
+        if a is not None:
+            s += f", frozen={self.frozen_fraction:.3g}"
+        return s
+
+
+def _match(old_flat: Tensor, new_flat: Tensor) -> Tuple[Tensor, Tensor]:
+    """For each new position: index into the old entries and whether it exists there."""
+    if old_flat.numel() == 0:
+        return (torch.zeros_like(new_flat), torch.zeros(new_flat.shape, dtype=torch.bool, device=new_flat.device))
+    pos = torch.searchsorted(old_flat, new_flat).clamp_(max=old_flat.numel() - 1)
+    return pos, old_flat.index_select(0, pos) == new_flat

@@ -1,0 +1,125 @@
+"""Choosing sparse or dense-masked execution per layer and shape, by measurement.
+
+Like ``torch.backends.cudnn.benchmark``: the first time a layer meets a new shape key it
+times both of its paths on the real input and caches the faster one in a module-level
+dict shared by every layer of the same shape, so a model of identical layers measures
+once. The key is bucketed (batch to a power of two, nnz to quarter octaves) so a ragged
+last batch or a slightly different mask does not trigger a new measurement.
+
+Precedence of the forced modes: a module's own ``mode`` ('sparse' / 'dense') beats the
+global one set with :func:`set_mode`; a module in 'auto' follows the global mode, and
+when that is 'auto' too, the measurement decides.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+MODES = ("auto", "sparse", "dense")
+
+_GLOBAL_MODE = "auto"
+#: key -> "sparse" | "dense"
+_CHOICES: Dict[tuple, str] = {}
+#: key -> (sparse seconds, dense seconds), for report()
+_TIMINGS: Dict[tuple, Tuple[float, float]] = {}
+
+# Density at or above which a layer never measured (under torch.compile, before any eager
+# call) runs dense. Measured on the CPU kernels (2 threads, fp32, fwd+bwd): sparse wins
+# below ~50% density at LeNet/1024-square sizes; the choice is only a fallback.
+HEURISTIC_DENSITY = 0.4
+
+
+def check_mode(mode: str, what: str = "mode") -> str:
+    if mode not in MODES:
+        raise ValueError(f"sparseticket: {what} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def set_mode(mode: str) -> str:
+    """Force every sparse layer in 'auto' to 'sparse' or 'dense' execution ('auto' measures).
+
+    Returns the previous global mode.
+    """
+    global _GLOBAL_MODE
+    check_mode(mode)
+    prev, _GLOBAL_MODE = _GLOBAL_MODE, mode
+    return prev
+
+
+def get_mode() -> str:
+    return _GLOBAL_MODE
+
+
+@contextlib.contextmanager
+def use_mode(mode: str) -> Iterator[None]:
+    """``with sparseticket.nn.use_mode('dense'): ...`` forces the global mode temporarily."""
+    prev = set_mode(mode)
+    try:
+        yield
+    finally:
+        set_mode(prev)
+
+
+def clear_cache() -> None:
+    """Forget every measured choice (e.g. after changing the thread count by hand)."""
+    _CHOICES.clear()
+    _TIMINGS.clear()
+
+
+def batch_bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length() if n > 0 else 0
+
+
+def nnz_bucket(nnz: int) -> int:
+    return int(round(4 * math.log2(nnz + 1)))
+
+
+def common_key(dtype: torch.dtype, device: torch.device, grad: bool) -> tuple:
+    return (str(dtype), device.type, torch.get_num_threads(), grad)
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(sparse_fn: Callable[[], object], dense_fn: Callable[[], object],
+            budget_s: float = 0.02, max_reps: int = 25) -> Tuple[float, float]:
+    """Min time of each callable over interleaved repetitions (after one warm-up each).
+
+    The minimum, not the median: on a shared machine interference only ever adds time.
+    """
+    sparse_fn(), dense_fn()  # warm-up: allocator, first-touch, lazy initialisation
+    ts, td = [_time_once(sparse_fn)], [_time_once(dense_fn)]
+    per = max(ts[0] + td[0], 1e-7)
+    reps = max(3, min(max_reps, int(budget_s / per)))
+    for _ in range(reps - 1):
+        ts.append(_time_once(sparse_fn))
+        td.append(_time_once(dense_fn))
+    return min(ts), min(td)
+
+
+def decide(key: tuple, sparse_fn: Callable[[], object], dense_fn: Callable[[], object]) -> str:
+    """The cached choice for ``key``, measuring both paths the first time."""
+    choice = _CHOICES.get(key)
+    if choice is None:
+        with torch.random.fork_rng(devices=[]):  # measuring must not shift the user's RNG stream
+            t_sparse, t_dense = measure(sparse_fn, dense_fn)
+        choice = "sparse" if t_sparse <= t_dense else "dense"
+        _CHOICES[key] = choice
+        _TIMINGS[key] = (t_sparse, t_dense)
+    return choice
+
+
+def resolve(module_mode: str) -> Optional[str]:
+    """The forced mode for a module, or None when the measurement should decide."""
+    if module_mode != "auto":
+        return module_mode
+    if _GLOBAL_MODE != "auto":
+        return _GLOBAL_MODE
+    return None

@@ -1,0 +1,289 @@
+"""SparseConv2d (ticket weight; im2col + sparse matmul, or oneDNN dense conv) and NEqConv2d."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from . import _mode
+from ._common import NEqMixin, TicketModule, TicketToDense, where
+from ._registry import register_module_params
+from .linear import _init_neq, _prepare_active_load, _random_mask, _weight_and_mask
+
+_sparse_linear = torch.ops.sparseticket.sparse_linear
+
+
+def _padding_plan(padding, padding_mode: str, kernel_size, dilation) -> Tuple[Optional[List[int]], str, Tuple[int, int]]:
+    """(explicit F.pad amounts or None, F.pad mode, symmetric conv padding) matching nn.Conv2d."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            rev = [0, 0, 0, 0]
+        else:  # 'same': nn.Conv2d's split, larger half on the right/bottom
+            rev = []
+            for d, k in zip(reversed(dilation), reversed(kernel_size)):
+                total = d * (k - 1)
+                rev += [total // 2, total - total // 2]
+    else:
+        p = _pair(padding)
+        rev = [p[1], p[1], p[0], p[0]]
+    if padding_mode != "zeros":
+        return (rev if any(rev) else None), padding_mode, (0, 0)
+    if rev[0] == rev[1] and rev[2] == rev[3]:
+        return None, "constant", (rev[2], rev[0])
+    return rev, "constant", (0, 0)
+
+
+class SparseConv2d(TicketModule):
+    """Drop-in nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups, bias,
+    padding_mode) whose weight [out, in/groups, kh, kw] is a ticket.
+
+    Sparse path: im2col (``F.unfold``) then the ticket matmul on the [N·L, C·kh·kw] matrix.
+    For groups > 1 the ticket is the block-diagonal [out, C·kh·kw] matrix (each row's
+    columns shifted to its group's input channels), so all groups run in one matmul
+    with no wasted work. Dense path: oneDNN's ``F.conv2d`` with the masked dense weight.
+    The choice is measured per shape like SparseLinear's. Output is channels-last
+    strided on the sparse path (the matmul's natural layout; values are identical).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, density: float = 1.0,
+                 mode: str = "auto", device=None, dtype=None):
+        super().__init__()
+        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                        padding_mode, device=device, dtype=dtype)
+        self._copy_options(ref)
+        self._init_ticket(ref.weight, _random_mask(ref.weight.shape, density, ref.weight.device), ref.bias, mode)
+
+    def _copy_options(self, conv: nn.Conv2d) -> None:
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        self.dilation, self.groups, self.padding_mode = tuple(conv.dilation), conv.groups, conv.padding_mode
+        self._pre_pad, self._pad_mode, self._pad = _padding_plan(self.padding, self.padding_mode, self.kernel_size,
+                                                                 self.dilation)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: Optional[Tensor] = None, *, mode: str = "auto",
+                   name: Optional[str] = None) -> "SparseConv2d":
+        """A SparseConv2d computing ``conv`` with its weight masked by ``mask`` (weight's shape).
+
+        ``mask=None``: the torch.nn.utils.prune mask if any, else ``weight != 0``.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._st_name = name
+        if getattr(conv, "transposed", False) or len(conv.kernel_size) != 2:
+            raise TypeError(f"sparseticket: {where(conv, name)}: only nn.Conv2d converts to SparseConv2d")
+        self._copy_options(conv)
+        weight, mask = _weight_and_mask(conv, mask)
+        self._init_ticket(weight, mask, conv.bias, mode)
+        a = getattr(conv, "active", None)
+        if a is not None:
+            self.set_active(a)
+        self.train(conv.training)
+        return self
+
+    def to_dense(self) -> nn.Conv2d:
+        """A dense nn.Conv2d with the masked weight (an NEqConv2d if channels are frozen)."""
+        p = self.weight_values
+        frozen = self._buffers.get("active") is not None
+        cls = NEqConv2d if frozen else nn.Conv2d
+        conv = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                   self.groups, self.bias is not None, self.padding_mode, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            conv.weight.requires_grad_(p.requires_grad)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+                conv.bias.requires_grad_(self.bias.requires_grad)
+        if frozen:
+            conv.set_active(self.active)
+        conv.train(self.training)
+        return conv
+
+    # -- structure
+    def _weight_shape(self):
+        return (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+
+    def _ticket_cols(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def _col_shift(self, rows: Tensor) -> Optional[Tensor]:
+        if self.groups == 1:
+            return None
+        per_group_cols = self._ticket_cols() // self.groups
+        return (rows // (self.out_channels // self.groups)) * per_group_cols
+
+    # -- execution
+    def _prepare(self, x: Tensor) -> Tensor:
+        if self._pre_pad is not None:
+            x = F.pad(x, self._pre_pad, mode=self._pad_mode)
+        return x
+
+    def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel_size, self.stride, self.dilation, self._pad
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        N, C, H, W = x.shape
+        oh, ow = self._out_hw(H, W)
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0):
+            a = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # 1x1 conv: im2col is a transpose
+        else:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self._pad, self.stride)  # [N, C·kh·kw, L]
+            a = cols.transpose(1, 2).reshape(N * oh * ow, cols.shape[1])
+        y = _sparse_linear(a, values, self.crow, self.col, self.ccol, self.row, self.perm, bias,
+                           self._buffers["active"])
+        return y.view(N, oh, ow, self.out_channels).permute(0, 3, 1, 2)
+
+    def _dense_weight_of(self, values: Tensor) -> Tensor:
+        O, K = self._dense2d_shape()
+        w = TicketToDense.apply(values, self.crow, self.col, self.flat, O, K, self.groups == 1)
+        return w.view(self._weight_shape())
+
+    def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        w = self._dense_weight_of(values)
+        active = self._buffers["active"]
+        if active is None:
+            return F.conv2d(x, w, bias, self.stride, self._pad, self.dilation, self.groups)
+        return neq_conv2d(x, w, bias, active, self.stride, self._pad, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.dtype != self.weight_values.dtype:
+            raise ValueError(f"sparseticket: {where(self)}: input has shape {tuple(x.shape)} and dtype {x.dtype}; "
+                             f"expected [N, {self.in_channels}, H, W] of {self.weight_values.dtype}")
+        x = self._prepare(x)
+        path = self._path(lambda: self._key(x), lambda: self._measure_fns(x, self._run_sparse, self._run_dense))
+        run = self._run_sparse if path == "sparse" else self._run_dense
+        y = run(x, self.weight_values, self.bias)
+        return y.squeeze(0) if unbatched else y
+
+    def _key(self, x: Tensor) -> tuple:
+        return (("conv2d", self.in_channels, self.out_channels, self.kernel_size, self.stride, self._pad,
+                 self.dilation, self.groups, x.shape[2], x.shape[3], _mode.nnz_bucket(self.nnz),
+                 _mode.batch_bucket(x.shape[0])) + _mode.common_key(x.dtype, x.device, self._grad_key(x)))
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + ", " + self._repr_common()
+
+
+class NEqConv2d(NEqMixin, nn.Conv2d):
+    """nn.Conv2d with NEq freezing: frozen output channels (``active`` False) get no
+    weight/bias gradient, and their weight gradient is never computed; the input gradient
+    still flows through them. State dict keys are nn.Conv2d's plus ``active`` when set."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _init_neq(self)
+
+    def _n_out(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        active = self._buffers["active"]
+        if active is None:
+            return super().forward(x)
+        pre, pad_mode, pad = _padding_plan(self.padding, self.padding_mode, self.kernel_size, self.dilation)
+        if pre is not None:
+            x = F.pad(x, pre, mode=pad_mode)
+        unbatched = x.dim() == 3
+        y = neq_conv2d(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, active, self.stride, pad,
+                       self.dilation, self.groups)
+        return y.squeeze(0) if unbatched else y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        _prepare_active_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        register_module_params(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_module_params(self)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self._buffers["active"] is not None:
+            s += f", frozen={self.frozen_fraction:.3g}"
+        return s
+
+
+# ----------------------------------------------------------------------------- neuron-skipping conv
+
+
+def neq_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor, stride, padding, dilation,
+               groups: int) -> Tensor:
+    """F.conv2d whose weight/bias gradients are computed only for ``active`` output channels."""
+    return _NEqConv2dFn.apply(x, weight, bias, active, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+class _NEqConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, active, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, active)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, active = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # frozen channels still pass gradient to earlier layers
+            gx = torch.nn.grad.conv2d_input(x.shape, weight, gy, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            gw = _row_masked_conv2d_weight(x, weight.shape, gy, active, stride, padding, dilation, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
+            gb = torch.where(active, gb, torch.zeros_like(gb))
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _row_masked_conv2d_weight(x, wshape, gy, active, stride, padding, dilation, groups) -> Tensor:
+    """Conv weight gradient [O, C/g, kh, kw] for active output channels only (frozen rows 0)."""
+    def wgrad(xs, gys, n, g):
+        return torch.nn.grad.conv2d_weight(xs, (n,) + tuple(wshape[1:]), gys, stride, padding, dilation, g)
+
+    O = wshape[0]
+    if torch.compiler.is_compiling():
+        # the subset's size is data-dependent; inside a graph compute all rows and mask
+        full = wgrad(x, gy, O, groups)
+        return torch.where(active.view(-1, 1, 1, 1), full, torch.zeros_like(full))
+    idx = active.nonzero().squeeze(1)
+    n = idx.numel()
+    if n == O:
+        return wgrad(x, gy, O, groups)
+    gw = gy.new_zeros(wshape)
+    if n == 0:
+        return gw
+    if groups == 1:
+        gw[idx] = wgrad(x, gy.index_select(1, idx), n, 1)
+    elif O == groups:  # one output channel per group (depthwise-like): keep the active groups
+        Cg = wshape[1]
+        N, _, H, W = x.shape
+        xs = x.view(N, groups, Cg, H, W).index_select(1, idx).reshape(N, n * Cg, H, W)
+        gw[idx] = wgrad(xs, gy.index_select(1, idx), n, n)
+    else:
+        Og, Cg = O // groups, wshape[1]
+        for gi in range(groups):
+            sel = idx[(idx >= gi * Og) & (idx < (gi + 1) * Og)]
+            if sel.numel():
+                gw[sel] = wgrad(x[:, gi * Cg:(gi + 1) * Cg], gy.index_select(1, sel), sel.numel(), 1)
+    return gw

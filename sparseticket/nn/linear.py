@@ -1,0 +1,197 @@
+"""SparseLinear (a ticket weight) and DenseNEqLinear (a dense weight whose frozen rows get no gradient)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _mode
+from ._common import NEqMixin, TicketModule, TicketToDense, check_active, check_weight_dtype, where
+from ._registry import register_module_params
+
+_sparse_linear = torch.ops.sparseticket.sparse_linear
+_neq_linear = torch.ops.sparseticket.neq_linear
+
+
+class SparseLinear(TicketModule):
+    """Drop-in nn.Linear whose weight is a ticket: y = x Wᵀ + b, x: [..., in_features].
+
+    Only the kept weights are stored and trained (``weight_values``: [nnz]); the index
+    structure (``crow``/``col`` CSR and its transpose ``ccol``/``row``/``perm``, int32) is
+    buffers. Forward, input gradient and kept-weight gradient equal nn.Linear's with the
+    masked weight. ``mode``: 'sparse' (ticket kernels), 'dense' (dense masked weight and
+    BLAS), or 'auto' (measured per shape, see ``sparseticket.nn.set_mode``).
+
+    ``SparseLinear(in, out)`` initialises like nn.Linear and keeps a random ``density``
+    fraction of the weights; usually build one with :meth:`from_dense` or ``sparsify``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 1.0,
+                 mode: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_ticket(ref.weight, _random_mask(ref.weight.shape, density, ref.weight.device), ref.bias, mode)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None, *, mode: str = "auto",
+                   name: Optional[str] = None) -> "SparseLinear":
+        """A SparseLinear computing ``linear`` with its weight masked by ``mask`` ([out, in], bool or 0/1).
+
+        ``mask=None``: the layer's torch.nn.utils.prune mask if it has one, else ``weight != 0``.
+        An ``active`` mask (DenseNEqLinear) carries over.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._st_name = name
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, mask = _weight_and_mask(linear, mask)
+        self._init_ticket(weight, mask, linear.bias, mode)
+        a = getattr(linear, "active", None)
+        if a is not None:
+            self.set_active(a)
+        self.train(linear.training)
+        return self
+
+    def to_dense(self) -> nn.Linear:
+        """A dense nn.Linear with the masked weight (a DenseNEqLinear if neurons are frozen)."""
+        p = self.weight_values
+        frozen = self._buffers.get("active") is not None
+        cls = DenseNEqLinear if frozen else nn.Linear
+        lin = cls(self.in_features, self.out_features, bias=self.bias is not None, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            lin.weight.requires_grad_(p.requires_grad)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+                lin.bias.requires_grad_(self.bias.requires_grad)
+        if frozen:
+            lin.set_active(self.active)
+        lin.train(self.training)
+        return lin
+
+    # -- structure
+    def _weight_shape(self):
+        return (self.out_features, self.in_features)
+
+    def _ticket_cols(self) -> int:
+        return self.in_features
+
+    # -- execution
+    def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return _sparse_linear(x, values, self.crow, self.col, self.ccol, self.row, self.perm, bias,
+                              self._buffers["active"])
+
+    def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        w = TicketToDense.apply(values, self.crow, self.col, self.flat, self.out_features, self.in_features, True)
+        active = self._buffers["active"]
+        if active is None:
+            return F.linear(x, w, bias)
+        return _neq_linear(x, w, bias, active)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features or x.dtype != self.weight_values.dtype:
+            raise ValueError(f"sparseticket: {where(self)}: input has shape {tuple(x.shape)} and dtype {x.dtype}; "
+                             f"expected [..., {self.in_features}] of {self.weight_values.dtype}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        path = self._path(lambda: self._key(x2),
+                          lambda: self._measure_fns(x2, self._run_sparse, self._run_dense))
+        run = self._run_sparse if path == "sparse" else self._run_dense
+        y = run(x2, self.weight_values, self.bias)
+        return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
+
+    def _key(self, x2: Tensor) -> tuple:
+        return ("linear", self.in_features, self.out_features, _mode.nnz_bucket(self.nnz),
+                _mode.batch_bucket(x2.shape[0])) + _mode.common_key(x2.dtype, x2.device, self._grad_key(x2))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                + self._repr_common())
+
+
+class DenseNEqLinear(NEqMixin, nn.Linear):
+    """nn.Linear with NEq freezing: ``active`` ([out] bool or None) rows get no weight/bias gradient.
+
+    The weight gradient of frozen rows is never computed (``neq_linear`` op); the input
+    gradient still flows through them. State dict keys are nn.Linear's plus ``active``
+    when set. Works with torch.nn.utils.prune (the hook sets ``weight`` before forward).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _init_neq(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        active = self._buffers["active"]
+        if active is None:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        y = _neq_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, active)
+        return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
+
+    def _n_out(self) -> int:
+        return self.out_features
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        _prepare_active_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        register_module_params(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_module_params(self)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self._buffers["active"] is not None:
+            s += f", frozen={self.frozen_fraction:.3g}"
+        return s
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _init_neq(module: nn.Module) -> None:
+    if "active" not in module._buffers:
+        module.register_buffer("active", None)
+    register_module_params(module)
+
+
+def _prepare_active_load(module: nn.Module, state_dict, prefix: str) -> None:
+    """A checkpoint with ``active`` loads into a module whose ``active`` is None."""
+    a = state_dict.get(prefix + "active")
+    if a is not None and module._buffers.get("active") is None:
+        dev = next(iter(module._parameters.values())).device
+        module._buffers["active"] = torch.empty(a.shape, dtype=torch.bool, device=dev)
+        module._buffers["active"] = check_active(a, module._n_out(), where(module, prefix[:-1] or None), dev)
+
+
+def _random_mask(shape, density: float, device) -> Tensor:
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"sparseticket: density must be in [0, 1], got {density}")
+    n = 1
+    for s in shape:
+        n *= s
+    k = int(round(density * n))
+    if k == n:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    m = torch.zeros(n, dtype=torch.bool, device=device)
+    m[torch.randperm(n, device=device)[:k]] = True
+    return m.view(shape)
+
+
+def _weight_and_mask(layer: nn.Module, mask):
+    """(dense weight, mask) of a dense layer, honouring torch.nn.utils.prune's weight_orig/weight_mask."""
+    if "weight_orig" in layer._parameters:
+        weight = layer.weight_orig
+        if mask is None:
+            mask = layer.weight_mask
+    else:
+        weight = layer.weight
+    if mask is None:
+        mask = weight.detach() != 0
+    check_weight_dtype(weight.dtype, where(layer))
+    return weight, mask

@@ -1,0 +1,75 @@
+"""MaskedSGD: torch.optim.SGD through the fused ``masked_sgd_`` kernel, with masks."""
+from __future__ import annotations
+
+import torch
+
+from ._base import MaskedOptimizer, _float, check_positive, lists
+
+_masked_sgd_ = torch.ops.sparseticket.masked_sgd_
+
+
+class MaskedSGD(MaskedOptimizer):
+    """torch.optim.SGD (same arguments, param groups, state_dict with ``momentum_buffer``)
+    that keeps pruned weights at exactly 0 and leaves frozen neurons bit-for-bit untouched.
+
+    Masks come from the layers: a SparseLinear/SparseConv2d's compact ``weight_values``
+    (frozen rows through its ``crow``), NEq layers' ``active`` over dim 0 (weight and bias),
+    ``torch.nn.utils.prune`` masks (after ``sparseticket.nn.attach_masks``), or
+    ``sparseticket.nn.register_param``. Parameters without masks get plain SGD.
+    Each param group is one call of the fused multi-tensor kernel.
+    """
+
+    _state_tensors = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
+        check_positive("learning rate", lr)
+        check_positive("momentum value", momentum)
+        check_positive("weight_decay value", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("sparseticket: Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum = _float(group["momentum"], "momentum")
+            params, grads, bufs, keeps, actives, row_ptrs, fresh = lists(7)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                self._follow_structure(p, state)
+                keep, active, row_ptr = self._masks(p)
+                params.append(p)
+                grads.append(self._grad_of(p, "MaskedSGD"))
+                keeps.append(keep)
+                actives.append(active)
+                row_ptrs.append(row_ptr)
+                if momentum != 0:
+                    buf = state.get("momentum_buffer")
+                    # zeros, not empty: frozen entries of a new buffer keep these bits
+                    fresh.append(buf is None)
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    bufs.append(buf)
+                else:
+                    fresh.append(False)
+            if params:
+                _masked_sgd_(params, grads, bufs, keeps, actives, row_ptrs, fresh, _float(group["lr"], "lr"),
+                             momentum, _float(group["dampening"], "dampening"),
+                             _float(group["weight_decay"], "weight_decay"), bool(group["nesterov"]),
+                             bool(group["maximize"]))
+        return loss
