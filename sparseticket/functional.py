@@ -23,7 +23,7 @@ def sparse_linear(x: Tensor, ticket: Ticket, bias: Optional[Tensor] = None, acti
     if x.shape[-1] != ticket.shape[1]:
         raise ValueError(f"sparseticket: x has {x.shape[-1]} features but the ticket expects in_features={ticket.shape[1]}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])
     y = torch.ops.sparseticket.sparse_linear(x2, vals, ticket.crow, ticket.col, ticket.ccol, ticket.row,
                                              ticket.perm, bias, active)
     return y.reshape(*lead, ticket.shape[0])
@@ -32,5 +32,5 @@ def sparse_linear(x: Tensor, ticket: Ticket, bias: Optional[Tensor] = None, acti
 def neq_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, active: Optional[Tensor] = None) -> Tensor:
     """Dense linear whose weight gradient is computed only for ``active`` neurons."""
     lead = x.shape[:-1]
-    y = torch.ops.sparseticket.neq_linear(x.reshape(-1, x.shape[-1]), weight, bias, active)
+    y = torch.ops.sparseticket.neq_linear(x.reshape(lead.numel(), x.shape[-1]), weight, bias, active)
     return y.reshape(*lead, weight.shape[0])

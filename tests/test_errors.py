@@ -181,18 +181,14 @@ def test_bad_input_names_argument(case):
         fn()
 
 
-# Index checks that the fake kernels and the C++ kernels make but the reference CPU impls
-# of ticket_transpose / ticket_to_dense skip (sparseticket/ops/__init__.py; see the report).
-# strict, so a fix shows up as XPASS.
-_REF_ONLY = pytest.mark.xfail(BACKEND == "reference", strict=True,
-                              reason="reference CPU impls of ticket_transpose/ticket_to_dense skip input checks")
+# Index-array checks of the conversion ops, on every backend.
 UNCHECKED = [
-    pytest.param(lambda: transpose(col=T.col.float()), names("col"), id="transpose-col-float", marks=_REF_ONLY),
-    pytest.param(lambda: to_dense(crow=T.crow[None]), names("crow"), id="to_dense-crow-2d", marks=_REF_ONLY),
-    pytest.param(lambda: transpose(crow=T.crow.long()), names("crow"), id="transpose-crow-int64", marks=_REF_ONLY),
-    pytest.param(lambda: transpose(col=T.col.long()), names("col"), id="transpose-col-int64", marks=_REF_ONLY),
-    pytest.param(lambda: to_dense(crow=T.crow.long()), names("crow"), id="to_dense-crow-int64", marks=_REF_ONLY),
-    pytest.param(lambda: to_dense(col=T.col.long()), names("col"), id="to_dense-col-int64", marks=_REF_ONLY),
+    pytest.param(lambda: transpose(col=T.col.float()), names("col"), id="transpose-col-float"),
+    pytest.param(lambda: to_dense(crow=T.crow[None]), names("crow"), id="to_dense-crow-2d"),
+    pytest.param(lambda: transpose(crow=T.crow.long()), names("crow"), id="transpose-crow-int64"),
+    pytest.param(lambda: transpose(col=T.col.long()), names("col"), id="transpose-col-int64"),
+    pytest.param(lambda: to_dense(crow=T.crow.long()), names("crow"), id="to_dense-crow-int64"),
+    pytest.param(lambda: to_dense(col=T.col.long()), names("col"), id="to_dense-col-int64"),
 ]
 
 
@@ -302,7 +298,6 @@ def test_functional_sparse_linear_rejects_wrong_in_features():
         sparseticket.sparse_linear(torch.zeros(B, I + 1), T)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in functional.py: x.reshape(-1, 0) is ambiguous for in_features=0")
 @pytest.mark.parametrize("fn", ["sparse_linear", "neq_linear"])
 def test_functional_layers_with_no_input_features(fn):
     """The ops handle in_features=0 (see test_ops.test_zero_size_features); the functional

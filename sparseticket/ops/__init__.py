@@ -44,17 +44,34 @@ else:
 # ----------------------------------------------------------------------------- reference backend
 
 
+def _check_ptr(name, ptr, nnz):
+    _library._check(ptr.numel() >= 1 and int(ptr[0]) == 0 and int(ptr[-1]) == nnz,
+                    f"sparseticket: {name} must start at 0 and end at nnz={nnz}")
+    _library._check(bool((ptr[1:] >= ptr[:-1]).all()), f"sparseticket: {name} must be non-decreasing")
+
+
+def _check_range(name, idx, k, operand):
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        _library._check(lo >= 0 and hi < k, f"sparseticket: {name} has index {lo if lo < 0 else hi} but {operand} "
+                        f"has only {k} (is the ticket for a different in/out size?)")
+
+
 def _checked_reference_impls():
     """Reference implementations with the same input checks as the compiled kernels."""
 
     def spmm(x, values, crow, col, bias):
         check_spmm(x, values, crow, col, bias)
+        _check_ptr("crow", crow, values.numel())
+        _check_range("col", col, x.shape[1], "x's feature dimension (x.size(1))")
         return ref.reference_spmm(x, values, crow, col, bias)
 
     def sparse_linear(x, values, crow, col, ccol, row, perm, bias, active):
         O = check_spmm(x, values, crow, col, bias)
         check_active(active, O, x)
         _library.check_sparse_linear_in(x, ccol)
+        _check_ptr("crow", crow, values.numel())
+        _check_range("col", col, x.shape[1], "x's feature dimension (x.size(1))")
         return ref.reference_spmm(x, values, crow, col, bias)
 
     def neq_linear(x, weight, bias, active):
@@ -63,10 +80,15 @@ def _checked_reference_impls():
 
     def spmm_t(gy, values, ccol, row, perm):
         check_spmm_t(gy, values, ccol, row, perm)
+        _check_ptr("ccol", ccol, values.numel())
+        _check_range("row", row, gy.shape[1], "gy's feature dimension (gy.size(1))")
+        _check_range("perm", perm, values.numel(), "values")
         return ref.reference_spmm_t(gy, values, ccol, row, perm)
 
     def sddmm(gy, x, crow, col, active):
         check_sddmm(gy, x, crow, col, active)
+        _check_ptr("crow", crow, col.numel())
+        _check_range("col", col, x.shape[1], "x's feature dimension (x.size(1))")
         return ref.reference_sddmm(gy, x, crow, col, active)
 
     def row_masked_grad_weight(gy, x, active):
@@ -91,9 +113,24 @@ def _checked_reference_impls():
         return ref.reference_dense_to_ticket(weight, mask)
 
     def ticket_transpose(crow, col, n_cols):
+        _library._check_index("crow", crow)
+        _library._check_index("col", col)
+        _library._check_same("col", col, "crow", crow)
+        _check_ptr("crow", crow, col.numel())
+        _check_range("col", col, n_cols, "n_cols")
         return ref.reference_ticket_transpose(crow, col, n_cols)
 
     def ticket_to_dense(values, crow, col, n_cols):
+        _library._check_float("values", values)
+        _library._check_dim("values", values, 1)
+        _library._check_index("crow", crow)
+        _library._check_index("col", col)
+        _library._check_same("crow", crow, "values", values)
+        _library._check_same("col", col, "values", values)
+        _library._check(col.numel() == values.numel(),
+                        f"sparseticket: col has {col.numel()} entries but values has {values.numel()}")
+        _check_ptr("crow", crow, values.numel())
+        _check_range("col", col, n_cols, "n_cols")
         return ref.reference_ticket_to_dense(values, crow, col, n_cols)
 
     return dict(spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
