@@ -97,7 +97,8 @@ def reference_sddmm(gy: Tensor, x: Tensor, crow: Tensor, col: Tensor, active: Op
     """
     O = crow.numel() - 1
     rows = torch.repeat_interleave(torch.arange(O, device=col.device), (crow[1:] - crow[:-1]).long())
-    g = (gy[:, rows] * x[:, col.long()]).sum(0)
+    # the dense product sampled at the kept positions ([O, I] memory, not [B, nnz])
+    g = (gy.t() @ x)[rows, col.long()]
     if active is not None:
         g = torch.where(active[rows], g, torch.zeros_like(g))
     return g.contiguous()
