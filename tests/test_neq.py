@@ -515,3 +515,43 @@ def test_ranks_freeze_the_same_neurons(tmp_path):
         assert torch.equal(r0[True][n], r0[False][n])                              # rank 0's decision wins
     for a, b in zip(r0[(True, "active")], r1[(True, "active")]):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- sparseticket.nn
+
+
+def test_with_sparseticket_nn_modules_and_masked_sgd():
+    stnn = pytest.importorskip("sparseticket.nn")
+    optim = pytest.importorskip("sparseticket.optim")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16),
+                          nn.ReLU(), nn.Linear(16, 3))
+    stnn.sparsify(model, amount=0.5, filter=lambda name, m: name == "3")
+    stnn.enable_neq(model)
+    x, y = torch.randn(48, 1, 6, 6), torch.randint(0, 3, (48,))
+    tracker = NEqTracker(model, x[:16], NEqConfig(stochastic=0.5, seed=1))
+    assert set(tracker.layers) == {"0", "3", "5"}                # conv, SparseLinear, DenseNEqLinear
+    opt = optim.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for epoch in range(3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for i in range(0, 48, 16):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+            opt.step()
+        if epoch > 0:                                            # masks set by the previous step()
+            params = dict(model.named_parameters())
+            for name, frozen in tracker.frozen().items():
+                assert int(frozen.sum()) == round(0.5 * frozen.numel())
+                if name == "3":                                  # compact values: row of each kept weight
+                    crow = model[3].crow.long()
+                    rows = torch.repeat_interleave(torch.arange(16), crow[1:] - crow[:-1])
+                    w, w0 = params["3.weight_values"], before["3.weight_values"]
+                    assert torch.equal(w[frozen[rows]], w0[frozen[rows]])
+                    assert not torch.equal(w[~frozen[rows]], w0[~frozen[rows]])
+                else:
+                    assert torch.equal(params[f"{name}.weight"][frozen], before[f"{name}.weight"][frozen])
+                assert torch.equal(params[f"{name}.bias"][frozen], before[f"{name}.bias"][frozen]), name
+        tracker.step()
+        assert tracker.frozen_fraction()["total"] == (2 + 8 + 2) / 23          # round(0.5·O) per layer
+        assert all(torch.equal(m.active.cpu(), ~tracker.frozen()[n]) for n, m in tracker.layers.items()
+                   for m in [m.module])

@@ -350,8 +350,8 @@ class NEqTracker:
             if layer.frozen is None or not bool(layer.frozen.any()):
                 layer.module.set_active(None)
                 continue
-            weight = getattr(layer.module, "weight", None)
-            device = weight.device if isinstance(weight, Tensor) else layer.frozen.device
+            param = next(layer.module.parameters(), None)     # SparseLinear has weight_values, not weight
+            device = param.device if param is not None else layer.frozen.device
             layer.module.set_active((~layer.frozen).to(device))
 
     def step(self) -> dict[str, Any]:
