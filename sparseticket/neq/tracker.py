@@ -260,13 +260,17 @@ class NEqTracker:
             layer = self.layers[name]
             if cfg.rule == "paper":
                 hat = rules.normalise(rules.paper_vectors(cur), dim=1)
-                value = None if layer.prev is None else rules.paper_phi(hat, layer.prev)
             else:
                 hat = rules.code_normalise(cur, self._groups)
-                value = None if layer.prev is None else rules.code_delta(hat, layer.prev, self._groups)
             if layer.prev is not None and layer.prev.shape != hat.shape:
                 raise RuntimeError(f"NEq: module {name!r} output layout changed from {tuple(layer.prev.shape)} "
                                    f"to {tuple(hat.shape)} between epochs")
+            if layer.prev is None:
+                value = None
+            elif cfg.rule == "paper":
+                value = rules.paper_phi(hat, layer.prev)
+            else:
+                value = rules.code_delta(hat, layer.prev, self._groups)
             pending[name] = (hat.to(store), None if value is None else value.cpu())
         self._pending = pending
 
