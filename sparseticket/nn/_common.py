@@ -142,8 +142,9 @@ _NNZ_BUFFERS = ("col", "row", "perm")
 class TicketModule(NEqMixin, nn.Module):
     """Base of SparseLinear / SparseConv2d: a weight held as a ticket.
 
-    Subclasses define the dense (natural) weight shape, the ticket's matrix shape, and how a
-    natural mask maps to ticket columns (identity except for grouped convolutions).
+    Subclasses define the dense (natural) weight shape, the ticket's matrix shape, and how
+    the natural layout maps to ticket columns (identity for Linear; for Conv2d the ticket's
+    columns are ordered (tap, input channel) to match a channels-last im2col).
     Parameters: ``weight_values`` [nnz], ``bias`` [out] or None. Buffers: ``crow`` [out+1],
     ``col``/``row``/``perm`` [nnz], ``ccol`` [ticket cols + 1] (int32), ``active`` [out] bool or
     None; non-persistent ``flat`` [nnz] int64 (dense position of each value).
@@ -158,8 +159,16 @@ class TicketModule(NEqMixin, nn.Module):
     def _ticket_cols(self) -> int:
         raise NotImplementedError
 
-    def _col_shift(self, rows: Tensor) -> Optional[Tensor]:
-        """Per-row column offset of the ticket relative to the natural 2-D layout (or None)."""
+    def _ticket_rows_2d(self, t: Tensor) -> Tensor:
+        """Natural-shape weight/mask -> [O, K] whose row-major order maps monotonically to ticket columns."""
+        return t.reshape(self._dense2d_shape())
+
+    def _ticket_col(self, rows: Tensor, local: Tensor) -> Optional[Tensor]:
+        """Ticket column of each entry from its column in ``_ticket_rows_2d`` (None: the same)."""
+        return None
+
+    def _natural_col(self, rows: Tensor, col: Tensor) -> Optional[Tensor]:
+        """Column in the natural [O, K] layout of each ticket entry (None: the same)."""
         return None
 
     def _n_out(self) -> int:
@@ -178,7 +187,7 @@ class TicketModule(NEqMixin, nn.Module):
         self._choice: Optional[str] = None
         self._last_key: Optional[tuple] = None
         self._st_prev = None
-        self.weight_values = nn.Parameter(weight.new_empty(0), requires_grad=weight.requires_grad)
+        self.register_parameter("weight_values", None)
         for name in ("crow", "col", "ccol", "row", "perm"):
             self.register_buffer(name, torch.empty(0, dtype=torch.int32, device=weight.device))
         self.register_buffer("flat", torch.empty(0, dtype=torch.int64, device=weight.device), persistent=False)
@@ -188,16 +197,18 @@ class TicketModule(NEqMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._set_from_dense(weight.detach(), mask, remap=False)
+        self.weight_values.requires_grad_(weight.requires_grad)
         register_module_params(self)
 
     def _set_from_dense(self, weight: Tensor, mask: Tensor, remap: bool) -> None:
         O, K = self._dense2d_shape()
         check_weight_dtype(weight.dtype, where(self))
         mask = check_mask(mask, self._weight_shape(), where(self), weight.device)
-        values, crow, col = ops.dense_to_ticket(weight.reshape(O, K).contiguous(), mask.reshape(O, K).contiguous())
-        shift = self._col_shift(rows_of(crow))
-        if shift is not None:
-            col = (col + shift.to(torch.int32)).contiguous()
+        values, crow, col = ops.dense_to_ticket(self._ticket_rows_2d(weight).contiguous(),
+                                                self._ticket_rows_2d(mask).contiguous())
+        mapped = self._ticket_col(rows_of(crow), col.long())
+        if mapped is not None:
+            col = mapped.to(torch.int32).contiguous()
         self._set_structure(values, crow, col, remap=remap)
 
     def _set_structure(self, values: Tensor, crow: Tensor, col: Tensor, remap: bool) -> None:
@@ -213,22 +224,41 @@ class TicketModule(NEqMixin, nn.Module):
         else:
             self._st_prev = None
         ccol, row, perm = ops.ticket_transpose(crow, col, self._ticket_cols())
-        p = self.weight_values
-        with torch.no_grad():
-            if p.shape != values.shape or remap:
-                p.grad = None  # a gradient laid out for the old structure means nothing now
-            p.data = values.contiguous()
         self._buffers.update(crow=crow, col=col, ccol=ccol, row=row, perm=perm, flat=flat)
         self._st_token = object()
+        self._install_values(values.contiguous(), clear_grad=remap)
+        self._mark_nnz_dynamic()
+
+    def _mark_nnz_dynamic(self) -> None:
+        # torch.compile: nnz is a symbolic size, so a mask change does not recompile
+        # (without this, dynamo specialises buffer and parameter sizes)
+        for t in (self.weight_values, self.col, self.row, self.perm, self.flat):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+    def _install_values(self, values: Tensor, clear_grad: bool) -> None:
+        """Same nnz: the Parameter object stays (``.data`` swapped). New nnz: a new Parameter.
+
+        A new shape cannot go into the old Parameter: autograd caches each leaf's
+        AccumulateGrad node with the leaf's shape, and any graph still alive (a loss kept
+        from the last step) keeps that node, so the next backward would fail. The masked
+        optimizers notice the replacement and move their state over (see MaskedOptimizer).
+        """
+        p = self._parameters.get("weight_values")
+        if p is not None and p.shape == values.shape:
+            with torch.no_grad():
+                if clear_grad:
+                    p.grad = None  # a gradient laid out for the old structure means nothing now
+                p.data = values
+            return
+        requires_grad = True if p is None else p.requires_grad
+        self.weight_values = nn.Parameter(values, requires_grad=requires_grad)
+        register_module_params(self)
 
     def _flat_of(self, crow: Tensor, col: Tensor) -> Tensor:
         rows = rows_of(crow)
         K = self._dense2d_shape()[1]
-        natural = col.long()
-        shift = self._col_shift(rows)
-        if shift is not None:
-            natural = natural - shift
-        return rows * K + natural
+        natural = self._natural_col(rows, col.long())
+        return rows * K + (col.long() if natural is None else natural)
 
     # -- the public mask API
     @property
@@ -265,9 +295,11 @@ class TicketModule(NEqMixin, nn.Module):
 
         The kept values come from ``weight`` if given (e.g. rewinding to initial weights in
         IMP), else from the current dense-equivalent weight (newly kept positions start at 0).
-        The ``weight_values`` Parameter object stays the same (so optimizers keep referring
-        to it); its ``.grad`` is cleared; MaskedSGD/MaskedAdamW move their state onto the new
-        entries at their next step (entries kept in both masks keep it, new ones start at 0).
+        If nnz is unchanged the ``weight_values`` Parameter object stays (its ``.grad`` is
+        cleared), else it is replaced by a new one. MaskedSGD / MaskedAdamW follow either way
+        at their next step (or ``zero_grad``): they swap in the new Parameter and move their
+        state onto the new entries (kept in both masks: unchanged; new entries: zero).
+        Other holders of the old Parameter (a plain torch.optim optimizer) must be rebuilt.
         """
         if weight is None:
             weight = self.dense_weight()
@@ -365,11 +397,8 @@ class TicketModule(NEqMixin, nn.Module):
                                   f"{tuple(vals.shape)}, {', '.join(f'{k} {tuple(get(k).shape)}' for k in _NNZ_BUFFERS if get(k) is not None)}"
                                   f"{'' if crow is None else f', crow[-1]={int(crow[-1])}'})")
                 return
-            if n != self.nnz:  # resize in place so the copy below fits (Parameter object kept)
-                p = self.weight_values
-                with torch.no_grad():
-                    p.grad = None
-                    p.data = p.data.new_empty(n)
+            if n != self.nnz:  # resize so the copy below fits (a new Parameter, see _install_values)
+                self._install_values(self.weight_values.detach().new_empty(n), clear_grad=True)
                 for k in _NNZ_BUFFERS:
                     self._buffers[k] = self._buffers[k].new_empty(n)
         a = get("active")
@@ -393,6 +422,7 @@ class TicketModule(NEqMixin, nn.Module):
             self._st_prev = None
             self._st_token = object()  # optimizers reset this param's state
         self._buffers["flat"] = self._flat_of(self.crow, self.col)
+        self._mark_nnz_dynamic()
         register_module_params(self)  # load_state_dict(assign=True) makes new Parameter objects
 
     def _validate_structure(self) -> Optional[str]:
@@ -428,5 +458,6 @@ def _match(old_flat: Tensor, new_flat: Tensor) -> Tuple[Tensor, Tensor]:
     """For each new position: index into the old entries and whether it exists there."""
     if old_flat.numel() == 0:
         return (torch.zeros_like(new_flat), torch.zeros(new_flat.shape, dtype=torch.bool, device=new_flat.device))
-    pos = torch.searchsorted(old_flat, new_flat).clamp_(max=old_flat.numel() - 1)
-    return pos, old_flat.index_select(0, pos) == new_flat
+    old_sorted, order = torch.sort(old_flat)
+    at = torch.searchsorted(old_sorted, new_flat).clamp_(max=old_flat.numel() - 1)
+    return order.index_select(0, at), old_sorted.index_select(0, at) == new_flat

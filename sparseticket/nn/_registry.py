@@ -10,6 +10,8 @@ for each of its parameters, how to fetch the current masks from the module:
   each entry is) changes; the optimizer remaps or resets its state when it does
 * ``remap(old_token, t)`` -> ``t`` (state laid out for the old structure) moved onto the
   current one, zeros for new entries, or None when the module cannot (state is reset)
+* ``current()`` -> the Parameter now in the param's place in its module (a different
+  object once a mask change altered nnz); the optimizers swap it into their param groups
 
 The records live in a weak table keyed by Parameter identity, not as attributes on the
 Parameters: ``copy.deepcopy`` drops tensor attributes and ``pickle`` cannot store the
@@ -34,18 +36,20 @@ class ParamMasks:
     row_ptr: Optional[Callable[[], Optional[Tensor]]] = None
     token: Optional[Callable[[], object]] = None
     remap: Optional[Callable[[object, Tensor], Optional[Tensor]]] = None
+    current: Optional[Callable[[], Optional[Tensor]]] = None
 
 
 _TABLE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
-def register_param(param: Tensor, *, keep=None, active=None, row_ptr=None, token=None, remap=None) -> None:
+def register_param(param: Tensor, *, keep=None, active=None, row_ptr=None, token=None, remap=None,
+                   current=None) -> None:
     """Tell the masked optimizers how to find ``param``'s masks (each a zero-argument callable).
 
     For third-party layers: e.g. a dense layer pruned by a mask it keeps elsewhere,
     ``register_param(layer.weight, keep=lambda: my_masks['fc1'])``.
     """
-    _TABLE[param] = ParamMasks(keep, active, row_ptr, token, remap)
+    _TABLE[param] = ParamMasks(keep, active, row_ptr, token, remap, current)
 
 
 def unregister_param(param: Tensor) -> None:
@@ -61,7 +65,11 @@ def _module_getter(module: torch.nn.Module, attr: str) -> Callable[[], Optional[
 
     def get():
         m = ref()
-        return None if m is None else getattr(m, attr, None)
+        if m is None:
+            return None
+        # parameters and buffers directly: skips nn.Module.__getattr__ on the optimizer's path
+        t = m._buffers.get(attr, m._parameters.get(attr))
+        return t if t is not None else getattr(m, attr, None)
 
     return get
 
@@ -89,7 +97,8 @@ def register_module_params(module: torch.nn.Module) -> None:
     p = module._parameters.get("weight_values")
     if p is not None:
         register_param(p, active=active, row_ptr=_module_getter(module, "crow"),
-                       token=_module_getter(module, "_st_token"), remap=_module_method(module, "_st_remap_state"))
+                       token=_module_getter(module, "_st_token"), remap=_module_method(module, "_st_remap_state"),
+                       current=_module_getter(module, "weight_values"))
     for name in ("weight", "weight_orig"):
         p = module._parameters.get(name)
         if p is None:
@@ -98,13 +107,13 @@ def register_module_params(module: torch.nn.Module) -> None:
         if keep is None and active is None:
             unregister_param(p)
         else:
-            register_param(p, keep=keep, active=active)
+            register_param(p, keep=keep, active=active, current=_module_getter(module, name))
     p = module._parameters.get("bias")
     if p is not None:
         if active is None:
             unregister_param(p)
         else:
-            register_param(p, active=active)
+            register_param(p, active=active, current=_module_getter(module, "bias"))
 
 
 def _prune_keep_getter(module: torch.nn.Module) -> Optional[Callable[[], Optional[Tensor]]]:

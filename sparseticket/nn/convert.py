@@ -5,6 +5,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 from . import _mode
 from ._common import TicketModule, check_mask, describe, neq_capable, where
@@ -170,7 +171,7 @@ def densify(model: nn.Module, as_pruned: bool = False) -> nn.Module:
     for name, parent, attr, module in _named_convertible(model, (SparseLinear, SparseConv2d)):
         dense = module.to_dense()
         if as_pruned:
-            torch.nn.utils.prune.custom_from_mask(dense, "weight", module.mask().to(dense.weight.device))
+            prune.custom_from_mask(dense, "weight", module.mask().to(dense.weight.device))
             register_module_params(dense) if neq_capable(dense) else None
         setattr(parent, attr, dense)
     return model

@@ -40,6 +40,33 @@ class MaskedOptimizer(Optimizer):
         row_ptr = info.row_ptr() if info.row_ptr is not None else None
         return keep, active, row_ptr
 
+    def _sync_params(self) -> None:
+        """Swap in the Parameters that modules replaced (a mask change that altered nnz,
+        ``load_state_dict(assign=True)``), carrying their state and structure record."""
+        for group in self.param_groups:
+            params = group["params"]
+            for i, p in enumerate(params):
+                info = param_masks(p)
+                if info is None or info.current is None:
+                    continue
+                cur = info.current()
+                if cur is None or cur is p or not isinstance(cur, Tensor):
+                    continue
+                params[i] = cur
+                if p in self.state:
+                    self.state[cur] = self.state.pop(p)
+                seen = self._st_tokens.pop(p, None)
+                if seen is not None:
+                    self._st_tokens[cur] = seen
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._sync_params()
+        super().zero_grad(set_to_none)
+
+    def state_dict(self):
+        self._sync_params()
+        return super().state_dict()
+
     def _follow_structure(self, p: Tensor, state: dict) -> None:
         info = param_masks(p)
         token = info.token() if info is not None and info.token is not None else None

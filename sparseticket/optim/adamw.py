@@ -113,6 +113,7 @@ class MaskedAdamW(MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_params()
         for group in self.param_groups:
             amsgrad = bool(group["amsgrad"])
             params, grads, m, v, vmax, keeps, actives, row_ptrs = lists(8)

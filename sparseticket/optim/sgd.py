@@ -44,6 +44,7 @@ class MaskedSGD(MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_params()
         for group in self.param_groups:
             momentum = _float(group["momentum"], "momentum")
             params, grads, bufs, keeps, actives, row_ptrs, fresh = lists(7)

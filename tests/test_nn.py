@@ -1,0 +1,546 @@
+"""sparseticket.nn: sparse and NEq layers against nn.Linear / nn.Conv2d with masked weights,
+conversion in place (sparsify / densify / torch.nn.utils.prune), checkpoints, execution
+mode choice, errors naming the layer, and torch.compile.
+
+Gradients are compared in float64 so a mismatch is a bug, not rounding; each check covers
+the forward, the input gradient and the gradient of every kept weight (sparse gradients
+are compared with the masked dense gradient at the kept positions).
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+import sparseticket.nn as stnn
+from sparseticket.nn import _mode
+from sparseticket.nn._registry import param_masks
+
+F64 = torch.float64
+SPARSITIES = (0.0, 0.5, 0.95, 1.0)
+MODES = ("sparse", "dense")
+
+
+def make_mask(shape, sparsity, gen):
+    """Bool keep-mask with exactly round((1 - sparsity) * numel) True entries."""
+    n = 1
+    for s in shape:
+        n *= s
+    k = int(round((1 - sparsity) * n))
+    m = torch.zeros(n, dtype=torch.bool)
+    m[torch.randperm(n, generator=gen)[:k]] = True
+    return m.view(shape)
+
+
+def masked_copy(layer, mask):
+    """A plain dense copy of ``layer`` whose weight is the masked weight (the reference)."""
+    ref = copy.deepcopy(layer)
+    with torch.no_grad():
+        ref.weight.mul_(mask.to(ref.weight.dtype))
+    return ref
+
+
+def dense_grad_of_values(module, grad_values):
+    """Scatter a compact-values gradient into the layer's dense weight shape."""
+    g = torch.zeros(module.mask().numel(), dtype=grad_values.dtype)
+    g[module.flat] = grad_values
+    return g.view(module.mask().shape)
+
+
+def compare_to_reference(module, ref, mask, x, active=None, tol=1e-10):
+    """Forward, input grad, kept-weight grad and bias grad of ``module`` vs ``ref``.
+
+    With ``active``, frozen rows must get exactly zero weight and bias gradient.
+    """
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    y1 = module(x1)
+    y2 = ref(x2)
+    torch.testing.assert_close(y1, y2, rtol=tol, atol=tol, msg="forward")
+    gy = torch.randn_like(y2)
+    y1.backward(gy)
+    y2.backward(gy)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol, msg="input grad")
+    gw_ref = ref.weight.grad * mask
+    gb_ref = None if ref.bias is None else ref.bias.grad.clone()
+    if active is not None:
+        gw_ref[~active] = 0
+        if gb_ref is not None:
+            gb_ref[~active] = 0
+    gw = dense_grad_of_values(module, module.weight_values.grad) if hasattr(module, "weight_values") else module.weight.grad
+    torch.testing.assert_close(gw, gw_ref, rtol=tol, atol=tol, msg="kept-weight grad")
+    if active is not None:
+        assert torch.all(gw[~active] == 0), "frozen rows got a weight gradient"
+    if gb_ref is not None:
+        torch.testing.assert_close(module.bias.grad, gb_ref, rtol=tol, atol=tol, msg="bias grad")
+
+
+# ----------------------------------------------------------------------------- SparseLinear
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_matches_masked_linear(mode, sparsity, bias, gen):
+    lin = nn.Linear(13, 7, bias=bias, dtype=F64)
+    mask = make_mask((7, 13), sparsity, gen)
+    s = stnn.SparseLinear.from_dense(lin, mask, mode=mode)
+    assert s.nnz == int(mask.sum()) and torch.equal(s.mask(), mask)
+    assert torch.equal(s.dense_weight(), torch.where(mask, lin.weight.detach(), 0.0))
+    compare_to_reference(s, masked_copy(lin, mask), mask, torch.randn(5, 13, dtype=F64, generator=gen))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_linear_leading_dims_and_empty_batch(mode, gen):
+    lin = nn.Linear(6, 4, dtype=F64)
+    mask = make_mask((4, 6), 0.5, gen)
+    s = stnn.SparseLinear.from_dense(lin, mask, mode=mode)
+    compare_to_reference(s, masked_copy(lin, mask), mask, torch.randn(2, 3, 6, dtype=F64, generator=gen))
+    y = s(torch.randn(0, 6, dtype=F64))
+    assert y.shape == (0, 4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_linear_frozen_rows(mode, gen):
+    lin = nn.Linear(9, 6, dtype=F64)
+    mask = make_mask((6, 9), 0.5, gen)
+    active = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    s = stnn.SparseLinear.from_dense(lin, mask, mode=mode)
+    s.set_active(active)
+    assert stnn.neq_capable(s) and s.frozen_fraction == 0.5
+    compare_to_reference(s, masked_copy(lin, mask), mask, torch.randn(4, 9, dtype=F64, generator=gen), active)
+    s.set_active(None)
+    assert s.active is None
+
+
+def test_dense_neq_linear(gen):
+    lin = nn.Linear(9, 6, dtype=F64)
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    d = stnn.DenseNEqLinear(9, 6, dtype=F64)
+    d.load_state_dict(lin.state_dict())
+    d.set_active(active)
+    compare_to_reference(d, copy.deepcopy(lin), torch.ones(6, 9, dtype=torch.bool),
+                         torch.randn(4, 9, dtype=F64, generator=gen), active)
+    assert set(d.state_dict()) == {"weight", "bias", "active"}
+
+
+# ----------------------------------------------------------------------------- SparseConv2d
+
+CONV_OPTIONS = {
+    "plain": dict(),
+    "stride2": dict(stride=2),
+    "pad1": dict(padding=1),
+    "dilation2": dict(dilation=2, padding=2),
+    "groups2": dict(groups=2, padding=1),
+    "nobias": dict(bias=False),
+    "odd": dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+    "same": dict(padding="same", kernel_size=4, dilation=1),
+    "reflect": dict(padding=1, padding_mode="reflect"),
+    "pointwise": dict(kernel_size=1),
+}
+
+
+def _conv(options, cin=4, cout=6):
+    o = dict(kernel_size=3)
+    o.update(options)
+    return nn.Conv2d(cin, cout, dtype=F64, **o)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("option", sorted(CONV_OPTIONS))
+def test_sparse_conv_matches_masked_conv(option, sparsity, mode, gen):
+    conv = _conv(CONV_OPTIONS[option])
+    mask = make_mask(tuple(conv.weight.shape), sparsity, gen)
+    s = stnn.SparseConv2d.from_dense(conv, mask, mode=mode)
+    assert torch.equal(s.mask(), mask)
+    assert torch.equal(s.dense_weight(), torch.where(mask, conv.weight.detach(), 0.0))
+    compare_to_reference(s, masked_copy(conv, mask), mask, torch.randn(2, 4, 9, 8, dtype=F64, generator=gen))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_conv_unbatched_and_channels_last(mode, gen):
+    conv = _conv(dict(padding=1))
+    mask = make_mask(tuple(conv.weight.shape), 0.5, gen)
+    s = stnn.SparseConv2d.from_dense(conv, mask, mode=mode)
+    ref = masked_copy(conv, mask)
+    x = torch.randn(4, 7, 7, dtype=F64, generator=gen)
+    torch.testing.assert_close(s(x), ref(x))
+    xc = torch.randn(2, 4, 7, 7, dtype=F64, generator=gen).contiguous(memory_format=torch.channels_last)
+    compare_to_reference(s, ref, mask, xc)
+    assert s(torch.randn(0, 4, 7, 7, dtype=F64)).shape == (0, 6, 7, 7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("groups,cout", [(1, 6), (2, 6), (4, 4), (2, 8)])
+def test_sparse_conv_frozen_channels(groups, cout, mode, gen):
+    conv = _conv(dict(padding=1, groups=groups), cout=cout)
+    mask = make_mask(tuple(conv.weight.shape), 0.3, gen)
+    active = make_mask((cout,), 0.5, gen)
+    s = stnn.SparseConv2d.from_dense(conv, mask, mode=mode)
+    s.set_active(active)
+    compare_to_reference(s, masked_copy(conv, mask), mask, torch.randn(2, 4, 6, 5, dtype=F64, generator=gen), active)
+
+
+@pytest.mark.parametrize("groups,cout", [(1, 6), (2, 6), (4, 4), (2, 8)])
+def test_neq_conv2d_frozen_channels(groups, cout, gen):
+    conv = _conv(dict(padding=1, groups=groups, stride=2), cout=cout)
+    active = make_mask((cout,), 0.5, gen)
+    n = stnn.NEqConv2d(4, cout, 3, padding=1, groups=groups, stride=2, dtype=F64)
+    n.load_state_dict(conv.state_dict())
+    n.set_active(active)
+    compare_to_reference(n, copy.deepcopy(conv), torch.ones_like(conv.weight, dtype=torch.bool),
+                         torch.randn(2, 4, 7, 6, dtype=F64, generator=gen), active)
+
+
+def test_all_frozen_and_all_pruned(gen):
+    conv = _conv({})
+    s = stnn.SparseConv2d.from_dense(conv, torch.zeros_like(conv.weight, dtype=torch.bool), mode="sparse")
+    s.set_active(torch.zeros(6, dtype=torch.bool))
+    x = torch.randn(1, 4, 5, 5, dtype=F64, requires_grad=True)
+    y = s(x)
+    torch.testing.assert_close(y, conv.bias.detach().view(1, 6, 1, 1).expand_as(y))
+    y.sum().backward()
+    assert torch.all(x.grad == 0) and s.weight_values.grad.numel() == 0 and torch.all(s.bias.grad == 0)
+
+
+# ----------------------------------------------------------------------------- mask changes
+
+
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_set_mask(cls, gen):
+    layer = nn.Linear(8, 5, dtype=F64) if cls == "linear" else _conv(dict(groups=2))
+    shape = tuple(layer.weight.shape)
+    m1 = make_mask(shape, 0.5, gen)
+    s = (stnn.SparseLinear if cls == "linear" else stnn.SparseConv2d).from_dense(layer, m1, mode="sparse")
+    p = s.weight_values
+    # same nnz: the Parameter object stays; values come from the current dense weight
+    m2 = make_mask(shape, 0.5, gen)
+    s.set_mask(m2)
+    assert s.weight_values is p and torch.equal(s.mask(), m2)
+    w = layer.weight.detach()
+    assert torch.equal(s.dense_weight(), torch.where(m1 & m2, w, 0.0))
+    # new nnz, rewound to given weights: a new Parameter
+    m3 = make_mask(shape, 0.8, gen)
+    s.set_mask(m3, weight=w)
+    assert s.weight_values is not p and torch.equal(s.dense_weight(), torch.where(m3, w, 0.0))
+    assert param_masks(s.weight_values) is not None
+    compare_to_reference(s, masked_copy(layer, m3), m3, torch.randn(3, *((8,) if cls == "linear" else (4, 6, 6)),
+                                                                      dtype=F64, generator=gen))
+    # a graph from before the change still alive does not break the next backward
+    y_old = s(torch.randn(2, *((8,) if cls == "linear" else (4, 6, 6)), dtype=F64)).sum()
+    y_old.backward()
+    s.set_mask(make_mask(shape, 0.3, gen))
+    s(torch.randn(2, *((8,) if cls == "linear" else (4, 6, 6)), dtype=F64)).sum().backward()
+
+
+# ----------------------------------------------------------------------------- sparsify / densify
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, groups=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)  # its out_proj must stay dense
+        self.fc1 = nn.Linear(8 * 4 * 4, 20)
+        self.fc2 = nn.Linear(20, 5)
+
+    def forward(self, x):
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        t = h.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.fc2(F.relu(self.fc1(t.transpose(1, 2).flatten(1))))
+
+
+LAYERS = ("conv1", "conv2", "fc1", "fc2")
+
+
+def _masks_for(model, sparsity, gen):
+    return {n: make_mask(tuple(getattr(model, n).weight.shape), sparsity, gen) for n in LAYERS}
+
+
+def test_sparsify_densify_round_trip(gen):
+    model = Net().double()
+    masks = _masks_for(model, 0.7, gen)
+    x = torch.randn(2, 3, 9, 9, dtype=F64, generator=gen)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in masks.items():
+            getattr(ref, n).weight.mul_(m)
+    s = stnn.sparsify(copy.deepcopy(model), masks=masks)
+    assert isinstance(s.fc1, stnn.SparseLinear) and isinstance(s.conv2, stnn.SparseConv2d)
+    assert type(s.attn.out_proj) is not stnn.SparseLinear
+    torch.testing.assert_close(s(x), ref(x))
+    d = stnn.densify(s)
+    for n, m in masks.items():
+        layer = getattr(d, n)
+        assert type(layer) in (nn.Linear, nn.Conv2d)
+        assert torch.equal(layer.weight, torch.where(m, getattr(model, n).weight, 0.0)), n
+        assert torch.equal(layer.bias, getattr(model, n).bias)
+    assert torch.equal(d(x), ref(x))
+
+
+def test_sparsify_filter_and_default_mask(gen):
+    model = Net().double()
+    with torch.no_grad():
+        model.fc1.weight[:, ::2] = 0
+    stnn.sparsify(model, filter=lambda name, m: isinstance(m, nn.Linear))
+    assert type(model.conv1) is nn.Conv2d and isinstance(model.fc2, stnn.SparseLinear)
+    assert model.fc1.density == 0.5 and model.fc2.density == 1.0
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_sparsify_magnitude(scope, gen):
+    model = Net().double()
+    w = {n: getattr(model, n).weight.detach().clone() for n in LAYERS}
+    stnn.sparsify(model, amount=0.8, scope=scope, mode="sparse")
+    total = sum(v.numel() for v in w.values())
+    kept = sum(getattr(model, n).nnz for n in LAYERS)
+    if scope == "global":
+        assert kept == total - round(0.8 * total)
+    if scope == "layerwise":
+        for n in LAYERS:
+            assert getattr(model, n).nnz == w[n].numel() - round(0.8 * w[n].numel())
+    else:  # one threshold: every kept |w| >= every pruned |w|
+        kept_min = min(float(w[n].abs()[getattr(model, n).mask()].min()) for n in LAYERS)
+        pruned_max = max(float(w[n].abs()[~getattr(model, n).mask()].max()) for n in LAYERS)
+        assert kept_min >= pruned_max
+
+
+def test_sparsify_amount_per_layer_on_top_of_masks(gen):
+    model = Net().double()
+    masks = {"fc1": make_mask((20, 128), 0.5, gen), "fc2": make_mask((5, 20), 0.0, gen)}
+    stnn.sparsify(model, masks=masks, amount={"fc1": 0.5, "fc2": 0.2})
+    assert model.fc1.nnz == 640 and model.fc2.nnz == 80
+    assert not (model.fc1.mask() & ~masks["fc1"]).any()
+    assert type(model.conv1) is nn.Conv2d
+
+
+def test_torch_prune_interop(gen):
+    model = Net().double()
+    prune.l1_unstructured(model.fc1, "weight", amount=0.6)
+    prune.random_unstructured(model.conv1, "weight", amount=0.4)
+    x = torch.randn(2, 3, 9, 9, dtype=F64, generator=gen)
+    y = model(x)
+    masks = {"fc1": model.fc1.weight_mask.bool(), "conv1": model.conv1.weight_mask.bool()}
+    stnn.sparsify(model, filter=lambda n, m: n in masks)
+    assert torch.equal(model.fc1.mask(), masks["fc1"]) and torch.equal(model.conv1.mask(), masks["conv1"])
+    torch.testing.assert_close(model(x), y)
+    stnn.densify(model, as_pruned=True)
+    for n, m in masks.items():
+        layer = getattr(model, n)
+        assert prune.is_pruned(layer) and torch.equal(layer.weight_mask.bool(), m)
+    torch.testing.assert_close(model(x), y)
+    # and back again, straight from weight_orig + weight_mask
+    stnn.sparsify(model, filter=lambda n, m: n in masks)
+    assert torch.equal(model.fc1.mask(), masks["fc1"])
+    torch.testing.assert_close(model(x), y)
+
+
+def test_enable_neq_keeps_parameters_and_keys(gen):
+    model = Net().double()
+    keys = set(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    stnn.enable_neq(model)
+    assert isinstance(model.fc1, stnn.DenseNEqLinear) and isinstance(model.conv2, stnn.NEqConv2d)
+    assert type(model.attn.out_proj) is not stnn.DenseNEqLinear
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert set(model.state_dict()) == keys
+    assert {n for n, _ in stnn.neq_modules(model)} == set(LAYERS)
+    model.fc1.set_active(torch.arange(20) % 2 == 0)
+    assert set(model.state_dict()) == keys | {"fc1.active"}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _sparse_net(gen, sparsity):
+    model = stnn.sparsify(Net().double(), masks=_masks_for(Net(), sparsity, gen))
+    model.fc1.set_active(make_mask((20,), 0.5, gen))
+    return model
+
+
+def test_state_dict_into_fresh_model(gen):
+    src = _sparse_net(gen, 0.8)
+    x = torch.randn(2, 3, 9, 9, dtype=F64, generator=gen)
+    sd = src.state_dict()
+    assert "fc1.weight_values" in sd and "fc1.crow" in sd and "fc1.weight" not in sd and "fc1.active" in sd
+    dst = _sparse_net(gen, 0.3)  # same architecture, other masks (other nnz), no freezing on fc2
+    dst.fc1.set_active(None)
+    dst.load_state_dict(sd)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    torch.testing.assert_close(dst(x), src(x))
+    fresh = Net().double()  # plain dense model: the helper converts the layers first
+    stnn.load_state_dict(fresh, sd)
+    assert isinstance(fresh.fc1, stnn.SparseLinear) and torch.equal(fresh.fc1.active, src.fc1.active)
+    torch.testing.assert_close(fresh(x), src(x))
+
+
+def test_safetensors_round_trip(gen, tmp_path):
+    pytest.importorskip("safetensors")
+    src = _sparse_net(gen, 0.9)
+    path = str(tmp_path / "model.safetensors")
+    stnn.save_safetensors(src, path)
+    dst = Net().double()
+    stnn.load_safetensors(dst, path)
+    x = torch.randn(2, 3, 9, 9, dtype=F64, generator=gen)
+    torch.testing.assert_close(dst(x), src(x))
+    assert torch.equal(dst.conv2.col, src.conv2.col)
+
+
+def test_deepcopy_and_pickle_keep_optimizer_registry(gen):
+    src = _sparse_net(gen, 0.5)
+    for clone in (copy.deepcopy(src), pickle.loads(pickle.dumps(src))):
+        info = param_masks(clone.fc1.weight_values)
+        assert info is not None and info.row_ptr() is clone.fc1.crow and info.active() is clone.fc1.active
+
+
+# ----------------------------------------------------------------------------- execution mode
+
+
+def test_mode_auto_measures_once_and_can_be_forced(gen):
+    _mode.clear_cache()
+    model = stnn.sparsify(nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 4)), amount=0.5)
+    calls = {"sparse": 0, "dense": 0}
+    layer = model[0]
+    for path in calls:
+        orig = getattr(layer, f"_run_{path}")
+
+        def counted(*a, _orig=orig, _path=path):
+            calls[_path] += 1
+            return _orig(*a)
+
+        setattr(layer, f"_run_{path}", counted)
+    x = torch.randn(16, 30)
+    model(x).sum().backward()
+    assert len(_mode._CHOICES) == 2 and calls["sparse"] > 1 and calls["dense"] > 1  # measured both
+    choice = layer._choice
+    assert f"mode=auto ({choice})" in repr(layer)
+    calls.update(sparse=0, dense=0)
+    model(torch.randn(13, 30))  # same batch bucket (16) but no grad needed? grad is on: same key
+    assert calls[choice] == 1 and sum(calls.values()) == 1
+    with stnn.use_mode("dense"):
+        model(x)
+        assert "runs" in stnn.report(model) and "dense" in repr(layer)
+    assert calls["dense"] >= 1
+    calls.update(sparse=0, dense=0)
+    layer.mode = "sparse"
+    prev = stnn.set_mode("dense")
+    try:
+        model(x)  # a module's own forced mode beats the global one
+        assert calls == {"sparse": 1, "dense": 0}
+    finally:
+        stnn.set_mode(prev)
+    rows = stnn.layer_report(model)
+    assert [r["name"] for r in rows] == ["0", "2"] and rows[0]["mode"] == "sparse"
+    text = stnn.report(model)
+    assert "SparseLinear" in text and "density" in text
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_layer(gen):
+    model = Net().double()
+    with pytest.raises(ValueError, match=r"layer 'fc1'.*mask has shape \(20, 127\), expected \(20, 128\)"):
+        stnn.sparsify(model, masks={"fc1": torch.ones(20, 127, dtype=torch.bool)})
+    bad = torch.ones(20, 128)
+    bad[3, 4] = 0.5
+    with pytest.raises(ValueError, match=r"layer 'fc1'.*binary.*0.5"):
+        stnn.sparsify(model, masks={"fc1": bad})
+    with pytest.raises(KeyError, match=r"'fc3' \(no such layer\)"):
+        stnn.sparsify(model, masks={"fc3": bad})
+    with pytest.raises(KeyError, match=r"'attn' \(MultiheadAttention, not convertible\)"):
+        stnn.sparsify(model, masks={"attn": bad})
+    half = nn.Sequential(nn.Linear(4, 3).half())
+    with pytest.raises(TypeError, match=r"layer '0'.*float16"):
+        stnn.sparsify(half)
+    stnn.sparsify(model, amount=0.5)
+    with pytest.raises(ValueError, match=r"layer 'fc1'.*active must have shape \(20,\)"):
+        model.fc1.set_active(torch.ones(19, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"layer 'fc2'.*input has shape \(2, 19\)"):
+        model.fc2(torch.randn(2, 19, dtype=F64))
+    with pytest.raises(ValueError, match=r"layer 'conv1'.*expected \[N, 3, H, W\]"):
+        model.conv1(torch.randn(1, 4, 5, 5, dtype=F64))
+
+
+def test_checkpoint_from_another_architecture(gen):
+    src = stnn.sparsify(nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 3)), amount=0.5)
+    other = stnn.sparsify(nn.Sequential(nn.Linear(10, 7), nn.Linear(7, 3)), amount=0.5)
+    with pytest.raises(RuntimeError, match=r"layer '0'.*crow has shape \(7,\), expected \(8,\).*another architecture"):
+        other.load_state_dict(src.state_dict())
+    dense_ckpt = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 3)).state_dict()
+    with pytest.raises(RuntimeError, match=r"layer '0'.*dense 'weight'"):
+        src.load_state_dict(dense_ckpt)
+    broken = dict(src.state_dict())
+    broken["0.col"] = broken["0.col"].clone().fill_(99)
+    with pytest.raises(RuntimeError, match=r"layer '0'.*col out of range"):
+        copy.deepcopy(src).load_state_dict(broken)
+
+
+def test_unsupported_options():
+    with pytest.raises(TypeError, match="only nn.Conv2d"):
+        stnn.SparseConv2d.from_dense(nn.ConvTranspose2d(2, 2, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        stnn.SparseLinear(3, 2, mode="fast")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        stnn.set_mode("fast")
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _mlp(gen):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 3))
+    return stnn.sparsify(m, amount=0.6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compile_fullgraph_matches_eager(mode, gen):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = _mlp(gen)
+    model[2].set_active(make_mask((6,), 0.5, gen))
+    ref = copy.deepcopy(model)
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    with stnn.use_mode(mode):
+        for b in (8, 5):
+            x = torch.randn(b, 12, generator=gen)
+            y, y_ref = compiled(x), ref(x)
+            torch.testing.assert_close(y, y_ref)
+            y.square().sum().backward()
+            y_ref.square().sum().backward()
+            for (n, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
+        frames = cnt.frame_count
+        # a mask change (new nnz) costs at most one recompilation
+        for layer in (model[0], ref[0]):
+            layer.set_mask(make_mask((10, 12), 0.3, torch.Generator().manual_seed(1)))
+        x = torch.randn(8, 12, generator=gen)
+        torch.testing.assert_close(compiled(x), ref(x))
+        assert cnt.frame_count <= frames + 1
+
+
+def test_compile_conv_fullgraph(gen):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    stnn.sparsify(model, amount=0.5, mode="sparse")
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 2, 7, 7, generator=gen)
+    y, y_ref = compiled(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for p, p_ref in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad)
