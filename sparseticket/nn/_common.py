@@ -226,6 +226,7 @@ class TicketModule(NEqMixin, nn.Module):
         ccol, row, perm = ops.ticket_transpose(crow, col, self._ticket_cols())
         self._buffers.update(crow=crow, col=col, ccol=ccol, row=row, perm=perm, flat=flat)
         self._st_token = object()
+        self.__dict__["_fast_choice"] = None  # nnz changed: measured choices may differ
         self._install_values(values.contiguous(), clear_grad=remap)
         self._mark_nnz_dynamic()
 
@@ -321,20 +322,30 @@ class TicketModule(NEqMixin, nn.Module):
         return torch.where(found, t.index_select(0, pos), torch.zeros((), dtype=t.dtype, device=t.device))
 
     # -- execution choice
-    def _path(self, key_fn: Callable[[], tuple], measure_fn: Callable[[], Tuple[Callable, Callable]]) -> str:
-        forced = _mode.resolve(self.mode)
-        if forced is not None:
-            return forced
+    def _path(self, x: Tensor, key_fn: Callable[[], tuple],
+              measure_fn: Callable[[], Tuple[Callable, Callable]]) -> str:
+        mode = self.mode if self.mode != "auto" else _mode._GLOBAL_MODE
+        if mode != "auto":
+            return mode
         if torch.compiler.is_compiling():
             # no measuring inside a trace: the last eager choice, else the density rule
             if self._choice is not None:
                 return self._choice
             return "sparse" if self.density < _mode.HEURISTIC_DENSITY else "dense"
+        # per-module memo of the shared cache (the full key costs ~3 us to build)
+        small = (x.shape, x.dtype, x.requires_grad, torch.is_grad_enabled(), torch.get_num_threads(),
+                 _mode.VERSION[0], self._st_token)
+        fast = self.__dict__.get("_fast_choice")
+        if fast is not None and small in fast:
+            return fast[small]
         key = key_fn()
         choice = _mode._CHOICES.get(key)
         if choice is None:
             choice = _mode.decide(key, *measure_fn())
         self._choice, self._last_key = choice, key
+        if fast is None or len(fast) > 64:
+            fast = self.__dict__["_fast_choice"] = {}
+        fast[small] = choice
         return choice
 
     def _grad_key(self, x: Tensor) -> bool:

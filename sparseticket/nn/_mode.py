@@ -26,6 +26,8 @@ _GLOBAL_MODE = "auto"
 _CHOICES: Dict[tuple, str] = {}
 #: key -> (sparse seconds, dense seconds), for report()
 _TIMINGS: Dict[tuple, Tuple[float, float]] = {}
+#: bumped by clear_cache(), invalidating the modules' memos of _CHOICES
+VERSION = [0]
 
 # Density at or above which a layer never measured (under torch.compile, before any eager
 # call) runs dense. Measured on the CPU kernels (2 threads, fp32, fwd+bwd): sparse wins
@@ -68,6 +70,7 @@ def clear_cache() -> None:
     """Forget every measured choice (e.g. after changing the thread count by hand)."""
     _CHOICES.clear()
     _TIMINGS.clear()
+    VERSION[0] += 1
 
 
 def batch_bucket(n: int) -> int:

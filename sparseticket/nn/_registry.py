@@ -40,6 +40,8 @@ class ParamMasks:
 
 
 _TABLE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+#: bumped at every (un)registration, so optimizers can cache lookups between steps
+VERSION = [0]
 
 
 def register_param(param: Tensor, *, keep=None, active=None, row_ptr=None, token=None, remap=None,
@@ -50,10 +52,12 @@ def register_param(param: Tensor, *, keep=None, active=None, row_ptr=None, token
     ``register_param(layer.weight, keep=lambda: my_masks['fc1'])``.
     """
     _TABLE[param] = ParamMasks(keep, active, row_ptr, token, remap, current)
+    VERSION[0] += 1
 
 
 def unregister_param(param: Tensor) -> None:
-    _TABLE.pop(param, None)
+    if _TABLE.pop(param, None) is not None:
+        VERSION[0] += 1
 
 
 def param_masks(param: Tensor) -> Optional[ParamMasks]:

@@ -146,8 +146,8 @@ class SparseConv2d(TicketModule):
             a = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # 1x1 conv: im2col is a transpose
         else:
             a = _Im2ColNHWC.apply(x, self.kernel_size, self.stride, self._pad, self.dilation, oh, ow)
-        y = _sparse_linear(a, values, self.crow, self.col, self.ccol, self.row, self.perm, bias,
-                           self._buffers["active"])
+        b = self._buffers
+        y = _sparse_linear(a, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"])
         return y.view(N, oh, ow, self.out_channels).permute(0, 3, 1, 2)
 
     def _dense_weight_of(self, values: Tensor) -> Tensor:
@@ -174,7 +174,7 @@ class SparseConv2d(TicketModule):
         if oh <= 0 or ow <= 0:
             raise ValueError(f"sparseticket: {where(self)}: input of spatial size {tuple(x.shape[2:])} (after "
                              f"padding) is smaller than the dilated kernel")
-        path = self._path(lambda: self._key(x), lambda: self._measure_fns(x, self._run_sparse, self._run_dense))
+        path = self._path(x, lambda: self._key(x), lambda: self._measure_fns(x, self._run_sparse, self._run_dense))
         run = self._run_sparse if path == "sparse" else self._run_dense
         y = run(x, self.weight_values, self.bias)
         return y.squeeze(0) if unbatched else y

@@ -2,62 +2,86 @@
 structure changes (a new ticket) by remapping or resetting the parameter's state."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import weakref
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..nn._registry import param_masks
+from ..nn import _registry
+from ..nn._registry import ParamMasks, param_masks
 
 
 class MaskedOptimizer(Optimizer):
-    """Base: ``_masks(p)`` -> (keep, active, row_ptr); ``_follow_structure(p, keys)``.
+    """Base of the masked optimizers: per step, for each parameter with a gradient,
+    ``_prepare(group)`` yields (param, state, keep, active, row_ptr).
 
     Each parameter's masks are read at every step from the module that owns it (see
     ``sparseticket.nn._registry``), so a new mask or a new set of frozen neurons takes
-    effect at the next step with no new optimizer. When a ticket's structure changes
-    (``set_mask``, loading another checkpoint), the parameter's state tensors are moved
-    onto the new entries (kept in both masks: unchanged; new: zero), which is what a
-    dense masked optimizer would hold; if the module cannot say how (several changes
-    between two steps, an unknown origin), the parameter's state is reset as if new.
+    effect at the next step with no new optimizer. When a ticket's structure changes:
+
+    * nnz unchanged: the Parameter object is the same; its state tensors are moved onto
+      the new entries (entries kept in both masks keep theirs, new entries start at zero),
+      which is what a dense optimizer held masked by keep masks would hold;
+    * nnz changed: the module holds a new Parameter; the optimizer swaps it into its
+      param group (at ``step``, ``zero_grad`` or ``state_dict``) and moves the state the same way;
+    * if the module cannot say how (two mask changes between steps, a checkpoint of
+      another structure loaded into the model), the parameter's state is reset as for a
+      new parameter. A parameter whose ``.data`` changed shape with no module to ask is
+      reset too.
     """
 
     _state_tensors: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
-        self._st_tokens = WeakIdKeyDictionary()
+        self._st_reset_caches()
 
-    @staticmethod
-    def _masks(p: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    def _st_reset_caches(self) -> None:
+        # id(p) -> (weakref(p), ParamMasks | None): registry lookups cached between steps
+        self._st_info = {}
+        self._st_info_version = -1
+        # id(p) -> (weakref(p), structure token the state was laid out for)
+        self._st_tokens = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._st_reset_caches()
+
+    def _info(self, p: Tensor) -> Optional[ParamMasks]:
+        if self._st_info_version != _registry.VERSION[0]:
+            self._st_info.clear()
+            self._st_info_version = _registry.VERSION[0]
+        hit = self._st_info.get(id(p))
+        if hit is not None and hit[0]() is p:
+            return hit[1]
         info = param_masks(p)
-        if info is None:
-            return None, None, None
-        keep = info.keep() if info.keep is not None else None
-        active = info.active() if info.active is not None else None
-        row_ptr = info.row_ptr() if info.row_ptr is not None else None
-        return keep, active, row_ptr
+        self._st_info[id(p)] = (weakref.ref(p), info)
+        return info
+
+    def _current(self, params: List[Tensor], i: int) -> Tuple[Tensor, Optional[ParamMasks]]:
+        """params[i], or the Parameter its module now holds in its place (swapped in)."""
+        p = params[i]
+        info = self._info(p)
+        if info is None or info.current is None:
+            return p, info
+        cur = info.current()
+        if cur is None or cur is p or not isinstance(cur, Tensor):
+            return p, info
+        params[i] = cur
+        if p in self.state:
+            self.state[cur] = self.state.pop(p)
+        seen = self._st_tokens.pop(id(p), None)
+        if seen is not None and seen[0]() is p:
+            self._st_tokens[id(cur)] = (weakref.ref(cur), seen[1])
+        return cur, self._info(cur)
 
     def _sync_params(self) -> None:
-        """Swap in the Parameters that modules replaced (a mask change that altered nnz,
-        ``load_state_dict(assign=True)``), carrying their state and structure record."""
         for group in self.param_groups:
             params = group["params"]
-            for i, p in enumerate(params):
-                info = param_masks(p)
-                if info is None or info.current is None:
-                    continue
-                cur = info.current()
-                if cur is None or cur is p or not isinstance(cur, Tensor):
-                    continue
-                params[i] = cur
-                if p in self.state:
-                    self.state[cur] = self.state.pop(p)
-                seen = self._st_tokens.pop(p, None)
-                if seen is not None:
-                    self._st_tokens[cur] = seen
+            for i in range(len(params)):
+                self._current(params, i)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._sync_params()
@@ -67,11 +91,44 @@ class MaskedOptimizer(Optimizer):
         self._sync_params()
         return super().state_dict()
 
-    def _follow_structure(self, p: Tensor, state: dict) -> None:
-        info = param_masks(p)
-        token = info.token() if info is not None and info.token is not None else None
-        seen = self._st_tokens.get(p)
-        if token is not None and seen is not None and seen is not token and state:
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # the loaded state belongs to the parameters' current structure
+        self._st_tokens = {}
+
+    def _prepare(self, group: dict):
+        """(param, state, keep, active, row_ptr) for each param of ``group`` with a gradient."""
+        params = group["params"]
+        out = []
+        for i in range(len(params)):
+            p, info = self._current(params, i)
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"sparseticket: {type(self).__name__} does not support sparse gradients "
+                                   f"(torch.sparse); a ticket's compact gradient is already dense over its kept weights")
+            state = self.state[p]
+            keep = active = row_ptr = None
+            if info is not None:
+                if info.token is not None:
+                    self._follow_structure(p, state, info)
+                keep = info.keep() if info.keep is not None else None
+                active = info.active() if info.active is not None else None
+                row_ptr = info.row_ptr() if info.row_ptr is not None else None
+            if state:
+                t = state.get(self._state_tensors[0])
+                if t is not None and t.shape != p.shape:  # .data changed shape behind our back
+                    state.clear()
+            out.append((p, state, keep, active, row_ptr))
+        return out
+
+    def _follow_structure(self, p: Tensor, state: dict, info: ParamMasks) -> None:
+        token = info.token()
+        seen = self._st_tokens.get(id(p))
+        seen = seen[1] if seen is not None and seen[0]() is p else None
+        if token is None or seen is token:
+            return
+        if seen is not None and state:
             moved = {}
             for k in self._state_tensors:
                 t = state.get(k)
@@ -86,29 +143,7 @@ class MaskedOptimizer(Optimizer):
                 state.clear()
             else:
                 state.update(moved)
-        if token is not None:
-            self._st_tokens[p] = token
-        # a parameter whose .data changed shape behind our back (no token): start afresh
-        if any(isinstance(state.get(k), Tensor) and state[k].shape != p.shape for k in self._state_tensors):
-            state.clear()
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        # the loaded state belongs to the parameters' current structure
-        self._st_tokens = WeakIdKeyDictionary()
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if not hasattr(self, "_st_tokens"):
-            self._st_tokens = WeakIdKeyDictionary()
-
-    @staticmethod
-    def _grad_of(p: Tensor, name: str) -> Tensor:
-        g = p.grad
-        if g.is_sparse:
-            raise RuntimeError(f"sparseticket: {name} does not support sparse gradients (torch.sparse); the "
-                               f"compact ticket gradient is already dense over the kept weights")
-        return g
+        self._st_tokens[id(p)] = (weakref.ref(p), token)
 
 
 def _float(x, name: str) -> float:

@@ -113,26 +113,20 @@ class MaskedAdamW(MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_params()
         for group in self.param_groups:
             amsgrad = bool(group["amsgrad"])
             params, grads, m, v, vmax, keeps, actives, row_ptrs = lists(8)
             steps: List[float] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                self._follow_structure(p, state)
-                if "step" not in state or "exp_avg" not in state:
+            for p, state, keep, active, row_ptr in self._prepare(group):
+                if "exp_avg" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                keep, active, row_ptr = self._masks(p)
                 params.append(p)
-                grads.append(self._grad_of(p, "MaskedAdamW"))
+                grads.append(p.grad)
                 m.append(state["exp_avg"])
                 v.append(state["exp_avg_sq"])
                 if amsgrad:

@@ -44,18 +44,12 @@ class MaskedSGD(MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_params()
         for group in self.param_groups:
             momentum = _float(group["momentum"], "momentum")
             params, grads, bufs, keeps, actives, row_ptrs, fresh = lists(7)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                self._follow_structure(p, state)
-                keep, active, row_ptr = self._masks(p)
+            for p, state, keep, active, row_ptr in self._prepare(group):
                 params.append(p)
-                grads.append(self._grad_of(p, "MaskedSGD"))
+                grads.append(p.grad)
                 keeps.append(keep)
                 actives.append(active)
                 row_ptrs.append(row_ptr)
