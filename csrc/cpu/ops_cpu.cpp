@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -336,12 +337,31 @@ Tensor row_masked_grad_weight_cpu(const Tensor& gy, const Tensor& x, const c10::
   check_active(active, gy.size(1));
   if (!active) return gy.t().mm(x);
   // Only the active neurons' rows are multiplied: cost scales with (1 - frozen fraction).
-  const Tensor rows = active->nonzero().squeeze(1);
-  Tensor out = at::zeros({gy.size(1), x.size(1)}, gy.options());
-  if (rows.numel() == 0) return out;
+  const Tensor act = active->contiguous();
+  const Tensor rows = act.nonzero().squeeze(1);
+  if (rows.numel() == 0) return at::zeros({gy.size(1), x.size(1)}, gy.options());
   if (rows.numel() == gy.size(1)) return gy.t().mm(x);
-  const Tensor part = gy.index_select(1, rows).t().mm(x);
-  out.index_copy_(0, rows, part);
+  Tensor out = at::empty({gy.size(1), x.size(1)}, gy.options());
+  // One pass over the output: active rows copied from the product, frozen rows zeroed
+  // (a zeros() + index_copy_ wrote the active rows twice: f=0.25 cost 0.94 of dense).
+  const Tensor part = gy.index_select(1, rows).t().mm(x).contiguous();
+  const bool* am = act.data_ptr<bool>();
+  const int64_t I = x.size(1), O = gy.size(1);
+  std::vector<int64_t> src(O, -1);
+  for (int64_t r = 0, k = 0; r < O; ++r)
+    if (am[r]) src[r] = k++;
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "row_masked_grad_weight", [&] {
+    const scalar_t* pp = part.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (src[r] >= 0)
+          std::memcpy(op + r * I, pp + src[r] * I, sizeof(scalar_t) * I);
+        else
+          std::memset(op + r * I, 0, sizeof(scalar_t) * I);
+      }
+    });
+  });
   return out;
 }
 
