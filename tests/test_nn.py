@@ -544,3 +544,25 @@ def test_compile_conv_fullgraph(gen):
     y_ref.sum().backward()
     for p, p_ref in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+def test_compile_mask_change_free_with_dynamic_parameter_shapes(gen):
+    """With dynamo's static-shape forcing for module parameters/buffers off, nnz is symbolic:
+    after the first compile, mask changes compile nothing new."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = _mlp(gen)
+    cnt = CompileCounterWithBackend("aot_eager")
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                    force_nn_module_property_static_shapes=False), stnn.use_mode("sparse"):
+        compiled = torch.compile(model, backend=cnt, fullgraph=True)
+        x = torch.randn(8, 12, generator=gen)
+        compiled(x).sum().backward()
+        for k, sparsity in enumerate((0.3, 0.5, 0.8)):
+            model[0].set_mask(make_mask((10, 12), sparsity, gen))
+            model[2].set_mask(make_mask((6, 10), sparsity, gen))
+            y = compiled(x)
+            torch.testing.assert_close(y, model(x))
+            y.sum().backward()
+        assert cnt.frame_count == 1
