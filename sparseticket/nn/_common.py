@@ -212,7 +212,7 @@ class TicketModule(NEqMixin, nn.Module):
         self._set_structure(values, crow, col, remap=remap)
 
     def _set_structure(self, values: Tensor, crow: Tensor, col: Tensor, remap: bool) -> None:
-        """Install a new ticket, keeping the ``weight_values`` Parameter object.
+        """Install a new ticket (see ``_install_values`` for what happens to the Parameter).
 
         With ``remap`` the optimizers can carry their state over (entries kept in both
         masks keep theirs, new entries start at zero); see ``_st_remap_state``.

@@ -152,7 +152,11 @@ class SparseConv2d(TicketModule):
 
     def _dense_weight_of(self, values: Tensor) -> Tensor:
         O, K = self._dense2d_shape()
-        w = TicketToDense.apply(values, self.crow, self.col, self.flat, O, K, False)
+        if values.shape[0] == O * K:  # full ticket: values are W in (out, kh, kw, in/groups) order
+            kh, kw = self.kernel_size
+            return values.view(O, kh, kw, K // (kh * kw)).permute(0, 3, 1, 2)
+        b = self._buffers
+        w = TicketToDense.apply(values, b["crow"], b["col"], b["flat"], O, K, False)
         return w.view(self._weight_shape())
 
     def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:

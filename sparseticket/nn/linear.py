@@ -86,7 +86,10 @@ class SparseLinear(TicketModule):
 
     def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         b = self._buffers
-        w = TicketToDense.apply(values, b["crow"], b["col"], b["flat"], self.out_features, self.in_features, True)
+        if values.shape[0] == self.out_features * self.in_features:
+            w = values.view(self.out_features, self.in_features)  # full ticket: values are W, row-major
+        else:
+            w = TicketToDense.apply(values, b["crow"], b["col"], b["flat"], self.out_features, self.in_features, True)
         active = b["active"]
         if active is None:
             return F.linear(x, w, bias)
@@ -164,7 +167,6 @@ def _prepare_active_load(module: nn.Module, state_dict, prefix: str) -> None:
     a = state_dict.get(prefix + "active")
     if a is not None and module._buffers.get("active") is None:
         dev = next(iter(module._parameters.values())).device
-        module._buffers["active"] = torch.empty(a.shape, dtype=torch.bool, device=dev)
         module._buffers["active"] = check_active(a, module._n_out(), where(module, prefix[:-1] or None), dev)
 
 
