@@ -161,6 +161,20 @@ def test_sparse_conv_matches_masked_conv(option, sparsity, mode, gen):
     compare_to_reference(s, masked_copy(conv, mask), mask, torch.randn(2, 4, 9, 8, dtype=F64, generator=gen))
 
 
+@pytest.mark.parametrize("block_bytes", [64, 3000])  # h-bands of one image; several images per block
+@pytest.mark.parametrize("option", ["stride2", "dilation2", "groups2", "odd"])
+def test_sparse_conv_blocked_im2col(option, block_bytes, gen, monkeypatch):
+    from sparseticket.nn import conv as conv_module
+
+    monkeypatch.setattr(conv_module, "BLOCK_BYTES", block_bytes)
+    conv = _conv(CONV_OPTIONS[option])
+    mask = make_mask(tuple(conv.weight.shape), 0.5, gen)
+    s = stnn.SparseConv2d.from_dense(conv, mask, mode="sparse")
+    s.set_active(make_mask((6,), 0.5, gen))
+    compare_to_reference(s, masked_copy(conv, mask), mask, torch.randn(5, 4, 11, 9, dtype=F64, generator=gen),
+                         s.active)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sparse_conv_unbatched_and_channels_last(mode, gen):
     conv = _conv(dict(padding=1))
