@@ -254,7 +254,7 @@ def test_state_dict_resume(gen):
     opt_first = MaskedAdamW(first.parameters(), lr=1e-2)
     train(first, opt_first, data[:5])
     ckpt = copy.deepcopy({"model": first.state_dict(), "opt": opt_first.state_dict()})
-    fresh = stnn.sparsify(net(), amount=0.2, filter=lambda n, m: n in SPARSE)  # other masks: other nnz
+    fresh = stnn.sparsify(net(), amount=0.2, filter=lambda n, m: n in SPARSE, mode="sparse")  # other nnz
     opt = MaskedAdamW(fresh.parameters(), lr=1e-2)
     fresh.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
