@@ -172,7 +172,7 @@ def densify(model: nn.Module, as_pruned: bool = False) -> nn.Module:
         dense = module.to_dense()
         if as_pruned:
             prune.custom_from_mask(dense, "weight", module.mask().to(dense.weight.device))
-            register_module_params(dense) if neq_capable(dense) else None
+            register_module_params(dense)  # MaskedSGD/MaskedAdamW keep weight_orig's pruned entries at 0
         setattr(parent, attr, dense)
     return model
 

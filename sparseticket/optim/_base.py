@@ -154,6 +154,13 @@ def _float(x, name: str) -> float:
     return float(x)
 
 
+def check_implementation_args(differentiable: bool) -> None:
+    """torch.optim's implementation switches: ``foreach``/``fused`` are accepted and ignored
+    (every step is one fused multi-tensor call); ``differentiable`` is not supported."""
+    if differentiable:
+        raise ValueError("sparseticket: masked optimizers do not support differentiable=True")
+
+
 def check_positive(name: str, value, allow_zero: bool = True) -> None:
     v = _float(value, name)
     if v < 0 or (not allow_zero and v == 0):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..ops.reference import _active_elements
-from ._base import MaskedOptimizer, _float, check_positive, lists
+from ._base import MaskedOptimizer, _float, check_implementation_args, check_positive, lists
 
 
 def python_masked_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -91,7 +91,9 @@ class MaskedAdamW(MaskedOptimizer):
     _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False):
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, differentiable: bool = False):
+        check_implementation_args(differentiable)
         check_positive("learning rate", lr)
         check_positive("epsilon value", eps)
         check_positive("weight_decay value", weight_decay)

@@ -1,9 +1,11 @@
 """MaskedSGD: torch.optim.SGD through the fused ``masked_sgd_`` kernel, with masks."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ._base import MaskedOptimizer, _float, check_positive, lists
+from ._base import MaskedOptimizer, _float, check_implementation_args, check_positive, lists
 
 _masked_sgd_ = torch.ops.sparseticket.masked_sgd_
 
@@ -22,7 +24,9 @@ class MaskedSGD(MaskedOptimizer):
     _state_tensors = ("momentum_buffer",)
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
+        check_implementation_args(differentiable)
         check_positive("learning rate", lr)
         check_positive("momentum value", momentum)
         check_positive("weight_decay value", weight_decay)
