@@ -71,9 +71,11 @@ def _module_getter(module: torch.nn.Module, attr: str) -> Callable[[], Optional[
         m = ref()
         if m is None:
             return None
-        # parameters and buffers directly: skips nn.Module.__getattr__ on the optimizer's path
-        t = m._buffers.get(attr, m._parameters.get(attr))
-        return t if t is not None else getattr(m, attr, None)
+        # buffers, parameters, plain attributes directly: nn.Module.__getattr__ is slow
+        for d in (m._buffers, m._parameters, m.__dict__):
+            if attr in d:
+                return d[attr]
+        return getattr(m, attr, None)
 
     return get
 

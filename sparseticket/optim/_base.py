@@ -44,6 +44,8 @@ class MaskedOptimizer(Optimizer):
         self._st_info_version = -1
         # id(p) -> (weakref(p), structure token the state was laid out for)
         self._st_tokens = {}
+        # id(param group) -> (registry version, params list, its length, plan); see _plan
+        self._st_plans = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -77,11 +79,29 @@ class MaskedOptimizer(Optimizer):
             self._st_tokens[id(cur)] = (weakref.ref(cur), seen[1])
         return cur, self._info(cur)
 
+    def _plan(self, group: dict) -> list:
+        """[(param, keep(), active(), row_ptr(), token()) getters] for ``group``, rebuilt only
+        when some module (re)registered a Parameter: that is also when a module can have
+        replaced one, so the swap-in check runs then and not at every step."""
+        params = group["params"]
+        key = id(group)
+        cached = self._st_plans.get(key)
+        if (cached is not None and cached[0] == _registry.VERSION[0] and cached[1] is params
+                and cached[2] == len(params)):
+            return cached[3]
+        plan = []
+        for i in range(len(params)):
+            p, info = self._current(params, i)
+            if info is None:
+                plan.append((p, None, None, None, None, None))
+            else:
+                plan.append((p, info, info.keep, info.active, info.row_ptr, info.token))
+        self._st_plans[key] = (_registry.VERSION[0], params, len(params), plan)
+        return plan
+
     def _sync_params(self) -> None:
         for group in self.param_groups:
-            params = group["params"]
-            for i in range(len(params)):
-                self._current(params, i)
+            self._plan(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._sync_params()
@@ -95,38 +115,38 @@ class MaskedOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         # the loaded state belongs to the parameters' current structure
         self._st_tokens = {}
+        self._st_plans = {}
 
     def _prepare(self, group: dict):
         """(param, state, keep, active, row_ptr) for each param of ``group`` with a gradient."""
-        params = group["params"]
         out = []
-        for i in range(len(params)):
-            p, info = self._current(params, i)
-            if p.grad is None:
+        state_of = self.state
+        first = self._state_tensors[0]
+        for p, info, keep_fn, active_fn, row_fn, token_fn in self._plan(group):
+            g = p.grad
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError(f"sparseticket: {type(self).__name__} does not support sparse gradients "
                                    f"(torch.sparse); a ticket's compact gradient is already dense over its kept weights")
-            state = self.state[p]
-            keep = active = row_ptr = None
-            if info is not None:
-                if info.token is not None:
-                    self._follow_structure(p, state, info)
-                keep = info.keep() if info.keep is not None else None
-                active = info.active() if info.active is not None else None
-                row_ptr = info.row_ptr() if info.row_ptr is not None else None
+            state = state_of[p]
+            if token_fn is not None:
+                self._follow_structure(p, state, info)
             if state:
-                t = state.get(self._state_tensors[0])
+                t = state.get(first)
                 if t is not None and t.shape != p.shape:  # .data changed shape behind our back
                     state.clear()
-            out.append((p, state, keep, active, row_ptr))
+            out.append((p, state, None if keep_fn is None else keep_fn(), None if active_fn is None else active_fn(),
+                        None if row_fn is None else row_fn()))
         return out
 
     def _follow_structure(self, p: Tensor, state: dict, info: ParamMasks) -> None:
         token = info.token()
         seen = self._st_tokens.get(id(p))
+        if seen is not None and seen[1] is token and seen[0]() is p:
+            return
         seen = seen[1] if seen is not None and seen[0]() is p else None
-        if token is None or seen is token:
+        if token is None:
             return
         if seen is not None and state:
             moved = {}
