@@ -307,6 +307,15 @@ def test_sparsify_filter_and_default_mask(gen):
     assert model.fc1.density == 0.5 and model.fc2.density == 1.0
 
 
+def test_shared_layer_stays_shared(gen):
+    shared = nn.Linear(6, 6, dtype=F64)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    stnn.sparsify(model, amount=0.5)
+    assert model[0] is model[2] and model[0].nnz == 18
+    stnn.densify(model)
+    assert model[0] is model[2] and type(model[0]) is nn.Linear
+
+
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 def test_sparsify_magnitude(scope, gen):
     model = Net().double()

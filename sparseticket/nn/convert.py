@@ -145,18 +145,27 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
         if w.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"sparseticket: {where(module, name)}: sparse layers support float32/float64 "
                             f"weights, got {w.dtype}; exclude it with filter=")
+    first = {}  # id(layer) -> its first name: a shared layer gets one mask
+    for name, _, _, module in found:
+        first.setdefault(id(module), name)
     base = {}
     for name, _, _, module in found:
+        if first[id(module)] != name:
+            continue
         w = _dense_weight(module)
         if masks is not None:
             base[name] = check_mask(masks[name], tuple(w.shape), where(module, name), w.device)
         else:
             base[name] = _current_mask(module).to(w.device)
     if amount is not None:
-        base = magnitude_masks({r[0]: _dense_weight(r[3]) for r in found}, base, amount, scope)
+        base = magnitude_masks({n: _dense_weight(r[3]) for r in found for n in [r[0]] if n in base}, base, amount,
+                               scope)
+    converted = {}  # a layer registered under two names (shared) stays one layer
     for name, parent, attr, module in found:
-        cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
-        new = cls.from_dense(module, base[name], mode=mode, name=name)
+        new = converted.get(id(module))
+        if new is None:
+            cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+            new = converted[id(module)] = cls.from_dense(module, base[first[id(module)]], mode=mode, name=name)
         setattr(parent, attr, new)
     return model
 
@@ -168,11 +177,14 @@ def densify(model: nn.Module, as_pruned: bool = False) -> nn.Module:
     ``weight_mask``), which keep the mask. Layers with frozen neurons come back as
     DenseNEqLinear / NEqConv2d. Returns ``model``.
     """
+    converted = {}
     for name, parent, attr, module in _named_convertible(model, (SparseLinear, SparseConv2d)):
-        dense = module.to_dense()
-        if as_pruned:
-            prune.custom_from_mask(dense, "weight", module.mask().to(dense.weight.device))
-            register_module_params(dense)  # MaskedSGD/MaskedAdamW keep weight_orig's pruned entries at 0
+        dense = converted.get(id(module))
+        if dense is None:
+            dense = converted[id(module)] = module.to_dense()
+            if as_pruned:
+                prune.custom_from_mask(dense, "weight", module.mask().to(dense.weight.device))
+                register_module_params(dense)  # MaskedSGD/MaskedAdamW keep weight_orig's pruned entries at 0
         setattr(parent, attr, dense)
     return model
 
