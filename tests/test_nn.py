@@ -443,7 +443,7 @@ def test_mode_auto_measures_once_and_can_be_forced(gen):
     model(x).sum().backward()
     assert len(_mode._CHOICES) == 2 and calls["sparse"] > 1 and calls["dense"] > 1  # measured both
     choice = layer._choice
-    assert f"mode=auto ({choice})" in repr(layer)
+    assert f"mode=auto ({choice})" in repr(layer) and layer.last_path == choice
     calls.update(sparse=0, dense=0)
     model(torch.randn(13, 30))  # same batch bucket (16) but no grad needed? grad is on: same key
     assert calls[choice] == 1 and sum(calls.values()) == 1
@@ -456,7 +456,7 @@ def test_mode_auto_measures_once_and_can_be_forced(gen):
     prev = stnn.set_mode("dense")
     try:
         model(x)  # a module's own forced mode beats the global one
-        assert calls == {"sparse": 1, "dense": 0}
+        assert calls == {"sparse": 1, "dense": 0} and layer.last_path == "sparse"
     finally:
         stnn.set_mode(prev)
     rows = stnn.layer_report(model)

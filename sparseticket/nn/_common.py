@@ -199,6 +199,7 @@ class TicketModule(NEqMixin, nn.Module):
         self.mode = _mode.check_mode(mode)
         self._choice: Optional[str] = None
         self._last_key: Optional[tuple] = None
+        self.last_path: Optional[str] = None  # 'sparse' | 'dense': what the last eager call ran
         self._st_prev = None
         self.register_parameter("weight_values", None)
         for name in ("crow", "col", "ccol", "row", "perm"):
@@ -337,8 +338,12 @@ class TicketModule(NEqMixin, nn.Module):
     # -- execution choice
     def _path(self, x: Tensor, key_fn: Callable[[], tuple],
               measure_fn: Callable[[], Tuple[Callable, Callable]]) -> str:
+        """'sparse' or 'dense' for this call; eager calls record it in ``last_path``
+        (what was dispatched, for FLOP accounting)."""
         mode = self.mode if self.mode != "auto" else _mode._GLOBAL_MODE
         if mode != "auto":
+            if not torch.compiler.is_compiling():
+                self.__dict__["last_path"] = mode
             return mode
         if torch.compiler.is_compiling():
             # no measuring inside a trace: the last eager choice, else the density rule
@@ -350,7 +355,8 @@ class TicketModule(NEqMixin, nn.Module):
                  _mode.VERSION[0], self._st_token)
         fast = self.__dict__.get("_fast_choice")
         if fast is not None and small in fast:
-            return fast[small]
+            choice = self.__dict__["last_path"] = fast[small]
+            return choice
         key = key_fn()
         choice = _mode._CHOICES.get(key)
         if choice is None:
@@ -359,6 +365,7 @@ class TicketModule(NEqMixin, nn.Module):
         if fast is None or len(fast) > 64:
             fast = self.__dict__["_fast_choice"] = {}
         fast[small] = choice
+        self.__dict__["last_path"] = choice
         return choice
 
     def _grad_key(self, x: Tensor) -> bool:
