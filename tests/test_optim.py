@@ -309,7 +309,7 @@ def test_python_adamw_against_kernel_layer_reference(gen):
                              *args.values())
         ref_mod.reference_masked_adamw_(theirs[0], grads, theirs[1], theirs[2], theirs[3], keeps, actives, row_ptrs,
                                         [step] * 3, *args.values())
-    for a, b in zip(sum(mine, []), sum(theirs, [])):
+    for a, b in zip([t for g in mine for t in g], [t for g in theirs for t in g]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert adamw_module.masked_adamw_ is not None
 

@@ -10,8 +10,7 @@ from ._common import TicketModule, neq_capable
 from ._mode import clear_cache, get_mode, set_mode, use_mode
 from ._registry import param_masks, register_param, unregister_param
 from .conv import NEqConv2d, SparseConv2d, neq_conv2d
-from .convert import (attach_masks, densify, enable_neq, layer_report, magnitude_masks, neq_modules, report,
-                      sparsify)
+from .convert import attach_masks, densify, enable_neq, layer_report, magnitude_masks, neq_modules, report, sparsify
 from .io import load_safetensors, load_state_dict, prepare_for_state_dict, save_safetensors
 from .linear import DenseNEqLinear, SparseLinear
 

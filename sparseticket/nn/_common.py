@@ -40,7 +40,7 @@ def check_mask(mask, shape: Tuple[int, ...], what: str, device=None) -> Tensor:
     if not isinstance(mask, Tensor):
         try:
             mask = torch.as_tensor(mask)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TypeError(f"sparseticket: {what}: mask must be a tensor, got {type(mask).__name__}") from e
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"sparseticket: {what}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)} "
@@ -215,7 +215,6 @@ class TicketModule(NEqMixin, nn.Module):
         register_module_params(self)
 
     def _set_from_dense(self, weight: Tensor, mask: Tensor, remap: bool) -> None:
-        O, K = self._dense2d_shape()
         check_weight_dtype(weight.dtype, where(self))
         mask = check_mask(mask, self._weight_shape(), where(self), weight.device)
         values, crow, col = ops.dense_to_ticket(self._ticket_rows_2d(weight).contiguous(),
@@ -404,7 +403,7 @@ class TicketModule(NEqMixin, nn.Module):
                               error_msgs):
         what = where(self, prefix[:-1] or None)
         O, Kt = self._n_out(), self._ticket_cols()
-        get = lambda n: state_dict.get(prefix + n)  # noqa: E731
+        get = lambda n: state_dict.get(prefix + n)
         if get("weight_values") is None and get("weight") is not None:
             error_msgs.append(f"sparseticket: {what}: the checkpoint holds a dense 'weight' "
                               f"{tuple(get('weight').shape)}, not a ticket; load it into the dense model and "

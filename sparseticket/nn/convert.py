@@ -251,7 +251,7 @@ def report(model: nn.Module) -> str:
     """A table of every sparse / NEq layer: density, forced mode, what it runs, measured times."""
     rows = layer_report(model)
     head = ("layer", "type", "shape", "nnz", "density", "mode", "runs", "frozen", "sparse ms", "dense ms")
-    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     table = [head] + [(r["name"], r["type"], "x".join(map(str, r["shape"])), r["nnz"], r["density"], r["mode"],
                        r["runs"], r["frozen"], r["sparse_ms"], r["dense_ms"]) for r in rows]
     table = [tuple(fmt(v) for v in row) for row in table]

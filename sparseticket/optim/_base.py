@@ -5,7 +5,6 @@ from __future__ import annotations
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
