@@ -1,9 +1,9 @@
 """MaskedAdamW: torch.optim.AdamW with masks.
 
-The update goes through ``masked_adamw_`` below, whose arguments are those of the
-proposed fused op (``sparseticket/triton/adamw_reference.py``: PROPOSED_SCHEMA). Until
-the kernel layer defines ``torch.ops.sparseticket.masked_adamw_`` the Python
-implementation here runs; once it exists, the line marked FUSED picks it up.
+Each param group's update is one call of ``masked_adamw_`` below: the kernel layer's fused
+op ``torch.ops.sparseticket.masked_adamw_`` when it is defined, else the Python
+implementation here, which has the same arguments and meaning (tests run both against
+torch.optim.AdamW and the op's reference).
 """
 from __future__ import annotations
 
