@@ -590,7 +590,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<AdamWArgs> args(n);
   for (int64_t j = 0; j < n; ++j) {
-    TORCH_CHECK(steps[j] >= 1, "sparseticket: masked_adamw_: steps[", j, "] must be >= 1 (the count after this step)");
+    TORCH_CHECK(steps[j] >= 1, "sparseticket: masked_adamw_: steps[", j, "] is ", steps[j],
+                "; it must be >= 1 (the count after this step)");
     AdamWArgs& a = args[j];
     a.p = plan.p[j];
     a.g = plan.g[j];

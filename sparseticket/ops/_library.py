@@ -184,6 +184,8 @@ def check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ke
                        amsgrad):
     n = len(params)
     _check(len(steps) == n, f"sparseticket: masked_adamw_: steps has {len(steps)} entries but params has {n}")
+    for j, st in enumerate(steps):
+        _check(st >= 1, f"sparseticket: masked_adamw_: steps[{j}] is {st}; it must be >= 1 (the count after this step)")
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         states["max_exp_avg_sqs"] = max_exp_avg_sqs

@@ -10,8 +10,8 @@ Launch wrappers (plain functions; CUDA tensors on a GPU, CPU tensors under
 ``triton_sddmm``                   kept-weight gradient, frozen rows skipped
 ``triton_row_masked_grad_weight``  dense gW = gyᵀ x over the active rows only
 ``triton_masked_sgd_``             fused multi-tensor masked SGD step
-``triton_masked_adamw_``           fused multi-tensor masked AdamW step (reference and proposed
-                                   schema in ``adamw_reference``; not yet an op)
+``triton_masked_adamw_``           fused multi-tensor masked AdamW step (its
+                                   reference in ``sparseticket.ops.reference``)
 =================================  =============================================================
 
 ``register_cuda_backends`` wires them into the ``sparseticket`` namespace for CUDA tensors;
