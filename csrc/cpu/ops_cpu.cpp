@@ -540,6 +540,18 @@ UpdatePlan plan_update(const char* op, at::TensorList params, at::TensorList gra
   return plan;
 }
 
+// Runs the plan's jobs in parallel with the kernel of each parameter's dtype.
+template <typename Args, typename Fn>
+void run_update(UpdatePlan& plan, at::TensorList params, const std::vector<Args>& args, Fn f32, Fn f64) {
+  at::parallel_for(0, static_cast<int64_t>(plan.jobs.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const UpdateJob& job = plan.jobs[q];
+      (params[job.param].scalar_type() == at::kFloat ? f32 : f64)(args[job.param], job.begin, job.end);
+    }
+  });
+  plan.finish();
+}
+
 void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                     const c10::List<c10::optional<Tensor>>& keeps, const c10::List<c10::optional<Tensor>>& actives,
                     const c10::List<c10::optional<Tensor>>& row_ptrs, c10::List<bool> fresh, double lr,
@@ -566,15 +578,7 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     a.nesterov = nesterov;
     a.maximize = maximize;
   }
-  const KernelTable& kt = kernel_table();
-  at::parallel_for(0, static_cast<int64_t>(plan.jobs.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) {
-      const UpdateJob& job = plan.jobs[q];
-      const SgdFn fn = params[job.param].scalar_type() == at::kFloat ? kt.sgd_f32 : kt.sgd_f64;
-      fn(args[job.param], job.begin, job.end);
-    }
-  });
-  plan.finish();
+  run_update(plan, params, args, kernel_table().sgd_f32, kernel_table().sgd_f64);
 }
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -586,12 +590,13 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
               "sparseticket: masked_adamw_: steps has ", steps.size(), " entries but params has ", params.size());
   std::vector<std::pair<const char*, at::TensorList>> states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) states.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
+  for (size_t j = 0; j < steps.size(); ++j)
+    TORCH_CHECK(steps[j] >= 1, "sparseticket: masked_adamw_: steps[", j, "] is ", steps[j],
+                "; it must be >= 1 (the count after this step)");
   UpdatePlan plan = plan_update("masked_adamw_", params, grads, states, keeps, actives, row_ptrs);
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<AdamWArgs> args(n);
   for (int64_t j = 0; j < n; ++j) {
-    TORCH_CHECK(steps[j] >= 1, "sparseticket: masked_adamw_: steps[", j, "] is ", steps[j],
-                "; it must be >= 1 (the count after this step)");
     AdamWArgs& a = args[j];
     a.p = plan.p[j];
     a.g = plan.g[j];
@@ -608,15 +613,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     a.step = steps[j];
     a.maximize = maximize;
   }
-  const KernelTable& kt = kernel_table();
-  at::parallel_for(0, static_cast<int64_t>(plan.jobs.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) {
-      const UpdateJob& job = plan.jobs[q];
-      const AdamWFn fn = params[job.param].scalar_type() == at::kFloat ? kt.adamw_f32 : kt.adamw_f64;
-      fn(args[job.param], job.begin, job.end);
-    }
-  });
-  plan.finish();
+  run_update(plan, params, args, kernel_table().adamw_f32, kernel_table().adamw_f64);
 }
 
 // ----------------------------------------------------------------------------- conversions
@@ -683,15 +680,12 @@ std::tuple<Tensor, Tensor, Tensor> ticket_transpose_cpu(const Tensor& crow_, con
   check_ptr(crow, nnz, "crow");
   const int32_t* cr = crow.data_ptr<int32_t>();
   const int32_t* cc = col.data_ptr<int32_t>();
-  // Full validation of the ticket structure, once per mask.
-  for (int64_t r = 0; r < O; ++r) {
-    TORCH_CHECK(cr[r] <= cr[r + 1], "sparseticket: crow must be non-decreasing (row ", r, ")");
-    for (int64_t e = cr[r]; e < cr[r + 1]; ++e) {
-      TORCH_CHECK(cc[e] >= 0 && cc[e] < n_cols, "sparseticket: col[", e, "]=", cc[e], " is outside [0, ", n_cols, ")");
-      TORCH_CHECK(e == cr[r] || cc[e] > cc[e - 1], "sparseticket: col must be strictly increasing within a row (row ",
-                  r, ")");
-    }
-  }
+  // check_ptr has checked crow; the indices must be in range and, once per mask,
+  // strictly increasing within each row (the kernels' blocked loops rely on the order).
+  check_index_range(col, n_cols, "col", "n_cols");
+  for (int64_t r = 0; r < O; ++r)
+    for (int64_t e = cr[r] + 1; e < cr[r + 1]; ++e)
+      TORCH_CHECK(cc[e] > cc[e - 1], "sparseticket: col must be strictly increasing within a row (row ", r, ")");
   Tensor ccol = at::zeros({n_cols + 1}, crow.options());
   Tensor row = at::empty({nnz}, crow.options());
   Tensor perm = at::empty({nnz}, crow.options());
@@ -721,6 +715,7 @@ Tensor ticket_to_dense_cpu(const Tensor& values_, const Tensor& crow_, const Ten
               values_.numel());
   const Tensor values = contiguous_1d(values_), crow = contiguous_1d(crow_), col = contiguous_1d(col_);
   check_ptr(crow, values.numel(), "crow");
+  check_index_range(col, n_cols, "col", "n_cols");
   const int64_t O = crow.numel() - 1;
   Tensor out = at::zeros({O, n_cols}, values.options());
   const int32_t* cr = crow.data_ptr<int32_t>();
@@ -730,11 +725,7 @@ Tensor ticket_to_dense_cpu(const Tensor& values_, const Tensor& crow_, const Ten
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, O, 64, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r)
-        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) {
-          TORCH_CHECK(cc[k] >= 0 && cc[k] < n_cols, "sparseticket: col[", k, "]=", cc[k], " is outside [0, ", n_cols,
-                      ")");
-          o[r * n_cols + cc[k]] = v[k];
-        }
+        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) o[r * n_cols + cc[k]] = v[k];
     });
   });
   return out;
