@@ -9,9 +9,8 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from . import _mode
-from ._common import NEqMixin, TicketModule, TicketToDense, where
-from ._registry import register_module_params
-from .linear import _init_neq, _prepare_active_load, _random_mask, _weight_and_mask
+from ._common import TicketModule, TicketToDense, where
+from .linear import DenseNEqBase, _init_neq, _random_mask, _weight_and_mask
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
 _spmm = torch.ops.sparseticket.spmm
@@ -211,7 +210,7 @@ class SparseConv2d(TicketModule):
         return s + ", " + self._repr_common()
 
 
-class NEqConv2d(NEqMixin, nn.Conv2d):
+class NEqConv2d(DenseNEqBase, nn.Conv2d):
     """nn.Conv2d with NEq freezing: frozen output channels (``active`` False) get no
     weight/bias gradient, and their weight gradient is never computed; the input gradient
     still flows through them. State dict keys are nn.Conv2d's plus ``active`` when set."""
@@ -234,21 +233,6 @@ class NEqConv2d(NEqMixin, nn.Conv2d):
         y = neq_conv2d(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, active, self.stride, pad,
                        self.dilation, self.groups)
         return y.squeeze(0) if unbatched else y
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        _prepare_active_load(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        register_module_params(self)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        register_module_params(self)
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self._buffers["active"] is not None:
-            s += f", frozen={self.frozen_fraction:.3g}"
-        return s
 
 
 # ----------------------------------------------------------------------------- im2col

@@ -114,7 +114,28 @@ class SparseLinear(TicketModule):
                 + self._repr_common())
 
 
-class DenseNEqLinear(NEqMixin, nn.Linear):
+class DenseNEqBase(NEqMixin):
+    """What the dense NEq layers (DenseNEqLinear, NEqConv2d) add to their torch base class:
+    an ``active`` entry that loads from checkpoints with or without it, parameter
+    registration for the masked optimizers after loading/unpickling, and ``frozen=`` in repr."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        _prepare_active_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        register_module_params(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_module_params(self)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self._buffers["active"] is not None:
+            s += f", frozen={self.frozen_fraction:.3g}"
+        return s
+
+
+class DenseNEqLinear(DenseNEqBase, nn.Linear):
     """nn.Linear with NEq freezing: ``active`` ([out] bool or None) rows get no weight/bias gradient.
 
     The weight gradient of frozen rows is never computed (``neq_linear`` op); the input
@@ -131,26 +152,11 @@ class DenseNEqLinear(NEqMixin, nn.Linear):
         if active is None:
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        y = _neq_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, active)
+        y = _neq_linear(x.reshape(lead.numel(), x.shape[-1]), self.weight, self.bias, active)
         return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
 
     def _n_out(self) -> int:
         return self.out_features
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        _prepare_active_load(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        register_module_params(self)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        register_module_params(self)
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self._buffers["active"] is not None:
-            s += f", frozen={self.frozen_fraction:.3g}"
-        return s
 
 
 # ----------------------------------------------------------------------------- helpers
