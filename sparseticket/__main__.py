@@ -1,6 +1,6 @@
 """Command line: ``python -m sparseticket <command>`` (also installed as ``sparseticket``).
 
-Commands: ``info`` (backends that are live). The IMP runner adds ``imp``.
+Commands: ``info`` (backends that are live), ``imp`` (a lottery-ticket run; ``imp --help``).
 """
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparseticket", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="show which kernels/backends are live")
+    from .lottery import cli
+    cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import main as info_main
         return info_main()
+    if args.command == "imp":
+        return cli.run(args)
     return 2
 
 

@@ -1,0 +1,43 @@
+"""``sparseticket imp ...``: run (or resume) a lottery-ticket experiment from the command line."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import results as res
+from .hparams import add_arguments, from_args
+
+DESCRIPTION = """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2019),
+on sparseticket's sparse kernels. Each run lives in <out>/<kind>_<model>_<data>_<baseline>_<hash>:
+rerunning the same command resumes it (from the last finished epoch) instead of repeating it."""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("imp", help="run a lottery-ticket (IMP) experiment", description=DESCRIPTION,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from .runner import IMPRun
+    hp = from_args(args)
+    t0 = time.perf_counter()
+    main = IMPRun(hp)
+    print(f"run folder: {main.dir}")
+    rows = main.run()
+    print(f"finished in {time.perf_counter() - t0:.1f} s; results: {main.dir / 'results.csv'}")
+    if hp.run.compare_dense and hp.experiment.baseline == "sparse":
+        twin = IMPRun(hp.replace(baseline="dense"))
+        print(f"dense baseline: {twin.dir}")
+        dense_rows = twin.run()
+        table = res.compare(rows, dense_rows)
+        res.write_rows(table, main.dir / "comparison")
+        if hp.run.plots:
+            res.plot_times(table, main.dir / "time_per_level.png", "time per level")
+            res.plot_accuracy({"sparseticket": rows, "dense masked": dense_rows}, main.dir / "accuracy_vs_dense.png",
+                              "test accuracy")
+        print()
+        print(res.comparison_table(table))
+    return 0

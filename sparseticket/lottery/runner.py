@@ -1,0 +1,636 @@
+"""The IMP runner: levels of train -> prune -> rewind, resumable at every epoch.
+
+Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
+
+    hparams.json             what was asked (the hash covers everything but RUN_ONLY)
+    rewind.pt                θ0 (and θk for late resetting): dense state dicts
+    level_00/mask.pt         the level's keep masks (level 0: all ones)
+    level_00/checkpoint.pt   the last finished epoch: model, optimizer, NEq, step, timings
+    level_00/final.pt        trained dense-equivalent weights (the next level prunes these)
+    level_00/ticket.safetensors  the compact ticket (sparse runs)
+    level_00/metrics.json    written last: the level is done
+    results.json/.csv, *.png
+
+Every file is written to a temporary name and renamed, so a run killed at any point
+resumes from the last finished epoch; the data order of an epoch depends only on
+(data_seed, epoch) and each layer's sparse/dense kernel choice is stored with the level,
+so a resumed run computes exactly what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import nn as stnn
+from ..neq import NEqConfig, NEqTracker
+from ..optim import MaskedAdamW, MaskedSGD
+from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
+from . import results as res
+from .hparams import IMPHparams, layer_fractions, milestones, rewind_spec
+
+# ---------------------------------------------------------------------- files
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename: never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """tqdm when installed and wanted, else nothing (the per-level lines are printed anyway)."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True, unit="step")
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def say(msg: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+        tqdm.write(msg)
+    except ImportError:
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------- one level
+
+
+@dataclass
+class LevelPlan:
+    """What a level trains: its mask, the weights it starts from, and the first step."""
+    name: str                       # folder name, e.g. level_03
+    level: int
+    mask: Mask
+    start: Dict[str, Tensor]        # dense state dict the level starts from (masked on build)
+    first_step: int = 0
+    train: bool = True              # False: evaluate only (a pre-trained level 0)
+    trainable: Optional[Callable[[str], bool]] = None   # parameter name filter (transfer: output only)
+
+
+class IMPRun:
+    """One run folder. ``run()`` executes (or resumes) every level and returns the result rows."""
+
+    def __init__(self, hp: IMPHparams):
+        self.hp = hp.validate()
+        self.dir = Path(hp.run.out) / hp.run_name()
+        self.sparse = hp.experiment.baseline == "sparse"
+        self._data = None
+
+    # ------------------------------------------------------------------ data / model
+
+    @property
+    def data(self):
+        if self._data is None:
+            from .data import load_dataset
+            d = self.hp.data
+            self._data = load_dataset(d.dataset, d.root, seed=d.split_seed)
+        return self._data
+
+    def new_model(self, seed: int) -> nn.Module:
+        from .models import get_model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_model(self.hp.model.model, tuple(self.data.input_shape), self.data.num_classes)
+
+    def prunable(self, model: nn.Module) -> Dict[str, Tensor]:
+        return prunable_weights(model, include_conv=self.hp.prune.prune_conv)
+
+    def output_layer(self, model: nn.Module) -> str:
+        name = getattr(model, "output_layer", None)
+        if name is None:  # the last Linear
+            name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        return name
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> List[dict]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._check_hparams_file()
+        if self.hp.run.threads > 0:
+            torch.set_num_threads(self.hp.run.threads)
+        exp = self.hp.experiment
+        if exp.transfer_from:
+            plans = [self._transfer_plan]
+        elif exp.control != "none":
+            plans = self._control_plans()
+        else:
+            plans = self._imp_plans()
+        rows = []
+        for plan_fn in plans:
+            plan = plan_fn() if callable(plan_fn) else plan_fn
+            rows.append(self.train_level(plan))
+            self._write_results(rows)
+        return rows
+
+    def _check_hparams_file(self):
+        path = self.dir / "hparams.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if {k: v for k, v in old.items() if k != "run"} != {k: v for k, v in self.hp.to_dict().items()
+                                                                 if k != "run"} and \
+                    IMPHparams.from_dict(old).key() != self.hp.key():
+                raise RuntimeError(f"sparseticket: {self.dir} holds a run with other hyperparameters")
+        else:
+            atomic_json(self.hp.to_dict(), path)
+
+    # ------------------------------------------------------------------ IMP levels
+
+    def _levels(self) -> List[int]:
+        return [0, 1] if self.hp.prune.one_shot and self.hp.prune.levels > 0 else list(range(self.hp.prune.levels + 1))
+
+    def _imp_plans(self):
+        return [lambda level=level: self._imp_plan(level) for level in self._levels()]
+
+    def _rewind(self) -> dict:
+        """θ0 (and θk once level 0 has passed step k): created once, then read back."""
+        path = self.dir / "rewind.pt"
+        if path.exists():
+            return load(path)
+        if self.hp.model.pretrained:
+            theta0 = _load_pretrained(self.new_model(self.hp.model.init_seed), self.hp.model.pretrained)
+        else:
+            theta0 = {k: v.clone() for k, v in self.new_model(self.hp.model.init_seed).state_dict().items()}
+        state = {"init": theta0}
+        atomic_save(state, path)
+        return state
+
+    def _imp_plan(self, level: int) -> LevelPlan:
+        name = f"level_{level:02d}"
+        ldir = self.dir / name
+        ldir.mkdir(exist_ok=True)
+        rewind = self._rewind()
+        kind, k = rewind_spec(self.hp.prune.rewind)
+        mask_path = ldir / "mask.pt"
+        if mask_path.exists():
+            mask = Mask(load(mask_path))
+        elif level == 0:
+            mask = Mask.ones_like(self.prunable(self.new_model(self.hp.model.init_seed)))
+            atomic_save(mask.state_dict(), mask_path)
+        else:
+            prev = self.dir / f"level_{level - 1:02d}"
+            mask = self._prune(load(prev / "final.pt"), Mask(load(prev / "mask.pt")), level)
+            atomic_save(mask.state_dict(), mask_path)
+        if level == 0:
+            return LevelPlan(name, 0, mask, rewind["init"], 0, train=not self.hp.model.pretrained)
+        if kind == "lr":
+            start = load(self.dir / f"level_{level - 1:02d}" / "final.pt")
+        elif kind == "iter" and k > 0:
+            if "iter" not in rewind:
+                raise RuntimeError(f"sparseticket: rewinding to iteration {k}, but level 0 never reached it")
+            start = rewind["iter"]
+        else:
+            start = rewind["init"]
+        return LevelPlan(name, level, mask, start, k if kind == "iter" else 0)
+
+    def _prune(self, trained: Dict[str, Tensor], current: Mask, level: int) -> Mask:
+        p = self.hp.prune
+        model = self.new_model(self.hp.model.init_seed)
+        model.load_state_dict(trained)
+        weights = self.prunable(model)
+        overrides = layer_fractions(p.layer_fractions)
+        out_name = self.output_layer(model)
+        if out_name in weights and out_name not in overrides:
+            overrides[out_name] = p.output_fraction if p.output_fraction is not None else p.fraction / 2
+        fraction = p.fraction
+        if p.one_shot:  # all levels at once: keep (1 - f)^levels of every layer
+            fraction = 1 - (1 - fraction) ** p.levels
+            overrides = {n: 1 - (1 - f) ** p.levels for n, f in overrides.items()}
+        strategy = get_strategy(p.strategy, fraction=fraction, scope=p.scope, overrides=overrides,
+                                **({"seed": self.hp.model.init_seed + level} if p.strategy == "random" else {}))
+        return strategy.prune(weights, current)
+
+    # ------------------------------------------------------------------ controls, transfer
+
+    def main_run(self) -> "IMPRun":
+        return IMPRun(self.hp.replace(control="none"))
+
+    def _control_plans(self):
+        main = self.main_run()
+        say(f"[{self.hp.experiment.control}] needs the main run {main.dir.name}: running/resuming it first")
+        main.run()
+        return [lambda level=level: self._control_plan(main, level) for level in main._levels()[1:]]
+
+    def _control_plan(self, main: "IMPRun", level: int) -> LevelPlan:
+        name = f"level_{level:02d}"
+        (self.dir / name).mkdir(exist_ok=True)
+        ticket = Mask(load(main.dir / name / "mask.pt"))
+        theta0 = main._rewind()["init"]
+        if self.hp.experiment.control == "random_reinit":
+            # the ticket's structure with fresh weights from the same init distribution
+            start = self.new_model(self.hp.model.init_seed + 7919 * (level + 1)).state_dict()
+            mask = ticket
+        else:
+            # a random mask with the ticket's layerwise sparsity, on θ0
+            start = theta0
+            mask = RandomPruning(seed=self.hp.model.init_seed + level).prune_like(Mask.ones_like(ticket), ticket)
+        return LevelPlan(name, level, mask, start, 0)
+
+    def _transfer_plan(self) -> LevelPlan:
+        exp = self.hp.experiment
+        src_dir = Path(exp.transfer_from)
+        if not (src_dir / "hparams.json").exists():
+            raise FileNotFoundError(f"sparseticket: --transfer-from {src_dir}: not a run folder (no hparams.json)")
+        levels = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
+        if not levels:
+            raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: no finished level")
+        lname = levels[exp.transfer_level] if exp.transfer_level < 0 else f"level_{exp.transfer_level:02d}"
+        if not (src_dir / lname / "metrics.json").exists():
+            raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: level {lname} is not finished")
+        src_mask = Mask(load(src_dir / lname / "mask.pt"))
+        target = self.new_model(self.hp.model.init_seed)
+        out_name = self.output_layer(target)
+        if exp.transfer_init == "source":
+            source = load(src_dir / lname / "final.pt")
+        elif exp.transfer_init == "init":
+            source = load(src_dir / "rewind.pt")["init"]
+        else:
+            source = target.state_dict()
+        start = {k: v.clone() for k, v in target.state_dict().items()}
+        weights = self.prunable(target)
+        masks = {}
+        for key, value in source.items():  # everything but a re-shaped head carries over
+            if key in start and start[key].shape == value.shape:
+                start[key] = value.clone()
+        for n, w in weights.items():
+            if n in src_mask and tuple(src_mask[n].shape) == tuple(w.shape):
+                masks[n] = src_mask[n]
+            elif n == out_name:  # a new head (other number of classes): dense and freshly initialised
+                masks[n] = torch.ones(w.shape, dtype=torch.bool)
+                for key in (f"{n}.weight", f"{n}.bias"):
+                    if key in start:
+                        start[key] = target.state_dict()[key].clone()
+            else:
+                raise ValueError(f"sparseticket: transfer: layer '{n}' has shape {tuple(w.shape)} here but "
+                                 f"{None if n not in src_mask else tuple(src_mask[n].shape)} in the source run")
+        (self.dir / "level_00").mkdir(exist_ok=True)
+        trainable = (lambda p: p.startswith(out_name + ".")) if exp.freeze_features else None
+        return LevelPlan("level_00", 0, Mask(masks), start, 0, trainable=trainable)
+
+    # ------------------------------------------------------------------ build a level's model
+
+    def build(self, plan: LevelPlan) -> nn.Module:
+        model = self.new_model(self.hp.model.init_seed)
+        model.load_state_dict(plan.start)
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if name in plan.mask:
+                    m.weight.mul_(plan.mask[name].to(m.weight.dtype))
+        pruned = {n: m for n, m in plan.mask.items() if not bool(m.all())}
+        if self.sparse and pruned:
+            stnn.sparsify(model, masks=pruned, mode="auto")
+        if plan.trainable is not None:
+            for n, p in model.named_parameters():
+                p.requires_grad_(plan.trainable(n))
+        return model
+
+    def optimizer(self, model: nn.Module):
+        t = self.hp.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.sparse:
+            if t.optimizer == "sgd":
+                return MaskedSGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            return MaskedAdamW(params, lr=t.lr, betas=(t.momentum, 0.999), weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=t.lr, betas=(t.momentum, 0.999), weight_decay=t.weight_decay,
+                                 foreach=True)
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        t = self.hp.train
+        passed = sum(1 for m in milestones(t.milestones) if step >= m * steps_per_epoch)
+        return t.lr * t.gamma ** passed
+
+    # ------------------------------------------------------------------ train one level
+
+    def train_level(self, plan: LevelPlan) -> dict:
+        ldir = self.dir / plan.name
+        done = ldir / "metrics.json"
+        if done.exists():
+            row = json.loads(done.read_text())
+            self._print_level(row, resumed=True)
+            return row
+        t_level = time.perf_counter()
+        data, hp = self.data, self.hp
+        train_x, train_y = data.train.x, data.train.y
+        n = train_x.shape[0]
+        bs = hp.data.batch_size
+        S = math.ceil(n / bs)
+        T = hp.train.epochs * S if plan.train else 0
+        if plan.first_step > T:
+            raise ValueError(f"sparseticket: rewind iteration {plan.first_step} is past the end of training ({T})")
+
+        model = self.build(plan)
+        opt = self.optimizer(model) if plan.train else None
+        ckpt_path = ldir / "checkpoint.pt"
+        state = load(ckpt_path) if ckpt_path.exists() else None
+        tracker = self._neq_tracker(model, state) if plan.train else None
+        masker = None if self.sparse else _DenseMasker(model, plan.mask, tracker, opt)
+        if state is not None:
+            stnn.load_state_dict(model, state["model"])
+            if opt is not None:
+                opt.load_state_dict(state["optimizer"])
+            _set_modes(model, state["modes"])
+            step, log, setup_s = state["step"], state["log"], state["setup_seconds"]
+        else:
+            step, log = plan.first_step, []
+            setup_s = 0.0
+            if self.sparse:
+                _pin_modes(model, train_x[:bs])
+            setup_s = time.perf_counter() - t_level
+        modes = _modes(model)
+        rewind_kind, rewind_k = rewind_spec(hp.prune.rewind)
+        capture_k = (plan.level == 0 and rewind_kind == "iter" and rewind_k > 0 and hp.experiment.control == "none"
+                     and not hp.experiment.transfer_from)
+
+        bar = _Progress(hp.run.progress, T - plan.first_step, f"{self.dir.name[:24]} {plan.name}",
+                        initial=step - plan.first_step)
+        model.train()
+        while step < T:
+            epoch = step // S
+            t0 = time.perf_counter()
+            lr = self.lr_at(step, S)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.train.data_seed * 1000003 + epoch))
+            losses = []
+            for b in range(step - epoch * S, S):
+                if capture_k and step == rewind_k:
+                    self._save_iter_rewind(model, masker)
+                idx = perm[b * bs:(b + 1) * bs]
+                x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if masker is not None:
+                    masker.before_step()
+                opt.step()
+                if masker is not None:
+                    masker.after_step()
+                step += 1
+                losses.append(loss.detach())
+                if step % S == 0 or step == T:
+                    new_lr = self.lr_at(step, S)
+                    if new_lr != lr:
+                        lr = new_lr
+                        for g in opt.param_groups:
+                            g["lr"] = lr
+                bar.update(1)
+            train_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            frozen = None
+            if tracker is not None:
+                frozen = tracker.step()["total"]
+            neq_s = time.perf_counter() - t1
+            val_acc = evaluate(model, data.val.x, data.val.y, hp.train.eval_batch_size)
+            entry = dict(epoch=epoch, step=step, lr=lr, loss=float(torch.stack(losses).mean()) if losses else None,
+                         val_acc=val_acc, train_seconds=train_s, neq_seconds=neq_s, frozen=frozen,
+                         seconds=time.perf_counter() - t0)
+            log.append(entry)
+            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, log=log,
+                             modes=modes, setup_seconds=setup_s,
+                             neq=None if tracker is None else tracker.state_dict()), ckpt_path)
+            log[-1]["seconds"] = time.perf_counter() - t0  # the checkpoint write is part of the run's cost
+        bar.close()
+
+        t_eval = time.perf_counter()
+        row = self._finish_level(plan, model, log, modes, setup_s)
+        row["eval_seconds"] = time.perf_counter() - t_eval
+        row["seconds"] = setup_s + sum(e["seconds"] for e in log) + row["eval_seconds"]
+        atomic_json(row, done)
+        self._print_level(row)
+        return row
+
+    def _neq_tracker(self, model: nn.Module, state):
+        """The level's NEq tracker (None without --neq); restored from the checkpoint if any."""
+        q = self.hp.neq
+        if not q.neq:
+            return None
+        cfg = NEqConfig(eps=q.neq_eps, mu_eq=q.neq_mu, rule=q.neq_rule, val_size=q.neq_val_size,
+                        modules=lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d, stnn.TicketModule)))
+        if self.sparse:
+            stnn.enable_neq(model)
+            tracker = NEqTracker(model, self.data.val.x, cfg, baseline=state is None)
+            if state is not None and state.get("neq") is not None:
+                tracker.load_state_dict(state["neq"], apply=True)
+            return tracker
+        return _DenseNEq(model, self.data.val.x, cfg, state)
+
+    def _save_iter_rewind(self, model: nn.Module, masker) -> None:
+        path = self.dir / "rewind.pt"
+        state = load(path)
+        if "iter" not in state:
+            state["iter"] = _dense_state(model)
+            atomic_save(state, path)
+
+    def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float) -> dict:
+        ldir = self.dir / plan.name
+        data, bs = self.data, self.hp.train.eval_batch_size
+        train_acc = evaluate(model, data.train.x, data.train.y, bs)
+        test_acc = evaluate(model, data.test.x, data.test.y, bs)
+        row = dict(run=self.dir.name, baseline=self.hp.experiment.baseline, control=self.hp.experiment.control,
+                   transfer=bool(self.hp.experiment.transfer_from), level=plan.level,
+                   remaining=100.0 * plan.mask.density, layer_remaining={n: 100.0 * d for n, d in
+                                                                         plan.mask.layer_density().items()},
+                   train_acc=train_acc, test_acc=test_acc, val_acc=log[-1]["val_acc"] if log else None,
+                   epochs=len(log), steps=log[-1]["step"] if log else 0, setup_seconds=setup_s,
+                   train_seconds=sum(e["train_seconds"] for e in log), modes=modes,
+                   neq_frozen=log[-1]["frozen"] if log else None)
+        if self.sparse:
+            path = ldir / "ticket.safetensors"
+            try:
+                stnn.save_safetensors(model, str(path) + ".tmp", metadata={"level": str(plan.level)})
+                os.replace(str(path) + ".tmp", path)
+                row["ticket_file_bytes"] = path.stat().st_size
+            except ImportError:
+                row["ticket_file_bytes"] = None
+        row.update(res.ticket_bytes(model))
+        atomic_save(_dense_state(model), ldir / "final.pt")
+        return row
+
+    # ------------------------------------------------------------------ output
+
+    def _print_level(self, row: dict, resumed: bool = False) -> None:
+        modes = ", ".join(f"{n}:{m[0]}" for n, m in row["modes"].items()) or "all dense"
+        say(f"{row['run'][:28]:28s} level {row['level']:2d}  remaining {row['remaining']:6.2f}%  "
+            f"test {100 * row['test_acc']:5.2f}%  train {100 * row['train_acc']:5.2f}%  "
+            f"{row['seconds']:7.2f} s  [{modes}]" + ("  (done earlier)" if resumed else ""))
+
+    def _write_results(self, rows: List[dict]) -> None:
+        res.write_rows(rows, self.dir / "results")
+        if self.hp.run.plots:
+            res.plot_run(self.dir)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    model.train(was)
+    return correct / max(1, x.shape[0])
+
+
+def _dense_state(model: nn.Module) -> Dict[str, Tensor]:
+    """The plain dense state dict (masked weights) of a model with sparse layers or not."""
+    if not any(isinstance(m, stnn.TicketModule) for m in model.modules()):
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(".active")}
+    import copy
+    dense = stnn.densify(copy.deepcopy(model))
+    return {k: v.detach().clone() for k, v in dense.state_dict().items() if not k.endswith(".active")}
+
+
+def _modes(model: nn.Module) -> Dict[str, str]:
+    return {n: m.mode for n, m in model.named_modules() if isinstance(m, stnn.TicketModule)}
+
+
+def _set_modes(model: nn.Module, modes: Dict[str, str]) -> None:
+    for n, m in model.named_modules():
+        if n in modes:
+            m.mode = modes[n]
+
+
+def _pin_modes(model: nn.Module, x: Tensor) -> None:
+    """Measure each sparse layer's sparse vs dense path once on a real batch (training
+    shapes, gradients on), then force the winner for the whole level: the choice is then
+    part of the level's state, so a resumed level runs the same kernels."""
+    was = model.training
+    model.eval()  # BatchNorm must not update its running statistics on this pass
+    with torch.enable_grad():
+        model(x)
+    model.train(was)
+    for m in model.modules():
+        if isinstance(m, stnn.TicketModule):
+            m.mode = m._choice or ("sparse" if m.density < 0.4 else "dense")
+
+
+def _load_pretrained(model: nn.Module, path: str) -> Dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+    if any(k.endswith(".weight_values") for k in sd):
+        stnn.load_state_dict(model, sd)
+        return _dense_state(model)
+    model.load_state_dict(sd)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class _DenseMasker:
+    """The dense baseline: plain layers, torch.optim, masks re-applied after every step
+    (and, with NEq, frozen rows put back after the step, as dense NEq code does)."""
+
+    def __init__(self, model: nn.Module, mask: Mask, neq: Optional["_DenseNEq"], opt):
+        mods = dict(model.named_modules())
+        pairs = [(mods[n].weight, m) for n, m in mask.items() if not bool(m.all())]
+        self.weights = [w for w, _ in pairs]
+        self.masks = [m.to(w.dtype) for w, m in pairs]
+        self.neq, self.opt = neq, opt
+        self._restore = None
+
+    def before_step(self) -> None:
+        self._restore = self.neq.snapshot(self.opt) if self.neq is not None else None
+
+    def after_step(self) -> None:
+        if self.weights:
+            with torch.no_grad():
+                torch._foreach_mul_(self.weights, self.masks)
+        if self._restore is not None:
+            self._restore()
+
+
+class _DenseNEq:
+    """NEq on the dense baseline the way dense code does it: the tracker decides, the full
+    gradient is computed, and frozen rows (weights, bias and optimizer state) are put back
+    after the step."""
+
+    def __init__(self, model: nn.Module, val: Tensor, cfg: NEqConfig, state):
+        self.tracker = NEqTracker(model, val, cfg, baseline=state is None)
+        if state is not None and state.get("neq") is not None:
+            self.tracker.load_state_dict(state["neq"], apply=False)
+
+    def snapshot(self, opt) -> Optional[Callable[[], None]]:
+        """A function putting back the frozen rows' parameters and optimizer state as they are now."""
+        saved = []
+        for name, layer in self.tracker.layers.items():
+            if layer.frozen is None or not bool(layer.frozen.any()):
+                continue
+            rows = layer.frozen.nonzero().squeeze(1)
+            for p in layer.module.parameters(recurse=False):
+                saved.append((p, rows, p.detach().index_select(0, rows)))
+        if not saved:
+            return None
+        states = []
+        if opt is not None:
+            for p, rows, _ in saved:
+                st = opt.state.get(p, {})
+                for k, v in st.items():
+                    if isinstance(v, Tensor) and v.shape[:1] == p.shape[:1] and v.dim() > 0:
+                        states.append((v, rows, v.index_select(0, rows)))
+
+        def restore():
+            with torch.no_grad():
+                for t, rows, old in saved + states:
+                    t.index_copy_(0, rows, old)
+        return restore
+
+    def step(self) -> dict:
+        """Measure and decide (the modules stay plain: ``snapshot`` applies the decision)."""
+        self.tracker.measure()
+        return self.tracker.update()
+
+    def state_dict(self):
+        return self.tracker.state_dict()
+
