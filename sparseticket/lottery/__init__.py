@@ -1,0 +1,1 @@
+"""Lottery tickets: iterative magnitude pruning runner."""
