@@ -12,7 +12,7 @@ from torch import nn
 #: CSV columns, in order; nested fields (per-layer dicts) stay in the JSON only
 CSV_COLUMNS = ("run", "baseline", "control", "transfer", "level", "remaining", "train_acc", "test_acc", "val_acc",
                "epochs", "steps", "seconds", "setup_seconds", "train_seconds", "eval_seconds", "neq_frozen",
-               "ticket_bytes", "dense_bytes", "ticket_file_bytes", "flops_dense", "flops_executed")
+               "ticket_bytes", "memory_bytes", "dense_bytes", "ticket_file_bytes", "flops_dense", "flops_executed")
 
 
 def write_rows(rows: List[dict], stem: Path) -> None:
@@ -36,23 +36,25 @@ def read_rows(run_dir: Path) -> List[dict]:
 
 
 def ticket_bytes(model: nn.Module) -> Dict[str, int]:
-    """Bytes of the weights as stored: compact tickets (values + int32 indices of the CSR
-    and of its transpose) and dense layers in full, next to the all-dense size."""
+    """Bytes of the weights: ``ticket_bytes`` as a ticket is stored (kept values + int32 CSR
+    row pointers and columns; dense layers in full), ``memory_bytes`` as training holds it
+    (plus the transposed index and position buffers built once per mask), ``dense_bytes``
+    for the same model all dense."""
     from ..nn import TicketModule
-    stored = dense = 0
+    stored = memory = dense = 0
     for m in model.modules():
+        params = list(m.parameters(recurse=False))
         if isinstance(m, TicketModule):
-            for t in [m.weight_values] + [b for b in m.buffers(recurse=False) if b is not None]:
-                stored += t.numel() * t.element_size()
+            csr = [m.weight_values, m.crow, m.col] + ([m.bias] if m.bias is not None else [])
+            stored += sum(t.numel() * t.element_size() for t in csr)
+            memory += sum(t.numel() * t.element_size() for t in params + [b for b in m.buffers(recurse=False)
+                                                                         if b is not None])
             dense += m.weight_values.element_size() * _numel(m._weight_shape())
-            if m.bias is not None:
-                stored += m.bias.numel() * m.bias.element_size()
-                dense += m.bias.numel() * m.bias.element_size()
+            dense += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
             continue
-        for t in list(m.parameters(recurse=False)):
-            stored += t.numel() * t.element_size()
-            dense += t.numel() * t.element_size()
-    return {"ticket_bytes": stored, "dense_bytes": dense}
+        n = sum(t.numel() * t.element_size() for t in params)
+        stored, memory, dense = stored + n, memory + n, dense + n
+    return {"ticket_bytes": stored, "memory_bytes": memory, "dense_bytes": dense}
 
 
 def _numel(shape) -> int:

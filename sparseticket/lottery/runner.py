@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as stnn
+from ..nn import _mode
 from ..neq import NEqConfig, NEqTracker
 from ..optim import MaskedAdamW, MaskedSGD
 from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
@@ -161,10 +162,10 @@ class IMPRun:
         else:
             plans = self._imp_plans()
         rows = []
-        for plan_fn in plans:
-            plan = plan_fn() if callable(plan_fn) else plan_fn
-            rows.append(self.train_level(plan))
-            self._write_results(rows)
+        with stnn.use_mode(self.hp.run.kernels):
+            for plan_fn in plans:
+                rows.append(self.train_level(plan_fn()))
+                self._write_results(rows)
         return rows
 
     def _check_hparams_file(self):
@@ -364,6 +365,8 @@ class IMPRun:
         if plan.first_step > T:
             raise ValueError(f"sparseticket: rewind iteration {plan.first_step} is past the end of training ({T})")
 
+        if not (ldir / "mask.pt").exists():  # controls and transfers record what they trained too
+            atomic_save(plan.mask.state_dict(), ldir / "mask.pt")
         model = self.build(plan)
         opt = self.optimizer(model) if plan.train else None
         ckpt_path = ldir / "checkpoint.pt"
@@ -550,7 +553,7 @@ def _pin_modes(model: nn.Module, x: Tensor) -> None:
     model.train(was)
     for m in model.modules():
         if isinstance(m, stnn.TicketModule):
-            m.mode = m._choice or ("sparse" if m.density < 0.4 else "dense")
+            m.mode = _mode.resolve(m.mode) or m._choice or ("sparse" if m.density < _mode.HEURISTIC_DENSITY else "dense")
 
 
 def _load_pretrained(model: nn.Module, path: str) -> Dict[str, Tensor]:

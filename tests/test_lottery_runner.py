@@ -1,0 +1,208 @@
+"""The IMP runner end to end on the scikit-learn digits (seconds per run)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseticket.lottery import runner as R
+from sparseticket.lottery.hparams import IMPHparams
+from sparseticket.pruning import Mask
+
+
+def _hp(tmp_path, **changes):
+    base = dict(dataset="digits", model="lenet_300_100", epochs=2, levels=2, batch_size=60, lr=0.05,
+                out=str(tmp_path), progress=False, plots=False, kernels="sparse")
+    base.update(changes)
+    return IMPHparams().replace(**base)
+
+
+def _masks(run_dir):
+    return {p.name: torch.load(p / "mask.pt") for p in sorted(Path(run_dir).glob("level_*"))}
+
+
+def _finals(run_dir):
+    return {p.name: torch.load(p / "final.pt") for p in sorted(Path(run_dir).glob("level_*"))}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _same(a[k], b[k])
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+KEYS = ("level", "remaining", "train_acc", "test_acc", "val_acc", "steps")
+
+
+def test_imp_levels_files_and_rerun(tmp_path):
+    run = R.IMPRun(_hp(tmp_path, plots=True))
+    rows = run.run()
+    assert [r["level"] for r in rows] == [0, 1, 2]
+    lr = [r["layer_remaining"] for r in rows]
+    assert lr[1]["fc3"] == pytest.approx(90.0, abs=0.2) and lr[2]["fc3"] == pytest.approx(81.0, abs=0.2)
+    # global 20% over fc1+fc2 (the output layer has its own 10%)
+    kept = {n: Mask(torch.load(run.dir / "level_01" / "mask.pt")).kept(n) for n in ("fc1", "fc2")}
+    assert sum(kept.values()) == (64 * 300 + 300 * 100) - round(0.2 * (64 * 300 + 300 * 100))
+    masks = _masks(run.dir)
+    for a, b in (("level_00", "level_01"), ("level_01", "level_02")):
+        assert Mask(masks[b]).is_subset_of(Mask(masks[a]))
+    for name, sd in _finals(run.dir).items():  # pruned weights are exactly zero in the trained weights
+        for layer, m in masks[name].items():
+            assert bool((sd[layer + ".weight"][~m] == 0).all())
+    for f in ("results.json", "results.csv", "hparams.json", "rewind.pt", "accuracy.png",
+              "level_02/ticket.safetensors", "level_02/checkpoint.pt"):
+        assert (run.dir / f).exists(), f
+    m2 = Mask(masks["level_02"])   # fp32 values + int32 columns + int32 row pointers (+ biases)
+    shapes = {"fc1": (300, 64), "fc2": (100, 300), "fc3": (10, 100)}
+    assert rows[2]["ticket_bytes"] == sum(8 * m2.kept(n) + 4 * (o + 1) + 4 * o for n, (o, i) in shapes.items())
+    assert rows[2]["dense_bytes"] == sum(4 * (o * i + o) for o, i in shapes.values())
+    assert all(0.5 < r["test_acc"] <= 1 for r in rows)
+    assert set(rows[1]["modes"]) == {"fc1", "fc2", "fc3"} and set(rows[1]["modes"].values()) == {"sparse"}
+    # the same command again resumes: nothing is retrained
+    stamp = (run.dir / "level_02" / "metrics.json").stat().st_mtime_ns
+    again = R.IMPRun(_hp(tmp_path, plots=True, threads=1)).run()  # run-only fields keep the folder
+    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
+    assert (run.dir / "level_02" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    return out, R.IMPRun(_hp(out)).run()
+
+
+@pytest.mark.parametrize("kill_after", [1, 3, 6, 9])
+def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill_after, reference_run):
+    ref_out, ref = reference_run
+    real_save, calls = R.atomic_save, [0]
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        calls[0] += 1
+        if calls[0] == kill_after:
+            raise _Killed(path)
+
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        R.IMPRun(_hp(tmp_path / "cut")).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    rows = R.IMPRun(_hp(tmp_path / "cut")).run()
+    assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
+    a, b = R.IMPRun(_hp(ref_out)).dir, R.IMPRun(_hp(tmp_path / "cut")).dir
+    _same(_masks(a), _masks(b))
+    _same(_finals(a), _finals(b))
+
+
+def test_sigkill_then_resume(tmp_path):
+    """A real SIGKILL in the middle of level 1; the rerun ends where an uninterrupted run does."""
+    args = ["--dataset", "digits", "--epochs", "3", "--levels", "2", "--kernels", "sparse", "--progress", "false",
+            "--plots", "false"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "sparseticket", "imp"] + args
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "cut").glob("*/level_01/checkpoint.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((tmp_path / "cut").glob("*/level_02/metrics.json")), "the run finished before the kill"
+    subprocess.run(cmd + ["--out", str(tmp_path / "cut")], check=True, env=env, capture_output=True)
+    ref = json.loads(next((tmp_path / "ref").glob("*/results.json")).read_text())
+    cut = json.loads(next((tmp_path / "cut").glob("*/results.json")).read_text())
+    assert [{k: r[k] for k in KEYS} for r in cut] == [{k: r[k] for k in KEYS} for r in ref]
+    _same(_masks(next((tmp_path / "ref").glob("imp_*"))), _masks(next((tmp_path / "cut").glob("imp_*"))))
+
+
+def test_dense_baseline_is_the_same_experiment(tmp_path):
+    sparse = R.IMPRun(_hp(tmp_path)).run()
+    dense_run = R.IMPRun(_hp(tmp_path, baseline="dense"))
+    dense = dense_run.run()
+    assert dense_run.dir != R.IMPRun(_hp(tmp_path)).dir
+    assert all(r["modes"] == {} for r in dense)
+    for s, d in zip(sparse, dense):
+        assert s["remaining"] == pytest.approx(d["remaining"], abs=0.05)
+        assert abs(s["test_acc"] - d["test_acc"]) < 0.05
+    # level 0 is the same computation; level 1's masks agree except for near-ties
+    m_s, m_d = _masks(R.IMPRun(_hp(tmp_path)).dir)["level_01"], _masks(dense_run.dir)["level_01"]
+    agree = sum(int((m_s[n] == m_d[n]).sum()) for n in m_s) / sum(m.numel() for m in m_s.values())
+    assert agree > 0.99
+
+
+def test_controls(tmp_path):
+    main = R.IMPRun(_hp(tmp_path)).run()
+    reinit = R.IMPRun(_hp(tmp_path, control="random_reinit"))
+    rrows = reinit.run()
+    assert [r["level"] for r in rrows] == [1, 2] and all(r["control"] == "random_reinit" for r in rrows)
+    main_dir = R.IMPRun(_hp(tmp_path)).dir
+    _same(_masks(main_dir)["level_02"], _masks(reinit.dir)["level_02"])   # the ticket's structure...
+    start = R.IMPRun(_hp(tmp_path))._rewind()["init"]
+    assert not torch.equal(start["fc1.weight"], reinit.new_model(0 + 7919 * 3).state_dict()["fc1.weight"])
+    rp = R.IMPRun(_hp(tmp_path, control="random_prune"))
+    prow = rp.run()
+    m_rand, m_tick = Mask(_masks(rp.dir)["level_02"]), Mask(_masks(main_dir)["level_02"])
+    for n in m_tick:                                                          # ...or its layerwise sparsity
+        assert m_rand.kept(n) == m_tick.kept(n)
+    assert not torch.equal(m_rand["fc1"], m_tick["fc1"])
+    assert [r["remaining"] for r in prow] == pytest.approx([r["remaining"] for r in main[1:]])
+
+
+def test_rewinding_variants_and_one_shot(tmp_path):
+    it = R.IMPRun(_hp(tmp_path, rewind="iter:5"))
+    rows = it.run()
+    rw = torch.load(it.dir / "rewind.pt")
+    assert "iter" in rw and not torch.equal(rw["iter"]["fc1.weight"], rw["init"]["fc1.weight"])
+    assert rows[1]["steps"] == rows[0]["steps"]            # training ends at the same step T...
+    assert rows[1]["epochs"] == rows[0]["epochs"]            # ...epoch 0 partly skipped
+    lr = R.IMPRun(_hp(tmp_path, rewind="lr"))
+    lr.run()
+    plan = lr._imp_plan(2)
+    _same(plan.start, torch.load(lr.dir / "level_01" / "final.pt"))
+    with pytest.raises(RuntimeError, match="never reached"):
+        run = R.IMPRun(_hp(tmp_path, rewind="iter:100000"))
+        run.run()
+    one = R.IMPRun(_hp(tmp_path, one_shot=True, levels=3)).run()
+    assert [r["level"] for r in one] == [0, 1]
+    assert one[1]["layer_remaining"]["fc3"] == pytest.approx(100 * 0.9 ** 3, abs=0.2)
+
+
+def test_transfer_and_pretrained(tmp_path):
+    src = R.IMPRun(_hp(tmp_path))
+    src.run()
+    tr = R.IMPRun(_hp(tmp_path, transfer_from=str(src.dir), split_seed=1, freeze_features=True,
+                      transfer_init="source"))
+    rows = tr.run()
+    assert len(rows) == 1 and rows[0]["transfer"] and rows[0]["remaining"] == pytest.approx(
+        R.IMPRun(_hp(tmp_path)).run()[-1]["remaining"])
+    final, source = torch.load(tr.dir / "level_00" / "final.pt"), torch.load(src.dir / "level_02" / "final.pt")
+    assert torch.equal(final["fc1.weight"], source["fc1.weight"])          # features frozen
+    assert not torch.equal(final["fc3.weight"], source["fc3.weight"])      # the head trained
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        R.IMPRun(_hp(tmp_path, transfer_from=str(tmp_path / "nope"))).run()
+    # pruning a pre-trained checkpoint: level 0 is evaluated, not trained, and rewinds go to it
+    path = tmp_path / "pre.pt"
+    torch.save(source, path)
+    pre = R.IMPRun(_hp(tmp_path / "p", pretrained=str(path), levels=1))
+    prow = pre.run()
+    assert prow[0]["steps"] == 0 and prow[1]["steps"] > 0
+    _same(torch.load(pre.dir / "rewind.pt")["init"], source)
+
+
+def test_neq_inside_levels(tmp_path):
+    for baseline in ("sparse", "dense"):
+        rows = R.IMPRun(_hp(tmp_path, neq=True, neq_eps=0.5, epochs=3, baseline=baseline)).run()
+        assert all(r["neq_frozen"] is not None for r in rows)
+        assert any(r["neq_frozen"] > 0 for r in rows), baseline
