@@ -221,6 +221,28 @@ def test_all_frozen_and_all_pruned(gen):
     assert torch.all(x.grad == 0) and s.weight_values.grad.numel() == 0 and torch.all(s.bias.grad == 0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_inplace_activation_on_the_output(mode, gen):
+    """ReLU(inplace=True) after a sparse layer (the sparse conv returns a permuted view;
+    autograd refuses in-place writes into a view that a custom Function returned)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, dtype=F64), nn.ReLU(inplace=True), nn.Flatten(),
+                        nn.Linear(4 * 5 * 5, 6, dtype=F64), nn.ReLU(inplace=True), nn.Linear(6, 2, dtype=F64))
+    ref = copy.deepcopy(net)
+    stnn.sparsify(net, amount=0.5, mode=mode)
+    for i in (0, 3, 5):
+        with torch.no_grad():
+            ref[i].weight.copy_(net[i].dense_weight())
+    x = torch.randn(2, 3, 7, 7, dtype=F64, generator=gen)
+    y, y_ref = net(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for i in (0, 3, 5):
+        torch.testing.assert_close(dense_grad_of_values(net[i], net[i].weight_values.grad),
+                                   ref[i].weight.grad * net[i].mask())
+
+
 # ----------------------------------------------------------------------------- mask changes
 
 

@@ -148,8 +148,10 @@ class SparseConv2d(TicketModule):
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
         if not pointwise and not torch.compiler.is_compiling():
             geom = (self.kernel_size, self.stride, self._pad, self.dilation, oh, ow)
+            # permuted outside the Function: autograd forbids writing in place (ReLU(inplace=True))
+            # into a view a custom Function returns
             return _BlockedSparseConv2d.apply(x, values, bias, b["crow"], b["col"], b["ccol"], b["row"], b["perm"],
-                                              b["active"], geom)
+                                              b["active"], geom).permute(0, 3, 1, 2)
         if pointwise:
             a = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # 1x1 conv: im2col is a transpose
         else:  # one graph-friendly im2col of the whole batch (no Python loop in the trace)
@@ -289,7 +291,7 @@ class _BlockedSparseConv2d(torch.autograd.Function):
             y[n0:n1, h0:h1] = _spmm(a, values, crow, col, bias).view(n1 - n0, h1 - h0, ow, O)
         ctx.save_for_backward(xp, values, crow, col, ccol, row, perm, active)
         ctx.geom, ctx.xshape, ctx.has_bias = geom, (N, C, H, W), bias is not None
-        return y.permute(0, 3, 1, 2)
+        return y  # [N, oh, ow, O]
 
     @staticmethod
     def backward(ctx, gy):
@@ -299,7 +301,7 @@ class _BlockedSparseConv2d(torch.autograd.Function):
         N, C, H, W = ctx.xshape
         O = crow.shape[0] - 1
         need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        gyl = gy.permute(0, 2, 3, 1).contiguous()  # [N, oh, ow, O]
+        gyl = gy.contiguous()  # [N, oh, ow, O]
         gxp = torch.zeros_like(xp) if need_x else None
         gv = torch.zeros_like(values) if need_v else None
         if need_x or need_v:
