@@ -355,8 +355,8 @@ class IMPRun:
             row = json.loads(done.read_text())
             self._print_level(row, resumed=True)
             return row
+        data, hp = self.data, self.hp  # loaded before the clock starts: both baselines share it
         t_level = time.perf_counter()
-        data, hp = self.data, self.hp
         train_x, train_y = data.train.x, data.train.y
         n = train_x.shape[0]
         bs = hp.data.batch_size

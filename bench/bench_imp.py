@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""End-to-end IMP benchmarks (issue 4): accelerated vs dense-masked runs, the lottery-ticket
+effect against its random-reinit control, and kill/resume.
+
+    python bench/bench_imp.py speed --model lenet_300_100 --levels 15            # vs --baseline dense
+    python bench/bench_imp.py speed --model conv4 --levels 10 --batch-size 64 --epochs 2
+    python bench/bench_imp.py lottery --seeds 0,1,2                               # tickets vs random reinit
+    python bench/bench_imp.py kill --kills 5                                      # SIGKILL at random points
+
+``speed`` runs the same hyperparameters twice per repeat, sparse and ``--baseline dense``,
+alternating which goes first, each in a fresh folder (nothing reused); per level it
+reports the median seconds of each and their ratio, and the accuracy difference. CSV:
+bench/results/imp.csv (+ imp.runs.json with the machine and the command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import command_line, new_run_id, pin_threads, system_info, update_runs_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = ["run_id", "what", "model", "dataset", "seed", "level", "remaining", "sparse_s", "dense_s", "ratio",
+          "sparse_test_acc", "dense_test_acc", "acc_diff_pp", "modes", "repeats", "threads"]
+
+
+def _imp_args(a) -> list:
+    args = ["--model", a.model, "--dataset", a.dataset, "--levels", str(a.levels), "--epochs", str(a.epochs),
+            "--progress", "false", "--plots", "false"]
+    if a.batch_size:
+        args += ["--batch-size", str(a.batch_size)]
+    if a.lr is not None:
+        args += ["--lr", str(a.lr)]
+    return args + list(a.extra)
+
+
+def _hp(a, out, **changes):
+    from sparseticket.lottery.hparams import IMPHparams, add_arguments, from_args
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    hp = from_args(p.parse_args(_imp_args(a) + ["--out", str(out)]))
+    return hp.replace(**changes) if changes else hp
+
+
+def _write_csv(rows, path: Path):
+    import csv
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def speed(a) -> int:
+    from sparseticket.lottery.runner import IMPRun
+    run_id = new_run_id()
+    per = {"sparse": [], "dense": []}
+    for rep in range(a.repeats):
+        order = ["sparse", "dense"] if rep % 2 == 0 else ["dense", "sparse"]
+        for baseline in order:
+            out = Path(tempfile.mkdtemp(prefix=f"bench_imp_{baseline}_"))
+            t0 = time.perf_counter()
+            rows = IMPRun(_hp(a, out, baseline=baseline)).run()
+            wall = time.perf_counter() - t0
+            per[baseline].append((rows, wall))
+            print(f"repeat {rep}: {baseline:6s} {wall:8.1f} s wall", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    levels = [r["level"] for r in per["sparse"][0][0]]
+    out_rows = []
+    for i, level in enumerate(levels):
+        s = statistics.median(r[i]["seconds"] for r, _ in per["sparse"])
+        d = statistics.median(r[i]["seconds"] for r, _ in per["dense"])
+        sa = statistics.median(r[i]["test_acc"] for r, _ in per["sparse"])
+        da = statistics.median(r[i]["test_acc"] for r, _ in per["dense"])
+        first = per["sparse"][0][0][i]
+        out_rows.append(dict(run_id=run_id, what="speed", model=a.model, dataset=a.dataset, seed=0, level=level,
+                             remaining=round(first["remaining"], 3), sparse_s=round(s, 4), dense_s=round(d, 4),
+                             ratio=round(d / s, 3), sparse_test_acc=sa, dense_test_acc=da,
+                             acc_diff_pp=round(100 * (sa - da), 2),
+                             modes=" ".join(f"{k}:{v[0]}" for k, v in first["modes"].items()),
+                             repeats=a.repeats, threads=a.threads))
+    ts = statistics.median(w for _, w in per["sparse"])
+    td = statistics.median(w for _, w in per["dense"])
+    out_rows.append(dict(run_id=run_id, what="speed_total", model=a.model, dataset=a.dataset, seed=0, level=-1,
+                         remaining=None, sparse_s=round(ts, 3), dense_s=round(td, 3), ratio=round(td / ts, 3),
+                         acc_diff_pp=max(abs(r["acc_diff_pp"]) for r in out_rows), repeats=a.repeats,
+                         threads=a.threads))
+    _report(out_rows)
+    _save(a, run_id, out_rows)
+    return 0
+
+
+def lottery(a) -> int:
+    """Rewound tickets vs the same masks with fresh random weights, over seeds."""
+    from sparseticket.lottery.runner import IMPRun
+    run_id = new_run_id()
+    out = Path(tempfile.mkdtemp(prefix="bench_lottery_"))
+    rows = []
+    for seed in a.seeds:
+        hp = _hp(a, out).replace(init_seed=seed, data_seed=seed)
+        ticket = IMPRun(hp).run()
+        reinit = {r["level"]: r for r in IMPRun(hp.replace(control="random_reinit")).run()}
+        for r in ticket[1:]:
+            c = reinit[r["level"]]
+            rows.append(dict(run_id=run_id, what="lottery", model=a.model, dataset=a.dataset, seed=seed,
+                             level=r["level"], remaining=round(r["remaining"], 3), sparse_test_acc=r["test_acc"],
+                             dense_test_acc=c["test_acc"], acc_diff_pp=round(100 * (r["test_acc"] - c["test_acc"]), 2),
+                             threads=a.threads))
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"{'level':>5} {'remaining':>9} " + " ".join(f"{'seed ' + str(s) + ' ticket/reinit':>22}" for s in a.seeds))
+    for level in sorted({r["level"] for r in rows}):
+        lr = [r for r in rows if r["level"] == level]
+        print(f"{level:5d} {lr[0]['remaining']:8.2f}% " + " ".join(
+            f"{100 * r['sparse_test_acc']:10.2f} /{100 * r['dense_test_acc']:6.2f} ({r['acc_diff_pp']:+.1f})" for r in lr))
+    low = [r for r in rows if r["remaining"] <= 10.0]
+    wins = sum(r["acc_diff_pp"] > 0 for r in low)
+    print(f"at <= 10% remaining: the ticket beats random reinit in {wins}/{len(low)} (level, seed) pairs; "
+          f"mean margin {statistics.mean(r['acc_diff_pp'] for r in low):+.2f} pp" if low else "no level <= 10%")
+    _save(a, run_id, rows)
+    return 0
+
+
+def kill(a) -> int:
+    """SIGKILL the CLI at random moments, resume each time; compare with an uninterrupted run."""
+    rng = random.Random(a.kill_seed)
+    base = Path(tempfile.mkdtemp(prefix="bench_kill_"))
+    cmd = [sys.executable, "-m", "sparseticket", "imp"] + _imp_args(a) + ["--kernels", "sparse"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd + ["--out", str(base / "ref")], check=True, capture_output=True)
+    full = time.perf_counter() - t0
+    killed = 0
+    while True:
+        p = subprocess.Popen(cmd + ["--out", str(base / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if killed < a.kills:
+            delay = rng.uniform(0.5, max(1.0, full / a.kills))
+            try:
+                p.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                killed += 1
+                print(f"killed after {delay:.1f} s; {_epochs_done(base / 'cut')} epochs checkpointed", flush=True)
+                continue
+        if p.wait() != 0:
+            raise SystemExit("resumed run failed")
+        break
+    ref = json.loads(next((base / "ref").glob("imp_*/results.json")).read_text())
+    cut = json.loads(next((base / "cut").glob("imp_*/results.json")).read_text())
+    keys = ("level", "remaining", "train_acc", "test_acc", "steps")
+    same = [{k: r[k] for k in keys} for r in ref] == [{k: r[k] for k in keys} for r in cut]
+    import torch
+    masks_same = all(all(torch.equal(torch.load(p / "mask.pt")[n], torch.load(q / "mask.pt")[n])
+                         for n in torch.load(p / "mask.pt"))
+                     for p, q in zip(sorted(next((base / "ref").glob("imp_*")).glob("level_*")),
+                                     sorted(next((base / "cut").glob("imp_*")).glob("level_*"))))
+    print(f"{killed} SIGKILLs; results identical: {same}; masks identical: {masks_same}")
+    shutil.rmtree(base, ignore_errors=True)
+    return 0 if same and masks_same else 1
+
+
+def _epochs_done(root: Path) -> int:
+    import torch
+    n = 0
+    for ck in root.glob("imp_*/level_*/checkpoint.pt"):
+        try:
+            n += len(torch.load(ck, weights_only=False)["log"])
+        except Exception:
+            pass
+    return n
+
+
+def _report(rows):
+    print(f"{'level':>5} {'remaining':>9} {'sparse s':>9} {'dense s':>9} {'speedup':>8} {'acc diff':>9}  modes")
+    for r in rows:
+        if r["what"] == "speed":
+            print(f"{r['level']:5d} {r['remaining']:8.2f}% {r['sparse_s']:9.2f} {r['dense_s']:9.2f} "
+                  f"{r['ratio']:7.2f}x {r['acc_diff_pp']:+8.2f}pp  {r['modes']}")
+        else:
+            print(f"total wall-clock: {r['sparse_s']:.1f} s vs {r['dense_s']:.1f} s dense: {r['ratio']:.2f}x; "
+                  f"largest accuracy difference {r['acc_diff_pp']:.2f} pp")
+
+
+def _save(a, run_id, rows):
+    path = Path(a.csv)
+    _write_csv(rows, path)
+    update_runs_json(path, run_id, command=command_line(), system=system_info(a.threads), what=a.what)
+    print(f"run {run_id} -> {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["speed", "lottery", "kill"])
+    ap.add_argument("--model", default="lenet_300_100")
+    ap.add_argument("--dataset", default="mnist5k")
+    ap.add_argument("--levels", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="speed: sparse/dense pairs (order alternates)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--kill-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--csv", default=str(RESULTS / "imp.csv"))
+    a, extra = ap.parse_known_args(argv)  # anything else is passed on to `sparseticket imp`
+    a.extra = [x for x in extra if x != "--"]
+    pin_threads(a.threads)
+    return {"speed": speed, "lottery": lottery, "kill": kill}[a.what](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
