@@ -72,7 +72,22 @@ struct AdamWArgs {
   bool maximize;
 };
 
+// Compact values <-> dense rows through a bitmap of the kept positions: row r keeps the
+// columns whose bit is set in bits[r * words ...] (bit c % 64 of word c / 64), in
+// increasing column order, with values vals[ptr[r] .. ptr[r + 1]). Expand writes the
+// dense rows (0 at pruned columns); compress gathers the dense rows' kept entries.
+struct BitmapArgs {
+  const int32_t* ptr;     // [R + 1]
+  const uint64_t* bits;   // [R][words], no bit set at or past K
+  int64_t words;
+  int64_t K;              // columns
+  void* vals;             // [nnz]: read by expand, written by compress
+  void* dense;            // row r at dense + r * ld: written by expand, read by compress
+  int64_t ld;
+};
+
 using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);
+using BitmapFn = void (*)(const BitmapArgs&, int64_t r_begin, int64_t r_end);
 using SddmmFn = void (*)(const SddmmArgs&, int64_t r_begin, int64_t r_end);
 using SgdFn = void (*)(const SgdArgs&, int64_t begin, int64_t end);
 using AdamWFn = void (*)(const AdamWArgs&, int64_t begin, int64_t end);
@@ -96,6 +111,10 @@ struct KernelTable {
   AdamWFn adamw_f64;
   PackFn pack_f32;
   PackFn pack_f64;
+  BitmapFn expand_f32;
+  BitmapFn expand_f64;
+  BitmapFn compress_f32;
+  BitmapFn compress_f64;
 };
 
 namespace avx512 { KernelTable make_table(); }

@@ -731,6 +731,108 @@ Tensor ticket_to_dense_cpu(const Tensor& values_, const Tensor& crow_, const Ten
   return out;
 }
 
+// bits: int64 [R, ceil(K / 64)] whose row r has exactly ptr[r + 1] - ptr[r] bits set,
+// none at or past column K. O(R * words) popcounts: cheap next to the O(R * K) copy.
+void check_bitmap(const Tensor& bits, const Tensor& ptr, int64_t K) {
+  TORCH_CHECK(bits.scalar_type() == at::kLong, "sparseticket: bits must be int64, got ", bits.scalar_type());
+  check_cpu(bits, "bits");
+  check_dim(bits, 2, "bits");
+  const int64_t R = ptr.numel() - 1, words = (K + 63) / 64;
+  TORCH_CHECK(bits.size(0) == R && bits.size(1) == words, "sparseticket: bits has shape ", bits.sizes(),
+              ", expected [", R, ", ", words, "] (rows, ceil(n_cols / 64))");
+  TORCH_CHECK(bits.is_contiguous(), "sparseticket: bits must be contiguous");
+  const uint64_t* b = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const uint64_t tail = K % 64 ? ~uint64_t(0) << (K % 64) : 0;
+  int64_t bad = -1;
+  for (int64_t r = 0; r < R && bad < 0; ++r) {
+    int64_t n = 0;
+    for (int64_t w = 0; w < words; ++w) n += __builtin_popcountll(b[r * words + w]);
+    if (n != p[r + 1] - p[r] || (words && (b[r * words + words - 1] & tail))) bad = r;
+  }
+  TORCH_CHECK(bad < 0, "sparseticket: bits row ", bad, " does not match the ticket (it must set exactly crow[r+1]-crow[r]",
+              " bits, none at or past n_cols=", K, ")");
+}
+
+BitmapArgs bitmap_args(const Tensor& crow, const Tensor& bits, int64_t K) {
+  BitmapArgs a{};
+  a.ptr = crow.data_ptr<int32_t>();
+  a.bits = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  a.words = bits.size(1);
+  a.K = K;
+  return a;
+}
+
+// Grain: rows of at least ~16K elements per task, so small layers stay on one thread.
+int64_t bitmap_grain(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, K)); }
+
+Tensor ticket_bitmap_cpu(const Tensor& crow_, const Tensor& col_, int64_t n_cols) {
+  check_index(crow_, "crow");
+  check_index(col_, "col");
+  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_);
+  check_ptr(crow, col.numel(), "crow");
+  check_index_range(col, n_cols, "col", "n_cols");
+  const int64_t R = crow.numel() - 1, words = (n_cols + 63) / 64;
+  Tensor bits = at::zeros({R, words}, crow.options().dtype(at::kLong));
+  uint64_t* b = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  const int32_t* p = crow.data_ptr<int32_t>();
+  const int32_t* c = col.data_ptr<int32_t>();
+  int64_t bad = -1;
+  for (int64_t r = 0; r < R && bad < 0; ++r)
+    for (int64_t k = p[r]; k < p[r + 1]; ++k) {
+      if (k > p[r] && c[k] <= c[k - 1]) {  // expand/compress visit columns in order
+        bad = r;
+        break;
+      }
+      b[r * words + (c[k] >> 6)] |= uint64_t(1) << (c[k] & 63);
+    }
+  TORCH_CHECK(bad < 0, "sparseticket: ticket_bitmap: the columns of row ", bad,
+              " are not strictly increasing (sort them, e.g. by rebuilding the ticket with dense_to_ticket)");
+  return bits;
+}
+
+Tensor ticket_expand_cpu(const Tensor& values_, const Tensor& crow_, const Tensor& bits, int64_t n_cols) {
+  check_float(values_, "values");
+  check_dim(values_, 1, "values");
+  check_cpu(values_, "values");
+  check_index(crow_, "crow");
+  const Tensor values = contiguous_1d(values_), crow = contiguous_1d(crow_);
+  check_ptr(crow, values.numel(), "crow");
+  check_bitmap(bits, crow, n_cols);
+  const int64_t R = crow.numel() - 1;
+  Tensor out = at::empty({R, n_cols}, values.options());
+  BitmapArgs a = bitmap_args(crow, bits, n_cols);
+  a.vals = values.data_ptr();
+  a.dense = out.data_ptr();
+  a.ld = n_cols;
+  const BitmapFn fn = values.scalar_type() == at::kFloat ? kernel_table().expand_f32 : kernel_table().expand_f64;
+  at::parallel_for(0, R, bitmap_grain(n_cols), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  return out;
+}
+
+Tensor ticket_compress_cpu(const Tensor& dense_, const Tensor& crow_, const Tensor& bits, c10::SymInt nnz_) {
+  check_float(dense_, "dense");
+  check_dim(dense_, 2, "dense");
+  check_cpu(dense_, "dense");
+  check_index(crow_, "crow");
+  const int64_t nnz = nnz_.expect_int();
+  const Tensor crow = contiguous_1d(crow_);
+  TORCH_CHECK(dense_.size(0) == crow.numel() - 1, "sparseticket: dense has ", dense_.size(0), " rows but crow has ",
+              crow.numel() - 1);
+  check_ptr(crow, nnz, "crow");
+  const int64_t K = dense_.size(1);
+  check_bitmap(bits, crow, K);
+  const Tensor dense = dense_.stride(1) == 1 ? dense_ : dense_.contiguous();
+  Tensor out = at::empty({nnz}, dense.options());
+  BitmapArgs a = bitmap_args(crow, bits, K);
+  a.vals = out.data_ptr();
+  a.dense = const_cast<void*>(dense.const_data_ptr());
+  a.ld = dense.stride(0);
+  const BitmapFn fn = dense.scalar_type() == at::kFloat ? kernel_table().compress_f32 : kernel_table().compress_f64;
+  at::parallel_for(0, crow.numel() - 1, bitmap_grain(K), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
@@ -745,6 +847,9 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("dense_to_ticket", &dense_to_ticket_cpu);
   m.impl("ticket_transpose", &ticket_transpose_cpu);
   m.impl("ticket_to_dense", &ticket_to_dense_cpu);
+  m.impl("ticket_bitmap", &ticket_bitmap_cpu);
+  m.impl("ticket_expand", &ticket_expand_cpu);
+  m.impl("ticket_compress", &ticket_compress_cpu);
 }
 
 }  // namespace cpu

@@ -205,6 +205,9 @@ class TicketModule(NEqMixin, nn.Module):
         for name in ("crow", "col", "ccol", "row", "perm"):
             self.register_buffer(name, torch.empty(0, dtype=torch.int32, device=weight.device))
         self.register_buffer("flat", torch.empty(0, dtype=torch.int64, device=weight.device), persistent=False)
+        # one bit per weight of the ticket's [rows, cols] space: the dense path expands the
+        # values through it (and compresses the gradient back) at memory speed
+        self.register_buffer("bits", torch.empty(0, dtype=torch.int64, device=weight.device), persistent=False)
         self.register_buffer("active", None)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
@@ -237,7 +240,8 @@ class TicketModule(NEqMixin, nn.Module):
         else:
             self._st_prev = None
         ccol, row, perm = ops.ticket_transpose(crow, col, self._ticket_cols())
-        self._buffers.update(crow=crow, col=col, ccol=ccol, row=row, perm=perm, flat=flat)
+        bits = ops.ticket_bitmap(crow, col, self._ticket_cols())
+        self._buffers.update(crow=crow, col=col, ccol=ccol, row=row, perm=perm, flat=flat, bits=bits)
         self._st_token = object()
         self.__dict__["_fast_choice"] = None  # nnz changed: measured choices may differ
         self._install_values(values.contiguous(), clear_grad=remap)
@@ -451,6 +455,11 @@ class TicketModule(NEqMixin, nn.Module):
         if not same:
             self._st_prev = None
             self._st_token = object()  # optimizers reset this param's state
+        try:
+            self._buffers["bits"] = ops.ticket_bitmap(self.crow, self.col, self._ticket_cols())
+        except RuntimeError as e:
+            error_msgs.append(f"sparseticket: {what}: invalid ticket in checkpoint: {e}")
+            return
         self._buffers["flat"] = self._flat_of(self.crow, self.col)
         self._mark_nnz_dynamic()
         register_module_params(self)  # load_state_dict(assign=True) makes new Parameter objects

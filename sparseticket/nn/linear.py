@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _mode
-from ._common import NEqMixin, TicketModule, TicketToDense, check_active, check_weight_dtype, where
+from ._common import NEqMixin, TicketModule, check_active, check_weight_dtype, where
 from ._registry import register_module_params
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
+_ticket_expand = torch.ops.sparseticket.ticket_expand
 _neq_linear = torch.ops.sparseticket.neq_linear
 
 
@@ -89,7 +90,7 @@ class SparseLinear(TicketModule):
         if values.shape[0] == self.out_features * self.in_features:
             w = values.view(self.out_features, self.in_features)  # full ticket: values are W, row-major
         else:
-            w = TicketToDense.apply(values, b["crow"], b["col"], b["flat"], self.out_features, self.in_features, True)
+            w = _ticket_expand(values, b["crow"], b["bits"], self.in_features)
         active = b["active"]
         if active is None:
             return F.linear(x, w, bias)

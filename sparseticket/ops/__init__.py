@@ -133,7 +133,48 @@ def _checked_reference_impls():
         _check_range("col", col, n_cols, "n_cols")
         return ref.reference_ticket_to_dense(values, crow, col, n_cols)
 
-    return dict(spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+    def _check_bitmap(bits, crow, n_cols):
+        _library.check_bitmap_args(crow, bits)
+        O, words = crow.numel() - 1, (n_cols + 63) // 64
+        _library._check(tuple(bits.shape) == (O, words), f"sparseticket: bits has shape {tuple(bits.shape)}, expected "
+                        f"[{O}, {words}] (rows, ceil(n_cols / 64))")
+        mask = ref.unpack_bits(bits, words * 64)
+        ok = bool((mask.sum(1) == (crow[1:] - crow[:-1])).all()) and not bool(mask[:, n_cols:].any())
+        _library._check(ok, "sparseticket: bits do not match the ticket (each row must set exactly "
+                        f"crow[r+1]-crow[r] bits, none at or past n_cols={n_cols})")
+
+    def ticket_bitmap(crow, col, n_cols):
+        _library._check_index("crow", crow)
+        _library._check_index("col", col)
+        _library._check_same("col", col, "crow", crow)
+        _check_ptr("crow", crow, col.numel())
+        _check_range("col", col, n_cols, "n_cols")
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
+                                       (crow[1:] - crow[:-1]).long())
+        same_row = rows[1:] == rows[:-1]
+        _library._check(not bool((same_row & (col[1:] <= col[:-1])).any()),
+                        "sparseticket: ticket_bitmap: the columns of a row are not strictly increasing")
+        return ref.reference_ticket_bitmap(crow, col, n_cols)
+
+    def ticket_expand(values, crow, bits, n_cols):
+        _library._check_float("values", values)
+        _library._check_dim("values", values, 1)
+        _library._check_index("crow", crow)
+        _check_ptr("crow", crow, values.numel())
+        _check_bitmap(bits, crow, n_cols)
+        return ref.reference_ticket_expand(values, crow, bits, n_cols)
+
+    def ticket_compress(dense, crow, bits, nnz):
+        _library._check_float("dense", dense)
+        _library._check_dim("dense", dense, 2)
+        _library._check_index("crow", crow)
+        _library._check(dense.shape[0] == crow.numel() - 1,
+                        f"sparseticket: dense has {dense.shape[0]} rows but crow has {crow.numel() - 1}")
+        _check_ptr("crow", crow, nnz)
+        _check_bitmap(bits, crow, dense.shape[1])
+        return ref.reference_ticket_compress(dense, crow, bits, nnz)
+
+    return dict(ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress, spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
                 row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
                 dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
 
@@ -214,6 +255,22 @@ if _C is None:
                                     setup_context=_neq_linear_setup)
 
 
+# ticket_expand is differentiable in its values: the gradient of a dense weight goes back
+# to the kept entries through the same bitmap (ticket_compress). Both backends.
+def _expand_setup(ctx, inputs, output):
+    values, crow, bits, n_cols = inputs
+    ctx.save_for_backward(crow, bits)
+    ctx.nnz = values.shape[0]
+
+
+def _expand_backward(ctx, g):
+    crow, bits = ctx.saved_tensors
+    return torch.ops.sparseticket.ticket_compress(g, crow, bits, ctx.nnz), None, None, None
+
+
+torch.library.register_autograd("sparseticket::ticket_expand", _expand_backward, setup_context=_expand_setup)
+
+
 # ----------------------------------------------------------------------------- public names
 
 spmm = torch.ops.sparseticket.spmm
@@ -225,9 +282,12 @@ masked_adamw_ = torch.ops.sparseticket.masked_adamw_
 dense_to_ticket = torch.ops.sparseticket.dense_to_ticket
 ticket_transpose = torch.ops.sparseticket.ticket_transpose
 ticket_to_dense = torch.ops.sparseticket.ticket_to_dense
+ticket_bitmap = torch.ops.sparseticket.ticket_bitmap
+ticket_expand = torch.ops.sparseticket.ticket_expand
+ticket_compress = torch.ops.sparseticket.ticket_compress
 sparse_linear_op = torch.ops.sparseticket.sparse_linear
 neq_linear_op = torch.ops.sparseticket.neq_linear
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
-           "ticket_transpose", "ticket_to_dense", "sparse_linear_op", "neq_linear_op", "BACKENDS",
+           "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress", "sparse_linear_op", "neq_linear_op", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

@@ -36,6 +36,9 @@ SCHEMAS = {
     "dense_to_ticket": "(Tensor weight, Tensor mask) -> (Tensor, Tensor, Tensor)",
     "ticket_transpose": "(Tensor crow, Tensor col, SymInt n_cols) -> (Tensor, Tensor, Tensor)",
     "ticket_to_dense": "(Tensor values, Tensor crow, Tensor col, SymInt n_cols) -> Tensor",
+    "ticket_bitmap": "(Tensor crow, Tensor col, SymInt n_cols) -> Tensor",
+    "ticket_expand": "(Tensor values, Tensor crow, Tensor bits, SymInt n_cols) -> Tensor",
+    "ticket_compress": "(Tensor dense, Tensor crow, Tensor bits, SymInt nnz) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -320,3 +323,36 @@ def _(values, crow, col, n_cols):
     _check_same("crow", crow, "values", values)
     _check_same("col", col, "values", values)
     return values.new_empty((crow.shape[0] - 1, n_cols))
+
+
+def check_bitmap_args(crow, bits, n_rows_from: str = "crow"):
+    _check_index("crow", crow)
+    _check(bits.dtype == torch.int64, f"sparseticket: bits must be int64, got {bits.dtype}")
+    _check_dim("bits", bits, 2)
+    _check_same("bits", bits, "crow", crow)
+
+
+@torch.library.register_fake("sparseticket::ticket_bitmap")
+def _(crow, col, n_cols):
+    _check_index("crow", crow)
+    _check_index("col", col)
+    _check_same("col", col, "crow", crow)
+    return crow.new_empty((crow.shape[0] - 1, (n_cols + 63) // 64), dtype=torch.int64)
+
+
+@torch.library.register_fake("sparseticket::ticket_expand")
+def _(values, crow, bits, n_cols):
+    _check_float("values", values)
+    _check_dim("values", values, 1)
+    check_bitmap_args(crow, bits)
+    _check_same("crow", crow, "values", values)
+    return values.new_empty((crow.shape[0] - 1, n_cols))
+
+
+@torch.library.register_fake("sparseticket::ticket_compress")
+def _(dense, crow, bits, nnz):
+    _check_float("dense", dense)
+    _check_dim("dense", dense, 2)
+    check_bitmap_args(crow, bits)
+    _check_same("crow", crow, "dense", dense)
+    return dense.new_empty((nnz,))

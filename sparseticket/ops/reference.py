@@ -66,6 +66,43 @@ def reference_ticket_to_dense(values: Tensor, crow: Tensor, col: Tensor, n_cols:
     return out
 
 
+def reference_ticket_bitmap(crow: Tensor, col: Tensor, n_cols: int) -> Tensor:
+    """int64 [O, ceil(n_cols / 64)]: bit c % 64 of word c // 64 of row r set iff (r, c) is kept."""
+    O, words = crow.numel() - 1, (n_cols + 63) // 64
+    mask = reference_ticket_to_dense(torch.ones(col.numel(), dtype=torch.float32, device=col.device), crow, col,
+                                     n_cols) != 0
+    return pack_bits(mask, words)
+
+
+def pack_bits(mask: Tensor, words: int) -> Tensor:
+    """bool [O, K] -> int64 [O, words] (little-endian bits within each 64-bit word)."""
+    O, K = mask.shape
+    padded = torch.zeros(O, words * 64, dtype=torch.int64, device=mask.device)
+    padded[:, :K] = mask.long()
+    shifts = torch.arange(64, device=mask.device, dtype=torch.int64)
+    # bit 63 overflows int64 arithmetic into the sign bit, which is the two's complement we want
+    return (padded.view(O, words, 64) << shifts).sum(-1)
+
+
+def unpack_bits(bits: Tensor, n_cols: int) -> Tensor:
+    """int64 [O, words] -> bool [O, n_cols]."""
+    shifts = torch.arange(64, device=bits.device, dtype=torch.int64)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :n_cols]
+
+
+def reference_ticket_expand(values: Tensor, crow: Tensor, bits: Tensor, n_cols: int) -> Tensor:
+    """Compact values -> dense [O, n_cols] through the bitmap (values in row-major order)."""
+    mask = unpack_bits(bits, n_cols)
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
+def reference_ticket_compress(dense: Tensor, crow: Tensor, bits: Tensor, nnz: int) -> Tensor:
+    """The kept entries of dense [O, n_cols], row-major: the inverse of ticket_expand."""
+    return dense[unpack_bits(bits, dense.shape[1])]
+
+
 # ----------------------------------------------------------------------------- matmuls
 
 
