@@ -62,6 +62,11 @@ def test_imp_levels_files_and_rerun(tmp_path):
         assert (run.dir / f).exists(), f
     m2 = Mask(masks["level_02"])   # fp32 values + int32 columns + int32 row pointers (+ biases)
     shapes = {"fc1": (300, 64), "fc2": (100, 300), "fc3": (10, 100)}
+    # FLOPs read from the layers: forward executed = 2 * samples * kept weights
+    fwd = rows[2]["flops"]["forward"]
+    assert fwd["executed"] / fwd["dense"] == pytest.approx(m2.kept() / m2.numel(), rel=1e-9)
+    assert rows[0]["flops_executed"] == pytest.approx(rows[0]["flops_dense"] - rows[0]["flops"]["optimizer"]["dense"]
+                                                      + rows[0]["flops"]["optimizer"]["executed"])
     assert rows[2]["ticket_bytes"] == sum(8 * m2.kept(n) + 4 * (o + 1) + 4 * o for n, (o, i) in shapes.items())
     assert rows[2]["dense_bytes"] == sum(4 * (o * i + o) for o, i in shapes.values())
     assert all(0.5 < r["test_acc"] <= 1 for r in rows)

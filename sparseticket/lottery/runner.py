@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import nn as stnn
 from ..nn import _mode
+from ..flops import FlopCounter
 from ..neq import NEqConfig, NEqTracker
 from ..optim import MaskedAdamW, MaskedSGD
 from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
@@ -390,6 +391,7 @@ class IMPRun:
         capture_k = (plan.level == 0 and rewind_kind == "iter" and rewind_k > 0 and hp.experiment.control == "none"
                      and not hp.experiment.transfer_from)
 
+        counter = FlopCounter(model)
         bar = _Progress(hp.run.progress, T - plan.first_step, f"{self.dir.name[:24]} {plan.name}",
                         initial=step - plan.first_step)
         model.train()
@@ -401,11 +403,20 @@ class IMPRun:
                 g["lr"] = lr
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.train.data_seed * 1000003 + epoch))
             losses = []
+            # FLOPs are read from what the layers dispatch on the first step of each batch
+            # size in the epoch (modes are pinned and NEq masks change only between epochs,
+            # so every other step of that size does the same work) and multiplied out
+            sizes: Dict[int, int] = {}
+            sampled: Dict[int, dict] = {}
             for b in range(step - epoch * S, S):
                 if capture_k and step == rewind_k:
-                    self._save_iter_rewind(model, masker)
+                    self._save_iter_rewind(model)
                 idx = perm[b * bs:(b + 1) * bs]
                 x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
+                count = idx.numel() not in sampled
+                if count:
+                    counter.reset()
+                    counter.start()
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -414,14 +425,12 @@ class IMPRun:
                 opt.step()
                 if masker is not None:
                     masker.after_step()
+                if count:
+                    counter.stop()
+                    sampled[idx.numel()] = counter.totals()
+                sizes[idx.numel()] = sizes.get(idx.numel(), 0) + 1
                 step += 1
                 losses.append(loss.detach())
-                if step % S == 0 or step == T:
-                    new_lr = self.lr_at(step, S)
-                    if new_lr != lr:
-                        lr = new_lr
-                        for g in opt.param_groups:
-                            g["lr"] = lr
                 bar.update(1)
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -432,7 +441,7 @@ class IMPRun:
             val_acc = evaluate(model, data.val.x, data.val.y, hp.train.eval_batch_size)
             entry = dict(epoch=epoch, step=step, lr=lr, loss=float(torch.stack(losses).mean()) if losses else None,
                          val_acc=val_acc, train_seconds=train_s, neq_seconds=neq_s, frozen=frozen,
-                         seconds=time.perf_counter() - t0)
+                         flops=_scale_flops(sampled, sizes), seconds=time.perf_counter() - t0)
             log.append(entry)
             atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, log=log,
                              modes=modes, setup_seconds=setup_s,
@@ -463,7 +472,7 @@ class IMPRun:
             return tracker
         return _DenseNEq(model, self.data.val.x, cfg, state)
 
-    def _save_iter_rewind(self, model: nn.Module, masker) -> None:
+    def _save_iter_rewind(self, model: nn.Module) -> None:
         path = self.dir / "rewind.pt"
         state = load(path)
         if "iter" not in state:
@@ -482,6 +491,7 @@ class IMPRun:
                    train_acc=train_acc, test_acc=test_acc, val_acc=log[-1]["val_acc"] if log else None,
                    epochs=len(log), steps=log[-1]["step"] if log else 0, setup_seconds=setup_s,
                    train_seconds=sum(e["train_seconds"] for e in log), modes=modes,
+                   flops=_sum_flops([e["flops"] for e in log]),
                    neq_frozen=log[-1]["frozen"] if log else None)
         if self.sparse:
             path = ldir / "ticket.safetensors"
@@ -492,6 +502,8 @@ class IMPRun:
             except ImportError:
                 row["ticket_file_bytes"] = None
         row.update(res.ticket_bytes(model))
+        total = row["flops"].get("all", {"dense": 0.0, "executed": 0.0})
+        row["flops_dense"], row["flops_executed"] = total["dense"], total["executed"]
         atomic_save(_dense_state(model), ldir / "final.pt")
         return row
 
@@ -501,7 +513,8 @@ class IMPRun:
         modes = ", ".join(f"{n}:{m[0]}" for n, m in row["modes"].items()) or "all dense"
         say(f"{row['run'][:28]:28s} level {row['level']:2d}  remaining {row['remaining']:6.2f}%  "
             f"test {100 * row['test_acc']:5.2f}%  train {100 * row['train_acc']:5.2f}%  "
-            f"{row['seconds']:7.2f} s  [{modes}]" + ("  (done earlier)" if resumed else ""))
+            f"{row['seconds']:7.2f} s  FLOPs {_ratio(row.get('flops_executed'), row.get('flops_dense'))} of dense  "
+            f"[{modes}]" + ("  (done earlier)" if resumed else ""))
 
     def _write_results(self, rows: List[dict]) -> None:
         res.write_rows(rows, self.dir / "results")
@@ -530,6 +543,31 @@ def _dense_state(model: nn.Module) -> Dict[str, Tensor]:
     import copy
     dense = stnn.densify(copy.deepcopy(model))
     return {k: v.detach().clone() for k, v in dense.state_dict().items() if not k.endswith(".active")}
+
+
+def _ratio(a, b) -> str:
+    return f"{100 * a / b:5.1f}%" if a is not None and b else "    -"
+
+
+def _scale_flops(sampled: Dict[int, dict], sizes: Dict[int, int]) -> Dict[str, Dict[str, float]]:
+    """{kind: {dense, executed}} of an epoch from one counted step per batch size."""
+    out: Dict[str, Dict[str, float]] = {}
+    for size, n in sizes.items():
+        for kind, v in sampled[size].items():
+            o = out.setdefault(kind, {"dense": 0.0, "executed": 0.0})
+            o["dense"] += n * v["dense"]
+            o["executed"] += n * v["executed"]
+    return out
+
+
+def _sum_flops(parts: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+    out: Dict[str, Dict[str, float]] = {}
+    for part in parts:
+        for kind, v in part.items():
+            o = out.setdefault(kind, {"dense": 0.0, "executed": 0.0})
+            o["dense"] += v["dense"]
+            o["executed"] += v["executed"]
+    return out
 
 
 def _modes(model: nn.Module) -> Dict[str, str]:
