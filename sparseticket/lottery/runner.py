@@ -384,7 +384,7 @@ class IMPRun:
             step, log = plan.first_step, []
             setup_s = 0.0
             if self.sparse:
-                _pin_modes(model, train_x[:bs])
+                _pin_modes(model, train_x[:bs], self._sparse_before(plan))
             setup_s = time.perf_counter() - t_level
         modes = _modes(model)
         rewind_kind, rewind_k = rewind_spec(hp.prune.rewind)
@@ -471,6 +471,15 @@ class IMPRun:
                 tracker.load_state_dict(state["neq"], apply=True)
             return tracker
         return _DenseNEq(model, self.data.val.x, cfg, state)
+
+    def _sparse_before(self, plan: LevelPlan) -> set:
+        """Layers the previous level of this IMP run executed sparse (see _pin_modes)."""
+        if plan.level == 0 or self.hp.experiment.control != "none" or self.hp.experiment.transfer_from:
+            return set()
+        prev = self.dir / f"level_{plan.level - 1:02d}" / "metrics.json"
+        if not prev.exists():
+            return set()
+        return {n for n, m in json.loads(prev.read_text()).get("modes", {}).items() if m == "sparse"}
 
     def _save_iter_rewind(self, model: nn.Module) -> None:
         path = self.dir / "rewind.pt"
@@ -580,10 +589,17 @@ def _set_modes(model: nn.Module, modes: Dict[str, str]) -> None:
             m.mode = modes[n]
 
 
-def _pin_modes(model: nn.Module, x: Tensor) -> None:
+def _pin_modes(model: nn.Module, x: Tensor, sparse_before: Optional[set] = None) -> None:
     """Measure each sparse layer's sparse vs dense path once on a real batch (training
     shapes, gradients on), then force the winner for the whole level: the choice is then
-    part of the level's state, so a resumed level runs the same kernels."""
+    part of the level's state, so a resumed level runs the same kernels.
+
+    ``sparse_before``: layers that ran sparse at the previous, denser level of this run;
+    a sparser ticket of the same layer cannot make the dense path win, so they are not
+    measured again."""
+    for name, m in model.named_modules():
+        if isinstance(m, stnn.TicketModule) and sparse_before and name in sparse_before:
+            m.mode = _mode.resolve(m.mode) or "sparse"
     was = model.training
     model.eval()  # BatchNorm must not update its running statistics on this pass
     with torch.enable_grad():
