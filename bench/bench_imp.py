@@ -131,6 +131,15 @@ def lottery(a) -> int:
     wins = sum(r["acc_diff_pp"] > 0 for r in low)
     print(f"at <= 10% remaining: the ticket beats random reinit in {wins}/{len(low)} (level, seed) pairs; "
           f"mean margin {statistics.mean(r['acc_diff_pp'] for r in low):+.2f} pp" if low else "no level <= 10%")
+    from sparseticket.lottery import results as res
+    levels = sorted({r["level"] for r in rows})
+    mean = lambda key: [dict(level=l, remaining=statistics.mean(r["remaining"] for r in rows if r["level"] == l),
+                             test_acc=statistics.mean(r[key] for r in rows if r["level"] == l)) for l in levels]
+    png = res.plot_accuracy({f"rewound ticket (mean of {len(a.seeds)} seeds)": mean("sparse_test_acc"),
+                             "random reinit": mean("dense_test_acc")},
+                            Path(a.csv).with_name(f"lottery_{a.model}.png"), f"{a.model} on {a.dataset}")
+    if png:
+        print(f"plot: {png}")
     _save(a, run_id, rows)
     return 0
 

@@ -527,8 +527,13 @@ class IMPRun:
 
     def _write_results(self, rows: List[dict]) -> None:
         res.write_rows(rows, self.dir / "results")
-        if self.hp.run.plots:
-            res.plot_run(self.dir)
+        if not self.hp.run.plots:
+            return
+        res.plot_run(self.dir)
+        if self.hp.experiment.control != "none":  # the papers' figure: the tickets next to the control
+            main = self.main_run()
+            res.plot_accuracy({"IMP (rewound tickets)": res.read_rows(main.dir), self.hp.experiment.control: rows},
+                              self.dir / "accuracy_with_control.png", f"{self.hp.model.model} on {self.hp.data.dataset}")
 
 
 # ---------------------------------------------------------------------- helpers
