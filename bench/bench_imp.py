@@ -107,6 +107,16 @@ def speed(a) -> int:
 
 def lottery(a) -> int:
     """Rewound tickets vs the same masks with fresh random weights, over seeds."""
+    if a.plot_run:  # redraw the figure of an earlier run from the CSV
+        import csv
+        rows = [dict(r, level=int(r["level"]), remaining=float(r["remaining"]),
+                     sparse_test_acc=float(r["sparse_test_acc"]), dense_test_acc=float(r["dense_test_acc"]))
+                for r in csv.DictReader(open(a.csv)) if r["run_id"] == a.plot_run and r["what"] == "lottery"]
+        if not rows:
+            raise SystemExit(f"no lottery rows of run {a.plot_run} in {a.csv}")
+        a.seeds = sorted({r["seed"] for r in rows})
+        _lottery_plot(a, rows)
+        return 0
     from sparseticket.lottery.runner import IMPRun
     run_id = new_run_id()
     out = Path(tempfile.mkdtemp(prefix="bench_lottery_"))
@@ -131,6 +141,12 @@ def lottery(a) -> int:
     wins = sum(r["acc_diff_pp"] > 0 for r in low)
     print(f"at <= 10% remaining: the ticket beats random reinit in {wins}/{len(low)} (level, seed) pairs; "
           f"mean margin {statistics.mean(r['acc_diff_pp'] for r in low):+.2f} pp" if low else "no level <= 10%")
+    _lottery_plot(a, rows)
+    _save(a, run_id, rows)
+    return 0
+
+
+def _lottery_plot(a, rows):
     from sparseticket.lottery import results as res
     levels = sorted({r["level"] for r in rows})
     mean = lambda key: [dict(level=l, remaining=statistics.mean(r["remaining"] for r in rows if r["level"] == l),
@@ -140,8 +156,6 @@ def lottery(a) -> int:
                             Path(a.csv).with_name(f"lottery_{a.model}.png"), f"{a.model} on {a.dataset}")
     if png:
         print(f"plot: {png}")
-    _save(a, run_id, rows)
-    return 0
 
 
 def kill(a) -> int:
@@ -222,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="speed: sparse/dense pairs (order alternates)")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--plot-run", help="lottery: only redraw the figure of this run id from --csv")
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--kill-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

@@ -122,6 +122,11 @@ def plot_accuracy(series: Dict[str, Sequence[dict]], path: Path, title: str = ""
             ax.plot([r["remaining"] for r in rows], [100 * r["test_acc"] for r in rows], marker="o", ms=3,
                     label=label)
     ax.set_xscale("log")
+    lo = min(r["remaining"] for rows in series.values() for r in rows)
+    ticks = [t for t in (100, 64, 41, 26, 16.8, 10.7, 6.9, 4.4, 2.8, 1.8, 1.2, 0.7, 0.5, 0.3, 0.2, 0.1) if t >= lo * 0.9]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel("% of weights remaining")
     ax.set_ylabel("test accuracy (%)")
