@@ -8,6 +8,10 @@
 
 #include "conv.h"
 
+#if ST_VECTOR_BYTES >= 32
+#include <immintrin.h>
+#endif
+
 namespace sparseticket {
 namespace cpu {
 namespace ST_ISA {
@@ -40,6 +44,12 @@ inline void cstore(T* p, typename CVec<T>::type v) {
 
 template <typename T>
 inline T csum(typename CVec<T>::type v) {
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4)
+    return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+  else
+    return _mm512_reduce_add_pd(reinterpret_cast<__m512d>(v));
+#else
   constexpr int L = CVec<T>::L;
   T lanes[L];
   __builtin_memcpy(lanes, &v, sizeof(v));
@@ -48,6 +58,55 @@ inline T csum(typename CVec<T>::type v) {
 #pragma GCC unroll 16
     for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
   return lanes[0];
+#endif
+}
+
+// out[k] += horizontal sum of c[k], k < 4. For 16 floats: interleave-and-add until each
+// 128-bit lane holds the four partial sums, then fold the lanes (11 instructions for
+// four sums; the generic tree spilled each vector and did 15 scalar adds).
+template <typename T>
+inline void csum4_add(const typename CVec<T>::type* c, T* out) {
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4) {
+    const __m512 a0 = reinterpret_cast<__m512>(c[0]), a1 = reinterpret_cast<__m512>(c[1]);
+    const __m512 a2 = reinterpret_cast<__m512>(c[2]), a3 = reinterpret_cast<__m512>(c[3]);
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), q));
+    return;
+  }
+#endif
+  for (int k = 0; k < 4; ++k) out[k] += csum<T>(c[k]);
+}
+
+// The first n lanes of v to p (0 < n < L): a masked store where the ISA has one, so the
+// ragged last vector of a row costs one instruction instead of a spill and a copy.
+template <typename T>
+inline void cstore_n(T* p, typename CVec<T>::type v, int64_t n) {
+#if ST_VECTOR_BYTES == 64
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, m, reinterpret_cast<__m512>(v));
+  else
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), reinterpret_cast<__m512d>(v));
+#elif ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(reinterpret_cast<float*>(p), _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx),
+                        reinterpret_cast<__m256>(v));
+  } else {
+    const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+    _mm256_maskstore_pd(reinterpret_cast<double*>(p), _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), idx),
+                        reinterpret_cast<__m256d>(v));
+  }
+#else
+  T lanes[CVec<T>::L];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  for (int64_t i = 0; i < n; ++i) p[i] = lanes[i];
+#endif
 }
 
 // 32 vector registers with AVX-512, 16 otherwise; a few stay free for the broadcast
@@ -134,14 +193,13 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
         for (int r = 0; r < R; ++r) {
           if (r >= nr) break;
           T* __restrict d = o + (r0 + r) * a.ldo + c0;
-          if (nc == TW) {
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) cstore(d + v * L, acc[r][v]);
-          } else {
-            alignas(64) T tmp[TW];
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) cstore(tmp + v * L, acc[r][v]);
-            std::memcpy(d, tmp, sizeof(T) * nc);
+          for (int v = 0; v < NV; ++v) {
+            const int64_t left = nc - v * L;
+            if (left >= L)
+              cstore(d + v * L, acc[r][v]);
+            else if (left > 0)
+              cstore_n(d + v * L, acc[r][v], left);
           }
         }
       }
@@ -155,72 +213,54 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
 // shifted by off[e]>. Four entries of a list share each load of gy; two accumulators
 // per entry (even/odd vectors of a row) keep eight FMA chains in flight.
 
-template <typename T>
-void dots(const DotArgs& a, int64_t l0, int64_t l1) {
+template <typename T, int G>
+inline void dot_group(const T* __restrict g, const T* __restrict X, const int32_t* __restrict off, int64_t rows,
+                      int64_t width, int64_t x_row, T* __restrict out) {
   using V = typename CVec<T>::type;
   constexpr int L = CVec<T>::L;
+  V acc[G];
+  const T* __restrict xs[G];
+#pragma GCC unroll 8
+  for (int k = 0; k < G; ++k) {
+    acc[k] = V{};
+    xs[k] = X + off[k];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * width;
+    const int64_t xo = r * x_row;
+    for (int64_t q = 0; q < width; q += L) {
+      const V gv = cload(gr + q);
+#pragma GCC unroll 8
+      for (int k = 0; k < G; ++k) acc[k] += gv * cload(xs[k] + xo + q);
+    }
+  }
+  if constexpr (G % 4 == 0) {
+#pragma GCC unroll 2
+    for (int k = 0; k < G; k += 4) csum4_add<T>(acc + k, out + k);
+  } else {
+    for (int k = 0; k < G; ++k) out[k] += csum<T>(acc[k]);
+  }
+}
+
+// Kept-weight gradient of one image: out[e] += <gy plane of the entry's list, input
+// shifted by off[e]>. Eight entries of a list share each load of gy, and their eight
+// accumulators are independent FMA chains.
+template <typename T>
+void dots(const DotArgs& a, int64_t l0, int64_t l1) {
   const T* __restrict X = static_cast<const T*>(a.x);
   const T* __restrict G = static_cast<const T*>(a.g);
-  const int32_t* __restrict ptr = a.ptr;
-  const int32_t* __restrict off = a.off;
   T* __restrict out = static_cast<T*>(a.out);
-  const int64_t width = a.width, rows = a.rows, x_row = a.x_row;
-  const int64_t w2 = width / (2 * L) * (2 * L);
-
   for (int64_t l = l0; l < l1; ++l) {
     if (a.active && !a.active[l]) continue;
     const T* __restrict g = G + l * a.g_plane;
-    int64_t e = ptr[l];
-    const int64_t e1 = ptr[l + 1];
-    for (; e + 4 <= e1; e += 4) {
-      const T* __restrict x0 = X + off[e];
-      const T* __restrict x1 = X + off[e + 1];
-      const T* __restrict x2 = X + off[e + 2];
-      const T* __restrict x3 = X + off[e + 3];
-      V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* __restrict gr = g + r * width;
-        const int64_t xo = r * x_row;
-        int64_t q = 0;
-        for (; q < w2; q += 2 * L) {
-          const V g0 = cload(gr + q), g1 = cload(gr + q + L);
-          a0 += g0 * cload(x0 + xo + q);
-          a1 += g0 * cload(x1 + xo + q);
-          a2 += g0 * cload(x2 + xo + q);
-          a3 += g0 * cload(x3 + xo + q);
-          b0 += g1 * cload(x0 + xo + q + L);
-          b1 += g1 * cload(x1 + xo + q + L);
-          b2 += g1 * cload(x2 + xo + q + L);
-          b3 += g1 * cload(x3 + xo + q + L);
-        }
-        for (; q < width; q += L) {
-          const V g0 = cload(gr + q);
-          a0 += g0 * cload(x0 + xo + q);
-          a1 += g0 * cload(x1 + xo + q);
-          a2 += g0 * cload(x2 + xo + q);
-          a3 += g0 * cload(x3 + xo + q);
-        }
-      }
-      out[e] += csum<T>(a0 + b0);
-      out[e + 1] += csum<T>(a1 + b1);
-      out[e + 2] += csum<T>(a2 + b2);
-      out[e + 3] += csum<T>(a3 + b3);
+    int64_t e = a.ptr[l];
+    const int64_t e1 = a.ptr[l + 1];
+    for (; e + 8 <= e1; e += 8) dot_group<T, 8>(g, X, a.off + e, a.rows, a.width, a.x_row, out + e);
+    if (e + 4 <= e1) {
+      dot_group<T, 4>(g, X, a.off + e, a.rows, a.width, a.x_row, out + e);
+      e += 4;
     }
-    for (; e < e1; ++e) {
-      const T* __restrict x0 = X + off[e];
-      V a0{}, b0{};
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* __restrict gr = g + r * width;
-        const int64_t xo = r * x_row;
-        int64_t q = 0;
-        for (; q < w2; q += 2 * L) {
-          a0 += cload(gr + q) * cload(x0 + xo + q);
-          b0 += cload(gr + q + L) * cload(x0 + xo + q + L);
-        }
-        for (; q < width; q += L) a0 += cload(gr + q) * cload(x0 + xo + q);
-      }
-      out[e] += csum<T>(a0 + b0);
-    }
+    for (; e < e1; ++e) dot_group<T, 1>(g, X, a.off + e, a.rows, a.width, a.x_row, out + e);
   }
 }
 
