@@ -1,4 +1,5 @@
-"""SparseConv2d (ticket weight; im2col + sparse matmul, or oneDNN dense conv) and NEqConv2d."""
+"""SparseConv2d (ticket weight; direct sparse conv, im2col + sparse matmul for groups > 1, or oneDNN
+dense conv) and NEqConv2d."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -16,6 +17,7 @@ _sparse_linear = torch.ops.sparseticket.sparse_linear
 _spmm = torch.ops.sparseticket.spmm
 _spmm_t = torch.ops.sparseticket.spmm_t
 _sddmm = torch.ops.sparseticket.sddmm
+_sparse_conv2d = torch.ops.sparseticket.sparse_conv2d
 
 
 def _padding_plan(padding, padding_mode: str, kernel_size, dilation) -> Tuple[Optional[List[int]], str, Tuple[int, int]]:
@@ -42,12 +44,13 @@ class SparseConv2d(TicketModule):
     """Drop-in nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups, bias,
     padding_mode) whose weight [out, in/groups, kh, kw] is a ticket.
 
-    Sparse path: im2col (``F.unfold``) then the ticket matmul on the [N·L, C·kh·kw] matrix.
-    For groups > 1 the ticket is the block-diagonal [out, C·kh·kw] matrix (each row's
-    columns shifted to its group's input channels), so all groups run in one matmul
-    with no wasted work. Dense path: oneDNN's ``F.conv2d`` with the masked dense weight.
-    The choice is measured per shape like SparseLinear's. Output is channels-last
-    strided on the sparse path (the matmul's natural layout; values are identical).
+    Sparse path, groups == 1: the direct sparse convolution ``sparseticket::sparse_conv2d``
+    (no im2col; each kept tap is a shifted axpy over a register tile of output rows; NCHW
+    output). Groups > 1: im2col then the ticket matmul on the [N·L, kh·kw·C] matrix, whose
+    ticket is the block-diagonal [out, kh·kw·C] matrix (each row's columns shifted to its
+    group's input channels), so all groups run in one matmul with no wasted work; output
+    channels-last strided (values identical). Dense path: oneDNN's ``F.conv2d`` with the
+    masked dense weight. The choice is measured per shape like SparseLinear's.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -145,6 +148,9 @@ class SparseConv2d(TicketModule):
         N, C, H, W = x.shape
         oh, ow = self._out_hw(H, W)
         b = self._buffers
+        if self.groups == 1:
+            return _sparse_conv2d(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
+                                  self.kernel_size, self.stride, self._pad, self.dilation)
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
         if not pointwise and not torch.compiler.is_compiling():
             geom = (self.kernel_size, self.stride, self._pad, self.dilation, oh, ow)

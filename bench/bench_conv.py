@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Benchmark of the direct sparse convolution against oneDNN's dense conv and the im2col path.
+
+    python bench/bench_conv.py                       # Conv-4 shapes x sparsities 0..99%, 2 threads
+    python bench/bench_conv.py --quick               # tiny shapes, seconds: checks the harness
+    python bench/bench_conv.py --threads 1 --clock thread --ops fwd --sparsities 90,98
+
+Shapes (batch N, in C, out O, spatial HxW; 3x3, stride 1, padding 1, fp32) are the conv
+layers of Conv-4 on MNIST at batch 64: 64->64 @28x28, 64->128 and 128->128 @14x14. The
+weight keeps exactly round((1-s)·O·C·9) entries at uniformly random positions.
+
+Contenders, interleaved (common.bench_interleaved), each checked against a float64
+reference first (the references of sparseticket/ops/reference.py):
+
+* ``dense``   oneDNN ``F.conv2d`` / ``torch.nn.grad`` with the masked dense weight (baseline);
+* ``im2col``  SparseConv2d's previous sparse path (blocked channels-last im2col + the
+              ticket spmm/sddmm kernels; still used for groups > 1);
+* ``direct``  ``sparseticket::sparse_conv2d`` and its gradient ops.
+
+Ops: ``fwd`` (y), ``grad_input`` (gx from gy), ``grad_weight`` (kept-weight gradient;
+dense: the full weight gradient), ``fwd_bwd`` (y, then gx and the weight gradient
+through autograd). Rows go to ``--csv`` (default bench/results/conv.csv) with the
+common columns: B = batch, I = in channels, O = out channels, param = geometry.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _early_threads(argv) -> int:
+    n = 2
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            n = int(argv[i + 1])
+        elif a.startswith("--threads="):
+            n = int(a.split("=", 1)[1])
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return n
+
+
+if __name__ == "__main__":
+    _early_threads(sys.argv[1:])
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from common import bench_interleaved, check_close, gflops  # noqa: E402
+
+import sparseticket  # noqa: E402
+from sparseticket.nn.conv import _BlockedSparseConv2d  # noqa: E402
+from sparseticket.ops import reference as ref  # noqa: E402
+
+SHAPES_FULL = [(64, 64, 64, 28, 28), (64, 64, 128, 14, 14), (64, 128, 128, 14, 14)]
+SHAPES_QUICK = [(4, 8, 16, 9, 9), (3, 16, 8, 7, 5)]
+SPARSITIES_FULL = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
+SPARSITIES_QUICK = [0.0, 0.9, 1.0]
+OPS = ["fwd", "grad_input", "grad_weight", "fwd_bwd"]
+KS, ST, PAD, DIL = (3, 3), (1, 1), (1, 1), (1, 1)
+
+
+def make_ticket(C, O, sparsity, gen):
+    """Dense masked weight [O, C, 3, 3] with exactly round((1-s)·numel) kept entries, and its ticket."""
+    n = O * C * 9
+    keep = round((1 - sparsity) * n)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=gen)[:keep]] = True
+    mask = mask.view(O, C, 3, 3)
+    w = torch.randn(O, C, 3, 3, generator=gen) * mask
+    ops = sparseticket.ops
+    w2d, m2d = w.permute(0, 2, 3, 1).reshape(O, -1).contiguous(), mask.permute(0, 2, 3, 1).reshape(O, -1).contiguous()
+    values, crow, col = ops.dense_to_ticket(w2d, m2d)
+    ccol, row, perm = ops.ticket_transpose(crow, col, 9 * C)
+    return w, values, (crow, col, ccol, row, perm)
+
+
+def run_shape(args, writer, shape, sparsity, results):
+    N, C, O, H, W = shape
+    gen = torch.Generator().manual_seed(0)
+    w, values, t = make_ticket(C, O, sparsity, gen)
+    crow, col, ccol, row, perm = t
+    nnz = values.numel()
+    x = torch.randn(N, C, H, W, generator=gen)
+    bias = torch.randn(O, generator=gen)
+    y64 = F.conv2d(x.double(), w.double(), bias.double(), ST, PAD, DIL)
+    oh, ow = y64.shape[2:]
+    gy = torch.randn(N, O, oh, ow, generator=gen)
+    gx64 = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), ST, PAD, DIL)
+    gw64 = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), ST, PAD, DIL)
+    gv64 = gw64.permute(0, 2, 3, 1).reshape(O, -1)[(w != 0).permute(0, 2, 3, 1).reshape(O, -1)]
+    geom = (KS, ST, PAD, DIL, oh, ow)
+    op_ = torch.ops.sparseticket
+    dense_flops = 2.0 * N * oh * ow * O * C * 9
+    sparse_flops = 2.0 * N * oh * ow * nnz
+    param = f"{H}x{W} k3 s1 p1"
+
+    def fwd_bwd(run, leaves):
+        def go():
+            for leaf in leaves:
+                leaf.grad = None
+            run().backward(gy)
+        return go
+
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    vg = values.clone().requires_grad_()
+    bg = bias.clone().requires_grad_()
+    groups = {
+        "fwd": dict(
+            dense=(lambda: F.conv2d(x, w, bias, ST, PAD, DIL), dense_flops),
+            im2col=(lambda: _BlockedSparseConv2d.apply(x, values, bias, crow, col, ccol, row, perm, None, geom),
+                    sparse_flops),
+            direct=(lambda: op_.sparse_conv2d(x, values, *t, bias, None, KS, ST, PAD, DIL), sparse_flops)),
+        "grad_input": dict(
+            dense=(lambda: torch.nn.grad.conv2d_input(x.shape, w, gy, ST, PAD, DIL), dense_flops),
+            direct=(lambda: op_.sparse_conv2d_grad_input(gy, values, crow, col, list(x.shape), KS, ST, PAD, DIL),
+                    sparse_flops)),
+        "grad_weight": dict(
+            dense=(lambda: torch.nn.grad.conv2d_weight(x, w.shape, gy, ST, PAD, DIL), dense_flops),
+            direct=(lambda: op_.sparse_conv2d_grad_weight(gy, x, ccol, row, perm, None, KS, ST, PAD, DIL),
+                    sparse_flops)),
+        "fwd_bwd": dict(
+            dense=(fwd_bwd(lambda: F.conv2d(xg, wg, bg, ST, PAD, DIL), (xg, wg, bg)), 3 * dense_flops),
+            im2col=(fwd_bwd(lambda: _BlockedSparseConv2d.apply(xg, vg, bg, crow, col, ccol, row, perm, None, geom),
+                            (xg, vg, bg)), 3 * sparse_flops),
+            direct=(fwd_bwd(lambda: op_.sparse_conv2d(xg, vg, *t, bg, None, KS, ST, PAD, DIL), (xg, vg, bg)),
+                    3 * sparse_flops)),
+    }
+    checks = {"fwd": lambda out: check_close(out, y64), "grad_input": lambda out: check_close(out, gx64),
+              "grad_weight": lambda out: check_close(out if out.dim() == 1 else
+                                                     out.permute(0, 2, 3, 1).reshape(O, -1)[(w != 0).permute(0, 2, 3, 1).reshape(O, -1)], gv64),
+              "fwd_bwd": lambda name: (check_close(xg.grad, gx64) or
+                                       check_close(vg.grad if name != "dense" else
+                                                   wg.grad.permute(0, 2, 3, 1).reshape(O, -1)[(w != 0).permute(0, 2, 3, 1).reshape(O, -1)], gv64))}
+    for op in args.ops:
+        cont = {k: v for k, v in groups[op].items() if not (k == "im2col" and args.no_im2col)}
+        status = {}
+        for name, (fn, _) in cont.items():
+            try:
+                if op == "fwd_bwd":
+                    fn()
+                    status[name] = checks[op](name)
+                else:
+                    with torch.no_grad():
+                        status[name] = checks[op](fn())
+            except Exception as e:
+                status[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if args.verbose:
+                    traceback.print_exc()
+        good = {n: f for n, (f, _) in cont.items() if status[n] is None}
+        t0 = time.perf_counter()
+        grad_ctx = torch.enable_grad() if op == "fwd_bwd" else torch.no_grad()
+        with grad_ctx:
+            stats = bench_interleaved(good, reps=args.reps, warmup=args.warmup, min_sample_ms=args.min_sample_ms,
+                                      clock=time.thread_time_ns if args.clock == "thread" else time.perf_counter_ns)
+        base = stats.get("dense")
+        print(f"\n{op}  N={N} C={C} O={O} {param}  sparsity={100 * sparsity:g}% nnz={nnz}  "
+              f"[{time.perf_counter() - t0:.1f} s]")
+        for name, (fn, fl) in cont.items():
+            s = stats.get(name)
+            ratio = base.median_ms / s.median_ms if (base and s) else None
+            r = writer.write(op=op, B=N, I=C, O=O, sparsity=sparsity, param=param, contender=name, variant=args.clock,
+                             baseline="dense", correct="ok" if status[name] is None else status[name],
+                             median_ms=s.median_ms if s else None, p25_ms=s.p25_ms if s else None,
+                             p75_ms=s.p75_ms if s else None, iqr_ms=s.iqr_ms if s else None,
+                             reps=s.reps if s else None, inner=s.inner if s else None, flops_executed=fl,
+                             flops_dense_equiv=dense_flops * (3 if op == "fwd_bwd" else 1),
+                             gflops_executed=gflops(fl, s.median_ms) if s else None,
+                             gflops_dense_equiv=gflops(dense_flops * (3 if op == "fwd_bwd" else 1), s.median_ms)
+                             if s else None, ratio_vs_baseline=ratio)
+            results.append(r)
+            ge = r["gflops_executed"]
+            print(f"  {name:8s} {common.fmt_ms(s.median_ms) if s else '–':>10s} IQR {common.fmt_ms(s.iqr_ms) if s else '–':>8s}"
+                  f"  {(f'{ge:.1f}' if ge else '–'):>7s} GFLOP/s exec"
+                  f"  {common.fmt_ratio(ratio):>8s} vs dense  "
+                  f"{'ok' if status[name] is None else 'FAILED: ' + status[name]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ops", type=lambda s: s.split(","), default=OPS)
+    p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
+                   default=None, help="NxCxOxHxW,...")
+    p.add_argument("--sparsities", type=lambda s: [float(v) / 100 for v in s.split(",")], default=None,
+                   help="percent, e.g. 90,98")
+    p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-sample-ms", type=float, default=20.0)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="thread: this thread's CPU time (use with --threads 1 on a shared machine)")
+    p.add_argument("--no-im2col", action="store_true", help="skip the (slow) im2col contender")
+    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv.csv"))
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    bad = [o for o in args.ops if o not in OPS]
+    if bad:
+        p.error(f"unknown ops {bad}; choose from {OPS}")
+    seen = common.pin_threads(args.threads)
+    shapes = args.shapes or (SHAPES_QUICK if args.quick else SHAPES_FULL)
+    sparsities = args.sparsities or (SPARSITIES_QUICK if args.quick else SPARSITIES_FULL)
+    if args.quick:
+        args.reps, args.min_sample_ms = min(args.reps, 3), min(args.min_sample_ms, 2.0)
+    run_id = common.new_run_id()
+    writer = common.CsvWriter(args.csv, run_id, dict(backend=sparseticket.ops.BACKENDS.get("cpu"),
+                                                     torch_version=torch.__version__, threads=args.threads))
+    info = common.system_info(args.threads, {"threads_seen": seen})
+    print(common.format_system_info(info))
+    results = []
+    for shape in shapes:
+        for s in sparsities:
+            run_shape(args, writer, shape, s, results)
+    common.update_runs_json(args.csv, run_id, command=common.command_line(argv), system=info, clock=args.clock)
+    return results
+
+
+if __name__ == "__main__":
+    main()
