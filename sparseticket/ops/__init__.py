@@ -137,7 +137,10 @@ def _checked_reference_impls():
         _library.check_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
                                      dilation)
         _check_ptr("crow", crow, values.numel())
+        _check_ptr("ccol", ccol, values.numel())
         _check_range("col", col, ccol.numel() - 1, "the ticket's kh*kw*C columns")
+        _check_range("row", row, crow.numel() - 1, "the output channels")
+        _check_range("perm", perm, values.numel(), "values")
         return ref.reference_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride,
                                            padding, dilation)
 

@@ -276,8 +276,13 @@ def reference_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active,
 
     ``ccol/row/perm`` and ``active`` are carried for backward (frozen channels only change
     the weight gradient)."""
-    C = x.shape[1]
+    C, O = x.shape[1], crow.numel() - 1
     w = _conv_dense_weight(values, crow, col, C, kernel_size)
+    if O == 0 or C == 0:  # F.conv2d rejects a weight with no output channels, miscounts with no inputs
+        from ._library import conv_out_size
+        y = x.new_zeros((x.shape[0], O) + tuple(conv_out_size(x.shape[2], x.shape[3], kernel_size, stride, padding,
+                                                              dilation)))
+        return y if bias is None else (y + bias.view(1, O, 1, 1)).contiguous()
     return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation).contiguous()
 
 
@@ -286,6 +291,8 @@ def reference_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel
     """gx = ∂(conv2d(x, W))/∂x applied to gy.  gy: [N, O, oh, ow] -> gx: ``input_size`` [N, C, H, W]."""
     C = int(input_size[1])
     w = _conv_dense_weight(values, crow, col, C, kernel_size)
+    if gy.numel() == 0 or C == 0:
+        return gy.new_zeros(tuple(input_size))
     return torch.nn.grad.conv2d_input(list(input_size), w, gy, stride, padding, dilation).contiguous()
 
 
@@ -295,6 +302,8 @@ def reference_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_s
     for the k-th entry of the transposed (CSC) ticket. Output channels with ``active`` False get 0."""
     kh, kw = kernel_size
     O, C = gy.shape[1], x.shape[1]
+    if gy.numel() == 0 or x.numel() == 0:
+        return gy.new_zeros((row.numel(),))
     gw = torch.nn.grad.conv2d_weight(x, (O, C, kh, kw), gy, stride, padding, dilation)
     gw2d = gw.permute(0, 2, 3, 1).reshape(O, kh * kw * C)
     rows = row.long()
