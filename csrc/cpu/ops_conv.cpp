@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -130,9 +131,18 @@ Lists output_channel_lists(const Geom& g, const InputLayout& L, const int32_t* c
   return ls;
 }
 
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
 template <typename T>
-std::unique_ptr<T[]> buffer(int64_t n) {
-  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+using Buffer = std::unique_ptr<T[], FreeDeleter>;
+
+// 64-byte aligned scratch (rows of the packed buffers start on cache lines when their
+// length is a multiple of the vector length).
+template <typename T>
+Buffer<T> buffer(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+  return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, bytes)));
 }
 
 // Work items (image, block of planes) so that small batches still use every thread;
@@ -413,7 +423,7 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
     const int64_t blocks = plane_blocks(g.N, C), per = cdiv(C, blocks);
     at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
       auto buf = buffer<scalar_t>(O * Hg * Wg);
-      std::unique_ptr<scalar_t[]> tmp;
+      Buffer<scalar_t> tmp;
       if (P > 1) tmp = buffer<scalar_t>(per * Ha0 * Wb0);
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
