@@ -35,9 +35,9 @@ struct CorrArgs {
 struct DotArgs {
   const void* x;            // packed input (the forward's buffer)
   int64_t x_row;            // elements of `x` between consecutive output rows
-  const void* g;            // packed gy: plane l at g + l * g_plane, rows of `width` (zero padded)
-  int64_t g_plane;
-  int64_t rows, width;      // output rows; columns summed (a multiple of the vector length)
+  const void* g;            // gy of one image: plane l at g + l * g_plane, rows g_row apart
+  int64_t g_plane, g_row;
+  int64_t rows, cols;       // output rows and columns summed
   const int32_t* ptr;       // [lists + 1]
   const int32_t* off;       // [entries]
   const uint8_t* active;    // [lists] or nullptr: lists with 0 are skipped

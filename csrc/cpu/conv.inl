@@ -256,12 +256,11 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
 // ----------------------------------------------------------------------------- dots
 //
 // Kept-weight gradient of one image: out[e] += <gy plane of the entry's list, input
-// shifted by off[e]>. Four entries of a list share each load of gy; two accumulators
-// per entry (even/odd vectors of a row) keep eight FMA chains in flight.
+// shifted by off[e]>, read straight from gy (no copy): a masked load for a ragged row end.
 
 template <typename T, int G>
-inline void dot_group(const T* __restrict g, const T* __restrict X, const int32_t* __restrict off, int64_t rows,
-                      int64_t width, int64_t x_row, T* __restrict out) {
+inline void dot_group(const T* __restrict g, int64_t g_row, const T* __restrict X, const int32_t* __restrict off,
+                      int64_t rows, int64_t cols, int64_t x_row, T* __restrict out) {
   using V = typename CVec<T>::type;
   constexpr int L = CVec<T>::L;
   V acc[G];
@@ -271,13 +270,19 @@ inline void dot_group(const T* __restrict g, const T* __restrict X, const int32_
     acc[k] = V{};
     xs[k] = X + off[k];
   }
+  const int64_t full = cols / L * L;
   for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict gr = g + r * width;
+    const T* __restrict gr = g + r * g_row;
     const int64_t xo = r * x_row;
-    for (int64_t q = 0; q < width; q += L) {
+    for (int64_t q = 0; q < full; q += L) {
       const V gv = cload(gr + q);
 #pragma GCC unroll 8
       for (int k = 0; k < G; ++k) acc[k] += gv * cload(xs[k] + xo + q);
+    }
+    if (full < cols) {  // ragged row end: gy lanes past the row are zero, so x's are ignored
+      const V gv = cload_range(gr + full, 0, cols - full);
+#pragma GCC unroll 8
+      for (int k = 0; k < G; ++k) acc[k] += gv * cload(xs[k] + xo + full);
     }
   }
   if constexpr (G % 4 == 0) {
@@ -301,12 +306,12 @@ void dots(const DotArgs& a, int64_t l0, int64_t l1) {
     const T* __restrict g = G + l * a.g_plane;
     int64_t e = a.ptr[l];
     const int64_t e1 = a.ptr[l + 1];
-    for (; e + 8 <= e1; e += 8) dot_group<T, 8>(g, X, a.off + e, a.rows, a.width, a.x_row, out + e);
+    for (; e + 8 <= e1; e += 8) dot_group<T, 8>(g, a.g_row, X, a.off + e, a.rows, a.cols, a.x_row, out + e);
     if (e + 4 <= e1) {
-      dot_group<T, 4>(g, X, a.off + e, a.rows, a.width, a.x_row, out + e);
+      dot_group<T, 4>(g, a.g_row, X, a.off + e, a.rows, a.cols, a.x_row, out + e);
       e += 4;
     }
-    for (; e < e1; ++e) dot_group<T, 1>(g, X, a.off + e, a.rows, a.width, a.x_row, out + e);
+    for (; e < e1; ++e) dot_group<T, 1>(g, a.g_row, X, a.off + e, a.rows, a.cols, a.x_row, out + e);
   }
 }
 

@@ -289,7 +289,6 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   const bool f64 = x.scalar_type() == at::kDouble;
   const Tile tl = choose_tile(g.OH, g.OW, f64);
   const InputLayout L = input_layout(g, tl, g.OH);
-  const int64_t width = tl.col_tiles * tl.nv * tl.lanes;
   const Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
@@ -300,7 +299,6 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
     const int64_t blocks = plane_blocks(g.N, O), per = cdiv(O, blocks);
     at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
       auto xbuf = buffer<scalar_t>(g.C * L.chan);
-      auto gbuf = buffer<scalar_t>(O * g.OH * width);
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
@@ -309,17 +307,16 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         if (n != packed) {
           (f64 ? kt.pack_f64 : kt.pack_f32)(xp + n * g.C * g.H * g.W, g.C, g.H, g.W, g.ph, g.pw, g.sw, L.rows,
                                             L.cols, xbuf.get());
-          (f64 ? kt.pack_f64 : kt.pack_f32)(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, 0, 0, 1, g.OH, width,
-                                            gbuf.get());
           packed = n;
         }
         DotArgs a{};
         a.x = xbuf.get();
         a.x_row = L.in_row;
-        a.g = gbuf.get();
-        a.g_plane = g.OH * width;
+        a.g = gp + n * O * g.OH * g.OW;
+        a.g_plane = g.OH * g.OW;
+        a.g_row = g.OW;
         a.rows = g.OH;
-        a.width = width;
+        a.cols = g.OW;
         a.ptr = crow.data();
         a.off = ls.off.data();
         a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
