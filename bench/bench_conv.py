@@ -19,7 +19,11 @@ reference first (the references of sparseticket/ops/reference.py):
 
 Ops: ``fwd`` (y), ``grad_input`` (gx from gy), ``grad_weight`` (kept-weight gradient;
 dense: the full weight gradient), ``fwd_bwd`` (y, then gx and the weight gradient
-through autograd). Rows go to ``--csv`` (default bench/results/conv.csv) with the
+through autograd), and ``conv4_step``: one training step (forward, cross-entropy,
+backward, SGD with momentum 0.9) of the whole Conv-4 net (convs 1->64->64, pool,
+64->128->128, pool, FC 6272->256->256->10) on a batch of 64 MNIST-sized inputs: dense
+nn.Module + torch.optim.SGD vs ``sparsify(amount=s, scope='layerwise')`` (every layer at
+sparsity s, mode 'auto', measured during warm-up) + MaskedSGD. Rows go to ``--csv`` (default bench/results/conv.csv) with the
 common columns: B = batch, I = in channels, O = out channels, param = geometry.
 """
 from __future__ import annotations
@@ -65,6 +69,7 @@ SHAPES_QUICK = [(4, 8, 16, 9, 9), (3, 16, 8, 7, 5)]
 SPARSITIES_FULL = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
 SPARSITIES_QUICK = [0.0, 0.9, 1.0]
 OPS = ["fwd", "grad_input", "grad_weight", "fwd_bwd"]
+MODEL_OPS = ["conv4_step"]
 KS, ST, PAD, DIL = (3, 3), (1, 1), (1, 1), (1, 1)
 
 
@@ -185,11 +190,118 @@ def run_shape(args, writer, shape, sparsity, results):
                   f"{'ok' if status[name] is None else 'FAILED: ' + status[name]}")
 
 
+def conv4():
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(128 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def run_model(args, writer, sparsity, results):
+    """Conv-4 training step, dense vs sparsified at ``sparsity`` (see the module docstring)."""
+    import copy
+
+    import sparseticket.nn as stnn
+    from sparseticket.optim import MaskedSGD
+
+    torch.manual_seed(0)
+    N = 2 if args.quick else 64
+    x, target = torch.randn(N, 1, 28, 28), torch.randint(0, 10, (N,))
+    dense = conv4()
+    sparse = stnn.sparsify(copy.deepcopy(dense), amount=sparsity, scope="layerwise")
+    opts = {"dense": torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9),
+            "direct": MaskedSGD(sparse.parameters(), lr=0.01, momentum=0.9)}
+    models = {"dense": dense, "direct": sparse}
+
+    def step(name):
+        def go():
+            opts[name].zero_grad()
+            F.cross_entropy(models[name](x), target).backward()
+            opts[name].step()
+        return go
+
+    with torch.no_grad():  # the sparse net computes its own densified twin's function
+        status = {"dense": None, "direct": check_close(sparse(x), stnn.densify(copy.deepcopy(sparse))(x))}
+    fns = {n: step(n) for n in models}
+    for _ in range(3):  # 'auto' measures each layer's paths on its first calls
+        for fn in fns.values():
+            fn()
+    stats = bench_interleaved(fns, reps=args.reps, warmup=args.warmup, min_sample_ms=args.min_sample_ms,
+                              clock=time.thread_time_ns if args.clock == "thread" else time.perf_counter_ns)
+    paths = [m.last_path for m in sparse.modules() if hasattr(m, "last_path")]
+    base = stats["dense"]
+    print(f"\nconv4_step  N={N}  sparsity={100 * sparsity:g}%  sparse layers ran: {paths}")
+    for name in fns:
+        s = stats[name]
+        ratio = base.median_ms / s.median_ms
+        results.append(writer.write(op="conv4_step", B=N, I=1, O=10, sparsity=sparsity, param="Conv-4 MNIST",
+                                    contender=name, variant=args.clock, baseline="dense",
+                                    correct="ok" if status[name] is None else status[name], median_ms=s.median_ms,
+                                    p25_ms=s.p25_ms, p75_ms=s.p75_ms, iqr_ms=s.iqr_ms, reps=s.reps, inner=s.inner,
+                                    ratio_vs_baseline=ratio))
+        print(f"  {name:8s} {common.fmt_ms(s.median_ms):>10s} IQR {common.fmt_ms(s.iqr_ms):>8s}  "
+              f"{common.fmt_ratio(ratio):>8s} vs dense  {'ok' if status[name] is None else 'FAILED: ' + status[name]}")
+
+
+def markdown_summary(rows) -> str:
+    """Speedup over dense per (shape, sparsity) and op for one run's CSV rows (dicts)."""
+    def f(v):
+        return None if v in (None, "") else float(v)
+
+    cell = {}
+    shapes, sps = [], []
+    model = [r for r in rows if r["op"] in MODEL_OPS]
+    rows = [r for r in rows if r["op"] not in MODEL_OPS]
+    for r in rows:
+        key = (int(r["B"]), int(r["I"]), int(r["O"]), r["param"])
+        sp = f(r["sparsity"])
+        if key not in shapes:
+            shapes.append(key)
+        if sp not in sps:
+            sps.append(sp)
+        cell[(key, sp, r["op"], r["contender"])] = (f(r["median_ms"]), f(r["ratio_vs_baseline"]))
+    out = []
+    for key in shapes:
+        N, C, O, param = key
+        clock = "this thread's CPU time" if rows[0]["variant"] == "thread" else "wall time"
+        out.append(f"\n**N={N}, {C}->{O}, {param}**, {rows[0]['threads']} thread(s) (ms: median {clock}; "
+                   f"x: dense time / this time)\n")
+        head = ["sparsity"]
+        for op in OPS:
+            head += [f"{op} dense ms", f"{op} direct", f"{op} im2col"] if op in ("fwd", "fwd_bwd") else \
+                    [f"{op} dense ms", f"{op} direct"]
+        body = []
+        for sp in sorted(sps):
+            line = [f"{100 * sp:g}%"]
+            for op in OPS:
+                d = cell.get((key, sp, op, "dense"), (None, None))[0]
+                line.append(common.fmt_ms(d) if d else "–")
+                names = ["direct", "im2col"] if op in ("fwd", "fwd_bwd") else ["direct"]
+                for name in names:
+                    ms, ratio = cell.get((key, sp, op, name), (None, None))
+                    line.append(f"{ms:.3g} ms ({ratio:.2f}x)" if ms and ratio else "–")
+            body.append(line)
+        out.append(common.markdown_table(head, body))
+    if model:
+        clock = "this thread's CPU time" if model[0]["variant"] == "thread" else "wall time"
+        out.append(f"\n**Conv-4 training step**, batch {model[0]['B']}, {model[0]['threads']} thread(s) "
+                   f"(ms: median {clock})\n")
+        by = {}
+        for r in model:
+            by.setdefault(f(r["sparsity"]), {})[r["contender"]] = r
+        body = [[f"{100 * sp:g}%", common.fmt_ms(f(c["dense"]["median_ms"])),
+                 f"{common.fmt_ms(f(c['direct']['median_ms']))} ({f(c['direct']['ratio_vs_baseline']):.2f}x)"]
+                for sp, c in sorted(by.items()) if "dense" in c and "direct" in c]
+        out.append(common.markdown_table(["sparsity", "dense ms", "sparse ms (x dense)"], body))
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ops", type=lambda s: s.split(","), default=OPS)
+    p.add_argument("--ops", type=lambda s: s.split(","), default=OPS + MODEL_OPS)
     p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
                    default=None, help="NxCxOxHxW,...")
     p.add_argument("--sparsities", type=lambda s: [float(v) / 100 for v in s.split(",")], default=None,
@@ -202,10 +314,17 @@ def main(argv=None):
     p.add_argument("--no-im2col", action="store_true", help="skip the (slow) im2col contender")
     p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv.csv"))
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the last run in --csv as markdown and exit")
     args = p.parse_args(argv)
-    bad = [o for o in args.ops if o not in OPS]
+    if args.table:
+        rows = common.read_csv(args.csv)
+        last = rows[-1]["run_id"]
+        print(markdown_summary([r for r in rows if r["run_id"] == last]))
+        return []
+    bad = [o for o in args.ops if o not in OPS + MODEL_OPS]
     if bad:
-        p.error(f"unknown ops {bad}; choose from {OPS}")
+        p.error(f"unknown ops {bad}; choose from {OPS + MODEL_OPS}")
+    requested = list(args.ops)
     seen = common.pin_threads(args.threads)
     shapes = args.shapes or (SHAPES_QUICK if args.quick else SHAPES_FULL)
     sparsities = args.sparsities or (SPARSITIES_QUICK if args.quick else SPARSITIES_FULL)
@@ -217,9 +336,14 @@ def main(argv=None):
     info = common.system_info(args.threads, {"threads_seen": seen})
     print(common.format_system_info(info))
     results = []
-    for shape in shapes:
+    args.ops = [o for o in requested if o in OPS]
+    if args.ops:
+        for shape in shapes:
+            for s in sparsities:
+                run_shape(args, writer, shape, s, results)
+    if "conv4_step" in requested:
         for s in sparsities:
-            run_shape(args, writer, shape, s, results)
+            run_model(args, writer, s, results)
     common.update_runs_json(args.csv, run_id, command=common.command_line(argv), system=info, clock=args.clock)
     return results
 

@@ -271,7 +271,8 @@ def _patches(xp: Tensor, n0: int, n1: int, h0: int, h1: int, geom) -> Tensor:
 
 
 class _BlockedSparseConv2d(torch.autograd.Function):
-    """Sparse conv through im2col one L2-sized block of output positions at a time.
+    """Sparse conv through im2col one L2-sized block of output positions at a time (used
+    for groups > 1; groups == 1 runs the direct kernel, sparseticket::sparse_conv2d).
 
     Materialising the whole batch's patches (64x64x28x28, 3x3: 115 MB) made every
     kernel stream it from DRAM: forward + backward took 217 ms at 2% density against
@@ -279,7 +280,7 @@ class _BlockedSparseConv2d(torch.autograd.Function):
     backward rebuilds them instead of saving them (saved: the padded input only). At 10%
     density it is still 2x slower than oneDNN (128 vs 64 ms: the sparse kernels run at
     ~12 GFLOP/s on these tall, narrow operands against oneDNN's ~170), so convs pick the
-    dense path until a direct sparse conv kernel exists.
+    dense path until the direct sparse conv kernel (now used for groups == 1) existed.
     """
 
     @staticmethod
