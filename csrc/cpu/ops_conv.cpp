@@ -84,22 +84,54 @@ CorrFn corr_fn(const Tile& tl, bool f64) {
 
 // The padded, column-phase-split input of one image: [C][sw][rows][cols]. Column phase b
 // holds padded columns b, b + sw, ..., so every tap reads contiguous vectors.
+//
+// Dense-ish tickets with stride 1 along columns use `shifts` = kw copies instead: copy j
+// holds the image shifted left by j*dw columns, rows a whole number of vectors, so every
+// load is 64-byte aligned (an unaligned 64-byte load nearly always splits a cache line).
+// That pays only when the taps of a channel reuse its rows from L1: measured (1 thread,
+// thread_time, batch 64, 3x3), forward 128->128@14 at density 1.0 / 0.5 / 0.25 / 0.1:
+// 68 -> 49, 38 -> 31, 21 -> 21, 9.5 -> 9.9 ms; 64->64@28 at 1.0 / 0.5: 74 -> 60, 39 -> 36 ms;
+// at 0.02 the kw packs per image cost 10-40%. Hence the density threshold below.
 struct InputLayout {
   int64_t rows, cols, phase, chan;  // rows/cols of a phase plane; elements per phase / channel
   int64_t in_row;                   // elements between consecutive output rows
+  int64_t shifts, copy;             // copies (1, or kw shifted ones) and elements per copy
   int64_t off(int64_t c, int64_t i, int64_t j, const Geom& g) const {
+    if (shifts > 1) return j * copy + c * chan + i * g.dh * cols;
     return c * chan + ((j * g.dw) % g.sw) * phase + i * g.dh * cols + (j * g.dw) / g.sw;
+  }
+  int64_t total() const { return shifts * copy; }
+  void pack(PackPlanesFn fn, const void* src, const Geom& g, void* dst, size_t elem) const {
+    if (shifts == 1) return fn(src, g.C, g.H, g.W, g.ph, g.pw, g.sw, rows, cols, dst);
+    for (int64_t j = 0; j < shifts; ++j)
+      fn(src, g.C, g.H, g.W, g.ph, g.pw - j * g.dw, 1, rows, cols, static_cast<char*>(dst) + j * copy * elem);
   }
 };
 
-InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows) {
+constexpr double kShiftedMinDensity = 0.4;
+
+bool use_shifted_copies(const Geom& g, int64_t nnz) {
+  if (g.sw != 1 || g.kw == 1) return false;
+  // SPARSETICKET_CONV_SHIFTED=0/1 forces it off/on (A/B sweeps)
+  static const int forced = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_SHIFTED");
+    return s ? std::atoi(s) : -1;
+  }();
+  if (forced >= 0) return forced > 0;
+  const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
+  return dense > 0 && nnz >= kShiftedMinDensity * dense;
+}
+
+InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, int64_t nnz) {
   InputLayout L;
+  L.shifts = use_shifted_copies(g, nnz) ? g.kw : 1;
   L.rows = (row_tiles_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-  L.cols = tl.col_tiles * tl.nv * tl.lanes + ((g.kw - 1) * g.dw) / g.sw;
+  L.cols = tl.col_tiles * tl.nv * tl.lanes + (L.shifts > 1 ? 0 : ((g.kw - 1) * g.dw) / g.sw);
   L.phase = L.rows * L.cols;
   L.chan = g.sw * L.phase;
   L.in_row = g.sh * L.cols;
-  TORCH_CHECK(g.C * L.chan < (int64_t(1) << 31), "sparseticket: sparse_conv2d: image too large for int32 offsets");
+  L.copy = g.C * L.chan;
+  TORCH_CHECK(L.total() < (int64_t(1) << 31), "sparseticket: sparse_conv2d: image too large for int32 offsets");
   return L;
 }
 
@@ -202,7 +234,7 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
   const Tensor x = x_.contiguous();
   const bool f64 = x.scalar_type() == at::kDouble;
   const Tile tl = choose_tile(g.OH, g.OW, f64);
-  const InputLayout L = input_layout(g, tl, cdiv(g.OH, tl.r) * tl.r);
+  const InputLayout L = input_layout(g, tl, cdiv(g.OH, tl.r) * tl.r, values.numel());
   const Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
                                         row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
   const CorrFn fn = corr_fn(tl, f64);
@@ -215,14 +247,13 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t blocks = plane_blocks(g.N, O), per = cdiv(O, blocks);
     at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
-      auto buf = buffer<scalar_t>(g.C * L.chan);
+      auto buf = buffer<scalar_t>(L.total());
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
         const int64_t n = item / blocks, l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
         if (n != packed) {
-          (f64 ? kt.pack_f64 : kt.pack_f32)(xp + n * g.C * g.H * g.W, g.C, g.H, g.W, g.ph, g.pw, g.sw, L.rows,
-                                            L.cols, buf.get());
+          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, buf.get(), sizeof(scalar_t));
           packed = n;
         }
         CorrArgs a{};
@@ -288,7 +319,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   if (active_) active = contiguous_1d(*active_);
   const bool f64 = x.scalar_type() == at::kDouble;
   const Tile tl = choose_tile(g.OH, g.OW, f64);
-  const InputLayout L = input_layout(g, tl, g.OH);
+  const InputLayout L = input_layout(g, tl, g.OH, nnz);
   const Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
@@ -298,15 +329,14 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
     const scalar_t* gp = gy.data_ptr<scalar_t>();
     const int64_t blocks = plane_blocks(g.N, O), per = cdiv(O, blocks);
     at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
-      auto xbuf = buffer<scalar_t>(g.C * L.chan);
+      auto xbuf = buffer<scalar_t>(L.total());
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
         const int64_t n = item / blocks, l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
         if (n != packed) {
-          (f64 ? kt.pack_f64 : kt.pack_f32)(xp + n * g.C * g.H * g.W, g.C, g.H, g.W, g.ph, g.pw, g.sw, L.rows,
-                                            L.cols, xbuf.get());
+          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, xbuf.get(), sizeof(scalar_t));
           packed = n;
         }
         DotArgs a{};
