@@ -85,23 +85,24 @@ def make_ticket(C, O, sparsity, gen):
     w2d, m2d = w.permute(0, 2, 3, 1).reshape(O, -1).contiguous(), mask.permute(0, 2, 3, 1).reshape(O, -1).contiguous()
     values, crow, col = ops.dense_to_ticket(w2d, m2d)
     ccol, row, perm = ops.ticket_transpose(crow, col, 9 * C)
-    return w, values, (crow, col, ccol, row, perm)
+    return w, m2d, values, (crow, col, ccol, row, perm)
 
 
 def run_shape(args, writer, shape, sparsity, results):
     N, C, O, H, W = shape
     gen = torch.Generator().manual_seed(0)
-    w, values, t = make_ticket(C, O, sparsity, gen)
+    w, m2d, values, t = make_ticket(C, O, sparsity, gen)
     crow, col, ccol, row, perm = t
     nnz = values.numel()
     x = torch.randn(N, C, H, W, generator=gen)
     bias = torch.randn(O, generator=gen)
-    y64 = F.conv2d(x.double(), w.double(), bias.double(), ST, PAD, DIL)
+    conf = (KS, ST, PAD, DIL)
+    v64 = values.double()
+    y64 = ref.reference_sparse_conv2d(x.double(), v64, *t, bias.double(), None, *conf)
     oh, ow = y64.shape[2:]
     gy = torch.randn(N, O, oh, ow, generator=gen)
-    gx64 = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), ST, PAD, DIL)
-    gw64 = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), ST, PAD, DIL)
-    gv64 = gw64.permute(0, 2, 3, 1).reshape(O, -1)[(w != 0).permute(0, 2, 3, 1).reshape(O, -1)]
+    gx64 = ref.reference_sparse_conv2d_grad_input(gy.double(), v64, crow, col, list(x.shape), *conf)
+    gv64 = ref.reference_sparse_conv2d_grad_weight(gy.double(), x.double(), ccol, row, perm, None, *conf)
     geom = (KS, ST, PAD, DIL, oh, ow)
     op_ = torch.ops.sparseticket
     dense_flops = 2.0 * N * oh * ow * O * C * 9
@@ -140,12 +141,13 @@ def run_shape(args, writer, shape, sparsity, results):
             direct=(fwd_bwd(lambda: op_.sparse_conv2d(xg, vg, *t, bg, None, KS, ST, PAD, DIL), (xg, vg, bg)),
                     3 * sparse_flops)),
     }
+    def kept(g):  # dense weight gradient [O, C, 3, 3] -> its kept entries in ticket order
+        return g.permute(0, 2, 3, 1).reshape(O, -1)[m2d]
+
     checks = {"fwd": lambda out: check_close(out, y64), "grad_input": lambda out: check_close(out, gx64),
-              "grad_weight": lambda out: check_close(out if out.dim() == 1 else
-                                                     out.permute(0, 2, 3, 1).reshape(O, -1)[(w != 0).permute(0, 2, 3, 1).reshape(O, -1)], gv64),
+              "grad_weight": lambda out: check_close(out if out.dim() == 1 else kept(out), gv64),
               "fwd_bwd": lambda name: (check_close(xg.grad, gx64) or
-                                       check_close(vg.grad if name != "dense" else
-                                                   wg.grad.permute(0, 2, 3, 1).reshape(O, -1)[(w != 0).permute(0, 2, 3, 1).reshape(O, -1)], gv64))}
+                                       check_close(vg.grad if name != "dense" else kept(wg.grad), gv64))}
     for op in args.ops:
         cont = {k: v for k, v in groups[op].items() if not (k == "im2col" and args.no_im2col)}
         status = {}

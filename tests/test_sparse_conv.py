@@ -335,8 +335,9 @@ def test_compile_fullgraph(gen):
     x = randn(2, 4, 9, 9, gen=gen)
 
     def step(x):
+        x = x.clone().requires_grad_()
         y = m(x)
-        return torch.autograd.grad(y.square().sum(), [m.weight_values, m.bias])
+        return torch.autograd.grad(y.square().sum(), [m.weight_values, m.bias, x])
 
     compiled = torch.compile(lambda x: m(x), fullgraph=True, backend="aot_eager")
     close(compiled(x), m(x), torch.float32, "compiled forward")
@@ -348,6 +349,7 @@ def test_compile_fullgraph(gen):
     eager = step(x)
     close(gv, eager[0], torch.float32, "compiled kept-weight gradient")
     close(gb, eager[1], torch.float32, "compiled bias gradient")
+    close(gx, eager[2], torch.float32, "compiled input gradient")
 
 
 @pytest.mark.parametrize("isa", ["avx2", "base"])

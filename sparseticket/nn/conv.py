@@ -145,12 +145,12 @@ class SparseConv2d(TicketModule):
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
-        N, C, H, W = x.shape
-        oh, ow = self._out_hw(H, W)
         b = self._buffers
         if self.groups == 1:
             return _sparse_conv2d(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
                                   self.kernel_size, self.stride, self._pad, self.dilation)
+        N, C, H, W = x.shape
+        oh, ow = self._out_hw(H, W)
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
         if not pointwise and not torch.compiler.is_compiling():
             geom = (self.kernel_size, self.stride, self._pad, self.dilation, oh, ow)
@@ -279,8 +279,8 @@ class _BlockedSparseConv2d(torch.autograd.Function):
     62 ms for oneDNN's dense conv; block by block the patches stay in cache (56 ms), and
     backward rebuilds them instead of saving them (saved: the padded input only). At 10%
     density it is still 2x slower than oneDNN (128 vs 64 ms: the sparse kernels run at
-    ~12 GFLOP/s on these tall, narrow operands against oneDNN's ~170), so convs pick the
-    dense path until the direct sparse conv kernel (now used for groups == 1) existed.
+    ~12 GFLOP/s on these tall, narrow operands against oneDNN's ~170), so convs picked the
+    dense path; groups == 1 now runs the direct kernel instead.
     """
 
     @staticmethod

@@ -161,9 +161,9 @@ def _checked_reference_impls():
         return ref.reference_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding,
                                                        dilation)
 
-    return dict(sparse_conv2d=sparse_conv2d, sparse_conv2d_grad_input=sparse_conv2d_grad_input,
-                sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
-                row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
+    return dict(spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+                sparse_conv2d=sparse_conv2d, sparse_conv2d_grad_input=sparse_conv2d_grad_input,
+                sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
                 dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
 
 
