@@ -105,6 +105,23 @@ def test_ops_match_reference(geom, sparsity, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("geom", [(1, 16, 24, 150, 150, 3, 1, 1, 1), (2, 16, 24, 150, 147, 3, 2, 1, 1),
+                                  (1, 8, 24, 120, 100, 5, 1, 2, 2)], ids=_geom_id)
+def test_large_images_run_in_row_bands(geom, sparsity, dtype, gen):
+    """Planes whose packed copy exceeds the per-thread L2 budget run in several bands of rows."""
+    w, mask, t, x, bias, conf = make_conv(geom, sparsity, dtype, gen)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
+    close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, "forward")
+    gy = randn(y.shape, dtype=dtype, gen=gen)
+    close(ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
+          torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")
+    close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf),
+          _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("geom", [GEOMS[0], GEOMS[1], GEOMS[9]], ids=_geom_id)
 def test_empty_channels(geom, dtype, gen):
     """Output channels with no kept weight give the bias; input channels with none get zero gradient."""

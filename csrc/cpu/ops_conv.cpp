@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -101,10 +102,12 @@ struct InputLayout {
     return c * chan + ((j * g.dw) % g.sw) * phase + i * g.dh * cols + (j * g.dw) / g.sw;
   }
   int64_t total() const { return shifts * copy; }
-  void pack(PackPlanesFn fn, const void* src, const Geom& g, void* dst, size_t elem) const {
-    if (shifts == 1) return fn(src, g.C, g.H, g.W, g.ph, g.pw, g.sw, rows, cols, dst);
+  // the band of output rows starting at `row0`: padded input rows row0*sh onwards
+  void pack(PackPlanesFn fn, const void* src, const Geom& g, int64_t row0, void* dst, size_t elem) const {
+    const int64_t top = g.ph - row0 * g.sh;
+    if (shifts == 1) return fn(src, g.C, g.H, g.W, top, g.pw, g.sw, rows, cols, dst);
     for (int64_t j = 0; j < shifts; ++j)
-      fn(src, g.C, g.H, g.W, g.ph, g.pw - j * g.dw, 1, rows, cols, static_cast<char*>(dst) + j * copy * elem);
+      fn(src, g.C, g.H, g.W, top, g.pw - j * g.dw, 1, rows, cols, static_cast<char*>(dst) + j * copy * elem);
   }
 };
 
@@ -177,6 +180,37 @@ Buffer<T> buffer(int64_t n) {
   return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, bytes)));
 }
 
+// Images are processed in bands of output rows whose packed operand fits in kBandBytes
+// of a core's L2 (one band, the whole plane, whenever it fits: every Conv-4 layer). For a
+// 64-channel 112x112 image the whole padded plane is ~3.5 MB, and each output channel's
+// pass over it came from L3 (forward at 90%: 22 GFLOP/s per core against 33 at 28x28).
+// SPARSETICKET_CONV_BAND_BYTES overrides it (sweeps in bench/).
+int64_t band_bytes() {
+  static const int64_t v = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_BAND_BYTES");
+    const long long b = s ? std::atoll(s) : 0;
+    return b > 0 ? static_cast<int64_t>(b) : int64_t(512) << 10;
+  }();
+  return v;
+}
+
+// Output rows per band (a multiple of r): `per_row` bytes per output row plus `fixed`.
+int64_t band_rows(int64_t out_rows, int64_t r, int64_t per_row, int64_t fixed) {
+  const int64_t kBandBytes = band_bytes();
+  const int64_t whole = cdiv(std::max<int64_t>(out_rows, 1), r) * r;
+  if (fixed + whole * per_row <= kBandBytes) return whole;
+  const int64_t fit = (kBandBytes - fixed) / std::max<int64_t>(per_row, 1);
+  return std::max<int64_t>(r, fit / r * r);
+}
+
+// The input layout of bands of output rows that fit kBandBytes, and the band height.
+std::pair<InputLayout, int64_t> banded_layout(const Geom& g, const Tile& tl, int64_t r, int64_t nnz, size_t elem) {
+  const InputLayout one = input_layout(g, tl, r, nnz);
+  const int64_t per_row = one.shifts * g.C * g.sw * g.sh * one.cols * static_cast<int64_t>(elem);
+  const int64_t band = band_rows(g.OH, r, per_row, one.total() * static_cast<int64_t>(elem) - r * per_row);
+  return {input_layout(g, tl, band, nnz), band};
+}
+
 // Work items (image, block of planes) so that small batches still use every thread;
 // a thread's items are consecutive, so it packs each of its images once.
 int64_t plane_blocks(int64_t N, int64_t planes) {
@@ -234,7 +268,10 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
   const Tensor x = x_.contiguous();
   const bool f64 = x.scalar_type() == at::kDouble;
   const Tile tl = choose_tile(g.OH, g.OW, f64);
-  const InputLayout L = input_layout(g, tl, cdiv(g.OH, tl.r) * tl.r, values.numel());
+  const auto layout = banded_layout(g, tl, tl.r, values.numel(), x.element_size());
+  const InputLayout& L = layout.first;
+  const int64_t band = layout.second;
+  const int64_t n_bands = cdiv(g.OH, band);
   const Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
                                         row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
   const CorrFn fn = corr_fn(tl, f64);
@@ -245,16 +282,17 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
     for (size_t k = 0; k < val.size(); ++k) val[k] = v[ls.vidx[k]];
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N, O), per = cdiv(O, blocks);
-    at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
+    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
       auto buf = buffer<scalar_t>(L.total());
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t n = item / blocks, l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
-        if (n != packed) {
-          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, buf.get(), sizeof(scalar_t));
-          packed = n;
+        if (nb != packed) {
+          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, buf.get(), sizeof(scalar_t));
+          packed = nb;
         }
         CorrArgs a{};
         a.in = buf.get();
@@ -263,10 +301,10 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
         a.off = ls.off.data();
         a.val = val.data();
         a.bias = bias ? bias->data_ptr<scalar_t>() : nullptr;
-        a.out = yp + n * O * g.OH * g.OW;
+        a.out = yp + n * O * g.OH * g.OW + r0 * g.OW;
         a.out_plane = g.OH * g.OW;
         a.ldo = g.OW;
-        a.rows = g.OH;
+        a.rows = std::min(band, g.OH - r0);
         a.cols = g.OW;
         a.col_tiles = tl.col_tiles;
         fn(a, l0, l1);
@@ -319,7 +357,10 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   if (active_) active = contiguous_1d(*active_);
   const bool f64 = x.scalar_type() == at::kDouble;
   const Tile tl = choose_tile(g.OH, g.OW, f64);
-  const InputLayout L = input_layout(g, tl, g.OH, nnz);
+  const auto layout = banded_layout(g, tl, 1, nnz, x.element_size());
+  const InputLayout& L = layout.first;
+  const int64_t band = layout.second;
+  const int64_t n_bands = cdiv(g.OH, band);
   const Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
@@ -327,25 +368,26 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
     std::vector<scalar_t> partial(threads * nnz, scalar_t(0));  // list order, one copy per thread
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = gy.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N, O), per = cdiv(O, blocks);
-    at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
+    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
       auto xbuf = buffer<scalar_t>(L.total());
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t n = item / blocks, l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
-        if (n != packed) {
-          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, xbuf.get(), sizeof(scalar_t));
-          packed = n;
+        if (nb != packed) {
+          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, xbuf.get(), sizeof(scalar_t));
+          packed = nb;
         }
         DotArgs a{};
         a.x = xbuf.get();
         a.x_row = L.in_row;
-        a.g = gp + n * O * g.OH * g.OW;
+        a.g = gp + n * O * g.OH * g.OW + r0 * g.OW;
         a.g_plane = g.OH * g.OW;
         a.g_row = g.OW;
-        a.rows = g.OH;
+        a.rows = std::min(band, g.OH - r0);
         a.cols = g.OW;
         a.ptr = crow.data();
         a.off = ls.off.data();
@@ -408,8 +450,11 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
   const int64_t Ha0 = cdiv(g.H, g.sh), Wb0 = cdiv(g.W, g.sw);
   const Tile tl = choose_tile(Ha0, Wb0, f64);
   const int64_t Tp = cdiv((g.kh - 1) * g.dh, g.sh), Lp = cdiv((g.kw - 1) * g.dw, g.sw);
-  const int64_t Hg = cdiv(Ha0, tl.r) * tl.r + (g.sh - 1 + g.ph) / g.sh + Tp;
+  // bands of `band` phase rows: the padded gy rows they read, `halo` more than the band
   const int64_t Wg = tl.col_tiles * tl.nv * tl.lanes + (g.sw - 1 + g.pw) / g.sw + Lp;
+  const int64_t halo = (g.sh - 1 + g.ph) / g.sh + Tp, row_bytes = O * Wg * gy_.element_size();
+  const int64_t band = band_rows(Ha0, tl.r, row_bytes, halo * row_bytes), n_bands = cdiv(Ha0, band);
+  const int64_t Hg = band + halo;
   TORCH_CHECK(O * Hg * Wg < (int64_t(1) << 31), "sparseticket: sparse_conv2d_grad_input: gy too large for int32 offsets");
   // lists per (phase, input channel), entries in (output channel, tap) order
   const int32_t* cr = crow.data_ptr<int32_t>();
@@ -447,24 +492,27 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
     for (int64_t k = 0; k < nnz; ++k) val[k] = v[vidx[k]];
     const scalar_t* gp = gy.data_ptr<scalar_t>();
     scalar_t* xp = gx.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N, C), per = cdiv(C, blocks);
-    at::parallel_for(0, g.N * blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t blocks = plane_blocks(g.N * n_bands, C), per = cdiv(C, blocks);
+    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
       auto buf = buffer<scalar_t>(O * Hg * Wg);
       Buffer<scalar_t> tmp;
-      if (P > 1) tmp = buffer<scalar_t>(per * Ha0 * Wb0);
+      if (P > 1) tmp = buffer<scalar_t>(per * band * Wb0);
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t n = item / blocks, l0 = (item % blocks) * per, l1 = std::min(C, l0 + per);
+        const int64_t nb = item / blocks, n = nb / n_bands, I0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % blocks) * per, l1 = std::min(C, l0 + per);
         if (l0 >= l1) continue;
-        if (n != packed) {
-          (f64 ? kt.pack_f64 : kt.pack_f32)(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, Tp, Lp, 1, Hg, Wg, buf.get());
-          packed = n;
+        if (nb != packed) {  // buffer row rho holds gy row rho + I0 - Tp
+          (f64 ? kt.pack_f64 : kt.pack_f32)(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, Tp - I0, Lp, 1, Hg, Wg,
+                                            buf.get());
+          packed = nb;
         }
         scalar_t* gxn = xp + n * C * g.H * g.W;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t a = p / g.sw, b = p % g.sw;
           const int64_t Ha = a < g.H ? cdiv(g.H - a, g.sh) : 0, Wb = b < g.W ? cdiv(g.W - b, g.sw) : 0;
-          if (Ha == 0 || Wb == 0) continue;
+          const int64_t rows = std::min(band, Ha - I0);  // phase rows I0 .. I0 + rows
+          if (rows <= 0 || Wb == 0) continue;
           CorrArgs ca{};
           ca.in = buf.get();
           ca.in_row = Wg;
@@ -472,25 +520,25 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
           ca.off = off.data();
           ca.val = val.data();
           ca.bias = nullptr;
-          ca.rows = Ha;
+          ca.rows = rows;
           ca.cols = Wb;
           ca.col_tiles = tl.col_tiles;
           if (P == 1) {
-            ca.out = gxn;
+            ca.out = gxn + I0 * g.W;
             ca.out_plane = g.H * g.W;
             ca.ldo = g.W;
             fn(ca, l0, l1);
             continue;
           }
           // phase planes into tmp, then interleaved into gx
-          ca.out = tmp.get() - l0 * Ha * Wb;
-          ca.out_plane = Ha * Wb;
+          ca.out = tmp.get() - l0 * rows * Wb;
+          ca.out_plane = rows * Wb;
           ca.ldo = Wb;
           fn(ca, l0, l1);
           for (int64_t c = l0; c < l1; ++c) {
-            const scalar_t* s = tmp.get() + (c - l0) * Ha * Wb;
-            scalar_t* d = gxn + c * g.H * g.W + a * g.W + b;
-            for (int64_t r = 0; r < Ha; ++r)
+            const scalar_t* s = tmp.get() + (c - l0) * rows * Wb;
+            scalar_t* d = gxn + c * g.H * g.W + (I0 * g.sh + a) * g.W + b;
+            for (int64_t r = 0; r < rows; ++r)
               for (int64_t q = 0; q < Wb; ++q) d[r * g.sh * g.W + q * g.sw] = s[r * Wb + q];
           }
         }
