@@ -198,25 +198,37 @@ void pack_planes(const void* srcv, int64_t C, int64_t H, int64_t W, int64_t top,
                  int64_t rows, int64_t cols, void* dstv) {
   const T* __restrict src = static_cast<const T*>(srcv);
   T* __restrict dst = static_cast<T*>(dstv);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t b = 0; b < step; ++b)
+  if (step == 1) {
+    for (int64_t c = 0; c < C; ++c)
       for (int64_t r = 0; r < rows; ++r) {
-        T* __restrict d = dst + ((c * step + b) * rows + r) * cols;
+        T* __restrict d = dst + (c * rows + r) * cols;
         const int64_t h = r - top;
-        if (h < 0 || h >= H) {
+        if (h < 0 || h >= H)
           std::memset(d, 0, sizeof(T) * cols);
-          continue;
-        }
-        const T* __restrict s = src + (c * H + h) * W;
-        if (step == 1) {
-          pack_row<T>(s, W, left, cols, d);
-        } else {
-          for (int64_t q = 0; q < cols; ++q) {
-            const int64_t w = q * step + b - left;
-            d[q] = (w >= 0 && w < W) ? s[w] : T(0);
-          }
-        }
+        else
+          pack_row<T>(src + (c * H + h) * W, W, left, cols, d);
       }
+    return;
+  }
+  // Column phases: each padded row is built once (vector copy, zeros outside), then split
+  // into its `step` phases by branch-free strided copies. (A per-element gather with bounds
+  // checks made stride-2 convs ~2.5x slower per FLOP than stride 1.)
+  const int64_t wide = cols * step;
+  T* __restrict row = static_cast<T*>(__builtin_malloc(sizeof(T) * wide));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = r - top;
+      if (h < 0 || h >= H) {
+        for (int64_t b = 0; b < step; ++b) std::memset(dst + ((c * step + b) * rows + r) * cols, 0, sizeof(T) * cols);
+        continue;
+      }
+      pack_row<T>(src + (c * H + h) * W, W, left, wide, row);
+      for (int64_t b = 0; b < step; ++b) {
+        T* __restrict d = dst + ((c * step + b) * rows + r) * cols;
+        for (int64_t q = 0; q < cols; ++q) d[q] = row[q * step + b];
+      }
+    }
+  __builtin_free(row);
 }
 
 // ----------------------------------------------------------------------------- correlate
