@@ -115,20 +115,24 @@ def _quartiles(xs: Sequence[float]):
     return q[0], q[1], q[2]
 
 
-def _time_calls(fn: Callable[[], object], inner: int) -> float:
-    t0 = time.perf_counter_ns()
+def _time_calls(fn: Callable[[], object], inner: int, clock: Callable[[], int] = time.perf_counter_ns) -> float:
+    t0 = clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter_ns() - t0) / 1e6 / inner
+    return (clock() - t0) / 1e6 / inner
 
 
 def bench_interleaved(contenders: Dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3,
-                      min_sample_ms: float = 20.0, max_inner: int = 1000) -> Dict[str, Stats]:
+                      min_sample_ms: float = 20.0, max_inner: int = 1000,
+                      clock: Callable[[], int] = time.perf_counter_ns) -> Dict[str, Stats]:
     """Time ``contenders`` (name -> zero-argument callable) round-robin.
 
     Each contender is warmed up (``warmup`` calls), then ``inner`` is calibrated so a
     sample lasts >= ``min_sample_ms``; then for each of ``reps`` repetitions every
     contender is sampled once, the starting contender rotating per repetition.
+    ``clock`` (ns) is wall time by default; ``time.thread_time_ns`` counts only this
+    thread's CPU time, which other processes on a shared machine disturb far less (only
+    meaningful with one thread).
     """
     names = list(contenders)
     inner: Dict[str, int] = {}
@@ -136,7 +140,7 @@ def bench_interleaved(contenders: Dict[str, Callable[[], object]], reps: int = 1
         fn = contenders[name]
         for _ in range(warmup):
             fn()
-        t = max(_time_calls(fn, 1), 1e-4)
+        t = max(_time_calls(fn, 1, clock), 1e-4)
         inner[name] = int(min(max_inner, max(1, math.ceil(min_sample_ms / t))))
     samples: Dict[str, List[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
@@ -146,7 +150,7 @@ def bench_interleaved(contenders: Dict[str, Callable[[], object]], reps: int = 1
         for r in range(reps):
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                samples[name].append(_time_calls(contenders[name], inner[name]))
+                samples[name].append(_time_calls(contenders[name], inner[name], clock))
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -1,4 +1,5 @@
-"""SparseConv2d (ticket weight; im2col + sparse matmul, or oneDNN dense conv) and NEqConv2d."""
+"""SparseConv2d (ticket weight; direct sparse conv, im2col + sparse matmul for groups > 1, or oneDNN
+dense conv) and NEqConv2d."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -16,6 +17,7 @@ _sparse_linear = torch.ops.sparseticket.sparse_linear
 _spmm = torch.ops.sparseticket.spmm
 _spmm_t = torch.ops.sparseticket.spmm_t
 _sddmm = torch.ops.sparseticket.sddmm
+_sparse_conv2d = torch.ops.sparseticket.sparse_conv2d
 
 
 def _padding_plan(padding, padding_mode: str, kernel_size, dilation) -> Tuple[Optional[List[int]], str, Tuple[int, int]]:
@@ -42,12 +44,13 @@ class SparseConv2d(TicketModule):
     """Drop-in nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups, bias,
     padding_mode) whose weight [out, in/groups, kh, kw] is a ticket.
 
-    Sparse path: im2col (``F.unfold``) then the ticket matmul on the [N·L, C·kh·kw] matrix.
-    For groups > 1 the ticket is the block-diagonal [out, C·kh·kw] matrix (each row's
-    columns shifted to its group's input channels), so all groups run in one matmul
-    with no wasted work. Dense path: oneDNN's ``F.conv2d`` with the masked dense weight.
-    The choice is measured per shape like SparseLinear's. Output is channels-last
-    strided on the sparse path (the matmul's natural layout; values are identical).
+    Sparse path, groups == 1: the direct sparse convolution ``sparseticket::sparse_conv2d``
+    (no im2col; each kept tap is a shifted axpy over a register tile of output rows; NCHW
+    output). Groups > 1: im2col then the ticket matmul on the [N·L, kh·kw·C] matrix, whose
+    ticket is the block-diagonal [out, kh·kw·C] matrix (each row's columns shifted to its
+    group's input channels), so all groups run in one matmul with no wasted work; output
+    channels-last strided (values identical). Dense path: oneDNN's ``F.conv2d`` with the
+    masked dense weight. The choice is measured per shape like SparseLinear's.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -142,9 +145,12 @@ class SparseConv2d(TicketModule):
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        b = self._buffers
+        if self.groups == 1:
+            return _sparse_conv2d(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
+                                  self.kernel_size, self.stride, self._pad, self.dilation)
         N, C, H, W = x.shape
         oh, ow = self._out_hw(H, W)
-        b = self._buffers
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
         if not pointwise and not torch.compiler.is_compiling():
             geom = (self.kernel_size, self.stride, self._pad, self.dilation, oh, ow)
@@ -267,15 +273,16 @@ def _patches(xp: Tensor, n0: int, n1: int, h0: int, h1: int, geom) -> Tensor:
 
 
 class _BlockedSparseConv2d(torch.autograd.Function):
-    """Sparse conv through im2col one L2-sized block of output positions at a time.
+    """Sparse conv through im2col one L2-sized block of output positions at a time (used
+    for groups > 1; groups == 1 runs the direct kernel, sparseticket::sparse_conv2d).
 
     Materialising the whole batch's patches (64x64x28x28, 3x3: 115 MB) made every
     kernel stream it from DRAM: forward + backward took 217 ms at 2% density against
     62 ms for oneDNN's dense conv; block by block the patches stay in cache (56 ms), and
     backward rebuilds them instead of saving them (saved: the padded input only). At 10%
     density it is still 2x slower than oneDNN (128 vs 64 ms: the sparse kernels run at
-    ~12 GFLOP/s on these tall, narrow operands against oneDNN's ~170), so convs pick the
-    dense path until a direct sparse conv kernel exists.
+    ~12 GFLOP/s on these tall, narrow operands against oneDNN's ~170), so convs picked the
+    dense path; groups == 1 now runs the direct kernel instead.
     """
 
     @staticmethod

@@ -174,8 +174,39 @@ def _checked_reference_impls():
         _check_bitmap(bits, crow, dense.shape[1])
         return ref.reference_ticket_compress(dense, crow, bits, nnz)
 
-    return dict(ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress, spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
-                row_masked_grad_weight=row_masked_grad_weight, masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
+    def sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding, dilation):
+        _library.check_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
+                                     dilation)
+        _check_ptr("crow", crow, values.numel())
+        _check_ptr("ccol", ccol, values.numel())
+        _check_range("col", col, ccol.numel() - 1, "the ticket's kh*kw*C columns")
+        _check_range("row", row, crow.numel() - 1, "the output channels")
+        _check_range("perm", perm, values.numel(), "values")
+        return ref.reference_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride,
+                                           padding, dilation)
+
+    def sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding, dilation):
+        _library.check_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding,
+                                                dilation)
+        _check_ptr("crow", crow, values.numel())
+        _check_range("col", col, kernel_size[0] * kernel_size[1] * int(input_size[1]), "the ticket's kh*kw*C columns")
+        return ref.reference_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding,
+                                                      dilation)
+
+    def sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation):
+        _library.check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding,
+                                                 dilation)
+        _check_ptr("ccol", ccol, row.numel())
+        _check_range("row", row, gy.shape[1], "gy's channel dimension (gy.size(1))")
+        _check_range("perm", perm, row.numel(), "values")
+        return ref.reference_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding,
+                                                       dilation)
+
+    return dict(ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress,
+                spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+                sparse_conv2d=sparse_conv2d, sparse_conv2d_grad_input=sparse_conv2d_grad_input,
+                sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight,
+                masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
                 dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
 
 
@@ -245,6 +276,27 @@ def _neq_linear_backward(ctx, gy):
     return gx, gw, gbias, None
 
 
+def _sparse_conv2d_setup(ctx, inputs, output):
+    x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active)
+    ctx.has_bias = bias is not None
+    ctx.conf = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _sparse_conv2d_backward(ctx, gy):
+    x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors
+    conf = ctx.conf
+    gy = gy.contiguous()
+    gx = gvalues = gbias = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.sparseticket.sparse_conv2d_grad_input(gy, values, crow, col, list(x.shape), *conf)
+    if ctx.needs_input_grad[1]:
+        gvalues = torch.ops.sparseticket.sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, *conf)
+    if ctx.has_bias and ctx.needs_input_grad[7]:
+        gbias = _masked_bias_grad(gy.sum((2, 3)), active)
+    return gx, gvalues, None, None, None, None, None, gbias, None, None, None, None, None
+
+
 # The compiled library registers the same formulas in C++ (csrc/autograd.cpp), which
 # saves the Python round trips of this path on every layer call; these serve the
 # reference path.
@@ -253,6 +305,8 @@ if _C is None:
                                     setup_context=_sparse_linear_setup)
     torch.library.register_autograd("sparseticket::neq_linear", _neq_linear_backward,
                                     setup_context=_neq_linear_setup)
+    torch.library.register_autograd("sparseticket::sparse_conv2d", _sparse_conv2d_backward,
+                                    setup_context=_sparse_conv2d_setup)
 
 
 # ticket_expand is differentiable in its values: the gradient of a dense weight goes back
@@ -287,7 +341,12 @@ ticket_expand = torch.ops.sparseticket.ticket_expand
 ticket_compress = torch.ops.sparseticket.ticket_compress
 sparse_linear_op = torch.ops.sparseticket.sparse_linear
 neq_linear_op = torch.ops.sparseticket.neq_linear
+sparse_conv2d_op = torch.ops.sparseticket.sparse_conv2d
+sparse_conv2d_grad_input = torch.ops.sparseticket.sparse_conv2d_grad_input
+sparse_conv2d_grad_weight = torch.ops.sparseticket.sparse_conv2d_grad_weight
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
-           "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress", "sparse_linear_op", "neq_linear_op", "BACKENDS",
+           "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
+           "sparse_linear_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_grad_input",
+           "sparse_conv2d_grad_weight", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

@@ -39,6 +39,17 @@ SCHEMAS = {
     "ticket_bitmap": "(Tensor crow, Tensor col, SymInt n_cols) -> Tensor",
     "ticket_expand": "(Tensor values, Tensor crow, Tensor bits, SymInt n_cols) -> Tensor",
     "ticket_compress": "(Tensor dense, Tensor crow, Tensor bits, SymInt nnz) -> Tensor",
+    # Direct (no im2col) sparse convolution, groups=1, zero padding. The ticket is the
+    # [O, kh*kw*C] matrix with columns ordered (tap, channel); x/gy are NCHW.
+    # y = conv2d(x, W) + b; `active` (frozen output channels) is carried for backward.
+    "sparse_conv2d": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, Tensor perm, "
+    "Tensor? bias, Tensor? active, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+    # gx [input_size] from gy [N, O, oh, ow]
+    "sparse_conv2d_grad_input": "(Tensor gy, Tensor values, Tensor crow, Tensor col, SymInt[4] input_size, "
+    "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+    # kept-weight gradient [nnz] (values order); rows of frozen channels are 0, never computed
+    "sparse_conv2d_grad_weight": "(Tensor gy, Tensor x, Tensor ccol, Tensor row, Tensor perm, Tensor? active, "
+    "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -242,6 +253,84 @@ def check_dense_to_ticket(weight, mask):
     _check_same("mask", mask, "weight", weight)
 
 
+def _check_conv_options(kernel_size, stride, padding, dilation):
+    for name, v, lo in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                        ("dilation", dilation, 1)):
+        _check(len(v) == 2 and all(int(a) >= lo for a in v),
+               f"sparseticket: {name} must be two integers >= {lo}, got {list(v)}")
+
+
+def conv_out_size(h, w, kernel_size, stride, padding, dilation):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _check_conv_ticket_cols(n_cols, C, kernel_size):
+    K = kernel_size[0] * kernel_size[1]
+    _check(n_cols == K * C, f"sparseticket: the ticket has {n_cols} columns but kernel_size {list(kernel_size)} "
+           f"and {C} input channels need kh*kw*C={K * C}")
+
+
+def check_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding, dilation):
+    _check_float("x", x)
+    _check_dim("x", x, 4)
+    _check_conv_options(kernel_size, stride, padding, dilation)
+    check_csr(values, crow, col, "x", x.dtype, x)
+    O = crow.shape[0] - 1
+    if bias is not None:
+        _check_dim("bias", bias, 1)
+        _check(bias.shape[0] == O, f"sparseticket: bias has {bias.shape[0]} entries, expected out_channels={O}")
+        _check(bias.dtype == x.dtype, f"sparseticket: bias has dtype {bias.dtype} but x has {x.dtype}")
+        _check_same("bias", bias, "x", x)
+    check_active(active, O, x)
+    for n, t in (("ccol", ccol), ("row", row), ("perm", perm)):
+        _check_index(n, t)
+        _check_same(n, t, "x", x)
+    _check(row.numel() == values.numel(), f"sparseticket: row has {row.numel()} entries but values has {values.numel()}")
+    _check(perm.numel() == values.numel(), f"sparseticket: perm has {perm.numel()} entries but values has {values.numel()}")
+    _check_conv_ticket_cols(ccol.shape[0] - 1, x.shape[1], kernel_size)
+    oh, ow = conv_out_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    _check(oh > 0 and ow > 0, f"sparseticket: x has spatial size {tuple(x.shape[2:])}, smaller than the dilated kernel "
+           f"after padding")
+    return O, oh, ow
+
+
+def check_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding, dilation):
+    _check_float("gy", gy)
+    _check_dim("gy", gy, 4)
+    _check_conv_options(kernel_size, stride, padding, dilation)
+    _check(len(input_size) == 4, f"sparseticket: input_size must be [N, C, H, W], got {list(input_size)}")
+    check_csr(values, crow, col, "gy", gy.dtype, gy)
+    N, C, H, W = input_size
+    O = crow.shape[0] - 1
+    _check(gy.shape[0] == N and gy.shape[1] == O,
+           f"sparseticket: gy has shape {tuple(gy.shape)} but input_size {list(input_size)} and the ticket's {O} "
+           f"output channels need [{N}, {O}, oh, ow]")
+    oh, ow = conv_out_size(H, W, kernel_size, stride, padding, dilation)
+    _check(gy.shape[2] == oh and gy.shape[3] == ow,
+           f"sparseticket: gy has spatial size {tuple(gy.shape[2:])} but the conv of an input of {(H, W)} gives {(oh, ow)}")
+
+
+def check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation):
+    _check_float("gy", gy)
+    _check_dim("gy", gy, 4)
+    _check_float("x", x)
+    _check_dim("x", x, 4)
+    _check(gy.dtype == x.dtype, f"sparseticket: gy has dtype {gy.dtype} but x has {x.dtype}")
+    _check_same("x", x, "gy", gy)
+    _check_conv_options(kernel_size, stride, padding, dilation)
+    for n, t in (("ccol", ccol), ("row", row), ("perm", perm)):
+        _check_index(n, t)
+        _check_same(n, t, "gy", gy)
+    _check(perm.numel() == row.numel(), f"sparseticket: perm has {perm.numel()} entries but row has {row.numel()}")
+    _check_conv_ticket_cols(ccol.shape[0] - 1, x.shape[1], kernel_size)
+    _check(gy.shape[0] == x.shape[0], f"sparseticket: gy has batch {gy.shape[0]} but x has batch {x.shape[0]}")
+    oh, ow = conv_out_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    _check(gy.shape[2] == oh and gy.shape[3] == ow,
+           f"sparseticket: gy has spatial size {tuple(gy.shape[2:])} but the conv of x ({tuple(x.shape[2:])}) gives {(oh, ow)}")
+    check_active(active, gy.shape[1], gy)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 
 
@@ -356,3 +445,20 @@ def _(dense, crow, bits, nnz):
     check_bitmap_args(crow, bits)
     _check_same("crow", crow, "dense", dense)
     return dense.new_empty((nnz,))
+@torch.library.register_fake("sparseticket::sparse_conv2d")
+def _(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding, dilation):
+    O, oh, ow = check_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
+                                    dilation)
+    return x.new_empty((x.shape[0], O, oh, ow))
+
+
+@torch.library.register_fake("sparseticket::sparse_conv2d_grad_input")
+def _(gy, values, crow, col, input_size, kernel_size, stride, padding, dilation):
+    check_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding, dilation)
+    return gy.new_empty(tuple(input_size))
+
+
+@torch.library.register_fake("sparseticket::sparse_conv2d_grad_weight")
+def _(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation):
+    check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation)
+    return gy.new_empty((row.shape[0],))

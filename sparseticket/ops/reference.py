@@ -287,3 +287,66 @@ def reference_masked_adamw_(
             news = [torch.where(act, t, o) for t, o in zip(news, olds)]
         for o, t in zip(olds, news):
             o.copy_(t)
+
+
+# ----------------------------------------------------------------------------- direct sparse convolution
+#
+# A conv ticket is the [O, kh*kw*C] matrix whose column (i*kw + j)*C + c holds
+# weight[o, c, i, j] (columns ordered (tap, channel), as SparseConv2d stores it), groups=1.
+
+
+def _conv_dense_weight(values: Tensor, crow: Tensor, col: Tensor, C: int, kernel_size) -> Tensor:
+    """Ticket -> dense conv weight [O, C, kh, kw]."""
+    kh, kw = kernel_size
+    O = crow.numel() - 1
+    return reference_ticket_to_dense(values, crow, col, kh * kw * C).view(O, kh, kw, C).permute(0, 3, 1, 2)
+
+
+def _csc_cols(ccol: Tensor) -> Tensor:
+    n = ccol.numel() - 1
+    return torch.repeat_interleave(torch.arange(n, device=ccol.device), (ccol[1:] - ccol[:-1]).long())
+
+
+def reference_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
+                            dilation) -> Tensor:
+    """y = conv2d(x, W, bias) for the ticket W.  x: [N, C, H, W] -> y: [N, O, oh, ow] (contiguous).
+
+    ``ccol/row/perm`` and ``active`` are carried for backward (frozen channels only change
+    the weight gradient)."""
+    C, O = x.shape[1], crow.numel() - 1
+    w = _conv_dense_weight(values, crow, col, C, kernel_size)
+    if O == 0 or C == 0:  # F.conv2d rejects a weight with no output channels, miscounts with no inputs
+        from ._library import conv_out_size
+        y = x.new_zeros((x.shape[0], O) + tuple(conv_out_size(x.shape[2], x.shape[3], kernel_size, stride, padding,
+                                                              dilation)))
+        return y if bias is None else (y + bias.view(1, O, 1, 1)).contiguous()
+    return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation).contiguous()
+
+
+def reference_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding,
+                                       dilation) -> Tensor:
+    """gx = ∂(conv2d(x, W))/∂x applied to gy.  gy: [N, O, oh, ow] -> gx: ``input_size`` [N, C, H, W]."""
+    C = int(input_size[1])
+    w = _conv_dense_weight(values, crow, col, C, kernel_size)
+    if gy.numel() == 0 or C == 0:
+        return gy.new_zeros(tuple(input_size))
+    return torch.nn.grad.conv2d_input(list(input_size), w, gy, stride, padding, dilation).contiguous()
+
+
+def reference_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding,
+                                        dilation) -> Tensor:
+    """Kept-weight gradient, in the order of ``values``: g[perm[k]] = Σ_{n,p} gy[n, row_k, p] · patch(x)[n, p, col_k]
+    for the k-th entry of the transposed (CSC) ticket. Output channels with ``active`` False get 0."""
+    kh, kw = kernel_size
+    O, C = gy.shape[1], x.shape[1]
+    if gy.numel() == 0 or x.numel() == 0:
+        return gy.new_zeros((row.numel(),))
+    gw = torch.nn.grad.conv2d_weight(x, (O, C, kh, kw), gy, stride, padding, dilation)
+    gw2d = gw.permute(0, 2, 3, 1).reshape(O, kh * kw * C)
+    rows = row.long()
+    g = gw2d[rows, _csc_cols(ccol)]
+    if active is not None:
+        g = torch.where(active[rows], g, torch.zeros_like(g))
+    out = torch.empty_like(g)
+    out[perm.long()] = g
+    return out.contiguous()

@@ -1,0 +1,101 @@
+// Autograd for sparseticket::sparse_conv2d, in C++ like csrc/autograd.cpp (no Python per
+// layer call). Backward is built from the conv ops through the dispatcher:
+// grad_input (taps flipped), grad_weight (kept taps only, frozen channels skipped) and the
+// bias gradient (frozen channels 0). sparseticket/ops/__init__.py registers the same
+// formula in Python when the compiled library is not loaded.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace sparseticket {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor call_sparse_conv2d(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                          const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
+                          const c10::optional<Tensor>& active, at::IntArrayRef ks, at::IntArrayRef st,
+                          at::IntArrayRef pad, at::IntArrayRef dil) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_conv2d", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                     const c10::optional<Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                     at::IntArrayRef)>();
+  return op.call(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
+}
+
+Tensor call_grad_input(const Tensor& gy, const Tensor& values, const Tensor& crow, const Tensor& col,
+                       c10::SymIntArrayRef input_size, at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef pad,
+                       at::IntArrayRef dil) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_conv2d_grad_input", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymIntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(gy, values, crow, col, input_size, ks, st, pad, dil);
+}
+
+Tensor call_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                        const c10::optional<Tensor>& active, at::IntArrayRef ks, at::IntArrayRef st,
+                        at::IntArrayRef pad, at::IntArrayRef dil) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_conv2d_grad_weight", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const c10::optional<Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                     at::IntArrayRef)>();
+  return op.call(gy, x, ccol, row, perm, active, ks, st, pad, dil);
+}
+
+c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
+
+class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& values, const Tensor& crow,
+                        const Tensor& col, const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                        const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active, at::IntArrayRef ks,
+                        at::IntArrayRef st, at::IntArrayRef pad, at::IntArrayRef dil) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor y = call_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
+    ctx->save_for_backward({x, values, crow, col, ccol, row, perm, active ? *active : Tensor()});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["ks"] = ks.vec();
+    ctx->saved_data["st"] = st.vec();
+    ctx->saved_data["pad"] = pad.vec();
+    ctx->saved_data["dil"] = dil.vec();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &ccol = saved[4],
+                 &row = saved[5], &perm = saved[6], &active = saved[7];
+    const auto ks = ctx->saved_data["ks"].toIntVector(), st = ctx->saved_data["st"].toIntVector();
+    const auto pad = ctx->saved_data["pad"].toIntVector(), dil = ctx->saved_data["dil"].toIntVector();
+    const Tensor gy = grads[0].contiguous();
+    Tensor gx, gv, gb;
+    if (ctx->needs_input_grad(0)) gx = call_grad_input(gy, values, crow, col, x.sym_sizes(), ks, st, pad, dil);
+    if (ctx->needs_input_grad(1)) gv = call_grad_weight(gy, x, ccol, row, perm, opt(active), ks, st, pad, dil);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7)) {
+      gb = gy.sum({0, 2, 3});
+      if (active.defined()) gb = at::where(active, gb, at::zeros_like(gb));
+    }
+    return {gx, gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), gb, Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor sparse_conv2d_autograd(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                              const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                              const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active,
+                              at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef pad, at::IntArrayRef dil) {
+  return SparseConv2dFunction::apply(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseticket, Autograd, m) { m.impl("sparse_conv2d", &sparse_conv2d_autograd); }
+
+}  // namespace sparseticket

@@ -1,0 +1,71 @@
+// Argument checks shared by the CPU ATen glue files (one message style for every op).
+#pragma once
+#include <torch/extension.h>
+
+namespace sparseticket {
+namespace cpu {
+namespace checks {
+
+using at::Tensor;
+
+inline void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "sparseticket: ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+inline void check_dim(const Tensor& t, int64_t d, const char* name) {
+  TORCH_CHECK(t.dim() == d, "sparseticket: ", name, " must be ", d, "-D, got shape ", t.sizes());
+}
+inline void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "sparseticket: ", name, " is on ", t.device(),
+              " but the CPU kernel was called; all arguments must be on the same device");
+}
+inline void check_index(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "sparseticket: ", name, " must be int32, got ", t.scalar_type());
+  check_dim(t, 1, name);
+  check_cpu(t, name);
+}
+inline void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sparseticket: ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type());
+}
+inline void check_active(const c10::optional<Tensor>& active, int64_t n) {
+  if (!active) return;
+  TORCH_CHECK(active->scalar_type() == at::kBool, "sparseticket: active must be a torch.bool mask, got ",
+              active->scalar_type());
+  check_cpu(*active, "active");
+  check_dim(*active, 1, "active");
+  TORCH_CHECK(active->size(0) == n, "sparseticket: active has ", active->size(0), " entries, expected out_features=", n);
+}
+// Pointers must start at 0, never decrease and end at nnz (`ptr` contiguous).
+inline void check_ptr(const Tensor& ptr, int64_t nnz, const char* name) {
+  TORCH_CHECK(ptr.numel() >= 1, "sparseticket: ", name, " must have at least one entry");
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int64_t R = ptr.numel() - 1;
+  TORCH_CHECK(p[0] == 0 && p[R] == nnz, "sparseticket: ", name, " must start at 0 and end at nnz=", nnz, ", got ",
+              p[0], " and ", p[R]);
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(p[r + 1] >= p[r], "sparseticket: ", name, " must be non-decreasing, but ", name, "[", r + 1, "]=",
+                p[r + 1], " < ", name, "[", r, "]=", p[r]);
+}
+// Every index in [0, K) (`idx` contiguous).
+inline void check_index_range(const Tensor& idx, int64_t K, const char* idx_name, const char* operand) {
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  const int64_t n = idx.numel();
+  int32_t lo = 0, hi = 0;
+  if (n) {
+    lo = hi = ix[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+    for (int64_t e = 0; e < n; ++e) {
+      lo = ix[e] < lo ? ix[e] : lo;
+      hi = ix[e] > hi ? ix[e] : hi;
+    }
+  }
+  TORCH_CHECK(n == 0 || (lo >= 0 && hi < K), "sparseticket: ", idx_name, " has index ", lo < 0 ? lo : hi, " but ",
+              operand, " has only ", K, " (is the ticket for a different in/out size?)");
+}
+
+inline Tensor contiguous_1d(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+}  // namespace checks
+}  // namespace cpu
+}  // namespace sparseticket

@@ -1,0 +1,78 @@
+// sparseticket direct sparse convolution: torch-free kernel core.
+//
+// No im2col. The glue (ops_conv.cpp) copies one image at a time into a zero-padded,
+// per-thread buffer ("packing", see pack_planes) and turns the ticket into lists of
+// (offset into that buffer, weight) entries, one list per output plane. Then
+//
+//   out[l][r][q] = bias[l] + sum_{e in list l} val[e] * in[off[e] + r * in_row + q]
+//
+// is the whole forward (a list per output channel, `in` the padded input) and the whole
+// input gradient (a list per input channel and output phase, `in` the padded gy, taps
+// flipped). Each list entry is a shifted axpy over a tile of R output rows x NV vectors
+// held in registers while the list's entries stream past (correlate).
+//
+// The kept-weight gradient uses the forward's buffer and lists: for each entry, the dot
+// product of the gy plane of its output channel with the shifted input (dots).
+#pragma once
+#include <cstdint>
+
+namespace sparseticket {
+namespace cpu {
+
+struct CorrArgs {
+  const void* in;           // packed operand
+  int64_t in_row;           // elements of `in` between consecutive output rows
+  const int32_t* ptr;       // [lists + 1] entry ranges
+  const int32_t* off;       // [entries] offset of each entry's (0, 0) input in `in`
+  const void* val;          // [entries] weights, list order
+  const void* bias;         // [lists] or nullptr
+  void* out;                // plane of list l at out + l * out_plane
+  int64_t out_plane, ldo;   // elements between planes / between rows of a plane
+  int64_t rows, cols;       // valid output rows and columns (stores are clipped to them)
+  int64_t col_tiles;        // column tiles of NV vectors per row tile
+};
+
+struct DotArgs {
+  const void* x;            // packed input (the forward's buffer)
+  int64_t x_row;            // elements of `x` between consecutive output rows
+  const void* g;            // gy of one image: plane l at g + l * g_plane, rows g_row apart
+  int64_t g_plane, g_row;
+  int64_t rows, cols;       // output rows and columns summed
+  const int32_t* ptr;       // [lists + 1]
+  const int32_t* off;       // [entries]
+  const uint8_t* active;    // [lists] or nullptr: lists with 0 are skipped
+  void* out;                // [entries] accumulated into (+=), list order
+};
+
+// dst[c][b][r][q] = src[c][r - top][q * step + b - left] (0 outside src), for c < C,
+// b < step, r < rows, q < cols; src planes are contiguous [H][W], dst is contiguous.
+using PackPlanesFn = void (*)(const void* src, int64_t C, int64_t H, int64_t W, int64_t top, int64_t left,
+                              int64_t step, int64_t rows, int64_t cols, void* dst);
+using CorrFn = void (*)(const CorrArgs&, int64_t l0, int64_t l1);
+using DotFn = void (*)(const DotArgs&, int64_t l0, int64_t l1);
+
+// Row-tile heights instantiated for correlate, per width of NV vectors (1..kMaxNV); a
+// (NV, R) pair is instantiated when NV * R fits the ISA's accumulator registers.
+constexpr int kMaxNV = 4;
+constexpr int kRowChoices = 11;
+constexpr int kRows[kRowChoices] = {1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14};
+
+struct ConvKernelTable {
+  const char* isa;
+  int vector_bytes;
+  int acc_budget;  // vector accumulators a tile may use
+  CorrFn corr_f32[kMaxNV][kRowChoices];  // nullptr where not instantiated
+  CorrFn corr_f64[kMaxNV][kRowChoices];
+  DotFn dot_f32, dot_f64;
+  PackPlanesFn pack_f32, pack_f64;
+};
+
+namespace avx512 { ConvKernelTable make_conv_table(); }
+namespace avx2 { ConvKernelTable make_conv_table(); }
+namespace base { ConvKernelTable make_conv_table(); }
+
+// The table for the ISA kernel_table() picked (same CPU check, same SPARSETICKET_ISA).
+const ConvKernelTable& conv_kernel_table();
+
+}  // namespace cpu
+}  // namespace sparseticket

@@ -1,0 +1,399 @@
+// Direct sparse convolution kernel core (see conv.h), written once and compiled per ISA
+// like kernels.inl: the including file sets the target, ST_ISA, ST_ISA_NAME,
+// ST_VECTOR_BYTES and ST_HAS_FMA. Torch-free; internal linkage except make_conv_table().
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "conv.h"
+
+#if ST_VECTOR_BYTES >= 32
+#include <immintrin.h>
+#endif
+
+namespace sparseticket {
+namespace cpu {
+namespace ST_ISA {
+namespace {
+
+template <typename T>
+struct CVec;
+template <>
+struct CVec<float> {
+  typedef float type __attribute__((vector_size(ST_VECTOR_BYTES), aligned(4)));
+  static constexpr int L = ST_VECTOR_BYTES / 4;
+};
+template <>
+struct CVec<double> {
+  typedef double type __attribute__((vector_size(ST_VECTOR_BYTES), aligned(8)));
+  static constexpr int L = ST_VECTOR_BYTES / 8;
+};
+
+// Unaligned vector load/store. Explicit intrinsics on x86: GCC expands a 32-byte
+// __builtin_memcpy under the AVX2 target into two 16-byte moves through the stack, and
+// the 32-byte reload then misses store forwarding (the AVX2 build ran ~20x slower).
+template <typename T>
+inline typename CVec<T>::type cload(const T* p) {
+  using V = typename CVec<T>::type;
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<V>(_mm512_loadu_ps(p));
+  else
+    return reinterpret_cast<V>(_mm512_loadu_pd(p));
+#elif ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<V>(_mm256_loadu_ps(reinterpret_cast<const float*>(p)));
+  else
+    return reinterpret_cast<V>(_mm256_loadu_pd(reinterpret_cast<const double*>(p)));
+#else
+  V v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+#endif
+}
+
+template <typename T>
+inline void cstore(T* p, typename CVec<T>::type v) {
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4)
+    _mm512_storeu_ps(p, reinterpret_cast<__m512>(v));
+  else
+    _mm512_storeu_pd(p, reinterpret_cast<__m512d>(v));
+#elif ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4)
+    _mm256_storeu_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m256>(v));
+  else
+    _mm256_storeu_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m256d>(v));
+#else
+  __builtin_memcpy(p, &v, sizeof(v));
+#endif
+}
+
+template <typename T>
+inline T csum(typename CVec<T>::type v) {
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4)
+    return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+  else
+    return _mm512_reduce_add_pd(reinterpret_cast<__m512d>(v));
+#else
+  constexpr int L = CVec<T>::L;
+  T lanes[L];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+#pragma GCC unroll 16
+  for (int w = L / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
+#endif
+}
+
+// out[k] += horizontal sum of c[k], k < 4. For 16 floats: interleave-and-add until each
+// 128-bit lane holds the four partial sums, then fold the lanes (11 instructions for
+// four sums; the generic tree spilled each vector and did 15 scalar adds).
+template <typename T>
+inline void csum4_add(const typename CVec<T>::type* c, T* out) {
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4) {
+    const __m512 a0 = reinterpret_cast<__m512>(c[0]), a1 = reinterpret_cast<__m512>(c[1]);
+    const __m512 a2 = reinterpret_cast<__m512>(c[2]), a3 = reinterpret_cast<__m512>(c[3]);
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), q));
+    return;
+  }
+#endif
+  for (int k = 0; k < 4; ++k) out[k] += csum<T>(c[k]);
+}
+
+// The first n lanes of v to p (0 < n < L): a masked store where the ISA has one, so the
+// ragged last vector of a row costs one instruction instead of a spill and a copy.
+template <typename T>
+inline void cstore_n(T* p, typename CVec<T>::type v, int64_t n) {
+#if ST_VECTOR_BYTES == 64
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, m, reinterpret_cast<__m512>(v));
+  else
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), reinterpret_cast<__m512d>(v));
+#elif ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(reinterpret_cast<float*>(p), _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx),
+                        reinterpret_cast<__m256>(v));
+  } else {
+    const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+    _mm256_maskstore_pd(reinterpret_cast<double*>(p), _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), idx),
+                        reinterpret_cast<__m256d>(v));
+  }
+#else
+  T lanes[CVec<T>::L];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  for (int64_t i = 0; i < n; ++i) p[i] = lanes[i];
+#endif
+}
+
+// 32 vector registers with AVX-512, 16 otherwise; a few stay free for the broadcast
+// weight and addresses.
+constexpr int kAccBudget = ST_VECTOR_BYTES == 64 ? 28 : 12;
+
+// ----------------------------------------------------------------------------- packing
+
+// Lanes [lo, hi) of the vector at p (0 <= lo <= hi <= L), zeros elsewhere; the other
+// lanes' addresses are never read (masked loads suppress their faults).
+template <typename T>
+inline typename CVec<T>::type cload_range(const T* p, int64_t lo, int64_t hi) {
+  using V = typename CVec<T>::type;
+#if ST_VECTOR_BYTES == 64
+  const unsigned m = hi > lo ? ((1u << hi) - 1u) & ~((1u << lo) - 1u) : 0u;
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<V>(_mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p));
+  else
+    return reinterpret_cast<V>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p));
+#elif ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lo)), idx),
+                                          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), idx));
+    return reinterpret_cast<V>(_mm256_maskload_ps(reinterpret_cast<const float*>(p), m));
+  } else {
+    const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+    const __m256i m = _mm256_andnot_si256(_mm256_cmpgt_epi64(_mm256_set1_epi64x(lo), idx),
+                                          _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), idx));
+    return reinterpret_cast<V>(_mm256_maskload_pd(reinterpret_cast<const double*>(p), m));
+  }
+#else
+  T lanes[CVec<T>::L] = {};
+  for (int64_t k = lo; k < hi; ++k) lanes[k] = p[k];
+  V v;
+  __builtin_memcpy(&v, lanes, sizeof(v));
+  return v;
+#endif
+}
+
+// dst row d[q] = s[q - left] for q - left in [0, W), else 0: one masked load and one store
+// per vector. (Three memset/memcpy calls per row cost ~27 us per 64x28x28 image, about as
+// much as reading it from memory.)
+template <typename T>
+inline void pack_row(const T* __restrict s, int64_t W, int64_t left, int64_t cols, T* __restrict d) {
+  constexpr int L = CVec<T>::L;
+  const int64_t q_lo = left < cols ? left : cols, q_hi = left + W < cols ? left + W : cols;
+  for (int64_t q0 = 0; q0 < cols; q0 += L) {
+    const int64_t lo = q_lo - q0 > 0 ? q_lo - q0 : 0, hi = q_hi - q0 < L ? q_hi - q0 : L;
+    const typename CVec<T>::type v =
+        hi <= lo ? typename CVec<T>::type{} : hi - lo == L ? cload(s + (q0 - left)) : cload_range(s + (q0 - left), lo, hi);
+    if (q0 + L <= cols)
+      cstore(d + q0, v);
+    else
+      cstore_n(d + q0, v, cols - q0);
+  }
+}
+
+template <typename T>
+void pack_planes(const void* srcv, int64_t C, int64_t H, int64_t W, int64_t top, int64_t left, int64_t step,
+                 int64_t rows, int64_t cols, void* dstv) {
+  const T* __restrict src = static_cast<const T*>(srcv);
+  T* __restrict dst = static_cast<T*>(dstv);
+  if (step == 1) {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < rows; ++r) {
+        T* __restrict d = dst + (c * rows + r) * cols;
+        const int64_t h = r - top;
+        if (h < 0 || h >= H)
+          std::memset(d, 0, sizeof(T) * cols);
+        else
+          pack_row<T>(src + (c * H + h) * W, W, left, cols, d);
+      }
+    return;
+  }
+  // Column phases: each padded row is built once (vector copy, zeros outside), then split
+  // into its `step` phases by branch-free strided copies. (A per-element gather with bounds
+  // checks made stride-2 convs ~2.5x slower per FLOP than stride 1.)
+  const int64_t wide = cols * step;
+  T* __restrict row = static_cast<T*>(__builtin_malloc(sizeof(T) * wide));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = r - top;
+      if (h < 0 || h >= H) {
+        for (int64_t b = 0; b < step; ++b) std::memset(dst + ((c * step + b) * rows + r) * cols, 0, sizeof(T) * cols);
+        continue;
+      }
+      pack_row<T>(src + (c * H + h) * W, W, left, wide, row);
+      for (int64_t b = 0; b < step; ++b) {
+        T* __restrict d = dst + ((c * step + b) * rows + r) * cols;
+        for (int64_t q = 0; q < cols; ++q) d[q] = row[q * step + b];
+      }
+    }
+  __builtin_free(row);
+}
+
+// ----------------------------------------------------------------------------- correlate
+//
+// Output-stationary: a tile of R rows x NV vectors of one output plane lives in
+// registers while the plane's list streams past; each entry is one broadcast and R*NV
+// FMAs whose input operand is a load at a fixed shift of the tile.
+
+template <typename T, int NV, int R>
+void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
+  using V = typename CVec<T>::type;
+  constexpr int L = CVec<T>::L;
+  constexpr int TW = NV * L;
+  const T* __restrict in = static_cast<const T*>(a.in);
+  const int32_t* __restrict ptr = a.ptr;
+  const int32_t* __restrict off = a.off;
+  const T* __restrict val = static_cast<const T*>(a.val);
+  const T* __restrict bias = static_cast<const T*>(a.bias);
+  T* __restrict out = static_cast<T*>(a.out);
+  const int64_t in_row = a.in_row;
+
+  for (int64_t l = l0; l < l1; ++l) {
+    const T b = bias ? bias[l] : T(0);
+    const int64_t e0 = ptr[l], e1 = ptr[l + 1];
+    T* __restrict o = out + l * a.out_plane;
+    for (int64_t r0 = 0; r0 < a.rows; r0 += R) {
+      for (int64_t ct = 0; ct < a.col_tiles; ++ct) {
+        const T* __restrict base = in + r0 * in_row + ct * TW;
+        V acc[R][NV];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[r][v] = V{} + b;
+        for (int64_t e = e0; e < e1; ++e) {
+          const T w = val[e];
+          const T* __restrict p = base + off[e];
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] += w * cload(p + v * L);
+            p += in_row;
+          }
+        }
+        const int64_t nr = a.rows - r0 < R ? a.rows - r0 : R;
+        const int64_t c0 = ct * TW;
+        const int64_t nc = a.cols - c0 < TW ? a.cols - c0 : TW;
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          if (r >= nr) break;
+          T* __restrict d = o + (r0 + r) * a.ldo + c0;
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) {
+            const int64_t left = nc - v * L;
+            if (left >= L)
+              cstore(d + v * L, acc[r][v]);
+            else if (left > 0)
+              cstore_n(d + v * L, acc[r][v], left);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- dots
+//
+// Kept-weight gradient of one image: out[e] += <gy plane of the entry's list, input
+// shifted by off[e]>, read straight from gy (no copy): a masked load for a ragged row end.
+
+template <typename T, int G>
+inline void dot_group(const T* __restrict g, int64_t g_row, const T* __restrict X, const int32_t* __restrict off,
+                      int64_t rows, int64_t cols, int64_t x_row, T* __restrict out) {
+  using V = typename CVec<T>::type;
+  constexpr int L = CVec<T>::L;
+  V acc[G];
+  const T* __restrict xs[G];
+#pragma GCC unroll 8
+  for (int k = 0; k < G; ++k) {
+    acc[k] = V{};
+    xs[k] = X + off[k];
+  }
+  const int64_t full = cols / L * L;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * g_row;
+    const int64_t xo = r * x_row;
+    for (int64_t q = 0; q < full; q += L) {
+      const V gv = cload(gr + q);
+#pragma GCC unroll 8
+      for (int k = 0; k < G; ++k) acc[k] += gv * cload(xs[k] + xo + q);
+    }
+    if (full < cols) {  // ragged row end: gy lanes past the row are zero, so x's are ignored
+      const V gv = cload_range(gr + full, 0, cols - full);
+#pragma GCC unroll 8
+      for (int k = 0; k < G; ++k) acc[k] += gv * cload(xs[k] + xo + full);
+    }
+  }
+  if constexpr (G % 4 == 0) {
+#pragma GCC unroll 2
+    for (int k = 0; k < G; k += 4) csum4_add<T>(acc + k, out + k);
+  } else {
+    for (int k = 0; k < G; ++k) out[k] += csum<T>(acc[k]);
+  }
+}
+
+// Kept-weight gradient of one image: out[e] += <gy plane of the entry's list, input
+// shifted by off[e]>. Eight entries of a list share each load of gy, and their eight
+// accumulators are independent FMA chains.
+template <typename T>
+void dots(const DotArgs& a, int64_t l0, int64_t l1) {
+  const T* __restrict X = static_cast<const T*>(a.x);
+  const T* __restrict G = static_cast<const T*>(a.g);
+  T* __restrict out = static_cast<T*>(a.out);
+  for (int64_t l = l0; l < l1; ++l) {
+    if (a.active && !a.active[l]) continue;
+    const T* __restrict g = G + l * a.g_plane;
+    int64_t e = a.ptr[l];
+    const int64_t e1 = a.ptr[l + 1];
+    for (; e + 8 <= e1; e += 8) dot_group<T, 8>(g, a.g_row, X, a.off + e, a.rows, a.cols, a.x_row, out + e);
+    if (e + 4 <= e1) {
+      dot_group<T, 4>(g, a.g_row, X, a.off + e, a.rows, a.cols, a.x_row, out + e);
+      e += 4;
+    }
+    for (; e < e1; ++e) dot_group<T, 1>(g, a.g_row, X, a.off + e, a.rows, a.cols, a.x_row, out + e);
+  }
+}
+
+template <typename T, int NV, int RI>
+constexpr CorrFn corr_entry() {
+  if constexpr (NV * kRows[RI] <= kAccBudget)
+    return &correlate<T, NV, kRows[RI]>;
+  else
+    return nullptr;
+}
+
+template <typename T, int NV, int... RI>
+void fill_rows(CorrFn* dst, std::integer_sequence<int, RI...>) {
+  ((dst[RI] = corr_entry<T, NV, RI>()), ...);
+}
+
+template <typename T>
+void fill_corr(CorrFn (*dst)[kRowChoices]) {
+  using Seq = std::make_integer_sequence<int, kRowChoices>;
+  fill_rows<T, 1>(dst[0], Seq{});
+  fill_rows<T, 2>(dst[1], Seq{});
+  fill_rows<T, 3>(dst[2], Seq{});
+  fill_rows<T, 4>(dst[3], Seq{});
+}
+
+}  // namespace
+
+ConvKernelTable make_conv_table() {
+  static_assert(kMaxNV == 4, "fill_corr instantiates NV = 1..4");
+  ConvKernelTable t{};
+  t.isa = ST_ISA_NAME;
+  t.vector_bytes = ST_VECTOR_BYTES;
+  t.acc_budget = kAccBudget;
+  fill_corr<float>(t.corr_f32);
+  fill_corr<double>(t.corr_f64);
+  t.dot_f32 = &dots<float>;
+  t.dot_f64 = &dots<double>;
+  t.pack_f32 = &pack_planes<float>;
+  t.pack_f64 = &pack_planes<double>;
+  return t;
+}
+
+}  // namespace ST_ISA
+}  // namespace cpu
+}  // namespace sparseticket

@@ -1,0 +1,560 @@
+// ATen glue for the direct sparse convolution (conv.h): checks, entry lists, per-thread
+// image buffers, threading, registration. Schemas live in sparseticket/ops/_library.py.
+//
+// Geometry, for x [N, C, H, W], weight taps (i, j) < (kh, kw), output [N, O, oh, ow]:
+// y[n, o, h, w] = b[o] + sum_{c,i,j} W[o, c, i, j] x[n, c, h*sh + i*dh - ph, w*sw + j*dw - pw].
+// The ticket is [O, kh*kw*C] with column (i*kw + j)*C + c.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "conv.h"
+
+namespace sparseticket {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using namespace checks;
+
+struct Geom {
+  int64_t N, C, H, W, O, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+Geom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef ks, at::IntArrayRef st,
+               at::IntArrayRef pad, at::IntArrayRef dil) {
+  TORCH_CHECK(ks.size() == 2 && st.size() == 2 && pad.size() == 2 && dil.size() == 2,
+              "sparseticket: kernel_size, stride, padding and dilation must have two entries each");
+  TORCH_CHECK(ks[0] >= 1 && ks[1] >= 1 && st[0] >= 1 && st[1] >= 1 && dil[0] >= 1 && dil[1] >= 1 && pad[0] >= 0 &&
+                  pad[1] >= 0,
+              "sparseticket: kernel_size, stride and dilation must be >= 1 and padding >= 0, got kernel_size ", ks,
+              ", stride ", st, ", padding ", pad, ", dilation ", dil);
+  Geom g{N, C, H, W, O, 0, 0, ks[0], ks[1], st[0], st[1], pad[0], pad[1], dil[0], dil[1]};
+  g.OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(H + 2 * g.ph - g.dh * (g.kh - 1) - 1 >= 0 && W + 2 * g.pw - g.dw * (g.kw - 1) - 1 >= 0,
+              "sparseticket: input of spatial size (", H, ", ", W,
+              ") is smaller than the dilated kernel after padding");
+  return g;
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Register tile for an output plane of rows x cols: NV vectors per row (the fewest column
+// tiles of at most kMaxNV vectors), R rows from kRows with the least padded work, counting
+// each row tile as two extra rows (zeroing, storing, one pass over the list).
+struct Tile {
+  int nv = 1, ri = 0;
+  int64_t r = 1, col_tiles = 1, lanes = 1;
+};
+
+Tile choose_tile(int64_t rows, int64_t cols, bool f64) {
+  const ConvKernelTable& t = conv_kernel_table();
+  Tile tl;
+  tl.lanes = t.vector_bytes / (f64 ? 8 : 4);
+  cols = std::max<int64_t>(cols, 1);
+  rows = std::max<int64_t>(rows, 1);
+  tl.col_tiles = cdiv(cols, kMaxNV * tl.lanes);
+  tl.nv = static_cast<int>(cdiv(cols, tl.col_tiles * tl.lanes));
+  int64_t best = -1;
+  for (int ri = 0; ri < kRowChoices; ++ri) {
+    const CorrFn fn = f64 ? t.corr_f64[tl.nv - 1][ri] : t.corr_f32[tl.nv - 1][ri];
+    if (!fn) continue;
+    const int64_t R = kRows[ri];
+    const int64_t cost = cdiv(rows, R) * (R + 2);
+    if (best < 0 || cost <= best) {
+      best = cost;
+      tl.ri = ri;
+      tl.r = R;
+    }
+  }
+  return tl;
+}
+
+CorrFn corr_fn(const Tile& tl, bool f64) {
+  const ConvKernelTable& t = conv_kernel_table();
+  return f64 ? t.corr_f64[tl.nv - 1][tl.ri] : t.corr_f32[tl.nv - 1][tl.ri];
+}
+
+// The padded, column-phase-split input of one image: [C][sw][rows][cols]. Column phase b
+// holds padded columns b, b + sw, ..., so every tap reads contiguous vectors.
+//
+// Dense-ish tickets with stride 1 along columns use `shifts` = kw copies instead: copy j
+// holds the image shifted left by j*dw columns, rows a whole number of vectors, so every
+// load is 64-byte aligned (an unaligned 64-byte load nearly always splits a cache line).
+// That pays only when the taps of a channel reuse its rows from L1: measured (1 thread,
+// thread_time, batch 64, 3x3), forward 128->128@14 at density 1.0 / 0.5 / 0.25 / 0.1:
+// 68 -> 49, 38 -> 31, 21 -> 21, 9.5 -> 9.9 ms; 64->64@28 at 1.0 / 0.5: 74 -> 60, 39 -> 36 ms;
+// at 0.02 the kw packs per image cost 10-40%. Hence the density threshold below.
+struct InputLayout {
+  int64_t rows, cols, phase, chan;  // rows/cols of a phase plane; elements per phase / channel
+  int64_t in_row;                   // elements between consecutive output rows
+  int64_t shifts, copy;             // copies (1, or kw shifted ones) and elements per copy
+  int64_t off(int64_t c, int64_t i, int64_t j, const Geom& g) const {
+    if (shifts > 1) return j * copy + c * chan + i * g.dh * cols;
+    return c * chan + ((j * g.dw) % g.sw) * phase + i * g.dh * cols + (j * g.dw) / g.sw;
+  }
+  int64_t total() const { return shifts * copy; }
+  // the band of output rows starting at `row0`: padded input rows row0*sh onwards
+  void pack(PackPlanesFn fn, const void* src, const Geom& g, int64_t row0, void* dst, size_t elem) const {
+    const int64_t top = g.ph - row0 * g.sh;
+    if (shifts == 1) return fn(src, g.C, g.H, g.W, top, g.pw, g.sw, rows, cols, dst);
+    for (int64_t j = 0; j < shifts; ++j)
+      fn(src, g.C, g.H, g.W, top, g.pw - j * g.dw, 1, rows, cols, static_cast<char*>(dst) + j * copy * elem);
+  }
+};
+
+constexpr double kShiftedMinDensity = 0.4;
+
+bool use_shifted_copies(const Geom& g, int64_t nnz) {
+  if (g.sw != 1 || g.kw == 1) return false;
+  // SPARSETICKET_CONV_SHIFTED=0/1 forces it off/on (A/B sweeps)
+  static const int forced = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_SHIFTED");
+    return s ? std::atoi(s) : -1;
+  }();
+  if (forced >= 0) return forced > 0;
+  const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
+  return dense > 0 && nnz >= kShiftedMinDensity * dense;
+}
+
+InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, int64_t nnz) {
+  InputLayout L;
+  L.shifts = use_shifted_copies(g, nnz) ? g.kw : 1;
+  L.rows = (row_tiles_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  L.cols = tl.col_tiles * tl.nv * tl.lanes + (L.shifts > 1 ? 0 : ((g.kw - 1) * g.dw) / g.sw);
+  L.phase = L.rows * L.cols;
+  L.chan = g.sw * L.phase;
+  L.in_row = g.sh * L.cols;
+  L.copy = g.C * L.chan;
+  TORCH_CHECK(L.total() < (int64_t(1) << 31), "sparseticket: sparse_conv2d: image too large for int32 offsets");
+  return L;
+}
+
+// Lists per output channel in (channel, tap) order, so the taps of one input channel,
+// which read overlapping rows, run back to back (the ticket's own order is (tap, channel)).
+// ptr is crow; vidx is each entry's position in `values`.
+struct Lists {
+  std::vector<int32_t> off, vidx;
+};
+
+Lists output_channel_lists(const Geom& g, const InputLayout& L, const int32_t* crow, const int32_t* ccol,
+                           const int32_t* row, const int32_t* perm) {
+  const int64_t nnz = crow[g.O];
+  Lists ls;
+  ls.off.resize(nnz);
+  ls.vidx.resize(nnz);
+  std::vector<int32_t> cursor(crow, crow + g.O);
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t column = (i * g.kw + j) * g.C + c;
+        const int32_t o = static_cast<int32_t>(L.off(c, i, j, g));
+        for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) {
+          const int32_t dst = cursor[row[k]]++;
+          ls.off[dst] = o;
+          ls.vidx[dst] = perm[k];
+        }
+      }
+  return ls;
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], FreeDeleter>;
+
+// 64-byte aligned scratch (rows of the packed buffers start on cache lines when their
+// length is a multiple of the vector length).
+template <typename T>
+Buffer<T> buffer(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+  return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, bytes)));
+}
+
+// Images are processed in bands of output rows whose packed operand fits in kBandBytes
+// of a core's L2 (one band, the whole plane, whenever it fits: every Conv-4 layer). For a
+// 64-channel 112x112 image the whole padded plane is ~3.5 MB, and each output channel's
+// pass over it came from L3 (forward at 90%: 22 GFLOP/s per core against 33 at 28x28).
+// SPARSETICKET_CONV_BAND_BYTES overrides it (sweeps in bench/).
+int64_t band_bytes() {
+  static const int64_t v = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_BAND_BYTES");
+    const long long b = s ? std::atoll(s) : 0;
+    return b > 0 ? static_cast<int64_t>(b) : int64_t(512) << 10;
+  }();
+  return v;
+}
+
+// Output rows per band (a multiple of r): `per_row` bytes per output row plus `fixed`.
+int64_t band_rows(int64_t out_rows, int64_t r, int64_t per_row, int64_t fixed) {
+  const int64_t kBandBytes = band_bytes();
+  const int64_t whole = cdiv(std::max<int64_t>(out_rows, 1), r) * r;
+  if (fixed + whole * per_row <= kBandBytes) return whole;
+  const int64_t fit = (kBandBytes - fixed) / std::max<int64_t>(per_row, 1);
+  return std::max<int64_t>(r, fit / r * r);
+}
+
+// The input layout of bands of output rows that fit kBandBytes, and the band height.
+std::pair<InputLayout, int64_t> banded_layout(const Geom& g, const Tile& tl, int64_t r, int64_t nnz, size_t elem) {
+  const InputLayout one = input_layout(g, tl, r, nnz);
+  const int64_t per_row = one.shifts * g.C * g.sw * g.sh * one.cols * static_cast<int64_t>(elem);
+  const int64_t band = band_rows(g.OH, r, per_row, one.total() * static_cast<int64_t>(elem) - r * per_row);
+  return {input_layout(g, tl, band, nnz), band};
+}
+
+// Work items (image, block of planes) so that small batches still use every thread;
+// a thread's items are consecutive, so it packs each of its images once.
+int64_t plane_blocks(int64_t N, int64_t planes) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(planes, cdiv(want, std::max<int64_t>(N, 1))));
+}
+
+void check_ticket(const Tensor& values, const Tensor& crow, const Tensor& col, const Tensor& ccol, const Tensor& row,
+                  const Tensor& perm, int64_t n_cols, int64_t O) {
+  check_ptr(crow, values.numel(), "crow");
+  check_ptr(ccol, values.numel(), "ccol");
+  check_index_range(col, n_cols, "col", "the ticket's kh*kw*C columns");
+  check_index_range(row, O, "row", "the output channels");
+  check_index_range(perm, values.numel(), "perm", "values");
+}
+
+// ----------------------------------------------------------------------------- forward
+
+Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& crow_, const Tensor& col_,
+                         const Tensor& ccol_, const Tensor& row_, const Tensor& perm_,
+                         const c10::optional<Tensor>& bias_, const c10::optional<Tensor>& active,
+                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation) {
+  check_float(x_, "x");
+  check_dim(x_, 4, "x");
+  check_cpu(x_, "x");
+  check_dim(values_, 1, "values");
+  check_same_dtype(values_, "values", x_, "x");
+  check_cpu(values_, "values");
+  for (auto [t, n] : {std::pair<const Tensor&, const char*>{crow_, "crow"}, {col_, "col"}, {ccol_, "ccol"},
+                      {row_, "row"}, {perm_, "perm"}})
+    check_index(t, n);
+  TORCH_CHECK(col_.numel() == values_.numel() && row_.numel() == values_.numel() && perm_.numel() == values_.numel(),
+              "sparseticket: col, row and perm must have one entry per value (", values_.numel(), "), got ",
+              col_.numel(), ", ", row_.numel(), ", ", perm_.numel());
+  const int64_t O = crow_.numel() - 1;
+  const Geom g = make_geom(x_.size(0), x_.size(1), x_.size(2), x_.size(3), O, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(ccol_.numel() - 1 == g.kh * g.kw * g.C, "sparseticket: the ticket has ", ccol_.numel() - 1,
+              " columns but kernel_size ", kernel_size, " and ", g.C, " input channels need kh*kw*C=",
+              g.kh * g.kw * g.C);
+  c10::optional<Tensor> bias;
+  if (bias_) {
+    check_dim(*bias_, 1, "bias");
+    check_cpu(*bias_, "bias");
+    TORCH_CHECK(bias_->size(0) == O, "sparseticket: bias has ", bias_->size(0), " entries, expected out_channels=", O);
+    check_same_dtype(*bias_, "bias", x_, "x");
+    bias = contiguous_1d(*bias_);
+  }
+  check_active(active, O);
+  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_), ccol = contiguous_1d(ccol_);
+  const Tensor row = contiguous_1d(row_), perm = contiguous_1d(perm_), values = contiguous_1d(values_);
+  check_ticket(values, crow, col, ccol, row, perm, g.kh * g.kw * g.C, O);
+  Tensor y = at::empty({g.N, O, g.OH, g.OW}, x_.options());
+  if (y.numel() == 0) return y;
+  const Tensor x = x_.contiguous();
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const Tile tl = choose_tile(g.OH, g.OW, f64);
+  const auto layout = banded_layout(g, tl, tl.r, values.numel(), x.element_size());
+  const InputLayout& L = layout.first;
+  const int64_t band = layout.second;
+  const int64_t n_bands = cdiv(g.OH, band);
+  const Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
+                                        row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
+  const CorrFn fn = corr_fn(tl, f64);
+  const ConvKernelTable& kt = conv_kernel_table();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
+    std::vector<scalar_t> val(ls.vidx.size());
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (size_t k = 0; k < val.size(); ++k) val[k] = v[ls.vidx[k]];
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
+    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
+      auto buf = buffer<scalar_t>(L.total());
+      int64_t packed = -1;
+      for (int64_t item = b0; item < b1; ++item) {
+        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        if (l0 >= l1) continue;
+        if (nb != packed) {
+          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, buf.get(), sizeof(scalar_t));
+          packed = nb;
+        }
+        CorrArgs a{};
+        a.in = buf.get();
+        a.in_row = L.in_row;
+        a.ptr = crow.data_ptr<int32_t>();
+        a.off = ls.off.data();
+        a.val = val.data();
+        a.bias = bias ? bias->data_ptr<scalar_t>() : nullptr;
+        a.out = yp + n * O * g.OH * g.OW + r0 * g.OW;
+        a.out_plane = g.OH * g.OW;
+        a.ldo = g.OW;
+        a.rows = std::min(band, g.OH - r0);
+        a.cols = g.OW;
+        a.col_tiles = tl.col_tiles;
+        fn(a, l0, l1);
+      }
+    });
+  });
+  return y;
+}
+
+// ----------------------------------------------------------------------------- weight gradient
+
+Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const Tensor& ccol_, const Tensor& row_,
+                                     const Tensor& perm_, const c10::optional<Tensor>& active_,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+  check_float(gy_, "gy");
+  check_dim(gy_, 4, "gy");
+  check_cpu(gy_, "gy");
+  check_float(x_, "x");
+  check_dim(x_, 4, "x");
+  check_cpu(x_, "x");
+  check_same_dtype(x_, "x", gy_, "gy");
+  check_index(ccol_, "ccol");
+  check_index(row_, "row");
+  check_index(perm_, "perm");
+  TORCH_CHECK(perm_.numel() == row_.numel(), "sparseticket: perm has ", perm_.numel(), " entries but row has ",
+              row_.numel());
+  const int64_t O = gy_.size(1), nnz = row_.numel();
+  const Geom g = make_geom(x_.size(0), x_.size(1), x_.size(2), x_.size(3), O, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(ccol_.numel() - 1 == g.kh * g.kw * g.C, "sparseticket: the ticket has ", ccol_.numel() - 1,
+              " columns but kernel_size ", kernel_size, " and ", g.C, " input channels need kh*kw*C=",
+              g.kh * g.kw * g.C);
+  TORCH_CHECK(gy_.size(0) == g.N, "sparseticket: gy has batch ", gy_.size(0), " but x has batch ", g.N);
+  TORCH_CHECK(gy_.size(2) == g.OH && gy_.size(3) == g.OW, "sparseticket: gy has spatial size (", gy_.size(2), ", ",
+              gy_.size(3), ") but the conv of x gives (", g.OH, ", ", g.OW, ")");
+  check_active(active_, O);
+  const Tensor ccol = contiguous_1d(ccol_), row = contiguous_1d(row_), perm = contiguous_1d(perm_);
+  check_ptr(ccol, nnz, "ccol");
+  check_index_range(row, O, "row", "gy's channel dimension (gy.size(1))");
+  check_index_range(perm, nnz, "perm", "values");
+  Tensor out = at::zeros({nnz}, gy_.options());
+  if (nnz == 0 || g.N == 0) return out;
+  // row pointers of the CSR (counts per output channel) from the CSC's rows
+  std::vector<int32_t> crow(O + 1, 0);
+  const int32_t* rw = row.data_ptr<int32_t>();
+  for (int64_t k = 0; k < nnz; ++k) ++crow[rw[k] + 1];
+  for (int64_t o = 0; o < O; ++o) crow[o + 1] += crow[o];
+  const Tensor x = x_.contiguous(), gy = gy_.contiguous();
+  Tensor active;
+  if (active_) active = contiguous_1d(*active_);
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const Tile tl = choose_tile(g.OH, g.OW, f64);
+  const auto layout = banded_layout(g, tl, 1, nnz, x.element_size());
+  const InputLayout& L = layout.first;
+  const int64_t band = layout.second;
+  const int64_t n_bands = cdiv(g.OH, band);
+  const Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+  const ConvKernelTable& kt = conv_kernel_table();
+  const int64_t threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_grad_weight", [&] {
+    std::vector<scalar_t> partial(threads * nnz, scalar_t(0));  // list order, one copy per thread
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = gy.data_ptr<scalar_t>();
+    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
+    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
+      auto xbuf = buffer<scalar_t>(L.total());
+      scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
+      int64_t packed = -1;
+      for (int64_t item = b0; item < b1; ++item) {
+        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        if (l0 >= l1) continue;
+        if (nb != packed) {
+          L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, xbuf.get(), sizeof(scalar_t));
+          packed = nb;
+        }
+        DotArgs a{};
+        a.x = xbuf.get();
+        a.x_row = L.in_row;
+        a.g = gp + n * O * g.OH * g.OW + r0 * g.OW;
+        a.g_plane = g.OH * g.OW;
+        a.g_row = g.OW;
+        a.rows = std::min(band, g.OH - r0);
+        a.cols = g.OW;
+        a.ptr = crow.data();
+        a.off = ls.off.data();
+        a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
+        a.out = acc;
+        (f64 ? kt.dot_f64 : kt.dot_f32)(a, l0, l1);
+      }
+    });
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, nnz, 4096, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        scalar_t s = partial[k];
+        for (int64_t t = 1; t < threads; ++t) s += partial[t * nnz + k];
+        o[ls.vidx[k]] = s;
+      }
+    });
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- input gradient
+//
+// gx[n, c, h, w] = sum_{o,i,j} W[o, c, i, j] gy[n, o, (h + ph - i*dh)/sh, (w + pw - j*dw)/sw] over the
+// taps whose divisions are exact. Output pixels of one phase (h mod sh, w mod sw) = (a, b)
+// see only the taps with (a + ph - i*dh) mod sh == 0 (same for columns), at a shift of
+// m = (a + ph - i*dh)/sh rows: a stride-1 correlation of the padded gy with those taps.
+
+Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, const Tensor& crow_, const Tensor& col_,
+                                    c10::SymIntArrayRef input_size_, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_float(gy_, "gy");
+  check_dim(gy_, 4, "gy");
+  check_cpu(gy_, "gy");
+  check_dim(values_, 1, "values");
+  check_same_dtype(values_, "values", gy_, "gy");
+  check_cpu(values_, "values");
+  check_index(crow_, "crow");
+  check_index(col_, "col");
+  TORCH_CHECK(col_.numel() == values_.numel(), "sparseticket: col has ", col_.numel(), " entries but values has ",
+              values_.numel());
+  TORCH_CHECK(input_size_.size() == 4, "sparseticket: input_size must be [N, C, H, W], got ", input_size_.size(),
+              " entries");
+  std::vector<int64_t> is;
+  for (const auto& s : input_size_) is.push_back(s.expect_int());
+  const int64_t O = crow_.numel() - 1;
+  const Geom g = make_geom(is[0], is[1], is[2], is[3], O, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(gy_.size(0) == g.N && gy_.size(1) == O && gy_.size(2) == g.OH && gy_.size(3) == g.OW,
+              "sparseticket: gy has shape ", gy_.sizes(), " but input_size ", at::IntArrayRef(is), " and the ticket's ",
+              O, " output channels need [", g.N, ", ", O, ", ", g.OH, ", ", g.OW, "]");
+  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_), values = contiguous_1d(values_);
+  check_ptr(crow, values.numel(), "crow");
+  const int64_t C = g.C, K = g.kh * g.kw;
+  check_index_range(col, K * C, "col", "the ticket's kh*kw*C columns");
+  Tensor gx = at::empty(is, gy_.options());
+  if (gx.numel() == 0) return gx;
+  if (O == 0 || values.numel() == 0) return gx.zero_();
+  const Tensor gy = gy_.contiguous();
+  const bool f64 = gy.scalar_type() == at::kDouble;
+  const int64_t P = g.sh * g.sw;
+  const int64_t Ha0 = cdiv(g.H, g.sh), Wb0 = cdiv(g.W, g.sw);
+  const Tile tl = choose_tile(Ha0, Wb0, f64);
+  const int64_t Tp = cdiv((g.kh - 1) * g.dh, g.sh), Lp = cdiv((g.kw - 1) * g.dw, g.sw);
+  // bands of `band` phase rows: the padded gy rows they read, `halo` more than the band
+  const int64_t Wg = tl.col_tiles * tl.nv * tl.lanes + (g.sw - 1 + g.pw) / g.sw + Lp;
+  const int64_t halo = (g.sh - 1 + g.ph) / g.sh + Tp, row_bytes = O * Wg * gy_.element_size();
+  const int64_t band = band_rows(Ha0, tl.r, row_bytes, halo * row_bytes), n_bands = cdiv(Ha0, band);
+  const int64_t Hg = band + halo;
+  TORCH_CHECK(O * Hg * Wg < (int64_t(1) << 31), "sparseticket: sparse_conv2d_grad_input: gy too large for int32 offsets");
+  // lists per (phase, input channel), entries in (output channel, tap) order
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cc = col.data_ptr<int32_t>();
+  const int64_t nnz = values.numel();
+  auto phase_of = [&](int64_t t, int64_t* m, int64_t* q) {
+    const int64_t i = t / g.kw, j = t % g.kw;
+    const int64_t a = (((i * g.dh - g.ph) % g.sh) + g.sh) % g.sh, b = (((j * g.dw - g.pw) % g.sw) + g.sw) % g.sw;
+    *m = (a + g.ph - i * g.dh) / g.sh;
+    *q = (b + g.pw - j * g.dw) / g.sw;
+    return a * g.sw + b;
+  };
+  std::vector<int32_t> ptr(P * C + 1, 0), off(nnz), vidx(nnz);
+  for (int64_t e = 0; e < nnz; ++e) {
+    int64_t m, q;
+    ++ptr[phase_of(cc[e] / C, &m, &q) * C + cc[e] % C + 1];
+  }
+  for (int64_t l = 0; l < P * C; ++l) ptr[l + 1] += ptr[l];
+  {
+    std::vector<int32_t> cursor(ptr.begin(), ptr.end() - 1);
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t e = cr[o]; e < cr[o + 1]; ++e) {
+        int64_t m, q;
+        const int64_t p = phase_of(cc[e] / C, &m, &q);
+        const int32_t dst = cursor[p * C + cc[e] % C]++;
+        off[dst] = static_cast<int32_t>(o * Hg * Wg + (m + Tp) * Wg + (q + Lp));
+        vidx[dst] = static_cast<int32_t>(e);
+      }
+  }
+  const CorrFn fn = corr_fn(tl, f64);
+  const ConvKernelTable& kt = conv_kernel_table();
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparse_conv2d_grad_input", [&] {
+    std::vector<scalar_t> val(nnz);
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < nnz; ++k) val[k] = v[vidx[k]];
+    const scalar_t* gp = gy.data_ptr<scalar_t>();
+    scalar_t* xp = gx.data_ptr<scalar_t>();
+    const int64_t blocks = plane_blocks(g.N * n_bands, C), per = cdiv(C, blocks);
+    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
+      auto buf = buffer<scalar_t>(O * Hg * Wg);
+      Buffer<scalar_t> tmp;
+      if (P > 1) tmp = buffer<scalar_t>(per * band * Wb0);
+      int64_t packed = -1;
+      for (int64_t item = b0; item < b1; ++item) {
+        const int64_t nb = item / blocks, n = nb / n_bands, I0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % blocks) * per, l1 = std::min(C, l0 + per);
+        if (l0 >= l1) continue;
+        if (nb != packed) {  // buffer row rho holds gy row rho + I0 - Tp
+          (f64 ? kt.pack_f64 : kt.pack_f32)(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, Tp - I0, Lp, 1, Hg, Wg,
+                                            buf.get());
+          packed = nb;
+        }
+        scalar_t* gxn = xp + n * C * g.H * g.W;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t a = p / g.sw, b = p % g.sw;
+          const int64_t Ha = a < g.H ? cdiv(g.H - a, g.sh) : 0, Wb = b < g.W ? cdiv(g.W - b, g.sw) : 0;
+          const int64_t rows = std::min(band, Ha - I0);  // phase rows I0 .. I0 + rows
+          if (rows <= 0 || Wb == 0) continue;
+          CorrArgs ca{};
+          ca.in = buf.get();
+          ca.in_row = Wg;
+          ca.ptr = ptr.data() + p * C;
+          ca.off = off.data();
+          ca.val = val.data();
+          ca.bias = nullptr;
+          ca.rows = rows;
+          ca.cols = Wb;
+          ca.col_tiles = tl.col_tiles;
+          if (P == 1) {
+            ca.out = gxn + I0 * g.W;
+            ca.out_plane = g.H * g.W;
+            ca.ldo = g.W;
+            fn(ca, l0, l1);
+            continue;
+          }
+          // phase planes into tmp, then interleaved into gx
+          ca.out = tmp.get() - l0 * rows * Wb;
+          ca.out_plane = rows * Wb;
+          ca.ldo = Wb;
+          fn(ca, l0, l1);
+          for (int64_t c = l0; c < l1; ++c) {
+            const scalar_t* s = tmp.get() + (c - l0) * rows * Wb;
+            scalar_t* d = gxn + c * g.H * g.W + (I0 * g.sh + a) * g.W + b;
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t q = 0; q < Wb; ++q) d[r * g.sh * g.W + q * g.sw] = s[r * Wb + q];
+          }
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_grad_input", &sparse_conv2d_grad_input_cpu);
+  m.impl("sparse_conv2d_grad_weight", &sparse_conv2d_grad_weight_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparseticket

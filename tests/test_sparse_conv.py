@@ -1,0 +1,406 @@
+"""The direct sparse convolution ops (sparse_conv2d, sparse_conv2d_grad_input,
+sparse_conv2d_grad_weight) against their references, and SparseConv2d on top of them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparseticket.nn as stnn
+from sparseticket.ops import reference as ref
+
+from helpers import ERRORS, FLOATS, ST, TOL, make_active, randn, ref_ticket
+
+# (N, C, O, H, W, kernel, stride, padding, dilation)
+GEOMS = [
+    (2, 5, 7, 9, 7, 3, 1, 1, 1),
+    (2, 8, 6, 9, 7, 3, 2, 1, 1),
+    (3, 4, 5, 7, 7, 3, 1, 1, 1),
+    (2, 3, 4, 5, 9, 3, 2, 0, 1),
+    (1, 6, 9, 13, 40, 5, 1, 2, 2),
+    (2, 4, 3, 7, 7, 1, 1, 0, 1),
+    (2, 4, 6, 8, 11, (3, 2), (2, 1), (0, 2), 1),
+    (2, 3, 5, 70, 9, 3, 2, 1, 1),   # tall: several row tiles
+    (1, 2, 3, 6, 130, 3, 1, 1, 1),  # wide: several column tiles
+    (5, 17, 33, 28, 28, 3, 1, 1, 1),  # Conv-4-like widths (two vectors per row)
+    (3, 9, 10, 14, 14, 3, 1, 1, 1),
+    (2, 3, 4, 4, 4, 3, 1, 3, 1),   # padding wider than the kernel reach
+]
+SPARSITIES = (0.0, 0.5, 0.9, 1.0)
+
+
+def _geom_id(g):
+    return "N{}C{}O{}_{}x{}_k{}s{}p{}d{}".format(*g)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def make_conv(geom, sparsity, dtype, gen, holes=False):
+    """Masked dense weight [O, C, kh, kw], its ticket (columns (tap, channel)), x, bias, options."""
+    N, C, O, H, W, k, s, p, d = geom
+    kh, kw = _pair(k)
+    n = O * C * kh * kw
+    keep = n - int(round(sparsity * n))
+    flat = torch.zeros(n, dtype=torch.bool)
+    flat[torch.randperm(n, generator=gen)[:keep]] = True
+    mask = flat.view(O, C, kh, kw).clone()
+    if holes:  # output channels and input channels with no kept weight
+        mask[torch.randperm(O, generator=gen)[: max(1, O // 3)]] = False
+        mask[:, torch.randperm(C, generator=gen)[: max(1, C // 3)]] = False
+    w = randn(O, C, kh, kw, dtype=dtype, gen=gen) * mask
+    K = kh * kw * C
+    t = ref_ticket(w.permute(0, 2, 3, 1).reshape(O, K).contiguous(), mask.permute(0, 2, 3, 1).reshape(O, K).contiguous())
+    x = randn(N, C, H, W, dtype=dtype, gen=gen)
+    bias = randn(O, dtype=dtype, gen=gen)
+    conf = ((kh, kw), _pair(s), _pair(p), _pair(d))
+    return w, mask, t, x, bias, conf
+
+
+def close(a, b, dtype, what):
+    a, b = a.detach(), b.detach()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert a.dtype == b.dtype
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= 10 * TOL[dtype] * scale, f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
+
+
+def _kept(gw, mask):
+    O, K = gw.shape[0], gw[0].numel() if gw.shape[0] else 0
+    return gw.permute(0, 2, 3, 1).reshape(O, K)[mask.permute(0, 2, 3, 1).reshape(O, K)]
+
+
+# ----------------------------------------------------------------------------- ops vs references
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("geom", GEOMS, ids=_geom_id)
+def test_ops_match_reference(geom, sparsity, dtype, gen):
+    w, mask, t, x, bias, conf = make_conv(geom, sparsity, dtype, gen)
+    O = w.shape[0]
+    active = make_active(O, gen)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    y = ST.sparse_conv2d(x, t.values, *tl, bias, active, *conf)
+    close(y, ref.reference_sparse_conv2d(x, t.values, *tl, bias, active, *conf), dtype, "forward")
+    close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, "forward vs F.conv2d")
+    assert y.is_contiguous()
+    gy = randn(y.shape, dtype=dtype, gen=gen)
+    gx = ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf)
+    close(gx, ref.reference_sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf), dtype,
+          "grad_input")
+    gv = ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf)
+    close(gv, ref.reference_sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf), dtype,
+          "grad_weight")
+    full = _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask)
+    rows = torch.repeat_interleave(torch.arange(O), (t.crow[1:] - t.crow[:-1]).long())
+    close(gv, torch.where(active[rows], full, torch.zeros_like(full)), dtype, "grad_weight vs torch.nn.grad")
+    assert bool((gv[~active[rows]] == 0).all()), "frozen channels must get exactly 0"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("geom", [(1, 16, 24, 150, 150, 3, 1, 1, 1), (2, 16, 24, 150, 147, 3, 2, 1, 1),
+                                  (1, 8, 24, 120, 100, 5, 1, 2, 2)], ids=_geom_id)
+def test_large_images_run_in_row_bands(geom, sparsity, dtype, gen):
+    """Planes whose packed copy exceeds the per-thread L2 budget run in several bands of rows."""
+    w, mask, t, x, bias, conf = make_conv(geom, sparsity, dtype, gen)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
+    close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, "forward")
+    gy = randn(y.shape, dtype=dtype, gen=gen)
+    close(ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
+          torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")
+    close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf),
+          _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("geom", [GEOMS[0], GEOMS[1], GEOMS[9]], ids=_geom_id)
+def test_empty_channels(geom, dtype, gen):
+    """Output channels with no kept weight give the bias; input channels with none get zero gradient."""
+    w, mask, t, x, bias, conf = make_conv(geom, 0.5, dtype, gen, holes=True)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
+    close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, "forward")
+    gy = randn(y.shape, dtype=dtype, gen=gen)
+    gx = ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf)
+    close(gx, torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")
+    empty_in = ~mask.any(dim=(0, 2, 3))
+    assert bool((gx[:, empty_in] == 0).all())
+    gv = ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf)
+    close(gv, _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
+
+
+@pytest.mark.parametrize("kind", ["all", "none"])
+def test_all_or_no_channels_active(kind, gen):
+    w, mask, t, x, bias, conf = make_conv(GEOMS[0], 0.5, torch.float64, gen)
+    active = make_active(w.shape[0], gen, kind)
+    gy = randn(F.conv2d(x, w, None, *conf[1:]).shape, dtype=torch.float64, gen=gen)
+    gv = ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf)
+    close(gv, ref.reference_sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf), torch.float64,
+          "grad_weight")
+
+
+def test_frozen_channels_ignore_nonfinite_gradients(gen):
+    """A frozen channel's weight gradient is never computed, so NaN/inf in its gy do not leak."""
+    w, mask, t, x, bias, conf = make_conv(GEOMS[0], 0.3, torch.float32, gen)
+    O = w.shape[0]
+    active = torch.ones(O, dtype=torch.bool)
+    active[[1, 4]] = False
+    gy = randn(F.conv2d(x, w, None, *conf[1:]).shape, gen=gen)
+    gy[:, 1] = float("nan")
+    gy[:, 4] = float("inf")
+    gv = ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf)
+    assert torch.isfinite(gv).all()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_noncontiguous_inputs(dtype, gen):
+    w, mask, t, x, bias, conf = make_conv(GEOMS[1], 0.5, dtype, gen)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    y_ref = F.conv2d(x, w, bias, *conf[1:])
+    gy = randn(y_ref.shape, dtype=dtype, gen=gen)
+    for xs, gys in ((x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)),
+                    (torch.cat([x, torch.full_like(x, float("nan"))], 3)[..., : x.shape[3]],
+                     torch.cat([gy, torch.full_like(gy, float("nan"))], 2)[:, :, : gy.shape[2]])):
+        assert not xs.is_contiguous() and not gys.is_contiguous()
+        close(ST.sparse_conv2d(xs, t.values, *tl, bias, None, *conf), y_ref, dtype, "forward")
+        close(ST.sparse_conv2d_grad_input(gys, t.values, t.crow, t.col, list(x.shape), *conf),
+              torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")
+        close(ST.sparse_conv2d_grad_weight(gys, xs, t.ccol, t.row, t.perm, None, *conf),
+              _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
+
+
+def test_zero_batch_and_channels(gen):
+    """Empty batch, no output channels, no input channels: the right (empty or bias-only) results."""
+    D = torch.float64
+    for geom in [(0, 4, 5, 7, 7, 3, 1, 1, 1), (2, 4, 0, 7, 7, 3, 1, 1, 1), (2, 0, 5, 7, 7, 3, 1, 1, 1)]:
+        w, mask, t, x, bias, conf = make_conv(geom, 0.5, D, gen)
+        N, C, O = geom[:3]
+        tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+        y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
+        assert y.shape == (N, O, 7, 7)
+        close(y, bias.view(1, O, 1, 1).expand(N, O, 7, 7) if C == 0 else F.conv2d(x, w, bias, *conf[1:])
+              if O else y.new_empty(y.shape), D, f"forward {geom}")
+        gy = randn(y.shape, dtype=D, gen=gen)
+        gx = ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf)
+        close(gx, torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]) if O and C and N else torch.zeros_like(x),
+              D, f"grad_input {geom}")
+        gv = ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf)
+        close(gv, _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask) if O and C and N else
+              torch.zeros_like(t.values), D, f"grad_weight {geom}")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises(gen):
+    w, mask, t, x, bias, conf = make_conv(GEOMS[0], 0.5, torch.float32, gen)
+    tl = [t.crow, t.col, t.ccol, t.row, t.perm]
+    gy = randn(F.conv2d(x, w, None, *conf[1:]).shape, gen=gen)
+    bad_col = t.col.clone()
+    bad_col[0] = 10_000
+    bad_row = t.row.clone()
+    bad_row[0] = -1
+    bad_perm = t.perm.clone()
+    bad_perm[-1] = t.perm.numel()
+    cases = {
+        "col out of range": lambda: ST.sparse_conv2d(x, t.values, t.crow, bad_col, *tl[2:], None, None, *conf),
+        "perm out of range": lambda: ST.sparse_conv2d(x, t.values, *tl[:4], bad_perm, None, None, *conf),
+        "wrong in channels": lambda: ST.sparse_conv2d(x[:, :-1], t.values, *tl, None, None, *conf),
+        "wrong dtype": lambda: ST.sparse_conv2d(x.double(), t.values, *tl, None, None, *conf),
+        "3-D x": lambda: ST.sparse_conv2d(x[0], t.values, *tl, None, None, *conf),
+        "bias size": lambda: ST.sparse_conv2d(x, t.values, *tl, bias[:-1], None, *conf),
+        "kernel too big": lambda: ST.sparse_conv2d(x[..., :1, :1], t.values, *tl, None, None, (3, 3), (1, 1),
+                                                   (0, 0), (1, 1)),
+        "gi col out of range": lambda: ST.sparse_conv2d_grad_input(gy, t.values, t.crow, bad_col, list(x.shape),
+                                                                    *conf),
+        "gi gy shape": lambda: ST.sparse_conv2d_grad_input(gy[:, :, 1:], t.values, t.crow, t.col, list(x.shape),
+                                                            *conf),
+        "gw row out of range": lambda: ST.sparse_conv2d_grad_weight(gy, x, t.ccol, bad_row, t.perm, None, *conf),
+        "gw perm out of range": lambda: ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, bad_perm, None, *conf),
+        "gw batch": lambda: ST.sparse_conv2d_grad_weight(gy[:1], x, t.ccol, t.row, t.perm, None, *conf),
+        "gw active size": lambda: ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm,
+                                                               torch.ones(3, dtype=torch.bool), *conf),
+    }
+    for name, fn in cases.items():
+        with pytest.raises(ERRORS, match="sparseticket"):
+            fn()
+            pytest.fail(name)
+
+
+# ----------------------------------------------------------------------------- autograd, opcheck, compile
+
+
+def _opcheck_cases():
+    D = torch.float64
+    g = torch.Generator().manual_seed(4321)
+    w, mask, t, x, bias, conf = make_conv((2, 3, 4, 5, 6, 3, 1, 1, 1), 0.5, D, g)
+    w2, mask2, t2, x2, bias2, conf2 = make_conv((2, 3, 4, 7, 5, 3, 2, 0, 1), 0.5, D, g)
+    _, _, te, _, _, _ = make_conv((2, 3, 4, 5, 6, 3, 1, 1, 1), 1.0, D, g)
+    act = torch.tensor([True, False, True, False])
+    gy = randn(2, 4, 5, 6, dtype=D, gen=g)
+    gy2 = randn(2, 4, 3, 2, dtype=D, gen=g)
+
+    def rg(a):
+        return a.detach().clone().requires_grad_()
+
+    def tl(tt):
+        return (tt.crow, tt.col, tt.ccol, tt.row, tt.perm)
+
+    S = ST
+    return {
+        "fwd": (S.sparse_conv2d, (x, t.values, *tl(t), bias, act, *conf)),
+        "fwd-grad": (S.sparse_conv2d, (rg(x), rg(t.values), *tl(t), rg(bias), act, *conf)),
+        "fwd-grad-stride2": (S.sparse_conv2d, (rg(x2), rg(t2.values), *tl(t2), None, None, *conf2)),
+        "fwd-grad-empty": (S.sparse_conv2d, (rg(x), rg(te.values), *tl(te), rg(bias), None, *conf)),
+        "grad_input": (S.sparse_conv2d_grad_input, (gy, t.values, t.crow, t.col, list(x.shape), *conf)),
+        "grad_input-stride2": (S.sparse_conv2d_grad_input, (gy2, t2.values, t2.crow, t2.col, list(x2.shape), *conf2)),
+        "grad_weight": (S.sparse_conv2d_grad_weight, (gy, x, t.ccol, t.row, t.perm, act, *conf)),
+        "grad_weight-noact": (S.sparse_conv2d_grad_weight, (gy2, x2, t2.ccol, t2.row, t2.perm, None, *conf2)),
+    }
+
+
+OPCHECK_CASES = _opcheck_cases()
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck(case):
+    op, args = OPCHECK_CASES[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("geom", [(2, 3, 4, 5, 6, 3, 1, 1, 1), (2, 3, 4, 7, 5, 3, 2, 1, 1),
+                                  (1, 2, 3, 6, 7, (2, 3), (1, 2), (1, 0), 2)], ids=_geom_id)
+def test_gradcheck(geom, gen):
+    w, mask, t, x, bias, conf = make_conv(geom, 0.5, torch.float64, gen)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    active = make_active(w.shape[0], gen, "all")
+
+    def f(x, v, b):
+        return ST.sparse_conv2d(x, v, *tl, b, active, *conf)
+
+    args = (x.clone().requires_grad_(), t.values.clone().requires_grad_(), bias.clone().requires_grad_())
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_frozen_channels_get_no_weight_or_bias_gradient(gen):
+    w, mask, t, x, bias, conf = make_conv(GEOMS[0], 0.4, torch.float64, gen)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    active = make_active(w.shape[0], gen)
+    v, b, xx = t.values.clone().requires_grad_(), bias.clone().requires_grad_(), x.clone().requires_grad_()
+    ST.sparse_conv2d(xx, v, *tl, b, active, *conf).square().sum().backward()
+    rows = torch.repeat_interleave(torch.arange(w.shape[0]), (t.crow[1:] - t.crow[:-1]).long())
+    assert bool((v.grad[~active[rows]] == 0).all()) and bool((b.grad[~active] == 0).all())
+    x2 = x.clone().requires_grad_()
+    F.conv2d(x2, w, bias, *conf[1:]).square().sum().backward()
+    close(xx.grad, x2.grad, torch.float64, "input gradient still flows through frozen channels")
+
+
+def _module_cases():
+    return [
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+        dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=3, out_channels=4, kernel_size=(3, 5), padding="same", dilation=2),
+        dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2),  # im2col path
+        dict(in_channels=4, out_channels=6, kernel_size=1, bias=False),
+    ]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("case", range(len(_module_cases())))
+def test_module_matches_masked_dense_conv(case, sparsity, dtype, gen):
+    kw = _module_cases()[case]
+    conv = torch.nn.Conv2d(**kw).to(dtype)
+    mask = torch.rand(conv.weight.shape, generator=gen) >= sparsity
+    m = stnn.SparseConv2d.from_dense(conv, mask, mode="sparse")
+    d = m.to_dense()
+    x = randn(3, kw["in_channels"], 9, 7, dtype=dtype, gen=gen).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = m(x), d(x2)
+    close(y, y2, dtype, "forward")
+    gy = randn(y.shape, dtype=dtype, gen=gen)
+    y.backward(gy)
+    y2.backward(gy)
+    close(x.grad, x2.grad, dtype, "input gradient")
+    O = d.weight.shape[0]
+    kept = d.weight.grad.permute(0, 2, 3, 1).reshape(O, -1)[m.mask().permute(0, 2, 3, 1).reshape(O, -1)]
+    close(m.weight_values.grad, kept, dtype, "kept-weight gradient")
+    if m.bias is not None:
+        close(m.bias.grad, d.bias.grad, dtype, "bias gradient")
+
+
+def test_module_uses_direct_path_for_groups_1(gen):
+    x = randn(2, 4, 8, 8, gen=gen)
+    # the direct kernel writes NCHW; the im2col path (groups > 1) returns a channels-last view
+    assert stnn.SparseConv2d(4, 6, 3, padding=1, density=0.3, mode="sparse")(x).is_contiguous()
+    assert not stnn.SparseConv2d(4, 6, 3, padding=1, groups=2, density=0.3, mode="sparse")(x).is_contiguous()
+
+
+def test_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    m = stnn.SparseConv2d(4, 6, 3, stride=2, padding=1, density=0.3, mode="sparse")
+    x = randn(2, 4, 9, 9, gen=gen)
+
+    def step(x):
+        x = x.clone().requires_grad_()
+        y = m(x)
+        return torch.autograd.grad(y.square().sum(), [m.weight_values, m.bias, x])
+
+    compiled = torch.compile(lambda x: m(x), fullgraph=True, backend="aot_eager")
+    close(compiled(x), m(x), torch.float32, "compiled forward")
+    xg = x.clone().requires_grad_()
+    yc = compiled(xg)
+    yc.square().sum().backward()
+    gv, gb, gx = m.weight_values.grad.clone(), m.bias.grad.clone(), xg.grad.clone()
+    m.zero_grad()
+    eager = step(x)
+    close(gv, eager[0], torch.float32, "compiled kept-weight gradient")
+    close(gb, eager[1], torch.float32, "compiled bias gradient")
+    close(gx, eager[2], torch.float32, "compiled input gradient")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_other_isas(isa):
+    """The AVX2 and portable instantiations (picked once per process) on a few geometries."""
+    code = r"""
+import torch, torch.nn.functional as F, sys
+sys.path.insert(0, sys.argv[1])
+import sparseticket
+from sparseticket import _C
+assert _C.cpu_isa() == sys.argv[2], _C.cpu_isa()
+from test_sparse_conv import make_conv, GEOMS, close, _kept
+ST = torch.ops.sparseticket
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    for geom in (GEOMS[1], GEOMS[6], GEOMS[8], GEOMS[9]):
+        w, mask, t, x, bias, conf = make_conv(geom, 0.5, dtype, g)
+        tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+        y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
+        close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, "forward")
+        gy = torch.randn(y.shape, dtype=dtype)
+        close(ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
+              torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")
+        close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf),
+              _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
+print("ok")
+"""
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    if isa == "avx2" and _C.cpu_isa() == "base":
+        pytest.skip("CPU without AVX2")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SPARSETICKET_ISA=isa, OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
