@@ -99,6 +99,8 @@ int64_t vector_lanes(at::ScalarType t) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+
+
 // Panel width (in vectors) for a batch of B against a packed operand of K rows: wide
 // enough to cover the batch (fewer passes over the sparse structure), narrow enough
 // that one panel (K x width) stays in a core's L2 while the rows stream past it.
@@ -185,6 +187,8 @@ std::vector<int64_t> balanced_rows(const int32_t* ptr, int64_t R, int64_t row_co
 }
 
 int64_t n_chunks() { return static_cast<int64_t>(at::get_num_threads()) * 4; }
+
+
 
 // out[b, r] (row-major [B, R]) = bias[r] + sum over row r of ptr/idx/perm/val x P.
 void run_spmm(const Tensor& packed, int nv, const Tensor& ptr, const Tensor& idx, const c10::optional<Tensor>& perm,
@@ -341,26 +345,26 @@ Tensor row_masked_grad_weight_cpu(const Tensor& gy, const Tensor& x, const c10::
   const Tensor rows = act.nonzero().squeeze(1);
   if (rows.numel() == 0) return at::zeros({gy.size(1), x.size(1)}, gy.options());
   if (rows.numel() == gy.size(1)) return gy.t().mm(x);
-  Tensor out = at::empty({gy.size(1), x.size(1)}, gy.options());
-  // One pass over the output: active rows copied from the product, frozen rows zeroed
-  // (a zeros() + index_copy_ wrote the active rows twice: f=0.25 cost 0.94 of dense).
-  const Tensor part = gy.index_select(1, rows).t().mm(x).contiguous();
+  // The product of the active rows goes straight into the first k rows of the output,
+  // then each row moves down to its neuron's row (last first: row j goes to rows[j] >= j,
+  // so no row is overwritten before it moved) and frozen rows are zeroed. A separate
+  // [k, I] product buffer cost a fresh allocation (page faults) and a second pass.
+  const int64_t I = x.size(1), O = gy.size(1), k = rows.numel();
+  Tensor out = at::empty({O, I}, gy.options());
+  Tensor head = out.narrow(0, 0, k);
+  at::mm_out(head, gy.index_select(1, rows).t(), x);
   const bool* am = act.data_ptr<bool>();
-  const int64_t I = x.size(1), O = gy.size(1);
-  std::vector<int64_t> src(O, -1);
-  for (int64_t r = 0, k = 0; r < O; ++r)
-    if (am[r]) src[r] = k++;
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "row_masked_grad_weight", [&] {
-    const scalar_t* pp = part.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        if (src[r] >= 0)
-          std::memcpy(op + r * I, pp + src[r] * I, sizeof(scalar_t) * I);
-        else
-          std::memset(op + r * I, 0, sizeof(scalar_t) * I);
+    int64_t j = k - 1;
+    for (int64_t r = O - 1; r >= 0; --r) {
+      if (am[r]) {
+        if (r != j) std::memcpy(op + r * I, op + j * I, sizeof(scalar_t) * I);
+        --j;
+      } else {
+        std::memset(op + r * I, 0, sizeof(scalar_t) * I);
       }
-    });
+    }
   });
   return out;
 }
