@@ -91,8 +91,13 @@ def _time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+#: seconds (and at most how many interleaved repetitions) one measurement may spend; a
+#: caller that decides once for a long run (the IMP runner, per level) raises them
+MEASURE = {"budget_s": 0.02, "max_reps": 25}
+
+
 def measure(sparse_fn: Callable[[], object], dense_fn: Callable[[], object],
-            budget_s: float = 0.02, max_reps: int = 25) -> Tuple[float, float]:
+            budget_s: Optional[float] = None, max_reps: Optional[int] = None) -> Tuple[float, float]:
     """Min time of each callable over interleaved repetitions (after one warm-up each).
 
     The minimum, not the median: on a shared machine interference only ever adds time.
@@ -100,6 +105,8 @@ def measure(sparse_fn: Callable[[], object], dense_fn: Callable[[], object],
     sparse_fn(), dense_fn()  # warm-up: allocator, first-touch, lazy initialisation
     ts, td = [_time_once(sparse_fn)], [_time_once(dense_fn)]
     per = max(ts[0] + td[0], 1e-7)
+    budget_s = MEASURE["budget_s"] if budget_s is None else budget_s
+    max_reps = MEASURE["max_reps"] if max_reps is None else max_reps
     reps = max(3, min(max_reps, int(budget_s / per)))
     for _ in range(reps - 1):
         ts.append(_time_once(sparse_fn))
