@@ -70,6 +70,12 @@ def speed(a) -> int:
     from sparseticket.lottery.runner import IMPRun
     run_id = new_run_id()
     per = {"sparse": [], "dense": []}
+    # warm-up, untimed: the first run of a process pays oneDNN's kernel JIT and first-touch
+    # costs (seconds on Conv-4), which would land on whichever contender goes first
+    for baseline in ("sparse", "dense"):
+        out = Path(tempfile.mkdtemp(prefix="bench_imp_warmup_"))
+        IMPRun(_hp(a, out, baseline=baseline, levels=1, epochs=1)).run()
+        shutil.rmtree(out, ignore_errors=True)
     for rep in range(a.repeats):
         order = ["sparse", "dense"] if rep % 2 == 0 else ["dense", "sparse"]
         for baseline in order:
@@ -170,7 +176,7 @@ def kill(a) -> int:
     while True:
         p = subprocess.Popen(cmd + ["--out", str(base / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if killed < a.kills:
-            delay = rng.uniform(0.5, max(1.0, full / a.kills))
+            delay = rng.uniform(0.3, 0.9) * full  # a random point of a whole run (start-up included)
             try:
                 p.wait(timeout=delay)
             except subprocess.TimeoutExpired:
