@@ -28,26 +28,37 @@ inline void check_same_dtype(const Tensor& t, const char* name, const Tensor& re
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sparseticket: ", name, " has dtype ", t.scalar_type(), " but ",
               ref_name, " has ", ref.scalar_type());
 }
+inline void check_bool_mask(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBool, "sparseticket: ", name, " must be a torch.bool mask, got ",
+              t.scalar_type());
+  check_cpu(t, name);
+}
 inline void check_active(const c10::optional<Tensor>& active, int64_t n) {
   if (!active) return;
-  TORCH_CHECK(active->scalar_type() == at::kBool, "sparseticket: active must be a torch.bool mask, got ",
-              active->scalar_type());
-  check_cpu(*active, "active");
+  check_bool_mask(*active, "active");
   check_dim(*active, 1, "active");
   TORCH_CHECK(active->size(0) == n, "sparseticket: active has ", active->size(0), " entries, expected out_features=", n);
 }
-// Pointers must start at 0, never decrease and end at nnz (`ptr` contiguous).
+// Row pointers must start at 0, never decrease and end at nnz: O(rows), on every call,
+// before anything is read through them (`ptr` contiguous).
 inline void check_ptr(const Tensor& ptr, int64_t nnz, const char* name) {
   TORCH_CHECK(ptr.numel() >= 1, "sparseticket: ", name, " must have at least one entry");
   const int32_t* p = ptr.data_ptr<int32_t>();
   const int64_t R = ptr.numel() - 1;
   TORCH_CHECK(p[0] == 0 && p[R] == nnz, "sparseticket: ", name, " must start at 0 and end at nnz=", nnz, ", got ",
               p[0], " and ", p[R]);
+  int64_t bad = -1;  // the loop stays branch-light: the message is built only on failure
   for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(p[r + 1] >= p[r], "sparseticket: ", name, " must be non-decreasing, but ", name, "[", r + 1, "]=",
-                p[r + 1], " < ", name, "[", r, "]=", p[r]);
+    if (p[r + 1] < p[r]) {
+      bad = r;
+      break;
+    }
+  TORCH_CHECK(bad < 0, "sparseticket: ", name, " must be non-decreasing, but ", name, "[", bad + 1, "]=", p[bad + 1],
+              " < ", name, "[", bad, "]=", p[bad]);
 }
-// Every index in [0, K) (`idx` contiguous).
+// Every index must address a row of the dense operand. One vectorised min/max pass over
+// the int32 indices costs ~1/(2B) of a matmul's own work, so it runs on every call: a
+// malformed or mismatched ticket raises instead of reading out of bounds (`idx` contiguous).
 inline void check_index_range(const Tensor& idx, int64_t K, const char* idx_name, const char* operand) {
   const int32_t* ix = idx.data_ptr<int32_t>();
   const int64_t n = idx.numel();

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "kernels.h"
 
 namespace sparseticket {
@@ -21,75 +22,9 @@ namespace {
 
 using at::Tensor;
 
-// ----------------------------------------------------------------------------- checks
-
-void check_float(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "sparseticket: ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-}
-void check_dim(const Tensor& t, int64_t d, const char* name) {
-  TORCH_CHECK(t.dim() == d, "sparseticket: ", name, " must be ", d, "-D, got shape ", t.sizes());
-}
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "sparseticket: ", name, " is on ", t.device(),
-              " but the CPU kernel was called; all arguments must be on the same device");
-}
-void check_index(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, "sparseticket: ", name, " must be int32, got ", t.scalar_type());
-  check_dim(t, 1, name);
-  check_cpu(t, name);
-}
-void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sparseticket: ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has ", ref.scalar_type());
-}
-void check_bool_mask(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kBool, "sparseticket: ", name, " must be a torch.bool mask, got ",
-              t.scalar_type());
-  check_cpu(t, name);
-}
-void check_active(const c10::optional<Tensor>& active, int64_t n) {
-  if (!active) return;
-  check_bool_mask(*active, "active");
-  check_dim(*active, 1, "active");
-  TORCH_CHECK(active->size(0) == n, "sparseticket: active has ", active->size(0), " entries, expected out_features=", n);
-}
-// Row pointers must start at 0, never decrease and end at nnz: O(rows), on every call,
-// before anything is read through them. `ptr` must be contiguous.
-void check_ptr(const Tensor& ptr, int64_t nnz, const char* name) {
-  TORCH_CHECK(ptr.numel() >= 1, "sparseticket: ", name, " must have at least one entry");
-  const int32_t* p = ptr.data_ptr<int32_t>();
-  const int64_t R = ptr.numel() - 1;
-  TORCH_CHECK(p[0] == 0 && p[R] == nnz, "sparseticket: ", name, " must start at 0 and end at nnz=", nnz, ", got ",
-              p[0], " and ", p[R]);
-  int64_t bad = -1;
-  for (int64_t r = 0; r < R; ++r)
-    if (p[r + 1] < p[r]) {
-      bad = r;
-      break;
-    }
-  TORCH_CHECK(bad < 0, "sparseticket: ", name, " must be non-decreasing, but ", name, "[", bad + 1, "]=", p[bad + 1],
-              " < ", name, "[", bad, "]=", p[bad]);
-}
-
-// Every index must address a row of the dense operand. One vectorised min/max pass
-// over the int32 indices costs ~1/(2B) of the matmul's own work, so it runs on every
-// call: a malformed or mismatched ticket raises instead of reading out of bounds.
-void check_index_range(const Tensor& idx, int64_t K, const char* idx_name, const char* operand) {
-  const int32_t* ix = idx.data_ptr<int32_t>();
-  const int64_t n = idx.numel();
-  int32_t lo = 0, hi = 0;
-  if (n) {
-    lo = hi = ix[0];
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-    for (int64_t e = 0; e < n; ++e) {
-      lo = ix[e] < lo ? ix[e] : lo;
-      hi = ix[e] > hi ? ix[e] : hi;
-    }
-  }
-  TORCH_CHECK(n == 0 || (lo >= 0 && hi < K), "sparseticket: ", idx_name, " has index ", lo < 0 ? lo : hi, " but ",
-              operand, " has only ", K, " (is the ticket for a different in/out size?)");
-}
+// Argument checks (check_float, check_ptr, check_index_range, ...) live in checks.h,
+// shared with the convolution glue.
+using namespace checks;
 
 // ----------------------------------------------------------------------------- helpers
 
@@ -217,7 +152,6 @@ void run_spmm(const Tensor& packed, int nv, const Tensor& ptr, const Tensor& idx
   });
 }
 
-Tensor contiguous_1d(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // ----------------------------------------------------------------------------- ops
 
