@@ -32,20 +32,11 @@ import os
 import sys
 
 
-def _early_threads(argv) -> int:
-    n = 2
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            n = int(argv[i + 1])
-        elif a.startswith("--threads="):
-            n = int(a.split("=", 1)[1])
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    return n
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from early_threads import early_threads  # noqa: E402  (torch-free)
 
 if __name__ == "__main__":
-    _early_threads(sys.argv[1:])
+    early_threads(sys.argv[1:])
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
