@@ -172,10 +172,7 @@ class IMPRun:
     def _check_hparams_file(self):
         path = self.dir / "hparams.json"
         if path.exists():
-            old = json.loads(path.read_text())
-            if {k: v for k, v in old.items() if k != "run"} != {k: v for k, v in self.hp.to_dict().items()
-                                                                 if k != "run"} and \
-                    IMPHparams.from_dict(old).key() != self.hp.key():
+            if IMPHparams.from_dict(json.loads(path.read_text())).key() != self.hp.key():
                 raise RuntimeError(f"sparseticket: {self.dir} holds a run with other hyperparameters")
         else:
             atomic_json(self.hp.to_dict(), path)
@@ -565,13 +562,8 @@ def _ratio(a, b) -> str:
 
 def _scale_flops(sampled: Dict[int, dict], sizes: Dict[int, int]) -> Dict[str, Dict[str, float]]:
     """{kind: {dense, executed}} of an epoch from one counted step per batch size."""
-    out: Dict[str, Dict[str, float]] = {}
-    for size, n in sizes.items():
-        for kind, v in sampled[size].items():
-            o = out.setdefault(kind, {"dense": 0.0, "executed": 0.0})
-            o["dense"] += n * v["dense"]
-            o["executed"] += n * v["executed"]
-    return out
+    return _sum_flops([{kind: {k: n * x for k, x in v.items()} for kind, v in sampled[size].items()}
+                       for size, n in sizes.items()])
 
 
 def _sum_flops(parts: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:

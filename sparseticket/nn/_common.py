@@ -80,17 +80,14 @@ def check_weight_dtype(dtype: torch.dtype, what: str) -> None:
 class TicketToDense(torch.autograd.Function):
     """values [nnz] -> dense W [rows, cols] (zeros at pruned positions), differentiable in values.
 
-    Backward gathers the dense gradient at the kept positions (``flat`` = row*cols + col of
-    each value). The forward uses the ticket_to_dense kernel when the ticket's own layout is
-    the dense one (``use_kernel``), else a scatter through ``flat`` (grouped convolutions,
-    whose ticket is block-diagonal).
+    A scatter through ``flat`` (row * cols + col of each value in the weight's natural
+    layout); the backward gathers the dense gradient there. Used where the ticket's own
+    layout is not the dense one (SparseConv2d); SparseLinear expands through its bitmap.
     """
 
     @staticmethod
-    def forward(ctx, values, crow, col, flat, rows: int, cols: int, use_kernel: bool):
+    def forward(ctx, values, flat, rows: int, cols: int):
         ctx.save_for_backward(flat)
-        if use_kernel:
-            return ops.ticket_to_dense(values, crow, col, cols)
         out = values.new_zeros(rows * cols)
         out.index_copy_(0, flat, values)
         return out.view(rows, cols)
@@ -98,7 +95,7 @@ class TicketToDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (flat,) = ctx.saved_tensors
-        return g.reshape(-1).index_select(0, flat), None, None, None, None, None, None
+        return g.reshape(-1).index_select(0, flat), None, None, None
 
 
 def _maybe_mark_dynamic0(t: Tensor) -> None:

@@ -171,7 +171,7 @@ class SparseConv2d(TicketModule):
             kh, kw = self.kernel_size
             return values.view(O, kh, kw, K // (kh * kw)).permute(0, 3, 1, 2)
         b = self._buffers
-        w = TicketToDense.apply(values, b["crow"], b["col"], b["flat"], O, K, False)
+        w = TicketToDense.apply(values, b["flat"], O, K)
         return w.view(self._weight_shape())
 
     def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:

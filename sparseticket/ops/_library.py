@@ -414,7 +414,7 @@ def _(values, crow, col, n_cols):
     return values.new_empty((crow.shape[0] - 1, n_cols))
 
 
-def check_bitmap_args(crow, bits, n_rows_from: str = "crow"):
+def check_bitmap_args(crow, bits):
     _check_index("crow", crow)
     _check(bits.dtype == torch.int64, f"sparseticket: bits must be int64, got {bits.dtype}")
     _check_dim("bits", bits, 2)
