@@ -18,6 +18,10 @@ weights (output layer at half that rate), all contenders starting from the same 
   (the same hyperparameters); warm-up steps run first so every layer has measured its path;
 * ``sparseticket_sparse``: the same with mode='sparse' forced, to show what 'auto' gained.
 
+* ``floor`` (LeNet only): the same architecture and loop with every width cut to 16 (input
+  4x4), almost no arithmetic: eager PyTorch's per-step cost for this graph. dense / floor is
+  the largest speedup any drop-in eager layer could give (see FLOOR_MODELS).
+
 Targets: sparseticket at least 2x / 3x / 4x faster than dense at 90 / 95 / 98%.
 
 Part 2, ``neq_backward``: the dense (unpruned) model against the same weights after
@@ -324,6 +328,25 @@ def sparse_step(base: nn.Module, masks: Dict[str, torch.Tensor], x, y, mode: str
     return ModelStep(model, MaskedSGD(model.parameters(), lr=LR, momentum=MOMENTUM), x, y)
 
 
+#: The "floor" contender of part 1: the same architecture and training loop with every
+#: width cut to 16 (input 4x4), so it does almost no arithmetic. Its time is what eager
+#: PyTorch charges per step for this graph (module calls, autograd, cross-entropy,
+#: optimizer); dense / floor is the largest speedup any drop-in eager layer can give.
+FLOOR_MODELS = {"lenet_300_100": dict(input_shape=(1, 4, 4), hidden=(16, 16))}
+FLOOR_VARIANT = "same graph, widths 16, input 4x4, SGD(foreach): eager PyTorch per-step floor"
+
+
+def floor_step(model_name: str, batch: int, seed: int) -> ModelStep:
+    from sparseticket.lottery.models import get_model
+    cfg = dict(FLOOR_MODELS[model_name])
+    shape = cfg.pop("input_shape")
+    torch.manual_seed(seed)
+    model = get_model(model_name, shape, NUM_CLASSES, **cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    return ModelStep(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, foreach=True), x, y)
+
+
 def _dense_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     from sparseticket.pruning import prunable_weights
     return prunable_weights(model)
@@ -362,6 +385,8 @@ def bench_train_step(ctx, model_name: str, sparsity: float):
               ("sparseticket", lambda: sparse_step(base, masks, x, y, "auto"), "sparsify(mode='auto') + MaskedSGD"),
               ("sparseticket_sparse", lambda: sparse_step(base, masks, x, y, "sparse"),
                "sparsify(mode='sparse') + MaskedSGD")]
+    if model_name in FLOOR_MODELS:
+        makers.append(("floor", lambda: floor_step(model_name, batch, args.seed), FLOOR_VARIANT))
     steppers: Dict[str, ModelStep] = {}
     status: Dict[str, Optional[str]] = {}
     for name, make, _ in makers:
@@ -372,7 +397,7 @@ def bench_train_step(ctx, model_name: str, sparsity: float):
     # the check: two steps of every contender from the same start, against two dense steps
     if "dense" in steppers:
         for name in steppers:
-            if name == "dense" or name in status:
+            if name in ("dense", "floor") or name in status:  # the floor computes another net
                 continue
             ref = dense_masked_step(base, masks, x, y)
             try:
@@ -713,12 +738,18 @@ def render_markdown(rows: List[dict]) -> str:
         for d in dense:
             k = dict(model=d["model"], sparsity=d["sparsity"])
             st, sp = find("train_step", "sparseticket", **k), find("train_step", "sparseticket_sparse", **k)
+            fl = find("train_step", "floor", **k)
             table.append([d["model"], f"{100 * float(d['sparsity']):g}%", f"{float(d['density']):.4f}",
                           common.fmt_ms(_f(d["median_ms"])), cell(st), (st or {}).get("target") or "",
-                          (st or {}).get("met") or "", cell(sp), (st or {}).get("layer_paths") or ""])
+                          (st or {}).get("met") or "", cell(sp), cell(fl) if fl else "–",
+                          (st or {}).get("layer_paths") or ""])
         out.append(common.markdown_table(["model", "pruned", "density", "dense ms", "sparseticket ms (x)", "target",
-                                          "met", "mode='sparse' ms (x)", "auto's choice [sparse/dense ms measured]"],
-                                         table, "lllrrrrrl"))
+                                          "met", "mode='sparse' ms (x)", "floor ms (x)",
+                                          "auto's choice [sparse/dense ms measured]"],
+                                         table, "lllrrrrrrl"))
+        if any(r["contender"] == "floor" for r in rows):
+            out.append(f"\nfloor: {FLOOR_VARIANT}; its (x) is the largest speedup an eager drop-in layer "
+                       "could reach.\n")
     neqs = by("neq_backward", "neq_backward")
     if neqs:
         out.append("\n### NEq, half of each layer's neurons frozen: backward = (forward+backward) − forward\n")
