@@ -310,7 +310,8 @@ if _C is None:
 
 
 # ticket_expand is differentiable in its values: the gradient of a dense weight goes back
-# to the kept entries through the same bitmap (ticket_compress). Both backends.
+# to the kept entries through the same bitmap (ticket_compress). In C++ too when the
+# library is built (csrc/autograd.cpp).
 def _expand_setup(ctx, inputs, output):
     values, crow, bits, n_cols = inputs
     ctx.save_for_backward(crow, bits)
@@ -322,7 +323,8 @@ def _expand_backward(ctx, g):
     return torch.ops.sparseticket.ticket_compress(g, crow, bits, ctx.nnz), None, None, None
 
 
-torch.library.register_autograd("sparseticket::ticket_expand", _expand_backward, setup_context=_expand_setup)
+if _C is None:
+    torch.library.register_autograd("sparseticket::ticket_expand", _expand_backward, setup_context=_expand_setup)
 
 
 # ----------------------------------------------------------------------------- public names
