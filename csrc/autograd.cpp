@@ -17,9 +17,11 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// sum over the batch; frozen neurons' entries zeroed in place (where + zeros_like cost
+// two more ops per layer per step)
 Tensor masked_bias_grad(const Tensor& gy, const Tensor& active) {
   Tensor gb = gy.sum(0);
-  if (active.defined()) gb = at::where(active, gb, at::zeros_like(gb));
+  if (active.defined()) gb.masked_fill_(active.logical_not(), 0);
   return gb;
 }
 
