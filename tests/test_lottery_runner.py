@@ -211,3 +211,33 @@ def test_neq_inside_levels(tmp_path):
         rows = R.IMPRun(_hp(tmp_path, neq=True, neq_eps=0.5, epochs=3, baseline=baseline)).run()
         assert all(r["neq_frozen"] is not None for r in rows)
         assert any(r["neq_frozen"] > 0 for r in rows), baseline
+
+
+def test_pin_modes_reuses_the_previous_levels_measurement(monkeypatch):
+    """A layer sparse at the previous level stays sparse, one whose scaled sparse time is
+    still clearly slower stays dense, and neither is measured again; the rest is measured."""
+    import torch.nn as nn
+    import sparseticket.nn as stnn
+    from sparseticket.nn import _mode
+
+    torch.manual_seed(0)
+    model = stnn.sparsify(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)),
+                          amount=0.5, scope="layerwise")
+    dens = {n: m.density for n, m in model.named_modules() if isinstance(m, stnn.TicketModule)}
+    measured = []
+    real = _mode.measure
+    monkeypatch.setattr(_mode, "measure", lambda s, d, *a, **k: measured.append(1) or real(s, d, *a, **k))
+    previous = {
+        "0": ("sparse", [1e-3, 2e-3, 0.6]),
+        # measured at density 0.6: 3 ms sparse vs 1 ms dense; scaled to 0.5: 2.5 ms > 1.3 ms -> dense
+        "2": ("dense", [3e-3, 1e-3, dens["2"] * 1.2]),
+        # close call: scaled sparse time 1.0 ms vs 1 ms dense -> measured again
+        "4": ("dense", [1.2e-3, 1e-3, dens["4"] * 1.2]),
+    }
+    _mode.clear_cache()
+    evidence = R._pin_modes(model, torch.randn(5, 12), previous)
+    assert [model[i].mode for i in (0, 2, 4)] == ["sparse", "dense", model[4].mode]
+    assert model[4].mode in ("sparse", "dense")
+    assert len(measured) == 1  # only layer 4
+    assert evidence["0"] == previous["0"][1] and evidence["2"] == previous["2"][1]
+    assert evidence["4"][2] == dens["4"] and evidence["4"][0] > 0 and evidence["4"][1] > 0

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -377,11 +377,11 @@ class IMPRun:
                 opt.load_state_dict(state["optimizer"])
             _set_modes(model, state["modes"])
             step, log, setup_s = state["step"], state["log"], state["setup_seconds"]
+            evidence = state.get("mode_evidence", {})
         else:
             step, log = plan.first_step, []
             setup_s = 0.0
-            if self.sparse:
-                _pin_modes(model, train_x[:bs], self._sparse_before(plan))
+            evidence = _pin_modes(model, train_x[:bs], self._previous_choice(plan)) if self.sparse else {}
             setup_s = time.perf_counter() - t_level
         modes = _modes(model)
         rewind_kind, rewind_k = rewind_spec(hp.prune.rewind)
@@ -441,13 +441,13 @@ class IMPRun:
                          flops=_scale_flops(sampled, sizes), seconds=time.perf_counter() - t0)
             log.append(entry)
             atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, log=log,
-                             modes=modes, setup_seconds=setup_s,
+                             modes=modes, mode_evidence=evidence, setup_seconds=setup_s,
                              neq=None if tracker is None else tracker.state_dict()), ckpt_path)
             log[-1]["seconds"] = time.perf_counter() - t0  # the checkpoint write is part of the run's cost
         bar.close()
 
         t_eval = time.perf_counter()
-        row = self._finish_level(plan, model, log, modes, setup_s)
+        row = self._finish_level(plan, model, log, modes, setup_s, evidence)
         row["eval_seconds"] = time.perf_counter() - t_eval
         row["seconds"] = setup_s + sum(e["seconds"] for e in log) + row["eval_seconds"]
         atomic_json(row, done)
@@ -469,14 +469,17 @@ class IMPRun:
             return tracker
         return _DenseNEq(model, self.data.val.x, cfg, state)
 
-    def _sparse_before(self, plan: LevelPlan) -> set:
-        """Layers the previous level of this IMP run executed sparse (see _pin_modes)."""
+    def _previous_choice(self, plan: LevelPlan) -> Dict[str, Tuple[str, Optional[list]]]:
+        """Per layer, the mode the previous level of this IMP run pinned and the measurement
+        behind it (see _pin_modes); empty at level 0, for controls and transfers."""
         if plan.level == 0 or self.hp.experiment.control != "none" or self.hp.experiment.transfer_from:
-            return set()
+            return {}
         prev = self.dir / f"level_{plan.level - 1:02d}" / "metrics.json"
         if not prev.exists():
-            return set()
-        return {n for n, m in json.loads(prev.read_text()).get("modes", {}).items() if m == "sparse"}
+            return {}
+        m = json.loads(prev.read_text())
+        evidence = m.get("mode_evidence") or {}
+        return {n: (mode, evidence.get(n)) for n, mode in m.get("modes", {}).items()}
 
     def _save_iter_rewind(self, model: nn.Module) -> None:
         path = self.dir / "rewind.pt"
@@ -485,7 +488,8 @@ class IMPRun:
             state["iter"] = _dense_state(model)
             atomic_save(state, path)
 
-    def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float) -> dict:
+    def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float,
+                      evidence: dict) -> dict:
         ldir = self.dir / plan.name
         data, bs = self.data, self.hp.train.eval_batch_size
         train_acc = evaluate(model, data.train.x, data.train.y, bs)
@@ -496,7 +500,7 @@ class IMPRun:
                                                                          plan.mask.layer_density().items()},
                    train_acc=train_acc, test_acc=test_acc, val_acc=log[-1]["val_acc"] if log else None,
                    epochs=len(log), steps=log[-1]["step"] if log else 0, setup_seconds=setup_s,
-                   train_seconds=sum(e["train_seconds"] for e in log), modes=modes,
+                   train_seconds=sum(e["train_seconds"] for e in log), modes=modes, mode_evidence=evidence,
                    flops=_sum_flops([e["flops"] for e in log]),
                    neq_frozen=log[-1]["frozen"] if log else None)
         if self.sparse:
@@ -586,32 +590,58 @@ def _set_modes(model: nn.Module, modes: Dict[str, str]) -> None:
             m.mode = modes[n]
 
 
-def _pin_modes(model: nn.Module, x: Tensor, sparse_before: Optional[set] = None) -> None:
+#: a layer the previous level measured stays dense without a new measurement when its
+#: sparse time, scaled by the drop in kept weights, still exceeds the dense time by this
+#: factor (sparse kernel time is about proportional to the kept weights)
+CLEARLY_DENSE = 1.3
+
+
+def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[str, Optional[list]]]] = None
+               ) -> Dict[str, list]:
     """Measure each sparse layer's sparse vs dense path once on a real batch (training
     shapes, gradients on), then force the winner for the whole level: the choice is then
-    part of the level's state, so a resumed level runs the same kernels.
+    part of the level's state, so a resumed level runs the same kernels. Returns, per
+    layer, the measurement its choice rests on: [sparse s, dense s, density when measured].
 
-    ``sparse_before``: layers that ran sparse at the previous, denser level of this run;
-    a sparser ticket of the same layer cannot make the dense path win, so they are not
-    measured again."""
+    ``previous`` (the previous, denser level of this run: mode and measurement per layer)
+    spares measurements whose outcome is known: a layer that ran sparse stays sparse (a
+    sparser ticket cannot make the dense path win), and one whose measured sparse time,
+    scaled down by its new density, is still CLEARLY_DENSE times the dense time stays
+    dense. Measuring costs ~0.1 s per layer, a large part of a small net's level."""
+    previous = previous or {}
+    evidence: Dict[str, list] = {}
     for name, m in model.named_modules():
-        if isinstance(m, stnn.TicketModule) and sparse_before and name in sparse_before:
+        if not isinstance(m, stnn.TicketModule) or name not in previous:
+            continue
+        mode, ev = previous[name]
+        if mode == "sparse":
             m.mode = _mode.resolve(m.mode) or "sparse"
+        elif ev is not None and ev[0] * m.density / max(ev[2], 1e-12) > CLEARLY_DENSE * ev[1]:
+            m.mode = _mode.resolve(m.mode) or "dense"
+        else:
+            continue
+        if ev is not None:
+            evidence[name] = ev
     was = model.training
     model.eval()  # BatchNorm must not update its running statistics on this pass
     saved = dict(_mode.MEASURE)
-    # the choice holds for a whole level: spend ~0.2 s per layer on it, not 20 ms (with
-    # 20 ms a noisy machine made LeNet's fc1 pick the sparse path at 80% density)
-    _mode.MEASURE.update(budget_s=0.2, max_reps=101)
+    # the choice holds for a whole level: spend up to 60 ms per layer on it, not 20 ms
+    # (with 20 ms a noisy machine made LeNet's fc1 pick the sparse path at 80% density)
+    _mode.MEASURE.update(budget_s=0.06, max_reps=41)
     try:
         with torch.enable_grad():
             model(x)
     finally:
         _mode.MEASURE.update(saved)
     model.train(was)
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, stnn.TicketModule):
+            if m.mode == "auto" and m._choice is not None:
+                t = _mode._TIMINGS.get(getattr(m, "_last_key", None))
+                if t is not None:
+                    evidence[name] = [t[0], t[1], m.density]
             m.mode = _mode.resolve(m.mode) or m._choice or ("sparse" if m.density < _mode.HEURISTIC_DENSITY else "dense")
+    return evidence
 
 
 def _load_pretrained(model: nn.Module, path: str) -> Dict[str, Tensor]:
