@@ -28,11 +28,15 @@ Part 2, ``neq_backward``: the dense (unpruned) model against the same weights af
 ``sparseticket.nn.enable_neq`` with a random half of every Linear/Conv2d layer's neurons
 frozen (the output layer included, as the issue says "each layer"; ``--neq-skip-output``
 leaves it whole). The backward cannot be timed alone with back-to-back calls, so forward
-and forward+backward are timed interleaved (4 contenders, one run) and the backward is
+and forward+backward are timed interleaved (6 contenders, one run) and the backward is
 their difference of medians (rows ``dense_backward`` / ``neq_backward``, no IQR). The
 executed / dense weight-gradient FLOPs of one forward+backward come from
 ``sparseticket.flops.FlopCounter``. Target: backward at least 1.3x faster, weight-gradient
-FLOPs halved.
+FLOPs halved. The bound: a third model, ``nowgrad``, is the dense one with every weight's
+requires_grad off (no weight gradient; biases and input gradients as before); a backward
+that skips exactly half of the weight gradient and nothing else takes at least
+(dense + nowgrad) / 2, so row ``nowgrad_backward``'s ratio column holds
+dense / that: the largest NEq speedup this model allows at half frozen.
 
 Part 3, ``layer_step``: one layer alone, a training step (forward, backward with a fixed
 output gradient, optimizer step) of nn.Linear / nn.Conv2d + SGD(foreach) + re-mask against
@@ -512,14 +516,24 @@ def bench_neq(ctx, model_name: str):
 
     frozen = "" if neq is None else " ".join(f"{n}:{m.frozen_fraction:g}" for n, m in stnn.neq_modules(neq))
     nothing = lambda: None  # noqa: E731
+    # the bound: no weight gradient at all (every weight frozen; biases and the input
+    # gradient as before). A backward that keeps the input gradient full and computes half
+    # of the weight gradient takes at least (dense + nowgrad) / 2.
+    nowgrad = copy.deepcopy(dense)
+    for m in nowgrad.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.weight.requires_grad_(False)
     fb = {"dense": Contender("dense", fwd_bwd(dense), "nn layers: forward + loss.backward()"),
           "neq": Contender("neq", fwd_bwd(neq) if neq else nothing, "enable_neq, half active: forward + backward",
-                           paths=frozen)}
+                           paths=frozen),
+          "nowgrad": Contender("nowgrad", fwd_bwd(nowgrad), "nn layers, weights requires_grad=False: fwd + bwd")}
     fo = {"dense": Contender("dense_forward", fwd(dense), "nn layers: forward (graph built, no backward)"),
-          "neq": Contender("neq_forward", fwd(neq) if neq else nothing, "enable_neq, half active: forward")}
-    status = {"dense": None, "dense_forward": None, "neq": neq_status, "neq_forward": neq_status}
+          "neq": Contender("neq_forward", fwd(neq) if neq else nothing, "enable_neq, half active: forward"),
+          "nowgrad": Contender("nowgrad_forward", fwd(nowgrad), "nn layers, weights requires_grad=False: forward")}
+    status = {"dense": None, "dense_forward": None, "neq": neq_status, "neq_forward": neq_status,
+              "nowgrad": None, "nowgrad_forward": None}
     kinds = ("forward", "grad_input", "grad_weight")
-    for name, m in (("dense", dense), ("neq", neq)):
+    for name, m in (("dense", dense), ("neq", neq), ("nowgrad", nowgrad)):
         if status[name] is not None:
             continue
         t = count_flops(m, fb[name].fn)  # one forward + backward
@@ -527,19 +541,22 @@ def bench_neq(ctx, model_name: str):
         fb[name].flops_dense = sum(t[k]["dense"] for k in kinds)
         fb[name].wgrad = (t["grad_weight"]["executed"], t["grad_weight"]["dense"])
         fo[name].flops, fo[name].flops_dense = t["forward"]["executed"], t["forward"]["dense"]
-    # one interleaved run of all four: the backward is (forward+backward) - forward
+    # one interleaved run of all six: the backward is (forward+backward) - forward
     stats = time_group(args, list(fb.values()) + list(fo.values()), status)
     colz = dict(part="neq_backward", model=model_name, layer="", batch=batch, sparsity=0.0, density=1.0,
                 param=f"active={NEQ_ACTIVE_FRACTION:g}" + (" output_whole" if args.neq_skip_output else ""))
     rows = dict(write_group(ctx, list(fb.values()), status, stats, "dense", **colz))
     rows.update(write_group(ctx, list(fo.values()), status, stats, "dense_forward", **colz))
     bwd = {}
-    for name in ("dense", "neq"):
+    for name in ("dense", "neq", "nowgrad"):
         a, b = stats.get(name), stats.get(name + "_forward")
         bwd[name] = (a.median_ms - b.median_ms) if (a and b) else None
     ok = bwd["dense"] is not None and bwd["neq"] is not None and bwd["neq"] > 0
     ratio = bwd["dense"] / bwd["neq"] if ok else None
-    for name in ("dense", "neq"):
+    bound = None  # best backward ratio with half the weight gradient skipped and nothing else changed
+    if bwd["dense"] and bwd["nowgrad"] is not None:
+        bound = bwd["dense"] / ((1 - NEQ_ACTIVE_FRACTION) * bwd["nowgrad"] + NEQ_ACTIVE_FRACTION * bwd["dense"])
+    for name in ("dense", "neq", "nowgrad"):
         c, f = fb[name], fo[name]
         wg = c.wgrad or (None, None)
         wratio = wg[0] / wg[1] if (wg[0] is not None and wg[1]) else None
@@ -553,10 +570,12 @@ def bench_neq(ctx, model_name: str):
             if ratio is not None and (wratio is not None or not halved):
                 met = "yes" if (ratio >= NEQ_TARGET and (not halved or wratio <= 0.5 + 1e-9)) else "no"
         rows[name + "_backward"] = ctx.writer.write(
-            **colz, contender=name + "_backward", variant=f"median({name}) - median({name}_forward)",
+            **{**colz, "param": colz["param"] + (" ratio=bound" if name == "nowgrad" else "")},
+            contender=name + "_backward", variant=f"median({name}) - median({name}_forward)",
             baseline="dense_backward", correct="ok" if status[name] is None else status[name],
             median_ms=bwd[name], reps=args.reps,
-            ratio_vs_baseline=ratio if name == "neq" else (1.0 if bwd["dense"] else None), target=target, met=met,
+            ratio_vs_baseline=({"neq": ratio, "nowgrad": bound}.get(name) if name != "dense"
+                               else (1.0 if bwd["dense"] else None)), target=target, met=met,
             flops_executed=bflops, flops_dense_equiv=bdense, gflops_executed=gflops(bflops, bwd[name]),
             gflops_dense_equiv=gflops(bdense, bwd[name]), wgrad_flops_executed=wg[0], wgrad_flops_dense=wg[1],
             wgrad_flops_ratio=wratio, layer_paths=c.paths)
@@ -759,11 +778,14 @@ def render_markdown(rows: List[dict]) -> str:
             db, fd = find("neq_backward", "dense_backward", **k), find("neq_backward", "dense_forward", **k)
             fb, nfb = find("neq_backward", "dense", **k), find("neq_backward", "neq", **k)
             wr = _f(n.get("wgrad_flops_ratio"))
+            nw = find("neq_backward", "nowgrad_backward", **k)
             table.append([n["model"], common.fmt_ms(_f((fd or {}).get("median_ms"))),
                           common.fmt_ms(_f((db or {}).get("median_ms"))), cell(n), cell(nfb) if fb else "–",
-                          "–" if wr is None else f"{wr:.3f}", n.get("target") or "", n.get("met") or ""])
+                          "–" if wr is None else f"{wr:.3f}", n.get("target") or "", n.get("met") or "",
+                          cell(nw) if nw else "–"])
         out.append(common.markdown_table(["model", "dense fwd ms", "dense bwd ms", "NEq bwd ms (x)",
-                                          "NEq fwd+bwd ms (x)", "wgrad FLOPs exec/dense", "target", "met"], table))
+                                          "NEq fwd+bwd ms (x)", "wgrad FLOPs exec/dense", "target", "met",
+                                          "no-wgrad bwd ms (bound x)"], table))
     layers = by("layer_step", "sparseticket")
     if layers:
         out.append(f"\n### One layer's training step: sparse module (auto) vs nn layer + SGD + re-mask "
