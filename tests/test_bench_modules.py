@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_modules.py")
 
 
@@ -29,7 +31,9 @@ def test_bench_modules_quick(tmp_path):
     for m in ("lenet_300_100", "conv4"):
         want |= {("train_step", m, 0.9, c) for c in ("dense", "sparseticket", "sparseticket_sparse")}
         want |= {("neq_backward", m, 0.0, c) for c in ("dense", "dense_forward", "neq", "neq_forward",
-                                                       "dense_backward", "neq_backward")}
+                                                       "dense_backward", "neq_backward", "nowgrad",
+                                                       "nowgrad_forward", "nowgrad_backward")}
+    want.add(("train_step", "lenet_300_100", 0.9, "floor"))
     for layer in ("fc300x100", "conv128x128@14"):
         want |= {("layer_step", layer, 0.9, c) for c in ("dense", "sparseticket")}
     assert got == want
@@ -53,6 +57,11 @@ def test_bench_modules_quick(tmp_path):
         assert float(neq["wgrad_flops_ratio"]) == 0.5  # every layer (output too) has an even width
         assert float(by[("neq_backward", m, "dense_backward")]["wgrad_flops_ratio"]) == 1.0
         assert neq["met"] in ("yes", "no")
+        nw = by[("neq_backward", m, "nowgrad_backward")]
+        assert float(nw["wgrad_flops_executed"]) == 0
+        db, nb = float(by[("neq_backward", m, "dense_backward")]["median_ms"]), float(nw["median_ms"])
+        if db > 0 and nb >= 0:  # differences of medians: two reps may make them anything
+            assert float(nw["ratio_vs_baseline"]) == pytest.approx(db / (0.5 * nb + 0.5 * db), rel=1e-6)
     for layer in ("fc300x100", "conv128x128@14"):
         assert by[("layer_step", layer, "sparseticket")]["met"] in ("yes", "no")
 

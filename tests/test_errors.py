@@ -442,3 +442,23 @@ def malformed_results():
 def test_malformed_structure_raises_not_crash(case, malformed_results):
     result = malformed_results[case]
     assert result.startswith("raised"), f"{case}: {result}"
+
+
+@pytest.mark.parametrize("pos", [0, 70_001, 199_999])
+def test_out_of_range_index_found_in_a_long_ticket(pos):
+    """The index-range check splits long index arrays across threads: a bad index at the
+    start, in a middle chunk or at the very end of a 200k-entry ticket still raises."""
+    if BACKEND != "c++":
+        pytest.skip("the compiled kernels' check")
+    I, O = 1000, 400
+    mask = torch.zeros(O, I, dtype=torch.bool)
+    mask.view(-1)[torch.randperm(O * I, generator=torch.Generator().manual_seed(0))[:200_000]] = True
+    t = Ticket.from_dense(torch.randn(O, I) * mask, mask)
+    col = t.col.clone()
+    col[pos] = I  # one past the last feature
+    x = torch.randn(3, I)
+    with pytest.raises(RuntimeError, match="col has index 1000 but x's feature dimension"):
+        torch.ops.sparseticket.spmm(x, t.values, t.crow, col, None)
+    col[pos] = -2
+    with pytest.raises(RuntimeError, match="col has index -2 but x's feature dimension"):
+        torch.ops.sparseticket.spmm(x, t.values, t.crow, col, None)

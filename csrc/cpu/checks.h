@@ -1,6 +1,10 @@
 // Argument checks shared by the CPU ATen glue files (one message style for every op).
 #pragma once
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include <algorithm>
+#include <utility>
 
 namespace sparseticket {
 namespace cpu {
@@ -62,17 +66,32 @@ inline void check_ptr(const Tensor& ptr, int64_t nnz, const char* name) {
 inline void check_index_range(const Tensor& idx, int64_t K, const char* idx_name, const char* operand) {
   const int32_t* ix = idx.data_ptr<int32_t>();
   const int64_t n = idx.numel();
-  int32_t lo = 0, hi = 0;
-  if (n) {
-    lo = hi = ix[0];
+  // (lo, hi) over [b, e); split across the threads above 64K entries (a 1.7M-entry ticket
+  // took ~0.46 ms on one thread, ~10% of its 90%-sparse 4096x4096 forward)
+  auto range = [ix](int64_t b, int64_t e) {
+    int32_t lo = ix[b], hi = ix[b];
 #pragma omp simd reduction(min : lo) reduction(max : hi)
-    for (int64_t e = 0; e < n; ++e) {
-      lo = ix[e] < lo ? ix[e] : lo;
-      hi = ix[e] > hi ? ix[e] : hi;
+    for (int64_t i = b; i < e; ++i) {
+      lo = ix[i] < lo ? ix[i] : lo;
+      hi = ix[i] > hi ? ix[i] : hi;
     }
+    return std::pair<int32_t, int32_t>(lo, hi);
+  };
+  if (n == 0) return;
+  std::pair<int32_t, int32_t> r = range(0, std::min<int64_t>(n, 1));
+  if (n > 1) {
+    r = at::parallel_reduce(
+        int64_t(0), n, int64_t(1) << 16, r, [&](int64_t b, int64_t e, std::pair<int32_t, int32_t> acc) {
+          const auto m = range(b, e);
+          return std::pair<int32_t, int32_t>(std::min(acc.first, m.first), std::max(acc.second, m.second));
+        },
+        [](std::pair<int32_t, int32_t> a, std::pair<int32_t, int32_t> b) {
+          return std::pair<int32_t, int32_t>(std::min(a.first, b.first), std::max(a.second, b.second));
+        });
   }
-  TORCH_CHECK(n == 0 || (lo >= 0 && hi < K), "sparseticket: ", idx_name, " has index ", lo < 0 ? lo : hi, " but ",
-              operand, " has only ", K, " (is the ticket for a different in/out size?)");
+  const int32_t lo = r.first, hi = r.second;
+  TORCH_CHECK(lo >= 0 && hi < K, "sparseticket: ", idx_name, " has index ", lo < 0 ? lo : hi, " but ", operand,
+              " has only ", K, " (is the ticket for a different in/out size?)");
 }
 
 inline Tensor contiguous_1d(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
