@@ -70,6 +70,29 @@ int64_t sddmm_k_block(int64_t K, int64_t row_bytes) {
   return std::max<int64_t>(64, (int64_t(512) << 10) / std::max<int64_t>(1, row_bytes));
 }
 
+// Panel rows per column block for the SpMM (see spmm_blocked_impl), or 0 to visit each
+// row's entries in one pass. A block is ~32 KB of panel (L1). Blocking costs one visit
+// per (row, block) -- a cursor scan, an accumulator reload and two loop-exit
+// mispredicts, ~35 cycles -- so it pays only when a visit covers enough entries, and
+// only for wide panels, where an entry's row is 4-8 cache lines (measured, 1 thread,
+// harness over the kernel + pack: 60x784x300 NV=4 at 35% 206 -> 165 us, 65% 382 -> 297;
+// 256x1024x1024 NV=8 at 50% 5.4 -> 4.1 ms; but 10% at NV=8 (6.4 entries per visit)
+// 1.18 -> 1.31 ms and every NV=2 case 1.0-1.5x slower). SPARSETICKET_SPMM_KBLOCK forces
+// a block size (0 disables).
+int64_t spmm_k_block(int nv, int64_t lanes, int64_t elem_bytes, int64_t K, int64_t R, int64_t nnz) {
+  static const int64_t forced = [] {
+    const char* s = std::getenv("SPARSETICKET_SPMM_KBLOCK");
+    return s ? static_cast<int64_t>(std::atoll(s)) : int64_t(-1);
+  }();
+  if (forced >= 0) return forced < K ? forced : 0;
+  if (nv < 4 || R == 0) return 0;
+  const int64_t kb = std::max<int64_t>(16, (int64_t(32) << 10) / (nv * lanes * elem_bytes));
+  if (kb >= K) return 0;
+  // average entries per (row, block) visit
+  if (nnz * kb < 10 * R * K) return 0;
+  return kb;
+}
+
 int panel_index(int nv) { return nv == 1 ? 0 : nv == 2 ? 1 : nv == 4 ? 2 : 3; }
 
 // P[panel][k][lane] = x[panel * pw + lane, k] (0 past B). x: [B, K] with any strides.
@@ -146,6 +169,7 @@ void run_spmm(const Tensor& packed, int nv, const Tensor& ptr, const Tensor& idx
   const KernelTable& kt = kernel_table();
   const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
+  a.k_block = spmm_k_block(nv, vector_lanes(val.scalar_type()), val.element_size(), a.K, R, idx.numel());
   const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks());
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(a, bounds[c], bounds[c + 1]);
