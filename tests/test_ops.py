@@ -238,6 +238,21 @@ def test_sddmm(B, I, O, sparsity, holes, dtype, active_kind, gen):
         assert (out[frozen] == 0).all(), "frozen rows of sddmm must be exactly 0"
 
 
+# Shapes on the L1-blocked SDDMM path of the C++ kernels (ops_cpu.cpp sddmm_blocking: X
+# of at most 1 MB and more than one 32 KB block of X rows, density >= 30%): 64-row groups
+# plus a partial one, a partial last block, the gradient row held in registers (B=60:
+# 4 vectors; B=130 float32: 9) and not (B=300: 19 vectors > 16).
+BLOCKED_SDDMM_SHAPES = [(60, 300, 150), (130, 257, 200), (300, 100, 80)]
+
+
+@pytest.mark.parametrize("active_kind", [None, "random"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity,holes", [(0.0, False), (0.5, True), (0.65, False)], ids=["s0.0", "s0.5-holes", "s0.65"])
+@pytest.mark.parametrize("B,I,O", BLOCKED_SDDMM_SHAPES, ids=["B{}-I{}-O{}".format(*s) for s in BLOCKED_SDDMM_SHAPES])
+def test_sddmm_blocked(B, I, O, sparsity, holes, dtype, active_kind, gen):
+    test_sddmm(B, I, O, sparsity, holes, dtype, active_kind, gen)
+
+
 @pytest.mark.parametrize("active_kind", ["all", "none"])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("sparsity,holes", FEW_MASKS, ids=FEW_MASK_IDS)

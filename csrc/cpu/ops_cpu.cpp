@@ -56,18 +56,40 @@ int panel_choice(int64_t B, int64_t K, int64_t lanes, int64_t elem_bytes) {
   while (nv < 8 && nv * lanes < B && 2 * nv * lanes * K * elem_bytes <= budget) nv *= 2;
   return nv;
 }
-// X rows per block for the SDDMM (see sddmm_kernel); SPARSETICKET_SDDMM_KBLOCK forces it
-// (0 disables blocking).
-int64_t sddmm_k_block(int64_t K, int64_t row_bytes) {
+// X rows per block and rows per group for the SDDMM (see sddmm_kernel);
+// SPARSETICKET_SDDMM_KBLOCK forces the block (0 disables blocking; forced blocks use
+// groups of 64 rows when they are at most 64 KB, else all rows).
+struct SddmmBlocking {
+  int64_t k_block = 0, row_block = 0;
+};
+SddmmBlocking sddmm_blocking(int64_t K, int64_t row_bytes, int64_t R, int64_t nnz) {
   static const int64_t forced = [] {
     const char* s = std::getenv("SPARSETICKET_SDDMM_KBLOCK");
     return s ? static_cast<int64_t>(std::atoll(s)) : int64_t(-1);
   }();
-  if (forced >= 0) return forced;
-  // Measured (1 thread, 90%): 128x4096x4096 (X = 2 MB) 19 -> 16 ms with 512 KB blocks;
-  // 256x1024x1024 (X = 1 MB) was slower blocked (2.1 -> 2.7 ms), so only larger X is.
-  if (K * row_bytes <= (int64_t(1) << 20)) return 0;
-  return std::max<int64_t>(64, (int64_t(512) << 10) / std::max<int64_t>(1, row_bytes));
+  SddmmBlocking b;
+  if (forced >= 0) {
+    b.k_block = forced;
+    b.row_block = forced * row_bytes <= (int64_t(64) << 10) ? 64 : 0;
+    return b;
+  }
+  if (K * row_bytes > (int64_t(1) << 20)) {
+    // Measured (1 thread, 90%): 128x4096x4096 (X = 2 MB) 19 -> 16 ms with 512 KB blocks;
+    // 256x1024x1024 (X = 1 MB) was slower blocked (2.1 -> 2.7 ms), so only larger X is.
+    b.k_block = std::max<int64_t>(64, (int64_t(512) << 10) / std::max<int64_t>(1, row_bytes));
+    return b;
+  }
+  // An X in L2: 32 KB blocks (L1) visited by 64-row groups, when a visit covers enough
+  // entries to pay for its cursor scan and loop exits. At the 32 KB block the entries
+  // per visit times the entry cost (ld/L loads) is a function of the density alone:
+  // measured (1 thread, kernel + pack) 60x784x300 at 35% 211 -> 183 us and 65% 377 ->
+  // 307, 256x784x300 at 35% 812 -> 624 and 65% 1536 -> 1096, 256x1024x1024 at 65%
+  // 7.4 -> 5.9 ms; but 20% at B=60 0.99-1.08x and 10% at B=256 1.04-1.25x.
+  const int64_t kb = (int64_t(32) << 10) / std::max<int64_t>(1, row_bytes);
+  if (kb < 16 || kb >= K || R == 0 || 10 * nnz < 3 * R * K) return b;
+  b.k_block = kb;
+  b.row_block = 64;
+  return b;
 }
 
 // Panel rows per column block for the SpMM (see spmm_blocked_impl), or 0 to visit each
@@ -276,7 +298,9 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const T
   s.x = X.data_ptr();
   s.ld = ld;
   s.K = x.size(1);
-  s.k_block = sddmm_k_block(x.size(1), ld * x.element_size());
+  const SddmmBlocking blocking = sddmm_blocking(x.size(1), ld * x.element_size(), O, nnz);
+  s.k_block = blocking.k_block;
+  s.row_block = blocking.row_block;
   s.out = out.data_ptr();
   const KernelTable& kt = kernel_table();
   const SddmmFn fn = gy.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
