@@ -181,6 +181,13 @@ def test_bad_input_names_argument(case):
         fn()
 
 
+@pytest.mark.skipif(BACKEND != "c++", reason="the reference indexes values with torch, whose error names no argument")
+def test_spmm_t_perm_out_of_range_cpp():
+    # the kernel reads values through perm (or gathers them by it): a bad index must raise
+    with pytest.raises(ERRORS, match=names("perm")):
+        spmm_t(perm=torch.full_like(T.perm, T.values.numel()))
+
+
 # Index-array checks of the conversion ops, on every backend.
 UNCHECKED = [
     pytest.param(lambda: transpose(col=T.col.float()), names("col"), id="transpose-col-float"),

@@ -198,6 +198,29 @@ def test_spmm_t_noncontiguous(B, I, O, dtype, layout, gen):
     assert_close(out, expected, mag, what=f"spmm_t {layout}")
 
 
+# Shapes on the column-blocked SpMM path of the C++ kernels (ops_cpu.cpp spmm_k_block:
+# panels of >= 4 vectors, more panel rows than one ~32 KB block, >= 10 entries per row
+# and block): several 64-row blocks, a partial last column block, empty rows, more than
+# one panel (B=70 in float64), for spmm and for spmm_t (where I and O swap roles).
+BLOCKED_SHAPES = [(70, 300, 150), (40, 700, 97), (130, 257, 200)]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity,holes", [(0.0, False), (0.5, True), (0.8, False)], ids=["s0.0", "s0.5-holes", "s0.8"])
+@pytest.mark.parametrize("B,I,O", BLOCKED_SHAPES, ids=["B{}-I{}-O{}".format(*s) for s in BLOCKED_SHAPES])
+def test_spmm_column_blocked(B, I, O, sparsity, holes, dtype, gen):
+    c = make_case(B, I, O, sparsity, holes, dtype, gen)
+    t, x, gy, bias = c["t"], c["x"], c["gy"], c["bias"]
+    out = ST.spmm(x, t.values, t.crow, t.col, bias)
+    expected = ref.reference_spmm(x, t.values, t.crow, t.col, bias)
+    mag = ref.reference_spmm(x.abs(), t.values.abs(), t.crow, t.col, bias.abs())
+    assert_close(out, expected, mag, what="spmm blocked")
+    out = ST.spmm_t(gy, t.values, t.ccol, t.row, t.perm)
+    expected = ref.reference_spmm_t(gy, t.values, t.ccol, t.row, t.perm)
+    mag = ref.reference_spmm_t(gy.abs(), t.values.abs(), t.ccol, t.row, t.perm)
+    assert_close(out, expected, mag, what="spmm_t blocked")
+
+
 @pytest.mark.parametrize("active_kind", [None, "random"])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("sparsity,holes", MASKS, ids=MASK_IDS)
@@ -213,6 +236,21 @@ def test_sddmm(B, I, O, sparsity, holes, dtype, active_kind, gen):
     if active is not None:
         frozen = ~active[c["mask"].nonzero()[:, 0]]  # per kept entry, row-major like values
         assert (out[frozen] == 0).all(), "frozen rows of sddmm must be exactly 0"
+
+
+# Shapes on the L1-blocked SDDMM path of the C++ kernels (ops_cpu.cpp sddmm_blocking: X
+# of at most 1 MB and more than one 32 KB block of X rows, density >= 30%): 64-row groups
+# plus a partial one, a partial last block, the gradient row held in registers (B=60:
+# 4 vectors; B=130 float32: 9) and not (B=300: 19 vectors > 16).
+BLOCKED_SDDMM_SHAPES = [(60, 300, 150), (130, 257, 200), (300, 100, 80)]
+
+
+@pytest.mark.parametrize("active_kind", [None, "random"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity,holes", [(0.0, False), (0.5, True), (0.65, False)], ids=["s0.0", "s0.5-holes", "s0.65"])
+@pytest.mark.parametrize("B,I,O", BLOCKED_SDDMM_SHAPES, ids=["B{}-I{}-O{}".format(*s) for s in BLOCKED_SDDMM_SHAPES])
+def test_sddmm_blocked(B, I, O, sparsity, holes, dtype, active_kind, gen):
+    test_sddmm(B, I, O, sparsity, holes, dtype, active_kind, gen)
 
 
 @pytest.mark.parametrize("active_kind", ["all", "none"])

@@ -26,6 +26,7 @@ struct SpmmArgs {
   int64_t panel_width;  // lanes per panel (a multiple of the vector length)
   int64_t K;            // rows of the packed operand
   int64_t B;            // valid batch entries
+  int64_t k_block;      // visit the panel in blocks of this many rows (0: no blocking)
   void* out;
   int64_t ldo_b, ldo_r;  // output strides (elements) along batch and along rows
 };
@@ -41,8 +42,9 @@ struct SddmmArgs {
   const void* x;
   int64_t ld;
   int64_t K;        // rows of X
-  int64_t k_block;  // visit entries in blocks of this many X rows (0: no blocking)
-  void* out;        // [nnz]
+  int64_t k_block;    // visit entries in blocks of this many X rows (0: no blocking)
+  int64_t row_block;  // rows that visit the blocks together (0: all rows of the call)
+  void* out;          // [nnz]
 };
 
 // One fused masked SGD step over elements [begin, end) of one parameter (see

@@ -9,6 +9,7 @@
 // registers; the compiler maps `acc += w * x` to FMA where the target has it.
 
 #include <cstdint>
+#include <utility>
 
 #if ST_VECTOR_BYTES >= 32
 #include <immintrin.h>
@@ -226,22 +227,96 @@ void pack_kernel(const void* Xv, int64_t sb, int64_t sk, void* dstv, int64_t pw,
 
 constexpr int kTileRows = 16;
 
+// acc[0..NV) += sum over entries [e, e1) of val(e) * P[idx[e]]. For narrow panels the FMA
+// chain per accumulator would stall on latency, so consecutive entries go to U
+// independent accumulator sets that are summed at the end.
+template <typename T, int NV, bool HasPerm>
+inline void spmm_row_entries(typename Vec<T>::type* acc, const T* __restrict P, const int32_t* __restrict idx,
+                             const int32_t* __restrict perm, const T* __restrict val, int64_t e, int64_t e1) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr int PW = NV * L;
+  constexpr int U = NV >= 4 ? 1 : 4 / NV;
+  V part[U][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) part[0][v] = acc[v];
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) part[u][v] = V{};
+  for (; e + U <= e1; e += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const T w = HasPerm ? val[perm[e + u]] : val[e + u];
+      const T* __restrict xr = P + static_cast<int64_t>(idx[e + u]) * PW;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) part[u][v] += w * vload(xr + v * L);
+    }
+  }
+  for (; e < e1; ++e) {
+    const T w = HasPerm ? val[perm[e]] : val[e];
+    const T* __restrict xr = P + static_cast<int64_t>(idx[e]) * PW;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) part[0][v] += w * vload(xr + v * L);
+  }
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) part[0][v] += part[u][v];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = part[0][v];
+}
+
+// out[b, r] = tile[r - r0][b - b0] + bias[r] for the nr rows from r0 and this panel's
+// batch entries (tile rows are PW apart).
+template <typename T, int PW>
+inline void spmm_write_tile(const SpmmArgs& a, const T (*tile)[PW], int64_t r0, int nr, int64_t b0) {
+  const T* __restrict bias = static_cast<const T*>(a.bias);
+  T* __restrict out = static_cast<T*>(a.out);
+  const int nb = static_cast<int>(a.B - b0 < PW ? a.B - b0 : PW);
+  T bias_tile[kTileRows];
+  for (int rr = 0; rr < nr; ++rr) bias_tile[rr] = bias ? bias[r0 + rr] : T(0);
+#if ST_VECTOR_BYTES == 64
+  if (sizeof(T) == 4 && a.ldo_r == 1) {
+    // 16x16 register transposes: each batch entry's nr outputs leave as one masked
+    // vector store instead of nr scalar loads strided by the panel width
+    const __mmask16 rm = static_cast<__mmask16>(nr == 16 ? 0xFFFFu : (1u << nr) - 1u);
+    const __m512 bv = _mm512_maskz_loadu_ps(rm, reinterpret_cast<const float*>(bias_tile));
+    for (int l = 0; l < nb; l += 16) {
+      __m512 t[16];
+      for (int rr = 0; rr < 16; ++rr)
+        t[rr] = rr < nr ? _mm512_load_ps(reinterpret_cast<const float*>(&tile[rr][l])) : _mm512_setzero_ps();
+      transpose16(t);
+      const int nl = nb - l < 16 ? nb - l : 16;
+      for (int i = 0; i < nl; ++i)
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(out + (b0 + l + i) * a.ldo_b + r0), rm,
+                              _mm512_add_ps(t[i], bv));
+    }
+    return;
+  }
+#endif
+  if (a.ldo_r == 1) {
+    for (int b = 0; b < nb; ++b) {
+      T* __restrict o = out + (b0 + b) * a.ldo_b + r0;
+      for (int rr = 0; rr < nr; ++rr) o[rr] = tile[rr][b] + bias_tile[rr];
+    }
+  } else {
+    for (int rr = 0; rr < nr; ++rr) {
+      T* __restrict o = out + (r0 + rr) * a.ldo_r + b0 * a.ldo_b;
+      for (int b = 0; b < nb; ++b) o[b * a.ldo_b] = tile[rr][b] + bias_tile[rr];
+    }
+  }
+}
+
+// Unblocked: each row visits all its entries at once, reading its panel rows from
+// wherever they are (L2 for the panel sizes panel_choice picks).
 template <typename T, int NV, bool HasPerm>
 void spmm_kernel_impl(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   constexpr int PW = NV * L;
-  // For narrow panels the FMA chain per accumulator would stall on latency, so
-  // consecutive entries go to independent accumulator sets that are summed at the end.
-  constexpr int U = NV >= 4 ? 1 : 4 / NV;
-
-  const int32_t* __restrict ptr = a.ptr;
-  const int32_t* __restrict idx = a.idx;
-  const int32_t* __restrict perm = a.perm;
   const T* __restrict val = static_cast<const T*>(a.val);
-  const T* __restrict bias = static_cast<const T*>(a.bias);
   const T* __restrict packed = static_cast<const T*>(a.packed);
-  T* __restrict out = static_cast<T*>(a.out);
   const int64_t n_panels = (a.B + PW - 1) / PW;
 
   alignas(64) T tile[kTileRows][PW];
@@ -249,81 +324,106 @@ void spmm_kernel_impl(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
   // Panel-outer: one panel of the packed operand (sized by the caller to fit in L2)
   // stays resident while this thread's rows stream past it.
   for (int64_t panel = 0; panel < n_panels; ++panel) {
+    const T* __restrict P = packed + panel * a.K * PW;
     for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
       const int nr = static_cast<int>(r_end - r0 < kTileRows ? r_end - r0 : kTileRows);
-      const T* __restrict P = packed + panel * a.K * PW;
       for (int rr = 0; rr < nr; ++rr) {
-        const int64_t r = r0 + rr;
-        V acc[U][NV];
+        V acc[NV];
 #pragma GCC unroll 8
-        for (int u = 0; u < U; ++u)
+        for (int v = 0; v < NV; ++v) acc[v] = V{};
+        spmm_row_entries<T, NV, HasPerm>(acc, P, a.idx, a.perm, val, a.ptr[r0 + rr], a.ptr[r0 + rr + 1]);
 #pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[u][v] = V{};
-        int64_t e = ptr[r];
-        const int64_t e1 = ptr[r + 1];
-        for (; e + U <= e1; e += U) {
-#pragma GCC unroll 8
-          for (int u = 0; u < U; ++u) {
-            const T w = HasPerm ? val[perm[e + u]] : val[e + u];
-            const T* __restrict xr = P + static_cast<int64_t>(idx[e + u]) * PW;
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[u][v] += w * vload(xr + v * L);
-          }
-        }
-        for (; e < e1; ++e) {
-          const T w = HasPerm ? val[perm[e]] : val[e];
-          const T* __restrict xr = P + static_cast<int64_t>(idx[e]) * PW;
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[0][v] += w * vload(xr + v * L);
-        }
-#pragma GCC unroll 8
-        for (int u = 1; u < U; ++u)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[0][v] += acc[u][v];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) vstore(&tile[rr][v * L], acc[0][v]);
+        for (int v = 0; v < NV; ++v) vstore(&tile[rr][v * L], acc[v]);
       }
-      // write back: out[b, r] for this panel's batch entries and the tile's rows
-      const int64_t b0 = panel * PW;
-      const int nb = static_cast<int>(a.B - b0 < PW ? a.B - b0 : PW);
-      T bias_tile[kTileRows];
-      for (int rr = 0; rr < nr; ++rr) bias_tile[rr] = bias ? bias[r0 + rr] : T(0);
-#if ST_VECTOR_BYTES == 64
-      if (sizeof(T) == 4 && a.ldo_r == 1) {
-        // 16x16 register transposes: each batch entry's nr outputs leave as one masked
-        // vector store instead of nr scalar loads strided by the panel width
-        const __mmask16 rm = static_cast<__mmask16>(nr == 16 ? 0xFFFFu : (1u << nr) - 1u);
-        const __m512 bv = _mm512_maskz_loadu_ps(rm, reinterpret_cast<const float*>(bias_tile));
-        for (int l = 0; l < nb; l += 16) {
-          __m512 t[16];
-          for (int rr = 0; rr < 16; ++rr)
-            t[rr] = rr < nr ? _mm512_load_ps(reinterpret_cast<const float*>(&tile[rr][l])) : _mm512_setzero_ps();
-          transpose16(t);
-          const int nl = nb - l < 16 ? nb - l : 16;
-          for (int i = 0; i < nl; ++i)
-            _mm512_mask_storeu_ps(reinterpret_cast<float*>(out + (b0 + l + i) * a.ldo_b + r0), rm,
-                                  _mm512_add_ps(t[i], bv));
-        }
-      } else
-#endif
-      if (a.ldo_r == 1) {
-        for (int b = 0; b < nb; ++b) {
-          T* __restrict o = out + (b0 + b) * a.ldo_b + r0;
-          for (int rr = 0; rr < nr; ++rr) o[rr] = tile[rr][b] + bias_tile[rr];
-        }
-      } else {
+      spmm_write_tile<T, PW>(a, tile, r0, nr, panel * PW);
+    }
+  }
+}
+
+// Column-blocked: the panel is cut into blocks of k_block rows that fit in L1 with the
+// accumulator tile, and a block of kBlockRows output rows visits block after block
+// (a cursor per row walks its sorted column indices). Each kept weight then loads its
+// panel row from L1, and the panel streams from L2 in order, once per row block,
+// instead of at a data-dependent address per kept weight.
+// 64 rows: 16 and 32 were up to 10% slower at 256x1024x1024 (fewer visits share each
+// block); the tile (64 x PW, <= 32 KB) then lives partly in L2, which costs little as
+// each row's accumulators are reloaded once per block.
+constexpr int kBlockRows = 64;
+
+template <typename T, int NV, bool HasPerm>
+void spmm_blocked_impl(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr int PW = NV * L;
+  const int32_t* __restrict ptr = a.ptr;
+  const int32_t* __restrict idx = a.idx;
+  const T* __restrict val = static_cast<const T*>(a.val);
+  const T* __restrict packed = static_cast<const T*>(a.packed);
+  const int64_t n_panels = (a.B + PW - 1) / PW;
+  const int64_t KB = a.k_block;
+
+  alignas(64) T tile[kBlockRows][PW];
+  int64_t cursor[kBlockRows];
+
+  for (int64_t panel = 0; panel < n_panels; ++panel) {
+    const T* __restrict P = packed + panel * a.K * PW;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += kBlockRows) {
+      const int nr = static_cast<int>(r_end - r0 < kBlockRows ? r_end - r0 : kBlockRows);
+      for (int rr = 0; rr < nr; ++rr) {
+        cursor[rr] = ptr[r0 + rr];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) vstore(&tile[rr][v * L], V{});
+      }
+      // Each block visit reads a few entries of every row, 2 x nr interleaved streams
+      // the hardware prefetcher does not follow; when the structure is not cache-resident
+      // (128x4096x4096) every visit waited on L3/DRAM (3x slower than unblocked). The next
+      // row block's entries are contiguous, so they are prefetched into L2 in slices, one
+      // per column block.
+      const int64_t nx0 = ptr[r0 + nr < r_end ? r0 + nr : r_end];
+      const int64_t nx1 = ptr[r0 + nr + kBlockRows < r_end ? r0 + nr + kBlockRows : r_end];
+      const int64_t n_kb = (a.K + KB - 1) / KB;
+      const int64_t slice = (nx1 - nx0 + n_kb - 1) / n_kb;
+      int64_t pf = nx0;
+      const void* pf_val = a.perm ? static_cast<const void*>(a.perm) : static_cast<const void*>(val);
+      for (int64_t k1 = KB;; k1 += KB) {
+        const bool last = k1 >= a.K;
+        const int64_t pf_end = pf + slice < nx1 ? pf + slice : nx1;
+        for (int64_t e = pf; e < pf_end; e += 64 / sizeof(int32_t)) __builtin_prefetch(idx + e, 0, 2);
+        for (int64_t e = pf; e < pf_end; e += 64 / sizeof(T))
+          __builtin_prefetch(static_cast<const char*>(pf_val) + e * (a.perm ? sizeof(int32_t) : sizeof(T)), 0, 2);
+        pf = pf_end;
         for (int rr = 0; rr < nr; ++rr) {
-          T* __restrict o = out + (r0 + rr) * a.ldo_r + b0 * a.ldo_b;
-          for (int b = 0; b < nb; ++b) o[b * a.ldo_b] = tile[rr][b] + bias_tile[rr];
+          const int64_t e0 = cursor[rr], e_end = ptr[r0 + rr + 1];
+          int64_t e1 = e_end;
+          if (!last) {
+            e1 = e0;
+            while (e1 < e_end && idx[e1] < k1) ++e1;
+          }
+          if (e1 == e0) continue;
+          V acc[NV];
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[v] = vload(&tile[rr][v * L]);
+          spmm_row_entries<T, NV, HasPerm>(acc, P, idx, a.perm, val, e0, e1);
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) vstore(&tile[rr][v * L], acc[v]);
+          cursor[rr] = e1;
         }
+        if (last) break;
       }
+      for (int t0 = 0; t0 < nr; t0 += kTileRows)
+        spmm_write_tile<T, PW>(a, tile + t0, r0 + t0, nr - t0 < kTileRows ? nr - t0 : kTileRows, panel * PW);
     }
   }
 }
 
 template <typename T, int NV>
 void spmm_kernel(const SpmmArgs& a, int64_t r_begin, int64_t r_end) {
-  if (a.perm)
+  const bool blocked = a.k_block > 0 && a.k_block < a.K;
+  if (blocked && a.perm)
+    spmm_blocked_impl<T, NV, true>(a, r_begin, r_end);
+  else if (blocked)
+    spmm_blocked_impl<T, NV, false>(a, r_begin, r_end);
+  else if (a.perm)
     spmm_kernel_impl<T, NV, true>(a, r_begin, r_end);
   else
     spmm_kernel_impl<T, NV, false>(a, r_begin, r_end);
@@ -363,9 +463,66 @@ inline void sddmm_entries(const T* __restrict ar, const T* __restrict X, const i
   }
 }
 
-// The X rows an entry reads are random; when X is larger than a core's L2 the
-// entries are visited in blocks of k_block X rows (a per-row cursor walks each row's
-// sorted indices), so each block is read from L2 rather than L3.
+// The same with the row's gradient vector held in NV registers (ld == NV * L): per
+// entry only its X row is loaded, NV loads for NV FMAs instead of 1.25 NV.
+template <typename T, int NV>
+inline void sddmm_entries_reg(const T* __restrict ar, const T* __restrict X, const int32_t* __restrict idx,
+                              int64_t e, int64_t e1, T* __restrict out) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr int64_t ld = NV * L;
+  V av[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) av[v] = vload(ar + v * L);
+  for (; e + 4 <= e1; e += 4) {
+    const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
+    const T* __restrict x1 = X + static_cast<int64_t>(idx[e + 1]) * ld;
+    const T* __restrict x2 = X + static_cast<int64_t>(idx[e + 2]) * ld;
+    const T* __restrict x3 = X + static_cast<int64_t>(idx[e + 3]) * ld;
+    V c0{}, c1{}, c2{}, c3{};
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      c0 += av[v] * vload(x0 + v * L);
+      c1 += av[v] * vload(x1 + v * L);
+      c2 += av[v] * vload(x2 + v * L);
+      c3 += av[v] * vload(x3 + v * L);
+    }
+    hsum4<T>(c0, c1, c2, c3, out + e);
+  }
+  for (; e < e1; ++e) {
+    const T* __restrict x0 = X + static_cast<int64_t>(idx[e]) * ld;
+    V c0{};
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) c0 += av[v] * vload(x0 + v * L);
+    out[e] = hsum<T>(c0);
+  }
+}
+
+// Register widths instantiated: up to 16 vectors with AVX-512's 32 registers, 8 with
+// AVX2's / SSE's 16 (the row plus four accumulators must not spill).
+constexpr int kSddmmMaxRegNV = ST_VECTOR_BYTES == 64 ? 16 : 8;
+
+template <typename T>
+using SddmmEntriesFn = void (*)(const T*, const T*, const int32_t*, int64_t, int64_t, T*);
+
+template <typename T, int NV>
+void sddmm_entries_reg_fn(const T* ar, const T* X, const int32_t* idx, int64_t e, int64_t e1, T* out) {
+  sddmm_entries_reg<T, NV>(ar, X, idx, e, e1, out);
+}
+
+template <typename T, int... NVs>
+SddmmEntriesFn<T> sddmm_pick(int64_t nv, std::integer_sequence<int, NVs...>) {
+  SddmmEntriesFn<T> fn = nullptr;
+  ((fn = nv == NVs + 1 ? &sddmm_entries_reg_fn<T, NVs + 1> : fn), ...);
+  return fn;
+}
+
+// The X rows an entry reads are random. Blocked (k_block > 0), the entries are visited
+// in blocks of k_block X rows: a per-row cursor walks each row's sorted indices, and
+// row_block rows (0: all of this call's rows) visit one block after another. Two uses:
+// an X larger than a core's L2 is read block by block from L2 instead of from L3 (all
+// rows per block), and a smaller X in L1-sized blocks by 64-row groups, so the X rows
+// of a group's entries come from L1 (see sddmm_blocking in ops_cpu.cpp).
 template <typename T>
 void sddmm_kernel(const SddmmArgs& s, int64_t r_begin, int64_t r_end) {
   const int32_t* __restrict ptr = s.ptr;
@@ -375,27 +532,44 @@ void sddmm_kernel(const SddmmArgs& s, int64_t r_begin, int64_t r_end) {
   T* __restrict out = static_cast<T*>(s.out);
   const int64_t ld = s.ld;
   const bool blocked = s.k_block > 0 && s.k_block < s.K;
+  const SddmmEntriesFn<T> reg =
+      sddmm_pick<T>(ld / Vec<T>::L, std::make_integer_sequence<int, kSddmmMaxRegNV>{});
+  auto entries = [&](int64_t r, int64_t e0, int64_t e1) {
+    if (reg)
+      reg(A + r * ld, X, idx, e0, e1, out);
+    else
+      sddmm_entries<T>(A + r * ld, X, idx, e0, e1, ld, out);
+  };
 
   for (int64_t r = r_begin; r < r_end; ++r) {
     if (s.active && !s.active[r]) {
       for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) out[e] = T(0);
     } else if (!blocked) {
-      sddmm_entries<T>(A + r * ld, X, idx, ptr[r], ptr[r + 1], ld, out);
+      entries(r, ptr[r], ptr[r + 1]);
     }
   }
   if (!blocked) return;
-  int64_t* cursor = static_cast<int64_t*>(__builtin_malloc(sizeof(int64_t) * (r_end - r_begin)));
-  for (int64_t r = r_begin; r < r_end; ++r) cursor[r - r_begin] = ptr[r];
-  for (int64_t k1 = s.k_block;; k1 += s.k_block) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      if (s.active && !s.active[r]) continue;
-      const int64_t e0 = cursor[r - r_begin], e_end = ptr[r + 1];
-      int64_t e1 = e0;
-      while (e1 < e_end && idx[e1] < k1) ++e1;
-      sddmm_entries<T>(A + r * ld, X, idx, e0, e1, ld, out);
-      cursor[r - r_begin] = e1;
+  const int64_t rb = s.row_block > 0 ? s.row_block : r_end - r_begin;
+  int64_t* cursor = static_cast<int64_t*>(__builtin_malloc(sizeof(int64_t) * rb));
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += rb) {
+    const int64_t nr = r_end - r0 < rb ? r_end - r0 : rb;
+    for (int64_t rr = 0; rr < nr; ++rr) cursor[rr] = ptr[r0 + rr];
+    for (int64_t k1 = s.k_block;; k1 += s.k_block) {
+      const bool last = k1 >= s.K;
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t r = r0 + rr;
+        if (s.active && !s.active[r]) continue;
+        const int64_t e0 = cursor[rr], e_end = ptr[r + 1];
+        int64_t e1 = e_end;
+        if (!last) {
+          e1 = e0;
+          while (e1 < e_end && idx[e1] < k1) ++e1;
+        }
+        if (e1 > e0) entries(r, e0, e1);
+        cursor[rr] = e1;
+      }
+      if (last) break;
     }
-    if (k1 >= s.K) break;
   }
   __builtin_free(cursor);
 }

@@ -56,18 +56,63 @@ int panel_choice(int64_t B, int64_t K, int64_t lanes, int64_t elem_bytes) {
   while (nv < 8 && nv * lanes < B && 2 * nv * lanes * K * elem_bytes <= budget) nv *= 2;
   return nv;
 }
-// X rows per block for the SDDMM (see sddmm_kernel); SPARSETICKET_SDDMM_KBLOCK forces it
-// (0 disables blocking).
-int64_t sddmm_k_block(int64_t K, int64_t row_bytes) {
+// X rows per block and rows per group for the SDDMM (see sddmm_kernel);
+// SPARSETICKET_SDDMM_KBLOCK forces the block (0 disables blocking; forced blocks use
+// groups of 64 rows when they are at most 64 KB, else all rows).
+struct SddmmBlocking {
+  int64_t k_block = 0, row_block = 0;
+};
+SddmmBlocking sddmm_blocking(int64_t K, int64_t row_bytes, int64_t R, int64_t nnz) {
   static const int64_t forced = [] {
     const char* s = std::getenv("SPARSETICKET_SDDMM_KBLOCK");
     return s ? static_cast<int64_t>(std::atoll(s)) : int64_t(-1);
   }();
-  if (forced >= 0) return forced;
-  // Measured (1 thread, 90%): 128x4096x4096 (X = 2 MB) 19 -> 16 ms with 512 KB blocks;
-  // 256x1024x1024 (X = 1 MB) was slower blocked (2.1 -> 2.7 ms), so only larger X is.
-  if (K * row_bytes <= (int64_t(1) << 20)) return 0;
-  return std::max<int64_t>(64, (int64_t(512) << 10) / std::max<int64_t>(1, row_bytes));
+  SddmmBlocking b;
+  if (forced >= 0) {
+    b.k_block = forced;
+    b.row_block = forced * row_bytes <= (int64_t(64) << 10) ? 64 : 0;
+    return b;
+  }
+  if (K * row_bytes > (int64_t(1) << 20)) {
+    // Measured (1 thread, 90%): 128x4096x4096 (X = 2 MB) 19 -> 16 ms with 512 KB blocks;
+    // 256x1024x1024 (X = 1 MB) was slower blocked (2.1 -> 2.7 ms), so only larger X is.
+    b.k_block = std::max<int64_t>(64, (int64_t(512) << 10) / std::max<int64_t>(1, row_bytes));
+    return b;
+  }
+  // An X in L2: 32 KB blocks (L1) visited by 64-row groups, when a visit covers enough
+  // entries to pay for its cursor scan and loop exits. At the 32 KB block the entries
+  // per visit times the entry cost (ld/L loads) is a function of the density alone:
+  // measured (1 thread, kernel + pack) 60x784x300 at 35% 211 -> 183 us and 65% 377 ->
+  // 307, 256x784x300 at 35% 812 -> 624 and 65% 1536 -> 1096, 256x1024x1024 at 65%
+  // 7.4 -> 5.9 ms; but 20% at B=60 0.99-1.08x and 10% at B=256 1.04-1.25x.
+  const int64_t kb = (int64_t(32) << 10) / std::max<int64_t>(1, row_bytes);
+  if (kb < 16 || kb >= K || R == 0 || 10 * nnz < 3 * R * K) return b;
+  b.k_block = kb;
+  b.row_block = 64;
+  return b;
+}
+
+// Panel rows per column block for the SpMM (see spmm_blocked_impl), or 0 to visit each
+// row's entries in one pass. A block is ~32 KB of panel (L1). Blocking costs one visit
+// per (row, block) -- a cursor scan, an accumulator reload and two loop-exit
+// mispredicts, ~35 cycles -- so it pays only when a visit covers enough entries, and
+// only for wide panels, where an entry's row is 4-8 cache lines (measured, 1 thread,
+// harness over the kernel + pack: 60x784x300 NV=4 at 35% 206 -> 165 us, 65% 382 -> 297;
+// 256x1024x1024 NV=8 at 50% 5.4 -> 4.1 ms; but 10% at NV=8 (6.4 entries per visit)
+// 1.18 -> 1.31 ms and every NV=2 case 1.0-1.5x slower). SPARSETICKET_SPMM_KBLOCK forces
+// a block size (0 disables).
+int64_t spmm_k_block(int nv, int64_t lanes, int64_t elem_bytes, int64_t K, int64_t R, int64_t nnz) {
+  static const int64_t forced = [] {
+    const char* s = std::getenv("SPARSETICKET_SPMM_KBLOCK");
+    return s ? static_cast<int64_t>(std::atoll(s)) : int64_t(-1);
+  }();
+  if (forced >= 0) return forced < K ? forced : 0;
+  if (nv < 4 || R == 0) return 0;
+  const int64_t kb = std::max<int64_t>(16, (int64_t(32) << 10) / (nv * lanes * elem_bytes));
+  if (kb >= K) return 0;
+  // average entries per (row, block) visit
+  if (nnz * kb < 10 * R * K) return 0;
+  return kb;
 }
 
 int panel_index(int nv) { return nv == 1 ? 0 : nv == 2 ? 1 : nv == 4 ? 2 : 3; }
@@ -125,9 +170,25 @@ int64_t n_chunks() { return static_cast<int64_t>(at::get_num_threads()) * 4; }
 
 
 
-// out[b, r] (row-major [B, R]) = bias[r] + sum over row r of ptr/idx/perm/val x P.
-void run_spmm(const Tensor& packed, int nv, const Tensor& ptr, const Tensor& idx, const c10::optional<Tensor>& perm,
-              const Tensor& val, const c10::optional<Tensor>& bias, int64_t B, const Tensor& out) {
+// vals[perm] (perm holds valid indices, checked by the caller's ticket checks). A plain
+// loop: index_select's generic path cost ~0.65 ns per entry (300x784 at 65%: 91 us).
+Tensor gather(const Tensor& vals, const Tensor& perm) {
+  Tensor out = at::empty({perm.numel()}, vals.options());
+  const int32_t* p = perm.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(vals.scalar_type(), "sparseticket_gather", [&] {
+    const scalar_t* v = vals.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, perm.numel(), int64_t(1) << 15, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) o[i] = v[p[i]];
+    });
+  });
+  return out;
+}
+
+// out[b, r] (row-major [B, R]) = bias[r] + sum over row r of ptr/idx/perm/val x P, the
+// panel visited in column blocks of k_block rows (0: unblocked; see spmm_k_block).
+void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, const Tensor& idx,
+              const c10::optional<Tensor>& perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t B, const Tensor& out) {
   const int64_t R = ptr.numel() - 1;
   if (R == 0 || B == 0) return;
   SpmmArgs a{};
@@ -146,6 +207,7 @@ void run_spmm(const Tensor& packed, int nv, const Tensor& ptr, const Tensor& idx
   const KernelTable& kt = kernel_table();
   const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
+  a.k_block = k_block;
   const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks());
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(a, bounds[c], bounds[c + 1]);
@@ -183,7 +245,9 @@ Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, cons
   if (B == 0 || O == 0) return out;
   const int nv = panel_choice(B, x.size(1), vector_lanes(x.scalar_type()), x.element_size());
   const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()));
-  run_spmm(packed, nv, crow, col, c10::nullopt, vals, bias, B, out);
+  const int64_t k_block = spmm_k_block(nv, vector_lanes(x.scalar_type()), x.element_size(), x.size(1), O,
+                                       vals.numel());
+  run_spmm(packed, nv, k_block, crow, col, c10::nullopt, vals, bias, B, out);
   return out;
 }
 
@@ -211,11 +275,21 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   if (B == 0 || I == 0) return out;
   const int nv = panel_choice(B, gy.size(1), vector_lanes(gy.scalar_type()), gy.element_size());
   const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()));
-  // Gathering the values into column order first (one pass, independent loads) beats
-  // an indirect load inside the FMA loop, where each cache miss stalls the row
-  // (128x4096x4096, one thread: 244 -> 146 ms at 50%, within noise at 90%).
-  const Tensor vals_t = vals.index_select(0, perm);
-  run_spmm(packed, nv, ccol, row, c10::nullopt, vals_t, c10::nullopt, B, out);
+  check_index_range(perm, vals.numel(), "perm", "values");
+  // The values in column order. Blocked with one or two panels, the kernel reads them
+  // through perm: they are then cache-resident and the loads independent, and it saves
+  // a pass (60x784x300 at 35%: 259 -> 229 us; 256x1024x1024 at 50%: 6.56 -> 5.23 ms);
+  // with more panels the indirect loads repeat per panel (1000x784x300: 0.98-1.06x).
+  // Unblocked, gathering first (one pass, independent loads) beats an indirect load
+  // inside the FMA loop, where each cache miss stalls the row (128x4096x4096, one
+  // thread: 244 -> 146 ms at 50%); gathered by a plain loop, as index_select's generic
+  // path cost ~0.65 ns per entry.
+  const int64_t lanes = vector_lanes(gy.scalar_type());
+  const int64_t k_block = spmm_k_block(nv, lanes, gy.element_size(), gy.size(1), I, vals.numel());
+  if (k_block > 0 && B <= 2 * nv * lanes)
+    run_spmm(packed, nv, k_block, ccol, row, perm, vals, c10::nullopt, B, out);
+  else
+    run_spmm(packed, nv, k_block, ccol, row, c10::nullopt, gather(vals, perm), c10::nullopt, B, out);
   return out;
 }
 
@@ -252,7 +326,9 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const T
   s.x = X.data_ptr();
   s.ld = ld;
   s.K = x.size(1);
-  s.k_block = sddmm_k_block(x.size(1), ld * x.element_size());
+  const SddmmBlocking blocking = sddmm_blocking(x.size(1), ld * x.element_size(), O, nnz);
+  s.k_block = blocking.k_block;
+  s.row_block = blocking.row_block;
   s.out = out.data_ptr();
   const KernelTable& kt = kernel_table();
   const SddmmFn fn = gy.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
