@@ -234,8 +234,58 @@ void pack_planes(const void* srcv, int64_t C, int64_t H, int64_t W, int64_t top,
 // ----------------------------------------------------------------------------- correlate
 //
 // Output-stationary: a tile of R rows x NV vectors of one output plane lives in
-// registers while the plane's list streams past; each entry is one broadcast and R*NV
-// FMAs whose input operand is a load at a fixed shift of the tile.
+// registers while the plane's list streams past. A list is four runs of row groups
+// (conv.h): a group of K entries whose inputs are D rows apart loads each of its input
+// rows once and feeds it to the K accumulator rows it touches, so a triple (a full column
+// of 3x3 taps) does 3R FMAs per vector for R + 2 loads instead of 3R. Loads, not FMAs,
+// were the limit: one 64-byte load per FMA, at best one per cycle.
+
+// Keeps v in a register: without it GCC folds the load back into every FMA that uses it
+// as a memory operand, which undoes the sharing below (3 loads per triple row again).
+template <typename V>
+inline void pin_register(V& v) {
+#if ST_VECTOR_BYTES >= 32
+  __asm__("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+template <typename T, int NV, int R, int K, int D1, int D2>
+inline void corr_run(typename CVec<T>::type (&acc)[R][NV], const T* __restrict base, int64_t in_row,
+                     const int32_t* __restrict off, const T* __restrict val, int64_t e0, int64_t e1) {
+  using V = typename CVec<T>::type;
+  constexpr int L = CVec<T>::L;
+  constexpr int D[3] = {0, D1, D2};
+  constexpr int span = R + (K == 3 ? D2 : K == 2 ? D1 : 0);
+  for (int64_t e = e0; e < e1; e += K) {
+    T w[K];
+#pragma GCC unroll 3
+    for (int k = 0; k < K; ++k) w[k] = val[e + k];
+    const T* __restrict p = base + off[e];
+    if constexpr (K == 1) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] += w[0] * cload(p + v * L);
+        p += in_row;
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int rho = 0; rho < span; ++rho) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          V x = cload(p + v * L);
+          pin_register(x);
+#pragma GCC unroll 3
+          for (int k = 0; k < K; ++k)
+            if (rho - D[k] >= 0 && rho - D[k] < R) acc[rho - D[k]][v] += w[k] * x;
+        }
+        p += in_row;
+      }
+    }
+  }
+}
 
 template <typename T, int NV, int R>
 void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
@@ -248,44 +298,52 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
   const T* __restrict val = static_cast<const T*>(a.val);
   const T* __restrict bias = static_cast<const T*>(a.bias);
   T* __restrict out = static_cast<T*>(a.out);
-  const int64_t in_row = a.in_row;
+  T* __restrict scratch = static_cast<T*>(a.scratch);
+  const int64_t in_row = a.in_row, blocks = a.blocks;
 
-  for (int64_t l = l0; l < l1; ++l) {
-    const T b = bias ? bias[l] : T(0);
-    const int64_t e0 = ptr[l], e1 = ptr[l + 1];
-    T* __restrict o = out + l * a.out_plane;
-    for (int64_t r0 = 0; r0 < a.rows; r0 += R) {
-      for (int64_t ct = 0; ct < a.col_tiles; ++ct) {
-        const T* __restrict base = in + r0 * in_row + ct * TW;
-        V acc[R][NV];
+  // Tile by tile, so that a block's working set is its channels' R + 2 rows of one tile.
+  for (int64_t r0 = 0; r0 < a.rows; r0 += R) {
+    for (int64_t ct = 0; ct < a.col_tiles; ++ct) {
+      const T* __restrict base = in + r0 * in_row + ct * TW;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const bool first = blk == 0, last = blk == blocks - 1;
+        for (int64_t l = l0; l < l1; ++l) {
+          const int32_t* __restrict run = ptr + (l * blocks + blk) * kRunKinds;
+          if (!first && !last && run[0] == run[kRunKinds]) continue;  // nothing to add
+          T* __restrict st = scratch + (l - l0) * (R * TW);
+          V acc[R][NV];
+          const T b = bias ? bias[l] : T(0);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r)
+          for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[r][v] = V{} + b;
-        for (int64_t e = e0; e < e1; ++e) {
-          const T w = val[e];
-          const T* __restrict p = base + off[e];
+            for (int v = 0; v < NV; ++v) acc[r][v] = first ? V{} + b : cload(st + r * TW + v * L);
+          corr_run<T, NV, R, 3, 1, 2>(acc, base, in_row, off, val, run[0], run[1]);
+          corr_run<T, NV, R, 2, 1, 0>(acc, base, in_row, off, val, run[1], run[2]);
+          corr_run<T, NV, R, 2, 2, 0>(acc, base, in_row, off, val, run[2], run[3]);
+          corr_run<T, NV, R, 1, 0, 0>(acc, base, in_row, off, val, run[3], run[4]);
+          if (!last) {
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) cstore(st + r * TW + v * L, acc[r][v]);
+            continue;
+          }
+          T* __restrict o = out + l * a.out_plane;
+          const int64_t nr = a.rows - r0 < R ? a.rows - r0 : R;
+          const int64_t c0 = ct * TW;
+          const int64_t nc = a.cols - c0 < TW ? a.cols - c0 : TW;
 #pragma GCC unroll 16
           for (int r = 0; r < R; ++r) {
+            if (r >= nr) break;
+            T* __restrict d = o + (r0 + r) * a.ldo + c0;
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[r][v] += w * cload(p + v * L);
-            p += in_row;
-          }
-        }
-        const int64_t nr = a.rows - r0 < R ? a.rows - r0 : R;
-        const int64_t c0 = ct * TW;
-        const int64_t nc = a.cols - c0 < TW ? a.cols - c0 : TW;
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          if (r >= nr) break;
-          T* __restrict d = o + (r0 + r) * a.ldo + c0;
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) {
-            const int64_t left = nc - v * L;
-            if (left >= L)
-              cstore(d + v * L, acc[r][v]);
-            else if (left > 0)
-              cstore_n(d + v * L, acc[r][v], left);
+            for (int v = 0; v < NV; ++v) {
+              const int64_t left = nc - v * L;
+              if (left >= L)
+                cstore(d + v * L, acc[r][v]);
+              else if (left > 0)
+                cstore_n(d + v * L, acc[r][v], left);
+            }
           }
         }
       }
