@@ -25,8 +25,8 @@
 // streamed from L2 once per list (at low density each line fetched from L2 fed less than
 // one FMA). Partial tiles wait in `scratch` between blocks.
 //
-// The kept-weight gradient uses the forward's buffer and lists: for each entry, the dot
-// product of the gy plane of its output channel with the shifted input (dots).
+// The kept-weight gradient uses the forward's buffer and lists (in runs, one block): for each entry, the dot product of the gy plane of its output channel
+// with the shifted input (dots).
 #pragma once
 #include <cstdint>
 
@@ -54,7 +54,7 @@ struct DotArgs {
   const void* g;            // gy of one image: plane l at g + l * g_plane, rows g_row apart
   int64_t g_plane, g_row;
   int64_t rows, cols;       // output rows and columns summed
-  const int32_t* ptr;       // [lists + 1]
+  const int32_t* ptr;       // [lists][kRunKinds] + 1: the runs of each list, as CorrArgs (one block)
   const int32_t* off;       // [entries]
   const uint8_t* active;    // [lists] or nullptr: lists with 0 are skipped
   void* out;                // [entries] accumulated into (+=), list order

@@ -113,6 +113,7 @@ struct InputLayout {
 };
 
 constexpr double kShiftedMinDensity = 0.4;
+constexpr double kDotGroupMinDensity = 0.65;  // see sparse_conv2d_grad_weight_cpu
 
 bool use_shifted_copies(const Geom& g, int64_t nnz) {
   if (g.sw != 1 || g.kw == 1) return false;
@@ -242,6 +243,19 @@ std::vector<int32_t> group_rows(const int32_t* ptr, int64_t lists, int64_t in_ro
   }
   runs[kRunKinds * lists] = lists > 0 ? ptr[lists] : 0;
   return runs;
+}
+
+// Boundaries of the sub-lists (o, block) of output_channel_lists' lists, blocks of cb
+// input channels: list o's entries are in channel order, so sub-list o * blocks + b is a
+// contiguous range.
+std::vector<int32_t> channel_blocks(const Geom& g, const int32_t* ccol, const int32_t* row, int64_t cb,
+                                    int64_t blocks) {
+  std::vector<int32_t> sub(g.O * blocks + 1, 0);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t k = ccol[t * g.C + c]; k < ccol[t * g.C + c + 1]; ++k) ++sub[row[k] * blocks + c / cb + 1];
+  for (int64_t l = 0; l < g.O * blocks; ++l) sub[l + 1] += sub[l];
+  return sub;
 }
 
 struct FreeDeleter {
@@ -375,15 +389,7 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
   // channel order, so its sub-list (l, block) is a contiguous range, l * blocks + block.
   const int64_t cb = block_planes(g.C, values.numel(), O);
   const int64_t blocks = std::max<int64_t>(1, cdiv(g.C, cb));
-  std::vector<int32_t> sub(O * blocks + 1, 0);
-  {
-    const int32_t* cc = ccol.data_ptr<int32_t>();
-    const int32_t* rw = row.data_ptr<int32_t>();
-    for (int64_t t = 0; t < g.kh * g.kw; ++t)
-      for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t k = cc[t * g.C + c]; k < cc[t * g.C + c + 1]; ++k) ++sub[rw[k] * blocks + c / cb + 1];
-    for (int64_t l = 0; l < O * blocks; ++l) sub[l + 1] += sub[l];
-  }
+  const std::vector<int32_t> sub = channel_blocks(g, ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), cb, blocks);
   const std::vector<int32_t> runs = group_rows(sub.data(), O * blocks, L.in_row, ls.off, ls.vidx);
   const CorrFn fn = corr_fn(tl, f64);
   const ConvKernelTable& kt = conv_kernel_table();
@@ -476,21 +482,36 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   const InputLayout& L = layout.first;
   const int64_t band = layout.second;
   const int64_t n_bands = cdiv(g.OH, band);
-  const Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+  Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+  // Runs (conv.h) in one block: splitting the lists by input channel made dots slower at
+  // every density and block size tried (sub-lists of 24 / 64 / 160 entries: +3-75% /
+  // +0-35% / +0-10% time against one block; fewer full groups of eight share a gy load).
+  // Row groups only for long, dense lists: they saved 5-7% at density 0.8 and were even
+  // to 10% slower at 0.1-0.5 (1 thread, Conv-4 shapes), where most groups are singles
+  // anyway and the extra runs' remainder passes reread gy. Otherwise every entry is single.
+  std::vector<int32_t> runs(kRunKinds * O + 1);
+  const double density = static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(O) * g.kh * g.kw * g.C);
+  if (density >= kDotGroupMinDensity && nnz >= 64 * O) {
+    runs = group_rows(crow.data(), O, L.in_row, ls.off, ls.vidx);
+  } else {
+    for (int64_t o = 0; o < O; ++o)
+      for (int k = 0; k < kRunKinds; ++k) runs[kRunKinds * o + k] = crow[o];
+    runs[kRunKinds * O] = crow[O];
+  }
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_grad_weight", [&] {
     std::vector<scalar_t> partial(threads * nnz, scalar_t(0));  // list order, one copy per thread
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = gy.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
-    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t pblocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, pblocks);
+    at::parallel_for(0, g.N * n_bands * pblocks, 1, [&](int64_t b0, int64_t b1) {
       auto xbuf = buffer<scalar_t>(L.total());
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
-        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        const int64_t nb = item / pblocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % pblocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
         if (nb != packed) {
           L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, xbuf.get(), sizeof(scalar_t));
@@ -504,7 +525,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         a.g_row = g.OW;
         a.rows = std::min(band, g.OH - r0);
         a.cols = g.OW;
-        a.ptr = crow.data();
+        a.ptr = runs.data();
         a.off = ls.off.data();
         a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
         a.out = acc;
