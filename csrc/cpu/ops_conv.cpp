@@ -90,10 +90,13 @@ CorrFn corr_fn(const Tile& tl, bool f64) {
 // Dense-ish tickets with stride 1 along columns use `shifts` = kw copies instead: copy j
 // holds the image shifted left by j*dw columns, rows a whole number of vectors, so every
 // load is 64-byte aligned (an unaligned 64-byte load nearly always splits a cache line).
-// That pays only when the taps of a channel reuse its rows from L1: measured (1 thread,
-// thread_time, batch 64, 3x3), forward 128->128@14 at density 1.0 / 0.5 / 0.25 / 0.1:
-// 68 -> 49, 38 -> 31, 21 -> 21, 9.5 -> 9.9 ms; 64->64@28 at 1.0 / 0.5: 74 -> 60, 39 -> 36 ms;
-// at 0.02 the kw packs per image cost 10-40%. Hence the density threshold below.
+// That paid when every FMA had its own load. Since correlate's row groups (conv.h) share
+// loads, it pays only for planes one vector wide: measured (1 thread, thread_time, batch
+// 64, 3x3), unshifted -> shifted, forward / input gradient, 64->64@28 at density 1.0: 44.8
+// -> 51.4 / 44.3 -> 46.5 ms, at 0.5: 26.4 -> 28.1 / 29.5 -> 28.8, at 0.2: 16.3 -> 17.7 /
+// 15.9 -> 17.8 (slower at every density); 128->128@14 at 0.5: 26.4 -> 23.3 / 29.6 -> 25.0,
+// at 0.2: 13.9 -> 12.7 / 14.1 -> 12.7, at 0.1: 8.0 -> 8.4 / 8.3 -> 8.4 (64->128@14
+// alike). Hence one vector per row and the density threshold below.
 struct InputLayout {
   int64_t rows, cols, phase, chan;  // rows/cols of a phase plane; elements per phase / channel
   int64_t in_row;                   // elements between consecutive output rows
@@ -112,10 +115,10 @@ struct InputLayout {
   }
 };
 
-constexpr double kShiftedMinDensity = 0.4;
+constexpr double kShiftedMinDensity = 0.15;
 constexpr double kDotGroupMinDensity = 0.65;  // see sparse_conv2d_grad_weight_cpu
 
-bool use_shifted_copies(const Geom& g, int64_t nnz) {
+bool use_shifted_copies(const Geom& g, int64_t nnz, const Tile& tl) {
   if (g.sw != 1 || g.kw == 1) return false;
   // SPARSETICKET_CONV_SHIFTED=0/1 forces it off/on (A/B sweeps)
   static const int forced = [] {
@@ -124,12 +127,12 @@ bool use_shifted_copies(const Geom& g, int64_t nnz) {
   }();
   if (forced >= 0) return forced > 0;
   const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
-  return dense > 0 && nnz >= kShiftedMinDensity * dense;
+  return tl.col_tiles * tl.nv == 1 && dense > 0 && nnz >= kShiftedMinDensity * dense;
 }
 
 InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, int64_t nnz) {
   InputLayout L;
-  L.shifts = use_shifted_copies(g, nnz) ? g.kw : 1;
+  L.shifts = use_shifted_copies(g, nnz, tl) ? g.kw : 1;
   L.rows = (row_tiles_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
   L.cols = tl.col_tiles * tl.nv * tl.lanes + (L.shifts > 1 ? 0 : ((g.kw - 1) * g.dw) / g.sw);
   L.phase = L.rows * L.cols;
@@ -589,7 +592,7 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
   // Stride 1 along columns and a dense-ish ticket: kw copies of the padded gy, copy j
   // shifted by tap j's column offset, rows a whole number of vectors, so that every load
   // is aligned (as the forward's `shifts`, see InputLayout).
-  const int64_t shifts = use_shifted_copies(g, values.numel()) ? g.kw : 1;
+  const int64_t shifts = use_shifted_copies(g, values.numel(), tl) ? g.kw : 1;
   // bands of `band` phase rows: the padded gy rows they read, `halo` more than the band
   const int64_t Wg = tl.col_tiles * tl.nv * tl.lanes + (shifts > 1 ? 0 : (g.sw - 1 + g.pw) / g.sw + Lp);
   const int64_t halo = (g.sh - 1 + g.ph) / g.sh + Tp, row_bytes = shifts * O * Wg * gy_.element_size();
