@@ -25,8 +25,9 @@
 // streamed from L2 once per list (at low density each line fetched from L2 fed less than
 // one FMA). Partial tiles wait in `scratch` between blocks.
 //
-// The kept-weight gradient uses the forward's buffer and lists (in runs, one block): for each entry, the dot product of the gy plane of its output channel
-// with the shifted input (dots).
+// The kept-weight gradient uses the forward's buffer and lists (in runs, one block): for
+// each entry, the dot product of the gy plane of its output channel with the shifted
+// input (dots).
 #pragma once
 #include <cstdint>
 
@@ -36,7 +37,7 @@ namespace cpu {
 struct CorrArgs {
   const void* in;           // packed operand
   int64_t in_row;           // elements of `in` between consecutive output rows
-  const int32_t* ptr;       // [lists][blocks][kRunKinds] + 1: entry ranges of the runs of list l, block b
+  const int32_t* ptr;       // [lists][blocks][kRunKinds] + 1: run boundaries of (list, block)
   int64_t blocks;           // >= 1
   void* scratch;            // blocks > 1: [l1 - l0][R][NV * L] partial tiles
   const int32_t* off;       // [entries] offset of each entry's (0, 0) input in `in`

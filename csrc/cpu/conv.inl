@@ -237,8 +237,9 @@ void pack_planes(const void* srcv, int64_t C, int64_t H, int64_t W, int64_t top,
 // registers while the plane's list streams past. A list is four runs of row groups
 // (conv.h): a group of K entries whose inputs are D rows apart loads each of its input
 // rows once and feeds it to the K accumulator rows it touches, so a triple (a full column
-// of 3x3 taps) does 3R FMAs per vector for R + 2 loads instead of 3R. Loads, not FMAs,
-// were the limit: one 64-byte load per FMA, at best one per cycle.
+// of 3x3 taps) does 3R FMAs per vector for R + 2 loads instead of 3R. With one load per
+// FMA, loads were a limit (this Zen 4 does one 64-byte load and one 16-lane FMA per
+// cycle, and a load that is not 32-byte aligned costs more).
 
 // Keeps v in a register: without it GCC folds the load back into every FMA that uses it
 // as a memory operand, which undoes the sharing below (3 loads per triple row again).
