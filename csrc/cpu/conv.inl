@@ -356,11 +356,48 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
 //
 // Kept-weight gradient of one image: out[e] += <gy plane of the entry's list, input
 // shifted by off[e]>, read straight from gy (no copy): a masked load for a ragged row end.
-// Column vectors outer, rows inner (rows outer, with a runtime loop over a row's vectors
-// inside, was 20-25% slower at 14x14 density 0.8 and no faster at 28x28). The lists come in correlate's runs (conv.h): G groups of K entries at row shifts
+// The lists come in correlate's runs (conv.h): G groups of K entries at row shifts
 // (0, D1, D2) go together, so each input row vector is loaded once for its K products
 // and each gy row vector once for the G groups (a triple block: 11 loads per 24 FMAs; one
 // entry at a time needed 9 loads per 8).
+
+// One input row vector per group (at xo) against the K gy vectors gk of the rows it meets.
+template <typename T, int G, int K, int D1, int D2>
+inline void dot_step(typename CVec<T>::type* acc, const T* __restrict const* xs, int64_t xo, const typename CVec<T>::type* gk,
+                     int64_t rho, int64_t rows) {
+  using V = typename CVec<T>::type;
+  constexpr int D[3] = {0, D1, D2};
+  bool all = true;
+#pragma GCC unroll 3
+  for (int k = 0; k < K; ++k) all = all && rho - D[k] >= 0 && rho - D[k] < rows;
+  if (all) {
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) {
+      V x = cload(xs[i] + xo);
+      if constexpr (K > 1) pin_register(x);
+#pragma GCC unroll 3
+      for (int k = 0; k < K; ++k) acc[i * K + k] += gk[k] * x;
+    }
+  } else {  // first and last rows of a group: only some of its entries see this row
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) {
+      V x = cload(xs[i] + xo);
+      if constexpr (K > 1) pin_register(x);
+#pragma GCC unroll 3
+      for (int k = 0; k < K; ++k)
+        if (rho - D[k] >= 0 && rho - D[k] < rows) acc[i * K + k] += gk[k] * x;
+    }
+  }
+}
+
+// gy row r's vector at column q, n lanes (the rest zero: x's lanes there, padding, are
+// ignored), or zero outside the plane
+template <typename T>
+inline typename CVec<T>::type gy_vec(const T* g, int64_t g_row, int64_t r, int64_t rows, int64_t q, int64_t n) {
+  constexpr int L = CVec<T>::L;
+  if (r < 0 || r >= rows) return typename CVec<T>::type{};
+  return n == L ? cload(g + r * g_row + q) : cload_range(g + r * g_row + q, 0, n);
+}
 
 template <typename T, int G, int K, int D1, int D2>
 inline void dot_groups(const T* __restrict g, int64_t g_row, const T* __restrict X, const int32_t* __restrict off,
@@ -375,37 +412,30 @@ inline void dot_groups(const T* __restrict g, int64_t g_row, const T* __restrict
   for (int i = 0; i < G * K; ++i) acc[i] = V{};
 #pragma GCC unroll 8
   for (int i = 0; i < G; ++i) xs[i] = X + off[i * K];
-  for (int64_t q = 0; q < cols; q += L) {
-    const int64_t n = cols - q < L ? cols - q : L;
+  if (cols > L && cols <= 2 * L) {
+    // Two vectors per row (28 wide): both in one pass over the rows, so the cache line a
+    // row's two vectors share is read once (column vectors outer: density 0.1 10% slower).
+    const int64_t n2 = cols - L;
     for (int64_t rho = 0; rho < rows + DM; ++rho) {
-      V gk[K];
-      bool all = true;
+      V g0[K], g1[K];
 #pragma GCC unroll 3
       for (int k = 0; k < K; ++k) {
-        const int64_t r = rho - D[k];
-        const bool in = r >= 0 && r < rows;
-        all = all && in;
-        // gy lanes past the row are zero, so x's there (padding) are ignored
-        gk[k] = !in ? V{} : n == L ? cload(g + r * g_row + q) : cload_range(g + r * g_row + q, 0, n);
+        g0[k] = gy_vec(g, g_row, rho - D[k], rows, 0, L);
+        g1[k] = gy_vec(g, g_row, rho - D[k], rows, L, n2);
       }
-      const int64_t xo = rho * x_row + q;
-      if (all) {
-#pragma GCC unroll 8
-        for (int i = 0; i < G; ++i) {
-          V x = cload(xs[i] + xo);
-          if constexpr (K > 1) pin_register(x);
+      dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row, g0, rho, rows);
+      dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row + L, g1, rho, rows);
+    }
+  } else {
+    // Column vectors outer (rows outer with a runtime loop over a row's vectors inside was
+    // 20-25% slower at 14x14, density 0.8).
+    for (int64_t q = 0; q < cols; q += L) {
+      const int64_t n = cols - q < L ? cols - q : L;
+      for (int64_t rho = 0; rho < rows + DM; ++rho) {
+        V gk[K];
 #pragma GCC unroll 3
-          for (int k = 0; k < K; ++k) acc[i * K + k] += gk[k] * x;
-        }
-      } else {  // first and last rows of a group: only some of its entries see this row
-#pragma GCC unroll 8
-        for (int i = 0; i < G; ++i) {
-          V x = cload(xs[i] + xo);
-          if constexpr (K > 1) pin_register(x);
-#pragma GCC unroll 3
-          for (int k = 0; k < K; ++k)
-            if (rho - D[k] >= 0 && rho - D[k] < rows) acc[i * K + k] += gk[k] * x;
-        }
+        for (int k = 0; k < K; ++k) gk[k] = gy_vec(g, g_row, rho - D[k], rows, q, n);
+        dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row + q, gk, rho, rows);
       }
     }
   }
