@@ -404,3 +404,45 @@ print("ok")
                PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env", [dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="1"),
+                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="0"),
+                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="1"),
+                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="0")],
+                         ids=["one_plane_blocks_shifted", "one_plane_blocks_unshifted", "one_block_shifted",
+                              "one_block_unshifted"])
+def test_layout_knobs(env):
+    """Correlate's extremes (conv.h), which the default choice per density may never pick at
+    test sizes: a block per plane (partial tiles through scratch between every plane) or one
+    block; shifted copies (aligned loads, in the forward and the input gradient) forced on or
+    off. The knobs are read once per process, hence the subprocess."""
+    code = r"""
+import torch, torch.nn.functional as F, sys
+sys.path.insert(0, sys.argv[1])
+from test_sparse_conv import make_conv, GEOMS, close, _kept
+ST = torch.ops.sparseticket
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    for geom in (GEOMS[0], GEOMS[1], GEOMS[4], GEOMS[6], GEOMS[7], GEOMS[9], GEOMS[10], (2, 6, 5, 14, 14, 3, 1, 1, 2)):
+        for sparsity in (0.0, 0.3, 0.8):
+            w, mask, t, x, bias, conf = make_conv(geom, sparsity, dtype, g)
+            tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+            y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
+            close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, f"forward {geom} {sparsity}")
+            gy = torch.randn(y.shape, dtype=dtype)
+            close(ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
+                  torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, f"grad_input {geom} {sparsity}")
+            close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf),
+                  _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype,
+                  f"grad_weight {geom} {sparsity}")
+print("ok")
+"""
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="2", **env,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

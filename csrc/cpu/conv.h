@@ -11,8 +11,23 @@
 // flipped). Each list entry is a shifted axpy over a tile of R output rows x NV vectors
 // held in registers while the list's entries stream past (correlate).
 //
-// The kept-weight gradient uses the forward's buffer and lists: for each entry, the dot
-// product of the gy plane of its output channel with the shifted input (dots).
+// Row groups: entries of a list whose offsets are in_row (one output row) or 2*in_row
+// apart read the same input rows, so correlate takes each list as kRunKinds runs: triples
+// at offsets (o, o + in_row, o + 2 in_row), pairs at (o, o + in_row), pairs at
+// (o, o + 2 in_row), singles. A group's entries are consecutive and the group's offset is
+// its first entry's; the grouping is pure offset arithmetic, so it is valid for any
+// layout (group_rows in ops_conv.cpp builds it).
+//
+// Blocks: each list is split into `blocks` sub-lists by the input plane its entries read
+// (input channels in the forward, output channels' gy in the input gradient), and
+// correlate runs tile by tile and, within a tile, block by block over all its lists, so
+// the block's rows of the packed operand are reread from L1 by every list instead of
+// streamed from L2 once per list (at low density each line fetched from L2 fed less than
+// one FMA). Partial tiles wait in `scratch` between blocks.
+//
+// The kept-weight gradient uses the forward's buffer and lists (in runs, one block): for
+// each entry, the dot product of the gy plane of its output channel with the shifted
+// input (dots).
 #pragma once
 #include <cstdint>
 
@@ -22,7 +37,9 @@ namespace cpu {
 struct CorrArgs {
   const void* in;           // packed operand
   int64_t in_row;           // elements of `in` between consecutive output rows
-  const int32_t* ptr;       // [lists + 1] entry ranges
+  const int32_t* ptr;       // [lists][blocks][kRunKinds] + 1: run boundaries of (list, block)
+  int64_t blocks;           // >= 1
+  void* scratch;            // blocks > 1: [l1 - l0][R][NV * L] partial tiles
   const int32_t* off;       // [entries] offset of each entry's (0, 0) input in `in`
   const void* val;          // [entries] weights, list order
   const void* bias;         // [lists] or nullptr
@@ -38,7 +55,7 @@ struct DotArgs {
   const void* g;            // gy of one image: plane l at g + l * g_plane, rows g_row apart
   int64_t g_plane, g_row;
   int64_t rows, cols;       // output rows and columns summed
-  const int32_t* ptr;       // [lists + 1]
+  const int32_t* ptr;       // [lists][kRunKinds] + 1: the runs of each list, as CorrArgs (one block)
   const int32_t* off;       // [entries]
   const uint8_t* active;    // [lists] or nullptr: lists with 0 are skipped
   void* out;                // [entries] accumulated into (+=), list order
@@ -50,6 +67,8 @@ using PackPlanesFn = void (*)(const void* src, int64_t C, int64_t H, int64_t W, 
                               int64_t step, int64_t rows, int64_t cols, void* dst);
 using CorrFn = void (*)(const CorrArgs&, int64_t l0, int64_t l1);
 using DotFn = void (*)(const DotArgs&, int64_t l0, int64_t l1);
+
+constexpr int kRunKinds = 4;
 
 // Row-tile heights instantiated for correlate, per width of NV vectors (1..kMaxNV); a
 // (NV, R) pair is instantiated when NV * R fits the ISA's accumulator registers.

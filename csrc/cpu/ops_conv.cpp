@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <utility>
@@ -89,10 +90,13 @@ CorrFn corr_fn(const Tile& tl, bool f64) {
 // Dense-ish tickets with stride 1 along columns use `shifts` = kw copies instead: copy j
 // holds the image shifted left by j*dw columns, rows a whole number of vectors, so every
 // load is 64-byte aligned (an unaligned 64-byte load nearly always splits a cache line).
-// That pays only when the taps of a channel reuse its rows from L1: measured (1 thread,
-// thread_time, batch 64, 3x3), forward 128->128@14 at density 1.0 / 0.5 / 0.25 / 0.1:
-// 68 -> 49, 38 -> 31, 21 -> 21, 9.5 -> 9.9 ms; 64->64@28 at 1.0 / 0.5: 74 -> 60, 39 -> 36 ms;
-// at 0.02 the kw packs per image cost 10-40%. Hence the density threshold below.
+// That paid when every FMA had its own load. Since correlate's row groups (conv.h) share
+// loads, it pays only for planes one vector wide: measured (1 thread, thread_time, batch
+// 64, 3x3), unshifted -> shifted, forward / input gradient, 64->64@28 at density 1.0: 44.8
+// -> 51.4 / 44.3 -> 46.5 ms, at 0.5: 26.4 -> 28.1 / 29.5 -> 28.8, at 0.2: 16.3 -> 17.7 /
+// 15.9 -> 17.8 (slower at every density); 128->128@14 at 0.5: 26.4 -> 23.3 / 29.6 -> 25.0,
+// at 0.2: 13.9 -> 12.7 / 14.1 -> 12.7, at 0.1: 8.0 -> 8.4 / 8.3 -> 8.4 (64->128@14
+// alike). Hence one vector per row and the density threshold below.
 struct InputLayout {
   int64_t rows, cols, phase, chan;  // rows/cols of a phase plane; elements per phase / channel
   int64_t in_row;                   // elements between consecutive output rows
@@ -111,9 +115,10 @@ struct InputLayout {
   }
 };
 
-constexpr double kShiftedMinDensity = 0.4;
+constexpr double kShiftedMinDensity = 0.15;
+constexpr double kDotGroupMinDensity = 0.65;  // see sparse_conv2d_grad_weight_cpu
 
-bool use_shifted_copies(const Geom& g, int64_t nnz) {
+bool use_shifted_copies(const Geom& g, int64_t nnz, const Tile& tl) {
   if (g.sw != 1 || g.kw == 1) return false;
   // SPARSETICKET_CONV_SHIFTED=0/1 forces it off/on (A/B sweeps)
   static const int forced = [] {
@@ -122,12 +127,12 @@ bool use_shifted_copies(const Geom& g, int64_t nnz) {
   }();
   if (forced >= 0) return forced > 0;
   const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
-  return dense > 0 && nnz >= kShiftedMinDensity * dense;
+  return tl.col_tiles * tl.nv == 1 && dense > 0 && nnz >= kShiftedMinDensity * dense;
 }
 
 InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, int64_t nnz) {
   InputLayout L;
-  L.shifts = use_shifted_copies(g, nnz) ? g.kw : 1;
+  L.shifts = use_shifted_copies(g, nnz, tl) ? g.kw : 1;
   L.rows = (row_tiles_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
   L.cols = tl.col_tiles * tl.nv * tl.lanes + (L.shifts > 1 ? 0 : ((g.kw - 1) * g.dw) / g.sw);
   L.phase = L.rows * L.cols;
@@ -166,6 +171,96 @@ Lists output_channel_lists(const Geom& g, const InputLayout& L, const int32_t* c
   return ls;
 }
 
+// Reorders the entries of each list [ptr[l], ptr[l + 1]) into correlate's row-group runs
+// (conv.h) and returns the runs' boundaries, kRunKinds per list. off and vidx are
+// permuted together and only within lists, so ptr still delimits the lists. Entries whose
+// offsets are in_row apart form chains (a column of taps); each chain is cut into triples
+// from its head, a remainder of two is an adjacent pair, a remainder of one may still pair
+// with an entry 2*in_row further on (taps {0, 2}). Linear time: offsets are looked up in
+// a table over the operand (a sort per list cost ~5 ms per call at 128x128x3x3).
+std::vector<int32_t> group_rows(const int32_t* ptr, int64_t lists, int64_t in_row, std::vector<int32_t>& off,
+                                std::vector<int32_t>& vidx) {
+  std::vector<int32_t> runs(kRunKinds * lists + 1);
+  int64_t top = 0;
+  for (int32_t o : off) top = std::max<int64_t>(top, o);
+  std::vector<int32_t> at(top + 1, -1);  // at[offset]: the entry of the current list there
+  std::vector<char> used;
+  std::vector<int32_t> kind[kRunKinds];
+  std::vector<int32_t> off2, vidx2;
+  for (int64_t l = 0; l < lists; ++l) {
+    const int32_t e0 = ptr[l], e1 = ptr[l + 1];
+    used.assign(e1 - e0, 0);
+    for (int32_t e = e0; e < e1; ++e) {
+      if (at[off[e]] >= 0)
+        used[e - e0] = 2;  // a duplicate offset stays single (never met in practice)
+      else
+        at[off[e]] = e;
+    }
+    auto entry = [&](int64_t o) -> int32_t {  // the unused entry at offset o, or -1
+      if (o < 0 || o > top) return -1;
+      const int32_t e = at[o];
+      return e >= 0 && !used[e - e0] ? e : -1;
+    };
+    for (auto& k : kind) k.clear();
+    for (int32_t e = e0; e < e1; ++e) {  // chains, from their heads
+      if (used[e - e0] || entry(int64_t(off[e]) - in_row) >= 0) continue;
+      int32_t c = e;
+      while (c >= 0) {
+        const int32_t c1 = entry(int64_t(off[c]) + in_row);
+        const int32_t c2 = c1 >= 0 ? entry(int64_t(off[c]) + 2 * in_row) : -1;
+        if (c1 < 0) break;  // a remainder of one: left for the gap pairs and singles
+        used[c - e0] = used[c1 - e0] = 1;
+        if (c2 < 0) {
+          kind[1].insert(kind[1].end(), {c, c1});
+          break;
+        }
+        used[c2 - e0] = 1;
+        kind[0].insert(kind[0].end(), {c, c1, c2});
+        c = entry(int64_t(off[c]) + 3 * in_row);
+      }
+    }
+    for (int32_t e = e0; e < e1; ++e) {  // gap pairs, then singles
+      if (used[e - e0] == 1) continue;
+      const int32_t g2 = used[e - e0] ? -1 : entry(int64_t(off[e]) + 2 * in_row);
+      used[e - e0] = 1;
+      if (g2 >= 0) {
+        used[g2 - e0] = 1;
+        kind[2].insert(kind[2].end(), {e, g2});
+      } else {
+        kind[3].push_back(e);
+      }
+    }
+    for (int32_t e = e0; e < e1; ++e)
+      if (at[off[e]] == e) at[off[e]] = -1;
+    off2.clear();
+    vidx2.clear();
+    for (int k = 0; k < kRunKinds; ++k) {
+      runs[kRunKinds * l + k] = e0 + static_cast<int32_t>(off2.size());
+      for (int32_t e : kind[k]) {
+        off2.push_back(off[e]);
+        vidx2.push_back(vidx[e]);
+      }
+    }
+    std::copy(off2.begin(), off2.end(), off.begin() + e0);
+    std::copy(vidx2.begin(), vidx2.end(), vidx.begin() + e0);
+  }
+  runs[kRunKinds * lists] = lists > 0 ? ptr[lists] : 0;
+  return runs;
+}
+
+// Boundaries of the sub-lists (o, block) of output_channel_lists' lists, blocks of cb
+// input channels: list o's entries are in channel order, so sub-list o * blocks + b is a
+// contiguous range.
+std::vector<int32_t> channel_blocks(const Geom& g, const int32_t* ccol, const int32_t* row, int64_t cb,
+                                    int64_t blocks) {
+  std::vector<int32_t> sub(g.O * blocks + 1, 0);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t k = ccol[t * g.C + c]; k < ccol[t * g.C + c + 1]; ++k) ++sub[row[k] * blocks + c / cb + 1];
+  for (int64_t l = 0; l < g.O * blocks; ++l) sub[l + 1] += sub[l];
+  return sub;
+}
+
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
@@ -192,6 +287,25 @@ int64_t band_bytes() {
     return b > 0 ? static_cast<int64_t>(b) : int64_t(512) << 10;
   }();
   return v;
+}
+
+// Planes (input channels in the forward, gy planes in the input gradient) per correlate
+// block (conv.h): the fewest that give a sub-list ~24 entries, so that reloading and
+// storing the partial tile between blocks stays small next to the entries' FMAs. Measured
+// (1 thread, thread_time, Conv-4 shapes, densities 0.1-0.8), targets of 8 / 16 / 24-32
+// entries and unblocked: 24-32 best at 14x14 (up to 18% faster than unblocked), within
+// noise at 28x28; sizing blocks to fit 4-32 KB of L1 instead did no better.
+// SPARSETICKET_CONV_BLOCK_ENTRIES overrides the target (sweeps; 1e9 means one block).
+int64_t block_planes(int64_t planes, int64_t nnz, int64_t lists) {
+  static const double target = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_BLOCK_ENTRIES");
+    const double v = s ? std::atof(s) : 0.0;
+    return v > 0 ? v : 24.0;
+  }();
+  const double per_plane = static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(lists) * planes);
+  const double want = std::ceil(target / std::max(per_plane, 1e-6));
+  return want >= static_cast<double>(planes) ? std::max<int64_t>(planes, 1)
+                                             : std::max<int64_t>(1, static_cast<int64_t>(want));
 }
 
 // Output rows per band (a multiple of r): `per_row` bytes per output row plus `fixed`.
@@ -272,8 +386,14 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
   const InputLayout& L = layout.first;
   const int64_t band = layout.second;
   const int64_t n_bands = cdiv(g.OH, band);
-  const Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
-                                        row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
+  Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
+                                  row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
+  // Blocks of input channels (conv.h). A list's entries are in
+  // channel order, so its sub-list (l, block) is a contiguous range, l * blocks + block.
+  const int64_t cb = block_planes(g.C, values.numel(), O);
+  const int64_t blocks = std::max<int64_t>(1, cdiv(g.C, cb));
+  const std::vector<int32_t> sub = channel_blocks(g, ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), cb, blocks);
+  const std::vector<int32_t> runs = group_rows(sub.data(), O * blocks, L.in_row, ls.off, ls.vidx);
   const CorrFn fn = corr_fn(tl, f64);
   const ConvKernelTable& kt = conv_kernel_table();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
@@ -282,13 +402,15 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
     for (size_t k = 0; k < val.size(); ++k) val[k] = v[ls.vidx[k]];
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
-    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t pblocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, pblocks);
+    at::parallel_for(0, g.N * n_bands * pblocks, 1, [&](int64_t b0, int64_t b1) {
       auto buf = buffer<scalar_t>(L.total());
+      Buffer<scalar_t> scratch;
+      if (blocks > 1) scratch = buffer<scalar_t>(per * tl.r * tl.nv * tl.lanes);
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
-        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        const int64_t nb = item / pblocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % pblocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
         if (nb != packed) {
           L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, buf.get(), sizeof(scalar_t));
@@ -297,7 +419,9 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
         CorrArgs a{};
         a.in = buf.get();
         a.in_row = L.in_row;
-        a.ptr = crow.data_ptr<int32_t>();
+        a.ptr = runs.data();
+        a.blocks = blocks;
+        a.scratch = scratch.get();
         a.off = ls.off.data();
         a.val = val.data();
         a.bias = bias ? bias->data_ptr<scalar_t>() : nullptr;
@@ -361,21 +485,36 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   const InputLayout& L = layout.first;
   const int64_t band = layout.second;
   const int64_t n_bands = cdiv(g.OH, band);
-  const Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+  Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+  // Runs (conv.h) in one block: splitting the lists by input channel made dots slower at
+  // every density and block size tried (sub-lists of 24 / 64 / 160 entries: +3-75% /
+  // +0-35% / +0-10% time against one block; fewer full groups of eight share a gy load).
+  // Row groups only for long, dense lists: they saved 5-7% at density 0.8 and were even
+  // to 10% slower at 0.1-0.5 (1 thread, Conv-4 shapes), where most groups are singles
+  // anyway and the extra runs' remainder passes reread gy. Otherwise every entry is single.
+  std::vector<int32_t> runs(kRunKinds * O + 1);
+  const double density = static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(O) * g.kh * g.kw * g.C);
+  if (density >= kDotGroupMinDensity && nnz >= 64 * O) {
+    runs = group_rows(crow.data(), O, L.in_row, ls.off, ls.vidx);
+  } else {
+    for (int64_t o = 0; o < O; ++o)
+      for (int k = 0; k < kRunKinds; ++k) runs[kRunKinds * o + k] = crow[o];
+    runs[kRunKinds * O] = crow[O];
+  }
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_grad_weight", [&] {
     std::vector<scalar_t> partial(threads * nnz, scalar_t(0));  // list order, one copy per thread
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = gy.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, blocks);
-    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t pblocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, pblocks);
+    at::parallel_for(0, g.N * n_bands * pblocks, 1, [&](int64_t b0, int64_t b1) {
       auto xbuf = buffer<scalar_t>(L.total());
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t nb = item / blocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
-        const int64_t l0 = (item % blocks) * per, l1 = std::min(O, l0 + per);
+        const int64_t nb = item / pblocks, n = nb / n_bands, r0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % pblocks) * per, l1 = std::min(O, l0 + per);
         if (l0 >= l1) continue;
         if (nb != packed) {
           L.pack(f64 ? kt.pack_f64 : kt.pack_f32, xp + n * g.C * g.H * g.W, g, r0, xbuf.get(), sizeof(scalar_t));
@@ -389,7 +528,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         a.g_row = g.OW;
         a.rows = std::min(band, g.OH - r0);
         a.cols = g.OW;
-        a.ptr = crow.data();
+        a.ptr = runs.data();
         a.off = ls.off.data();
         a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
         a.out = acc;
@@ -450,40 +589,52 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
   const int64_t Ha0 = cdiv(g.H, g.sh), Wb0 = cdiv(g.W, g.sw);
   const Tile tl = choose_tile(Ha0, Wb0, f64);
   const int64_t Tp = cdiv((g.kh - 1) * g.dh, g.sh), Lp = cdiv((g.kw - 1) * g.dw, g.sw);
+  // Stride 1 along columns and a dense-ish ticket: kw copies of the padded gy, copy j
+  // shifted by tap j's column offset, rows a whole number of vectors, so that every load
+  // is aligned (as the forward's `shifts`, see InputLayout).
+  const int64_t shifts = use_shifted_copies(g, values.numel(), tl) ? g.kw : 1;
   // bands of `band` phase rows: the padded gy rows they read, `halo` more than the band
-  const int64_t Wg = tl.col_tiles * tl.nv * tl.lanes + (g.sw - 1 + g.pw) / g.sw + Lp;
-  const int64_t halo = (g.sh - 1 + g.ph) / g.sh + Tp, row_bytes = O * Wg * gy_.element_size();
+  const int64_t Wg = tl.col_tiles * tl.nv * tl.lanes + (shifts > 1 ? 0 : (g.sw - 1 + g.pw) / g.sw + Lp);
+  const int64_t halo = (g.sh - 1 + g.ph) / g.sh + Tp, row_bytes = shifts * O * Wg * gy_.element_size();
   const int64_t band = band_rows(Ha0, tl.r, row_bytes, halo * row_bytes), n_bands = cdiv(Ha0, band);
-  const int64_t Hg = band + halo;
-  TORCH_CHECK(O * Hg * Wg < (int64_t(1) << 31), "sparseticket: sparse_conv2d_grad_input: gy too large for int32 offsets");
+  const int64_t Hg = band + halo, copy = O * Hg * Wg;
+  TORCH_CHECK(shifts * copy < (int64_t(1) << 31),
+              "sparseticket: sparse_conv2d_grad_input: gy too large for int32 offsets");
   // lists per (phase, input channel), entries in (output channel, tap) order
   const int32_t* cr = crow.data_ptr<int32_t>();
   const int32_t* cc = col.data_ptr<int32_t>();
   const int64_t nnz = values.numel();
-  auto phase_of = [&](int64_t t, int64_t* m, int64_t* q) {
+  // Per ticket column (tap t, channel c): its list and the part of its offset that does not
+  // depend on the output channel (tables: two divisions per entry cost ~4 ms per call at
+  // 128x128x3x3).
+  std::vector<int32_t> col_list(K * C), col_off(K * C);
+  for (int64_t t = 0; t < K; ++t) {
     const int64_t i = t / g.kw, j = t % g.kw;
     const int64_t a = (((i * g.dh - g.ph) % g.sh) + g.sh) % g.sh, b = (((j * g.dw - g.pw) % g.sw) + g.sw) % g.sw;
-    *m = (a + g.ph - i * g.dh) / g.sh;
-    *q = (b + g.pw - j * g.dw) / g.sw;
-    return a * g.sw + b;
-  };
-  std::vector<int32_t> ptr(P * C + 1, 0), off(nnz), vidx(nnz);
-  for (int64_t e = 0; e < nnz; ++e) {
-    int64_t m, q;
-    ++ptr[phase_of(cc[e] / C, &m, &q) * C + cc[e] % C + 1];
+    const int64_t m = (a + g.ph - i * g.dh) / g.sh, q = (b + g.pw - j * g.dw) / g.sw;
+    for (int64_t c = 0; c < C; ++c) {
+      col_list[t * C + c] = static_cast<int32_t>((a * g.sw + b) * C + c);
+      col_off[t * C + c] = static_cast<int32_t>(shifts > 1 ? j * copy + (m + Tp) * Wg : (m + Tp) * Wg + (q + Lp));
+    }
   }
-  for (int64_t l = 0; l < P * C; ++l) ptr[l + 1] += ptr[l];
+  // Blocks of output channels (conv.h); sub-list (list, block) of
+  // list l is sub-list l * blocks + block.
+  const int64_t ob = block_planes(O, nnz, P * C);
+  const int64_t blocks = std::max<int64_t>(1, cdiv(O, ob));
+  std::vector<int32_t> ptr(P * C * blocks + 1, 0), off(nnz), vidx(nnz);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t e = cr[o]; e < cr[o + 1]; ++e) ++ptr[col_list[cc[e]] * blocks + o / ob + 1];
+  for (int64_t l = 0; l < P * C * blocks; ++l) ptr[l + 1] += ptr[l];
   {
     std::vector<int32_t> cursor(ptr.begin(), ptr.end() - 1);
     for (int64_t o = 0; o < O; ++o)
       for (int64_t e = cr[o]; e < cr[o + 1]; ++e) {
-        int64_t m, q;
-        const int64_t p = phase_of(cc[e] / C, &m, &q);
-        const int32_t dst = cursor[p * C + cc[e] % C]++;
-        off[dst] = static_cast<int32_t>(o * Hg * Wg + (m + Tp) * Wg + (q + Lp));
+        const int32_t dst = cursor[col_list[cc[e]] * blocks + o / ob]++;
+        off[dst] = static_cast<int32_t>(o * Hg * Wg + col_off[cc[e]]);
         vidx[dst] = static_cast<int32_t>(e);
       }
   }
+  const std::vector<int32_t> runs = group_rows(ptr.data(), P * C * blocks, Wg, off, vidx);
   const CorrFn fn = corr_fn(tl, f64);
   const ConvKernelTable& kt = conv_kernel_table();
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparse_conv2d_grad_input", [&] {
@@ -492,19 +643,25 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
     for (int64_t k = 0; k < nnz; ++k) val[k] = v[vidx[k]];
     const scalar_t* gp = gy.data_ptr<scalar_t>();
     scalar_t* xp = gx.data_ptr<scalar_t>();
-    const int64_t blocks = plane_blocks(g.N * n_bands, C), per = cdiv(C, blocks);
-    at::parallel_for(0, g.N * n_bands * blocks, 1, [&](int64_t b0, int64_t b1) {
-      auto buf = buffer<scalar_t>(O * Hg * Wg);
+    const int64_t pblocks = plane_blocks(g.N * n_bands, C), per = cdiv(C, pblocks);
+    at::parallel_for(0, g.N * n_bands * pblocks, 1, [&](int64_t b0, int64_t b1) {
+      auto buf = buffer<scalar_t>(shifts * copy);
       Buffer<scalar_t> tmp;
       if (P > 1) tmp = buffer<scalar_t>(per * band * Wb0);
+      Buffer<scalar_t> scratch;
+      if (blocks > 1) scratch = buffer<scalar_t>(per * tl.r * tl.nv * tl.lanes);
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t nb = item / blocks, n = nb / n_bands, I0 = (nb % n_bands) * band;
-        const int64_t l0 = (item % blocks) * per, l1 = std::min(C, l0 + per);
+        const int64_t nb = item / pblocks, n = nb / n_bands, I0 = (nb % n_bands) * band;
+        const int64_t l0 = (item % pblocks) * per, l1 = std::min(C, l0 + per);
         if (l0 >= l1) continue;
         if (nb != packed) {  // buffer row rho holds gy row rho + I0 - Tp
-          (f64 ? kt.pack_f64 : kt.pack_f32)(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, Tp - I0, Lp, 1, Hg, Wg,
-                                            buf.get());
+          const PackPlanesFn pack = f64 ? kt.pack_f64 : kt.pack_f32;
+          if (shifts == 1)
+            pack(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, Tp - I0, Lp, 1, Hg, Wg, buf.get());
+          else  // copy j, column w: gy column w + pw - j*dw
+            for (int64_t j = 0; j < shifts; ++j)
+              pack(gp + n * O * g.OH * g.OW, O, g.OH, g.OW, Tp - I0, j * g.dw - g.pw, 1, Hg, Wg, buf.get() + j * copy);
           packed = nb;
         }
         scalar_t* gxn = xp + n * C * g.H * g.W;
@@ -516,7 +673,9 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
           CorrArgs ca{};
           ca.in = buf.get();
           ca.in_row = Wg;
-          ca.ptr = ptr.data() + p * C;
+          ca.ptr = runs.data() + kRunKinds * blocks * p * C;
+          ca.blocks = blocks;
+          ca.scratch = scratch.get();
           ca.off = off.data();
           ca.val = val.data();
           ca.bias = nullptr;
