@@ -44,7 +44,7 @@ def test_bench_modules_quick(tmp_path):
         assert r["correct"] == "ok", r
         assert float(r["median_ms"]) > 0 or r["contender"].endswith("_backward"), r
         assert r["threads"] == "1" and r["backend"]
-        if r["contender"] != r["baseline"] and r["median_ms"]:
+        if r["contender"] != r["baseline"] and r["median_ms"] and "no bound" not in r["param"]:
             assert float(r["ratio_vs_baseline"]) > 0
     by = {(r["part"], r["model"] or r["layer"], r["contender"]): r for r in rows}
     for m in ("lenet_300_100", "conv4"):
@@ -60,7 +60,9 @@ def test_bench_modules_quick(tmp_path):
         nw = by[("neq_backward", m, "nowgrad_backward")]
         assert float(nw["wgrad_flops_executed"]) == 0
         db, nb = float(by[("neq_backward", m, "dense_backward")]["median_ms"]), float(nw["median_ms"])
-        if db > 0 and nb >= 0:  # differences of medians: two reps may make them anything
+        if m == "conv4":
+            assert nw["ratio_vs_baseline"] == "" and "no bound" in nw["param"]
+        elif db > 0 and nb >= 0:  # differences of medians: two reps may make them anything
             assert float(nw["ratio_vs_baseline"]) == pytest.approx(db / (0.5 * nb + 0.5 * db), rel=1e-3)  # CSV: 6 digits
     for layer in ("fc300x100", "conv128x128@14"):
         assert by[("layer_step", layer, "sparseticket")]["met"] in ("yes", "no")
