@@ -611,3 +611,26 @@ def test_compile_mask_change_free_with_dynamic_parameter_shapes(gen):
             torch.testing.assert_close(y, model(x))
             y.sum().backward()
         assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_sparse_conv_output_layout_is_nn_conv2ds(sparsity, mode):
+    """Drop-in: the output is contiguous NCHW like nn.Conv2d's at any density (a full
+    ticket's weight view once made oneDNN answer channels-last, and `y.view(n, -1)` failed),
+    and its gradients match."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    sp = stnn.sparsify(nn.Sequential(copy.deepcopy(conv)), amount=sparsity, mode=mode)[0]
+    with torch.no_grad():
+        conv.weight.copy_(sp.dense_weight())
+    x = torch.randn(2, 4, 5, 5)
+    y, want = sp(x), conv(x)
+    assert y.is_contiguous() and y.stride() == want.stride()
+    torch.testing.assert_close(y.view(2, -1), want.view(2, -1))
+    y.view(2, -1).sum().backward()
+    want.view(2, -1).sum().backward()
+    # the kept values' gradient, scattered to dense through the ticket's flat positions
+    flat = sp._buffers["flat"].long()
+    got = torch.zeros(sp.dense_weight().numel()).index_put_((flat,), sp.weight_values.grad)
+    torch.testing.assert_close(got.view_as(conv.weight), conv.weight.grad * (sp.dense_weight() != 0))

@@ -169,7 +169,10 @@ class SparseConv2d(TicketModule):
         O, K = self._dense2d_shape()
         if values.shape[0] == O * K:  # full ticket: values are W in (out, kh, kw, in/groups) order
             kh, kw = self.kernel_size
-            return values.view(O, kh, kw, K // (kh * kw)).permute(0, 3, 1, 2)
+            # contiguous: a channels-last weight view made oneDNN return a channels-last
+            # output, unlike nn.Conv2d (and `y.view(n, -1)` then fails); the copy is one
+            # pass over the weight
+            return values.view(O, kh, kw, K // (kh * kw)).permute(0, 3, 1, 2).contiguous()
         b = self._buffers
         w = TicketToDense.apply(values, b["flat"], O, K)
         return w.view(self._weight_shape())
