@@ -241,6 +241,35 @@ def write_group(ctx, contenders: List[Contender], status, stats: Dict[str, Stats
     return out
 
 
+def ready_contenders(args, makers, steppers: Dict[str, object], status: Dict[str, Optional[str]],
+                     module_of: Callable[[object], nn.Module], remask_flops: int) -> List[Contender]:
+    """One Contender per maker (name, _, variant) of parts 1 and 3: each stepper that passed
+    its check is warmed up ('auto' layers measure their paths here) and the FLOPs of one
+    step counted; the dense baseline is also charged its re-masking multiply
+    (``remask_flops``, one per weight), which FlopCounter counts only as dense work. A
+    failure is recorded in ``status``."""
+    cs = []
+    for name, _, variant in makers:
+        st = steppers.get(name)
+        c = Contender(name, st.step if st else (lambda: None), variant)
+        if st is not None and status.get(name) is None:
+            try:
+                for _ in range(args.warmup_steps):
+                    st.step()
+                module = module_of(st)
+                tot = count_flops(module, st.step)
+                c.flops, c.flops_dense = tot["all"]["executed"], tot["all"]["dense"]
+                if name == "dense":
+                    c.flops = c.flops_dense = c.flops + remask_flops
+                c.wgrad = (tot["grad_weight"]["executed"], tot["grad_weight"]["dense"])
+                if name != "dense":
+                    c.paths = layer_paths(module)
+            except Exception as e:
+                status[name] = _err(e)
+        cs.append(c)
+    return cs
+
+
 def layer_paths(model: nn.Module) -> str:
     """'name=path[sparse ms/dense ms]' per sparse layer: what it runs and, for 'auto', the
     one-time measurement that decided it."""
@@ -412,23 +441,7 @@ def bench_train_step(ctx, model_name: str, sparsity: float):
                 status[name] = _err(e)
                 if args.verbose:
                     traceback.print_exc()
-    cs = []
-    for name, _, variant in makers:
-        st = steppers.get(name)
-        c = Contender(name, st.step if st else (lambda: None), variant)
-        if st is not None and status.get(name) is None:
-            try:
-                for _ in range(args.warmup_steps):  # 'auto' layers measure their paths here
-                    st.step()
-                tot = count_flops(st.model, st.step)
-                c.flops, c.flops_dense = tot["all"]["executed"], tot["all"]["dense"]
-                if name == "dense":  # its re-masking multiply, which FlopCounter charges only as "dense"
-                    c.flops = c.flops_dense = c.flops + total
-                c.wgrad = (tot["grad_weight"]["executed"], tot["grad_weight"]["dense"])
-                c.paths = layer_paths(st.model)
-            except Exception as e:
-                status[name] = _err(e)
-        cs.append(c)
+    cs = ready_contenders(args, makers, steppers, status, lambda st: st.model, remask_flops=total)
     stats = time_group(args, cs, status)
     target = STEP_TARGETS.get(round(sparsity, 4))
     rows = write_group(ctx, cs, status, stats, "dense",
@@ -700,24 +713,7 @@ def bench_layer(ctx, layer_name: str, sparsity: float):
             status["sparseticket"] = _err(e)
             if args.verbose:
                 traceback.print_exc()
-    cs = []
-    for name, _, variant in makers:
-        st = steppers.get(name)
-        c = Contender(name, st.step if st else (lambda: None), variant)
-        if st is not None and status.get(name) is None:
-            try:
-                for _ in range(args.warmup_steps):
-                    st.step()
-                tot = count_flops(st.layer, st.step)
-                c.flops, c.flops_dense = tot["all"]["executed"], tot["all"]["dense"]
-                if name == "dense":  # the re-mask, as in part 1
-                    c.flops = c.flops_dense = c.flops + mask.numel()
-                c.wgrad = (tot["grad_weight"]["executed"], tot["grad_weight"]["dense"])
-                if name != "dense":
-                    c.paths = layer_paths(st.layer)
-            except Exception as e:
-                status[name] = _err(e)
-        cs.append(c)
+    cs = ready_contenders(args, makers, steppers, status, lambda st: st.layer, remask_flops=mask.numel())
     stats = time_group(args, cs, status)
     rows = write_group(ctx, cs, status, stats, "dense",
                        targets={"sparseticket": (f">={1 / SLOWDOWN_LIMIT:.3f}x", 1 / SLOWDOWN_LIMIT)},
