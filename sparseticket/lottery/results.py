@@ -131,6 +131,11 @@ def plot_accuracy(series: Dict[str, Sequence[dict]], path: Path, title: str = ""
     ax.set_xlabel("% of weights remaining")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
+    return _save(plt, fig, ax, title, path)
+
+
+def _save(plt, fig, ax, title: str, path: Path) -> Path:
+    """Legend and title, then the figure to ``path`` (PNG) and closed."""
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
@@ -153,12 +158,7 @@ def plot_times(rows: Sequence[dict], path: Path, title: str = "") -> Optional[Pa
     ax.set_xticklabels(x, rotation=60, fontsize=7)
     ax.set_xlabel("% of weights remaining (level)")
     ax.set_ylabel("seconds per level")
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, title, path)
 
 
 def plot_run(run_dir: Path) -> Optional[Path]:
