@@ -294,6 +294,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    common.add_malloc_arg(p)
     p.add_argument("--ops", type=lambda s: s.split(","), default=OPS + MODEL_OPS)
     p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
                    default=None, help="NxCxOxHxW,...")
@@ -318,6 +319,7 @@ def main(argv=None):
     if bad:
         p.error(f"unknown ops {bad}; choose from {OPS + MODEL_OPS}")
     requested = list(args.ops)
+    common.apply_malloc(args.malloc)
     seen = common.pin_threads(args.threads)
     shapes = args.shapes or (SHAPES_QUICK if args.quick else SHAPES_FULL)
     sparsities = args.sparsities or (SPARSITIES_QUICK if args.quick else SPARSITIES_FULL)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import command_line, new_run_id, pin_threads, system_info, update_runs_json  # noqa: E402
+from common import (add_malloc_arg, apply_malloc, command_line, new_run_id, pin_threads, system_info,  # noqa: E402
+                    update_runs_json)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run_id", "what", "model", "dataset", "seed", "level", "remaining", "sparse_s", "dense_s", "ratio",
@@ -38,7 +39,7 @@ FIELDS = ["run_id", "what", "model", "dataset", "seed", "level", "remaining", "s
 
 def _imp_args(a) -> list:
     args = ["--model", a.model, "--dataset", a.dataset, "--levels", str(a.levels), "--epochs", str(a.epochs),
-            "--progress", "false", "--plots", "false"]
+            "--progress", "false", "--plots", "false", "--malloc", a.malloc]
     if a.batch_size:
         args += ["--batch-size", str(a.batch_size)]
     if a.lr is not None:
@@ -246,9 +247,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--kill-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    add_malloc_arg(ap)
     ap.add_argument("--csv", default=str(RESULTS / "imp.csv"))
     a, extra = ap.parse_known_args(argv)  # anything else is passed on to `sparseticket imp`
     a.extra = [x for x in extra if x != "--"]
+    apply_malloc(a.malloc)
     pin_threads(a.threads)
     return {"speed": speed, "lottery": lottery, "kill": kill}[a.what](a)
 

@@ -750,6 +750,7 @@ def build_parser():
                     help="weight sparsity of the pruned ResNet-18 weights for masked_sgd (default 90)")
     ap.add_argument("--threads", type=int, default=2,
                     help="threads for torch, MKL and every OpenMP runtime (default 2)")
+    common.add_malloc_arg(ap)
     ap.add_argument("--reps", type=int, help="interleaved repetitions per contender (default 15; --quick 3)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per contender before timing (default 3)")
     ap.add_argument("--min-sample-ms", type=float, help="calls per sample are chosen so a sample lasts at least "
@@ -811,6 +812,7 @@ def main(argv=None):
     common.set_thread_env(args.threads)
     import sparseticket  # noqa: F401  (registers the ops; warns if on the reference path)
     peers, peer_status = load_peers(requested)
+    common.apply_malloc(args.malloc)
     omp = common.pin_threads(args.threads)  # after the peers: sparselab brings its own libgomp
     info = common.system_info(args.threads, {"openmp_threads": omp, "peers": peer_status})
     run_id = common.new_run_id()

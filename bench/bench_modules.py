@@ -836,6 +836,7 @@ def build_parser():
     ap.add_argument("--neq-skip-output", action="store_true", help="part 2: leave the output layer's neurons all "
                                                                    "active (default: half frozen like every layer)")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch, MKL and OpenMP (default 2)")
+    common.add_malloc_arg(ap)
     ap.add_argument("--reps", type=int, help="interleaved repetitions per contender (default 15; --quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per contender inside the timing (default 2)")
     ap.add_argument("--warmup-steps", type=int, default=3,
@@ -892,6 +893,7 @@ def main(argv=None) -> int:
     bad = [m for m in models if m not in available_models()]
     if bad:
         raise SystemExit(f"bench: unknown model(s) {bad}; known: {available_models()}")
+    common.apply_malloc(args.malloc)
     omp = common.pin_threads(args.threads)
     info = common.system_info(args.threads, {"openmp_threads": omp})
     run_id = common.new_run_id()

@@ -90,6 +90,30 @@ def pin_threads(n: int) -> Dict[str, int]:
     return seen
 
 
+def add_malloc_arg(ap) -> None:
+    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                    help="glibc allocator for every contender alike: 'retain' keeps freed blocks for reuse "
+                         "(sparseticket.runtime.retain_freed_memory: no per-step page faults), 'default' "
+                         "leaves glibc's (the setting of runs before session 4)")
+
+
+def apply_malloc(mode: str) -> str:
+    """Set the allocator mode of this process (see add_malloc_arg); returns what is in effect."""
+    try:
+        from sparseticket import runtime
+    except ImportError:  # the harness still measures torch and peers
+        return "default"
+    return runtime.set_malloc(mode)
+
+
+def _malloc_mode() -> str:
+    try:
+        from sparseticket import runtime
+        return runtime.malloc_mode()
+    except ImportError:
+        return "unknown"
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -233,6 +257,7 @@ def system_info(threads: int, extra: Optional[dict] = None) -> dict:
         "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
+        "malloc": _malloc_mode(),
         "python": platform.python_version(),
         "host": socket.gethostname(),
         "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -256,7 +281,7 @@ def format_system_info(info: dict) -> str:
     lines = [
         f"CPU: {info.get('cpu')} ({info.get('cores_online')} cores online); ISA: {' '.join(info.get('isa', []))}",
         f"torch {info.get('torch')} (kernels: {info.get('torch_cpu_capability')}, BLAS: {info.get('torch_blas')}); "
-        f"threads: {info.get('threads')}; python {info.get('python')}",
+        f"threads: {info.get('threads')}; malloc: {info.get('malloc')}; python {info.get('python')}",
         f"sparseticket {info.get('sparseticket')} backend: {info.get('sparseticket_backend_cpu')}"
         + (f" ({info['sparseticket_extension_error']})" if info.get("sparseticket_extension_error") else ""),
     ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, get_type_hints
 
 #: fields that do not change what is computed, so they are not part of the run's hash
-RUN_ONLY = {"out", "threads", "progress", "compare_dense", "plots", "kernels"}
+RUN_ONLY = {"out", "threads", "malloc", "progress", "compare_dense", "plots", "kernels"}
 
 
 def hp(default, help: str, choices=None):
@@ -102,6 +102,9 @@ class RunHparams:
     """run"""
     out: str = hp("runs", "folder holding the run folders")
     threads: int = hp(0, "torch threads (0: torch's default)")
+    malloc: str = hp("retain", "glibc allocator: 'retain' keeps freed blocks for reuse instead of page-faulting them "
+                               "in again every step (sparseticket.runtime), 'default' leaves it alone",
+                     ["retain", "default"])
     kernels: str = hp("auto", "sparse layers' execution: measured per layer and level (auto; the choice is stored "
                               "with the level's checkpoint), or forced", ["auto", "sparse", "dense"])
     progress: bool = hp(True, "progress bars")

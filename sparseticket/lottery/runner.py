@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as stnn
+from .. import runtime
 from ..nn import _mode
 from ..flops import FlopCounter
 from ..neq import NEqConfig, NEqTracker
@@ -155,6 +156,7 @@ class IMPRun:
         self._check_hparams_file()
         if self.hp.run.threads > 0:
             torch.set_num_threads(self.hp.run.threads)
+        runtime.set_malloc(self.hp.run.malloc)  # the same for --baseline dense: it changes speed, not results
         exp = self.hp.experiment
         if exp.transfer_from:
             plans = [self._transfer_plan]
