@@ -615,21 +615,27 @@ def test_compile_mask_change_free_with_dynamic_parameter_shapes(gen):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_sparse_conv_output_layout_is_nn_conv2ds(sparsity, mode):
-    """Drop-in: the output is contiguous NCHW like nn.Conv2d's at any density (a full
-    ticket's weight view once made oneDNN answer channels-last, and `y.view(n, -1)` failed),
-    and its gradients match."""
+@pytest.mark.parametrize("groups,k", [(1, 3), (2, 3), (2, 1)])
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+def test_sparse_conv_output_layout_is_nn_conv2ds(sparsity, mode, groups, k, fmt):
+    """Drop-in: the output has nn.Conv2d's memory format (contiguous NCHW for an NCHW
+    input, channels-last for a channels-last one) on every path: a full ticket's weight
+    view once made oneDNN answer channels-last (`y.view(n, -1)` failed), the im2col path
+    (groups > 1) wrote NHWC and the direct kernel NCHW whatever the input; gradients match."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, padding=1)
+    conv = nn.Conv2d(4, 6, k, padding=k // 2, groups=groups)
     sp = stnn.sparsify(nn.Sequential(copy.deepcopy(conv)), amount=sparsity, mode=mode)[0]
     with torch.no_grad():
         conv.weight.copy_(sp.dense_weight())
     x = torch.randn(2, 4, 5, 5)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     y, want = sp(x), conv(x)
-    assert y.is_contiguous() and y.stride() == want.stride()
-    torch.testing.assert_close(y.view(2, -1), want.view(2, -1))
-    y.view(2, -1).sum().backward()
-    want.view(2, -1).sum().backward()
+    assert y.stride() == want.stride()
+    assert y.is_contiguous() if fmt == "nchw" else y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.reshape(2, -1), want.reshape(2, -1))
+    (y.reshape(2, -1) * torch.linspace(0.5, 1.5, y[0].numel())).sum().backward()  # position-dependent
+    (want.reshape(2, -1) * torch.linspace(0.5, 1.5, want[0].numel())).sum().backward()
     # the kept values' gradient, scattered to dense through the ticket's flat positions
     flat = sp._buffers["flat"].long()
     got = torch.zeros(sp.dense_weight().numel()).index_put_((flat,), sp.weight_values.grad)

@@ -191,6 +191,10 @@ class SparseConv2d(TicketModule):
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.dtype != self.weight_values.dtype:
             raise ValueError(f"sparseticket: {where(self)}: input has shape {tuple(x.shape)} and dtype {x.dtype}; "
                              f"expected [N, {self.in_channels}, H, W] of {self.weight_values.dtype}")
+        # nn.Conv2d answers in the input's memory format; the kernels' natural outputs differ
+        # (the direct kernel writes NCHW, the im2col path NHWC, oneDNN follows the input)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
         x = self._prepare(x)
         oh, ow = self._out_hw(x.shape[2], x.shape[3])
         if oh <= 0 or ow <= 0:
@@ -198,7 +202,7 @@ class SparseConv2d(TicketModule):
                              f"padding) is smaller than the dilated kernel")
         path = self._path(x, lambda: self._key(x), lambda: self._measure_fns(x, self._run_sparse, self._run_dense))
         run = self._run_sparse if path == "sparse" else self._run_dense
-        y = run(x, self.weight_values, self.bias)
+        y = run(x, self.weight_values, self.bias).contiguous(memory_format=fmt)  # a no-op when it already is
         return y.squeeze(0) if unbatched else y
 
     def _key(self, x: Tensor) -> tuple:
