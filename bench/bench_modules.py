@@ -33,12 +33,15 @@ their difference of medians (rows ``dense_backward`` / ``neq_backward``, no IQR)
 executed / dense weight-gradient FLOPs of one forward+backward come from
 ``sparseticket.flops.FlopCounter``. Target: backward at least 1.3x faster, weight-gradient
 FLOPs halved. The bound: a third model, ``nowgrad``, is the dense one with every weight's
-requires_grad off (no weight gradient; biases and input gradients as before); a backward
-that skips exactly half of the weight gradient and nothing else takes at least
-(dense + nowgrad) / 2, so row ``nowgrad_backward``'s ratio column holds
-dense / that: the largest NEq speedup this model allows at half frozen. Not for models
-with Conv2d layers: torch's CPU conv backward is no cheaper without the weight gradient,
-so the row is timed but gets no bound.
+requires_grad off, and every conv bias's (no weight gradient; input gradients and Linear
+bias gradients as before); a backward that skips exactly half of the weight gradient and
+nothing else takes at least (dense + nowgrad) / 2, so row ``nowgrad_backward``'s ratio
+column holds dense / that: the largest NEq speedup this model allows at half frozen. Conv
+biases are off because oneDNN computes a conv's bias gradient with its weight gradient:
+with only the weight frozen, torch's conv backward costs as much as the full one (46 vs
+46 ms at 64->64 @28, batch 64; 23 ms with both frozen). So that the backward still reaches
+the first conv, nowgrad's input requires grad in conv nets, which adds the first conv's
+input gradient (a slightly lower bound than the exact one).
 
 Part 3, ``layer_step``: one layer alone, a training step (forward, backward with a fixed
 output gradient, optimizer step) of nn.Linear / nn.Conv2d + SGD(foreach) + re-mask against
@@ -517,34 +520,42 @@ def bench_neq(ctx, model_name: str):
         if args.verbose:
             traceback.print_exc()
 
-    def fwd(m):
+    def fwd(m, xin=x):
         def run():
             m.zero_grad(set_to_none=True)
-            return F.cross_entropy(m(x), y)  # the graph is built as in training and freed on return
+            return F.cross_entropy(m(xin), y)  # the graph is built as in training and freed on return
         return run
 
-    def fwd_bwd(m):
+    def fwd_bwd(m, xin=x):
         def run():
             m.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
+            F.cross_entropy(m(xin), y).backward()
         return run
 
     frozen = "" if neq is None else " ".join(f"{n}:{m.frozen_fraction:g}" for n, m in stnn.neq_modules(neq))
     nothing = lambda: None  # noqa: E731
-    # the bound: no weight gradient at all (every weight frozen; biases and the input
-    # gradient as before). A backward that keeps the input gradient full and computes half
-    # of the weight gradient takes at least (dense + nowgrad) / 2.
+    # the bound: no weight gradient at all (see the module docstring for the biases and
+    # the input). A backward that keeps the input gradient full and computes half of the
+    # weight gradient takes at least (dense + nowgrad) / 2.
     nowgrad = copy.deepcopy(dense)
+    has_conv = False
     for m in nowgrad.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, nn.Linear):
             m.weight.requires_grad_(False)
+        elif isinstance(m, nn.Conv2d):
+            has_conv = True
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+    x_nowgrad = x.detach().clone().requires_grad_(True) if has_conv else x
     fb = {"dense": Contender("dense", fwd_bwd(dense), "nn layers: forward + loss.backward()"),
           "neq": Contender("neq", fwd_bwd(neq) if neq else nothing, "enable_neq, half active: forward + backward",
                            paths=frozen),
-          "nowgrad": Contender("nowgrad", fwd_bwd(nowgrad), "nn layers, weights requires_grad=False: fwd + bwd")}
+          "nowgrad": Contender("nowgrad", fwd_bwd(nowgrad, x_nowgrad), "nn layers, weights and conv biases "
+                                                                         "requires_grad=False: fwd + bwd")}
     fo = {"dense": Contender("dense_forward", fwd(dense), "nn layers: forward (graph built, no backward)"),
           "neq": Contender("neq_forward", fwd(neq) if neq else nothing, "enable_neq, half active: forward"),
-          "nowgrad": Contender("nowgrad_forward", fwd(nowgrad), "nn layers, weights requires_grad=False: forward")}
+          "nowgrad": Contender("nowgrad_forward", fwd(nowgrad, x_nowgrad), "nn layers, weights and conv biases "
+                                                                                 "requires_grad=False: forward")}
     status = {"dense": None, "dense_forward": None, "neq": neq_status, "neq_forward": neq_status,
               "nowgrad": None, "nowgrad_forward": None}
     kinds = ("forward", "grad_input", "grad_weight")
@@ -569,11 +580,7 @@ def bench_neq(ctx, model_name: str):
     ok = bwd["dense"] is not None and bwd["neq"] is not None and bwd["neq"] > 0
     ratio = bwd["dense"] / bwd["neq"] if ok else None
     bound = None  # best backward ratio with half the weight gradient skipped and nothing else changed
-    # not for conv nets: torch 2.13's CPU conv backward takes as long without the weight
-    # gradient as with it (64->64 @28, batch 64, 1 thread: 157 vs 161 ms fwd+bwd), so
-    # "nowgrad" does not measure an input-gradient-only backward there
-    has_conv = any(isinstance(m, nn.Conv2d) for m in dense.modules())
-    if bwd["dense"] and bwd["nowgrad"] is not None and not has_conv:
+    if bwd["dense"] and bwd["nowgrad"] is not None:
         bound = bwd["dense"] / ((1 - NEQ_ACTIVE_FRACTION) * bwd["nowgrad"] + NEQ_ACTIVE_FRACTION * bwd["dense"])
     for name in ("dense", "neq", "nowgrad"):
         c, f = fb[name], fo[name]
@@ -589,8 +596,7 @@ def bench_neq(ctx, model_name: str):
             if ratio is not None and (wratio is not None or not halved):
                 met = "yes" if (ratio >= NEQ_TARGET and (not halved or wratio <= 0.5 + 1e-9)) else "no"
         rows[name + "_backward"] = ctx.writer.write(
-            **{**colz, "param": colz["param"] + ("" if name != "nowgrad" else
-                                                    " ratio=bound" if bound is not None else " no bound (conv)")},
+            **{**colz, "param": colz["param"] + (" ratio=bound" if name == "nowgrad" and bound is not None else "")},
             contender=name + "_backward", variant=f"median({name}) - median({name}_forward)",
             baseline="dense_backward", correct="ok" if status[name] is None else status[name],
             median_ms=bwd[name], reps=args.reps,

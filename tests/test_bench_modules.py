@@ -60,9 +60,7 @@ def test_bench_modules_quick(tmp_path):
         nw = by[("neq_backward", m, "nowgrad_backward")]
         assert float(nw["wgrad_flops_executed"]) == 0
         db, nb = float(by[("neq_backward", m, "dense_backward")]["median_ms"]), float(nw["median_ms"])
-        if m == "conv4":
-            assert nw["ratio_vs_baseline"] == "" and "no bound" in nw["param"]
-        elif db > 0 and nb >= 0:  # differences of medians: two reps may make them anything
+        if db > 0 and nb >= 0:  # differences of medians: two reps may make them anything
             assert float(nw["ratio_vs_baseline"]) == pytest.approx(db / (0.5 * nb + 0.5 * db), rel=1e-3)  # CSV: 6 digits
     for layer in ("fc300x100", "conv128x128@14"):
         assert by[("layer_step", layer, "sparseticket")]["met"] in ("yes", "no")
