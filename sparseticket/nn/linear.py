@@ -152,6 +152,8 @@ class DenseNEqLinear(DenseNEqBase, nn.Linear):
         active = self._buffers["active"]
         if active is None:
             return F.linear(x, self.weight, self.bias)
+        if x.dim() == 2:  # (self.weight, not _parameters: torch.nn.utils.prune sets it as an attribute)
+            return _neq_linear(x, self.weight, self.bias, active)
         lead = x.shape[:-1]
         y = _neq_linear(x.reshape(lead.numel(), x.shape[-1]), self.weight, self.bias, active)
         return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
