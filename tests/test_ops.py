@@ -6,6 +6,10 @@ ticket structure is built by the references too, so a failure points at one op.
 Inputs cover odd shapes, sparsity 0-100%, empty rows/columns, an empty batch, both float
 dtypes and non-contiguous layouts whose gaps hold NaN (see ``helpers.strided``).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import (
@@ -298,6 +302,47 @@ def test_row_masked_grad_weight_noncontiguous(B, I, O, dtype, layout, gen):
     out = ST.row_masked_grad_weight(gy, x, active)
     expected = ref.reference_row_masked_grad_weight(gy, x, active)
     assert_close(out, expected, ref.reference_row_masked_grad_weight(gy.abs(), x.abs(), None), what=layout)
+
+
+# Column counts around the row-subset kernel's tiles (64 float / 32 double columns per
+# tile with AVX-512, a vector of 16 / 8, a partial last vector) and row counts around its
+# 6-row tile (5 rows with AVX2), first/last rows frozen or active.
+ROWGEMM_I = [1, 7, 15, 16, 17, 31, 33, 63, 64, 65, 100, 129, 300]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("I", ROWGEMM_I)
+def test_row_masked_grad_weight_tiles(I, dtype, gen):
+    for B, O in ((1, 2), (3, 7), (60, 13), (17, 64)):
+        gy, x = randn(B, O, dtype=dtype, gen=gen), randn(B, I, dtype=dtype, gen=gen)
+        for active in (make_active(O, gen), torch.arange(O) % 2 == 0, torch.arange(O) % 2 == 1,
+                       torch.arange(O) < O - 1, torch.arange(O) > 0):
+            if bool(active.all()) or not bool(active.any()):
+                continue
+            out = ST.row_masked_grad_weight(gy, x, active)
+            expected = ref.reference_row_masked_grad_weight(gy, x, active)
+            assert_close(out, expected, ref.reference_row_masked_grad_weight(gy.abs(), x.abs(), None),
+                         what=f"gW B={B} I={I} O={O}")
+            assert (out[~active] == 0).all()
+
+
+def test_row_masked_grad_weight_gemm_path():
+    """The other path (MKL on the gathered rows, SPARSETICKET_ROWGEMM=0) still computes the
+    same; the switch is read once per process, so in a subprocess."""
+    code = (
+        "import torch, sparseticket\n"
+        "from sparseticket.ops import reference as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for B, I, O, dt in ((3, 17, 7, torch.float32), (60, 100, 13, torch.float64), (17, 64, 64, torch.float32)):\n"
+        "    gy, x = torch.randn(B, O, generator=g, dtype=dt), torch.randn(B, I, generator=g, dtype=dt)\n"
+        "    a = torch.rand(O, generator=g) < 0.5\n"
+        "    a[0], a[-1] = True, False\n"
+        "    torch.testing.assert_close(torch.ops.sparseticket.row_masked_grad_weight(gy, x, a),\n"
+        "                               ref.reference_row_masked_grad_weight(gy, x, a))\n"
+        "print('ok')\n")
+    env = dict(os.environ, SPARSETICKET_ROWGEMM="0")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -88,7 +88,28 @@ struct BitmapArgs {
   int64_t ld;
 };
 
+// Neuron-skipping weight gradient: out[rows[j], c] = sum_b gyt[j * ldg + b] * x[b * ldx + c]
+// for the k active rows, out[frozen[i], c] = 0, each element written once. The kernel
+// takes a range of columns; callers split at multiples of kRowGemmCols (a whole number of
+// tiles for every ISA and dtype), only the last range may end mid-tile.
+struct RowGemmArgs {
+  const void* gyt;          // [k + 1][ldg]: gy's active columns (in `rows` order), transposed; row k is zeros
+  int64_t ldg;
+  const void* x;            // [B][ldx]
+  int64_t ldx;
+  int64_t B;
+  const int64_t* rows;      // [k] active rows
+  int64_t k;
+  const int64_t* frozen;    // [O - k] frozen rows
+  int64_t n_frozen;
+  int64_t I;                // columns
+  void* out;                // [O][ldo]
+  int64_t ldo;
+};
+constexpr int64_t kRowGemmCols = 64;
+
 using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);
+using RowGemmFn = void (*)(const RowGemmArgs&, int64_t block_begin, int64_t block_end);
 using BitmapFn = void (*)(const BitmapArgs&, int64_t r_begin, int64_t r_end);
 using SddmmFn = void (*)(const SddmmArgs&, int64_t r_begin, int64_t r_end);
 using SgdFn = void (*)(const SgdArgs&, int64_t begin, int64_t end);
@@ -117,6 +138,8 @@ struct KernelTable {
   BitmapFn expand_f64;
   BitmapFn compress_f32;
   BitmapFn compress_f64;
+  RowGemmFn rowgemm_f32;
+  RowGemmFn rowgemm_f64;
 };
 
 namespace avx512 { KernelTable make_table(); }

@@ -8,8 +8,10 @@
 // Vectors are GCC vector extensions, so one source serves 64-, 32- and 16-byte
 // registers; the compiler maps `acc += w * x` to FMA where the target has it.
 
+#include <cstddef>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #if ST_VECTOR_BYTES >= 32
 #include <immintrin.h>
@@ -777,6 +779,115 @@ void compress_rows(const BitmapArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ----------------------------------------------------------------------------- row-subset weight gradient
+//
+// gW[r, :] = sum_b gy[b, r] x[b, :] for the active rows only, written straight into the
+// output (no product buffer, no second pass over the rows). A tile of kRowGemmTile active
+// rows by kRowGemmNV vectors of columns keeps its accumulators in registers for the whole
+// batch: per batch entry the tile's x vectors are loaded once and each row's gradient
+// value is broadcast against them; x's block of columns (B x NV vectors) is reused from
+// L1/L2 by every tile. The last tile is padded with gyt's zero row and a scratch output,
+// so the inner loop has no row count to test.
+
+#if ST_VECTOR_BYTES == 64
+constexpr int kRowGemmNV = 4, kRowGemmTile = 6;  // 24 accumulators + 4 x + 1 of 32 registers
+#else
+constexpr int kRowGemmNV = 2, kRowGemmTile = 5;  // 10 accumulators + 2 x + 1 of 16 registers
+#endif
+
+template <typename T>
+inline void rowgemm_tile(const T* const* g, const T* __restrict x, int64_t ldx, int64_t B, T* const* o) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = kRowGemmNV;
+  V acc[kRowGemmTile][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < kRowGemmTile; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict xr = x + b * ldx;
+    V xv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) xv[v] = vload(xr + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < kRowGemmTile; ++i) {
+      const T gi = g[i][b];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] += gi * xv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kRowGemmTile; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(o[i] + v * L, acc[i][v]);
+}
+
+// Fewer than kRowGemmNV vectors of columns left: whole vectors one at a time; the last
+// partial vector reads `xpad` (those columns of x, zero-padded to a vector per batch
+// entry, built once per call) and stores only its nc % L lanes.
+template <typename T>
+inline void rowgemm_tile_tail(const T* const* g, const T* __restrict x, int64_t ldx, int64_t B, T* const* o,
+                              int64_t nc, const T* __restrict xpad) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  int64_t c = 0;
+  for (; c + L <= nc; c += L) {
+    V acc[kRowGemmTile];
+    for (int i = 0; i < kRowGemmTile; ++i) acc[i] = V{};
+    for (int64_t b = 0; b < B; ++b) {
+      const V xv = vload(x + b * ldx + c);
+      for (int i = 0; i < kRowGemmTile; ++i) acc[i] += g[i][b] * xv;
+    }
+    for (int i = 0; i < kRowGemmTile; ++i) vstore(o[i] + c, acc[i]);
+  }
+  if (c == nc) return;
+  V acc[kRowGemmTile];
+  for (int i = 0; i < kRowGemmTile; ++i) acc[i] = V{};
+  for (int64_t b = 0; b < B; ++b) {
+    const V xv = vload(xpad + b * L);
+    for (int i = 0; i < kRowGemmTile; ++i) acc[i] += g[i][b] * xv;
+  }
+  for (int i = 0; i < kRowGemmTile; ++i) __builtin_memcpy(o[i] + c, &acc[i], (nc - c) * sizeof(T));
+}
+
+// Columns [c_begin, c_end) of every output row.
+template <typename T>
+void rowgemm_kernel(const RowGemmArgs& a, int64_t c_begin, int64_t c_end) {
+  constexpr int64_t W = kRowGemmNV * Vec<T>::L;  // columns per tile
+  const T* gyt = static_cast<const T*>(a.gyt);
+  const T* zero_row = gyt + a.k * a.ldg;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  alignas(64) T scratch[W];
+  std::vector<T> xpad;  // the last partial vector's columns, zero-padded (see rowgemm_tile_tail)
+  const int64_t rem = (c_end - c_begin) % Vec<T>::L;
+  if (rem) {
+    const int64_t cp = c_end - rem;
+    xpad.assign(static_cast<std::size_t>(a.B) * Vec<T>::L, T(0));
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t c = 0; c < rem; ++c) xpad[b * Vec<T>::L + c] = x[b * a.ldx + cp + c];
+  }
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += W) {
+    const int64_t nc = c_end - c0 < W ? c_end - c0 : W;
+    for (int64_t j = 0; j < a.k; j += kRowGemmTile) {
+      const T* g[kRowGemmTile];
+      T* o[kRowGemmTile];
+      for (int i = 0; i < kRowGemmTile; ++i) {
+        const bool real = j + i < a.k;
+        g[i] = real ? gyt + (j + i) * a.ldg : zero_row;
+        o[i] = real ? out + a.rows[j + i] * a.ldo + c0 : scratch;
+      }
+      if (nc == W)
+        rowgemm_tile<T>(g, x + c0, a.ldx, a.B, o);
+      else
+        rowgemm_tile_tail<T>(g, x + c0, a.ldx, a.B, o, nc, xpad.data());
+    }
+  }
+  for (int64_t i = 0; i < a.n_frozen; ++i)
+    __builtin_memset(out + a.frozen[i] * a.ldo + c_begin, 0, (c_end - c_begin) * sizeof(T));
+}
+
 }  // namespace
 
 KernelTable make_table() {
@@ -797,6 +908,8 @@ KernelTable make_table() {
   t.spmm_f64[3] = &spmm_kernel<double, 8>;
   t.sddmm_f32 = &sddmm_kernel<float>;
   t.sddmm_f64 = &sddmm_kernel<double>;
+  t.rowgemm_f32 = &rowgemm_kernel<float>;
+  t.rowgemm_f64 = &rowgemm_kernel<double>;
   t.sgd_f32 = &sgd_kernel<float>;
   t.sgd_f64 = &sgd_kernel<double>;
   t.adamw_f32 = &adamw_kernel<float>;
