@@ -461,31 +461,3 @@ def _active_conv_grads(x, weight, gy, active, stride, padding, dilation, groups,
             if sel.numel():
                 put(sel, *grads(x[:, gi * Cg:(gi + 1) * Cg], gy.index_select(1, sel), sel.numel(), 1))
     return gw, gb
-    if groups == 1:
-        gw.index_copy_(0, idx, wgrad(x, gy.index_select(1, idx), n, 1))
-    elif O == groups:  # one output channel per group (depthwise-like): keep the active groups
-        Cg = wshape[1]
-        N, _, H, W = x.shape
-        xs = x.view(N, groups, Cg, H, W).index_select(1, idx).reshape(N, n * Cg, H, W)
-        gw.index_copy_(0, idx, wgrad(xs, gy.index_select(1, idx), n, n))
-    else:
-        Og, Cg = O // groups, wshape[1]
-        for gi in range(groups):
-            sel = idx[(idx >= gi * Og) & (idx < (gi + 1) * Og)]
-            if sel.numel():
-                gw.index_copy_(0, sel, wgrad(x[:, gi * Cg:(gi + 1) * Cg], gy.index_select(1, sel), sel.numel(), 1))
-    return gw
-    if groups == 1:
-        gw[idx] = wgrad(x, gy.index_select(1, idx), n, 1)
-    elif O == groups:  # one output channel per group (depthwise-like): keep the active groups
-        Cg = wshape[1]
-        N, _, H, W = x.shape
-        xs = x.view(N, groups, Cg, H, W).index_select(1, idx).reshape(N, n * Cg, H, W)
-        gw[idx] = wgrad(xs, gy.index_select(1, idx), n, n)
-    else:
-        Og, Cg = O // groups, wshape[1]
-        for gi in range(groups):
-            sel = idx[(idx >= gi * Og) & (idx < (gi + 1) * Og)]
-            if sel.numel():
-                gw[sel] = wgrad(x[:, gi * Cg:(gi + 1) * Cg], gy.index_select(1, sel), sel.numel(), 1)
-    return gw
