@@ -414,9 +414,10 @@ print("ok")
 @pytest.mark.parametrize("env", [dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="1"),
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="0"),
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="1"),
-                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="0")],
+                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="0"),
+                                 dict(SPARSETICKET_CONV_PLAN_CACHE_MB="0")],
                          ids=["one_plane_blocks_shifted", "one_plane_blocks_unshifted", "one_block_shifted",
-                              "one_block_unshifted"])
+                              "one_block_unshifted", "no_plan_cache"])
 def test_layout_knobs(env):
     """Correlate's extremes (conv.h), which the default choice per density may never pick at
     test sizes: a block per plane (partial tiles through scratch between every plane) or one
@@ -451,3 +452,100 @@ print("ok")
                PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- plan cache
+# The C++ ops keep the entry lists they build per (geometry, ticket) and reuse them while the
+# index arrays hold the same contents; these check that no ticket change meets a stale plan.
+
+
+def _conv_ops(t, x, bias, gy, conf):
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    ST_ = torch.ops.sparseticket
+    return (ST_.sparse_conv2d(x, t.values, *tl, bias, None, *conf),
+            ST_.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
+            ST_.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf))
+
+
+def _check_conv_ops(got, w, mask, x, bias, gy, conf, what):
+    y, gx, gv = got
+    close(y, F.conv2d(x, w, bias, *conf[1:]), x.dtype, f"{what}: forward")
+    close(gx, torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), x.dtype, f"{what}: grad_input")
+    close(gv, _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), x.dtype, f"{what}: grad_weight")
+
+
+@pytest.mark.parametrize("how", ["copy_", "no_version_bump"])
+@pytest.mark.parametrize("geom", [GEOMS[0], GEOMS[1], GEOMS[9]], ids=_geom_id)
+def test_plan_cache_sees_index_arrays_rewritten_in_place(geom, how, gen):
+    """The same index tensors (same data_ptr, same nnz) rewritten with another ticket, through
+    torch (version counter bumped) or behind its back (not bumped): the next calls follow."""
+    w1, m1, t1, x, bias, conf = make_conv(geom, 0.5, torch.float32, gen)
+    w2, m2, t2, _, _, _ = make_conv(geom, 0.5, torch.float32, gen)
+    assert t1.values.numel() == t2.values.numel() and not torch.equal(m1, m2)
+    gy = randn(F.conv2d(x, w1, bias, *conf[1:]).shape, gen=gen)
+    _check_conv_ops(_conv_ops(t1, x, bias, gy, conf), w1, m1, x, bias, gy, conf, "first ticket")
+    ptrs = [a.data_ptr() for a in (t1.crow, t1.col, t1.ccol, t1.row, t1.perm)]
+    for a, b in ((t1.values, t2.values), (t1.crow, t2.crow), (t1.col, t2.col), (t1.ccol, t2.ccol),
+                 (t1.row, t2.row), (t1.perm, t2.perm)):
+        if how == "copy_":
+            a.copy_(b)
+        else:
+            a.numpy()[:] = b.numpy()
+    assert ptrs == [a.data_ptr() for a in (t1.crow, t1.col, t1.ccol, t1.row, t1.perm)]
+    _check_conv_ops(_conv_ops(t1, x, bias, gy, conf), w2, m2, x, bias, gy, conf, "rewritten ticket")
+
+
+def test_plan_cache_two_tickets_same_shape(gen):
+    """Two tickets of one geometry and nnz, called alternately: each gets its own lists."""
+    geom = (3, 16, 24, 14, 14, 3, 1, 1, 1)
+    cases = [make_conv(geom, 0.5, torch.float32, gen) for _ in range(2)]
+    x, bias, conf = cases[0][3], cases[0][4], cases[0][5]
+    gy = randn(3, 24, 14, 14, gen=gen)
+    for _ in range(2):
+        for k, (w, mask, t, _, _, _) in enumerate(cases):
+            _check_conv_ops(_conv_ops(t, x, bias, gy, conf), w, mask, x, bias, gy, conf, f"ticket {k}")
+
+
+def _module_step(m, x, gy):
+    m.zero_grad()
+    xx = x.clone().requires_grad_()
+    y = m(xx)
+    y.backward(gy)
+    return y.detach(), xx.grad, m.weight_values.grad.clone()
+
+
+def _check_module(m, x, gy, what):
+    d = m.to_dense()
+    y, gx, gv = _module_step(m, x, gy)
+    x2 = x.clone().requires_grad_()
+    y2 = d(x2)
+    y2.backward(gy)
+    close(y, y2, x.dtype, f"{what}: forward")
+    close(gx, x2.grad, x.dtype, f"{what}: input gradient")
+    O = d.weight.shape[0]
+    kept = d.weight.grad.permute(0, 2, 3, 1).reshape(O, -1)[m.mask().permute(0, 2, 3, 1).reshape(O, -1)]
+    close(gv, kept, x.dtype, f"{what}: kept-weight gradient")
+
+
+def test_plan_cache_module_mask_change_and_state_dict(gen):
+    """SparseConv2d: a set_mask after calls (same nnz, so the Parameter stays) gives the new
+    ticket's results; two modules of one shape with different tickets; a state dict loaded
+    into a fresh module (different ticket before the load) computes as the original."""
+    x = randn(4, 16, 14, 14, gen=gen)
+    gy = randn(4, 24, 14, 14, gen=gen)
+    a = stnn.SparseConv2d(16, 24, 3, padding=1, density=0.5, mode="sparse")
+    b = stnn.SparseConv2d(16, 24, 3, padding=1, density=0.5, mode="sparse")
+    assert a.nnz == b.nnz and not torch.equal(a.mask(), b.mask())
+    for _ in range(2):
+        _check_module(a, x, gy, "module a")
+        _check_module(b, x, gy, "module b")
+    flat = torch.zeros(a.mask().numel(), dtype=torch.bool)
+    flat[torch.randperm(flat.numel(), generator=gen)[:a.nnz]] = True
+    a.set_mask(flat.view(a.mask().shape), torch.randn(a.mask().shape, generator=gen))
+    _check_module(a, x, gy, "module a after set_mask")
+    fresh = stnn.SparseConv2d(16, 24, 3, padding=1, density=0.5, mode="sparse")
+    fresh(x)  # its own ticket's plan first
+    fresh.load_state_dict(a.state_dict())
+    assert torch.equal(fresh.mask(), a.mask())
+    close(fresh(x), a(x), torch.float32, "loaded module")
+    _check_module(fresh, x, gy, "loaded module")

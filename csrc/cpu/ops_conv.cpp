@@ -11,7 +11,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <initializer_list>
+#include <list>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -341,6 +346,110 @@ void check_ticket(const Tensor& values, const Tensor& crow, const Tensor& col, c
   check_index_range(perm, values.numel(), "perm", "values");
 }
 
+// ----------------------------------------------------------------------------- plan cache
+//
+// The entry lists (offsets, values order, row-group runs) depend only on the ticket's index
+// arrays and the geometry, yet building them cost 0.1-1.7 ms per call (1 thread, batch 64:
+// 1-7% of the forward and the input gradient at Conv-4 shapes), on every call although a
+// ticket changes only at an IMP level. A call looks its plan up by (op, geometry, dtype,
+// nnz) and the *contents* of the index arrays it reads: the entry keeps a copy and compares
+// it (memcmp; with the values gather, what stays per call is 0.02-0.14 ms), so no change of
+// the ticket can ever meet a stale plan (new tensors, the same tensors rewritten in place
+// with or without a version bump, a freed tensor's address reused), and the ops stay pure
+// functions of their arguments (no schema change: opcheck, fake kernels, torch.compile as
+// before). An explicit plan argument would depend on the input's spatial size, unknown when
+// the mask is set, and would still need an O(nnz) check per call to be safe against a plan
+// that does not match its ticket.
+// SPARSETICKET_CONV_PLAN_CACHE_MB bounds the cache (default 256; 0 turns it off).
+struct Plan {
+  std::vector<int32_t> off, vidx, runs;
+};
+using PlanPtr = std::shared_ptr<const Plan>;
+
+struct IndexArray {
+  const int32_t* data;
+  int64_t n;
+};
+
+class PlanCache {
+ public:
+  PlanPtr get(std::vector<int64_t> key, std::initializer_list<IndexArray> arrays, const std::function<Plan()>& build) {
+    if (capacity() == 0) return std::make_shared<const Plan>(build());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+        if (it->key != key || !same(it->arrays, arrays)) continue;
+        lru_.splice(lru_.begin(), lru_, it);
+        return lru_.front().plan;
+      }
+    }
+    // built outside the lock: other threads' lookups do not wait for it
+    Entry e;
+    e.key = std::move(key);
+    e.plan = std::make_shared<const Plan>(build());
+    e.bytes = sizeof(int32_t) * (e.plan->off.size() + e.plan->vidx.size() + e.plan->runs.size());
+    for (const IndexArray& a : arrays) {
+      e.arrays.emplace_back(a.data, a.data + a.n);
+      e.bytes += sizeof(int32_t) * a.n;
+    }
+    PlanPtr plan = e.plan;
+    if (e.bytes > capacity()) return plan;
+    std::lock_guard<std::mutex> lock(mu_);
+    bytes_ += e.bytes;
+    lru_.push_front(std::move(e));
+    while (bytes_ > capacity()) {
+      bytes_ -= lru_.back().bytes;
+      lru_.pop_back();
+    }
+    return plan;
+  }
+
+ private:
+  struct Entry {
+    std::vector<int64_t> key;
+    std::vector<std::vector<int32_t>> arrays;
+    PlanPtr plan;
+    size_t bytes = 0;
+  };
+
+  static size_t capacity() {
+    static const size_t cap = [] {
+      const char* s = std::getenv("SPARSETICKET_CONV_PLAN_CACHE_MB");
+      const double mb = s ? std::atof(s) : 256.0;
+      return static_cast<size_t>(std::max(0.0, mb) * (1 << 20));
+    }();
+    return cap;
+  }
+
+  static bool same(const std::vector<std::vector<int32_t>>& kept, std::initializer_list<IndexArray> arrays) {
+    if (kept.size() != arrays.size()) return false;
+    size_t k = 0;
+    for (const IndexArray& a : arrays) {
+      const std::vector<int32_t>& v = kept[k++];
+      if (static_cast<int64_t>(v.size()) != a.n) return false;
+      if (a.n > 0 && std::memcmp(v.data(), a.data, sizeof(int32_t) * a.n) != 0) return false;
+    }
+    return true;
+  }
+
+  std::mutex mu_;
+  std::list<Entry> lru_;
+  size_t bytes_ = 0;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache* cache = new PlanCache();  // never destroyed: ops may run during interpreter exit
+  return *cache;
+}
+
+enum PlanOp : int64_t { kPlanForward = 0, kPlanGradWeight = 1, kPlanGradInput = 2 };
+
+std::vector<int64_t> plan_key(PlanOp op, const Geom& g, bool f64, int64_t nnz) {
+  return {op, g.C, g.H, g.W, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, f64, nnz};
+}
+
+IndexArray index_array(const Tensor& t) { return {t.data_ptr<int32_t>(), t.numel()}; }
+
 // ----------------------------------------------------------------------------- forward
 
 Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& crow_, const Tensor& col_,
@@ -386,20 +495,30 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
   const InputLayout& L = layout.first;
   const int64_t band = layout.second;
   const int64_t n_bands = cdiv(g.OH, band);
-  Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
-                                  row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
   // Blocks of input channels (conv.h). A list's entries are in
   // channel order, so its sub-list (l, block) is a contiguous range, l * blocks + block.
   const int64_t cb = block_planes(g.C, values.numel(), O);
   const int64_t blocks = std::max<int64_t>(1, cdiv(g.C, cb));
-  const std::vector<int32_t> sub = channel_blocks(g, ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), cb, blocks);
-  const std::vector<int32_t> runs = group_rows(sub.data(), O * blocks, L.in_row, ls.off, ls.vidx);
+  const PlanPtr plan = plan_cache().get(
+      plan_key(kPlanForward, g, f64, values.numel()),
+      {index_array(crow), index_array(ccol), index_array(row), index_array(perm)}, [&] {
+        Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
+                                        row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
+        const std::vector<int32_t> sub =
+            channel_blocks(g, ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), cb, blocks);
+        Plan p;
+        p.runs = group_rows(sub.data(), O * blocks, L.in_row, ls.off, ls.vidx);
+        p.off = std::move(ls.off);
+        p.vidx = std::move(ls.vidx);
+        return p;
+      });
+  const std::vector<int32_t>& runs = plan->runs;
   const CorrFn fn = corr_fn(tl, f64);
   const ConvKernelTable& kt = conv_kernel_table();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
-    std::vector<scalar_t> val(ls.vidx.size());
+    std::vector<scalar_t> val(plan->vidx.size());
     const scalar_t* v = values.data_ptr<scalar_t>();
-    for (size_t k = 0; k < val.size(); ++k) val[k] = v[ls.vidx[k]];
+    for (size_t k = 0; k < val.size(); ++k) val[k] = v[plan->vidx[k]];
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t pblocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, pblocks);
@@ -422,7 +541,7 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
         a.ptr = runs.data();
         a.blocks = blocks;
         a.scratch = scratch.get();
-        a.off = ls.off.data();
+        a.off = plan->off.data();
         a.val = val.data();
         a.bias = bias ? bias->data_ptr<scalar_t>() : nullptr;
         a.out = yp + n * O * g.OH * g.OW + r0 * g.OW;
@@ -471,11 +590,6 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   check_index_range(perm, nnz, "perm", "values");
   Tensor out = at::zeros({nnz}, gy_.options());
   if (nnz == 0 || g.N == 0) return out;
-  // row pointers of the CSR (counts per output channel) from the CSC's rows
-  std::vector<int32_t> crow(O + 1, 0);
-  const int32_t* rw = row.data_ptr<int32_t>();
-  for (int64_t k = 0; k < nnz; ++k) ++crow[rw[k] + 1];
-  for (int64_t o = 0; o < O; ++o) crow[o + 1] += crow[o];
   const Tensor x = x_.contiguous(), gy = gy_.contiguous();
   Tensor active;
   if (active_) active = contiguous_1d(*active_);
@@ -485,22 +599,35 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   const InputLayout& L = layout.first;
   const int64_t band = layout.second;
   const int64_t n_bands = cdiv(g.OH, band);
-  Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
-  // Runs (conv.h) in one block: splitting the lists by input channel made dots slower at
-  // every density and block size tried (sub-lists of 24 / 64 / 160 entries: +3-75% /
-  // +0-35% / +0-10% time against one block; fewer full groups of eight share a gy load).
-  // Row groups only for long, dense lists: they saved 5-7% at density 0.8 and were even
-  // to 10% slower at 0.1-0.5 (1 thread, Conv-4 shapes), where most groups are singles
-  // anyway and the extra runs' remainder passes reread gy. Otherwise every entry is single.
-  std::vector<int32_t> runs(kRunKinds * O + 1);
-  const double density = static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(O) * g.kh * g.kw * g.C);
-  if (density >= kDotGroupMinDensity && nnz >= 64 * O) {
-    runs = group_rows(crow.data(), O, L.in_row, ls.off, ls.vidx);
-  } else {
-    for (int64_t o = 0; o < O; ++o)
-      for (int k = 0; k < kRunKinds; ++k) runs[kRunKinds * o + k] = crow[o];
-    runs[kRunKinds * O] = crow[O];
-  }
+  const PlanPtr plan = plan_cache().get(
+      plan_key(kPlanGradWeight, g, f64, nnz), {index_array(ccol), index_array(row), index_array(perm)}, [&] {
+        // row pointers of the CSR (counts per output channel) from the CSC's rows
+        std::vector<int32_t> crow(O + 1, 0);
+        const int32_t* rw = row.data_ptr<int32_t>();
+        for (int64_t k = 0; k < nnz; ++k) ++crow[rw[k] + 1];
+        for (int64_t o = 0; o < O; ++o) crow[o + 1] += crow[o];
+        Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+        // Runs (conv.h) in one block: splitting the lists by input channel made dots slower at
+        // every density and block size tried (sub-lists of 24 / 64 / 160 entries: +3-75% /
+        // +0-35% / +0-10% time against one block; fewer full groups of eight share a gy load).
+        // Row groups only for long, dense lists: they saved 5-7% at density 0.8 and were even
+        // to 10% slower at 0.1-0.5 (1 thread, Conv-4 shapes), where most groups are singles
+        // anyway and the extra runs' remainder passes reread gy. Otherwise every entry is single.
+        Plan p;
+        p.runs.resize(kRunKinds * O + 1);
+        const double density =
+            static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(O) * g.kh * g.kw * g.C);
+        if (density >= kDotGroupMinDensity && nnz >= 64 * O) {
+          p.runs = group_rows(crow.data(), O, L.in_row, ls.off, ls.vidx);
+        } else {
+          for (int64_t o = 0; o < O; ++o)
+            for (int k = 0; k < kRunKinds; ++k) p.runs[kRunKinds * o + k] = crow[o];
+          p.runs[kRunKinds * O] = crow[O];
+        }
+        p.off = std::move(ls.off);
+        p.vidx = std::move(ls.vidx);
+        return p;
+      });
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_grad_weight", [&] {
@@ -528,8 +655,8 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         a.g_row = g.OW;
         a.rows = std::min(band, g.OH - r0);
         a.cols = g.OW;
-        a.ptr = runs.data();
-        a.off = ls.off.data();
+        a.ptr = plan->runs.data();
+        a.off = plan->off.data();
         a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
         a.out = acc;
         (f64 ? kt.dot_f64 : kt.dot_f32)(a, l0, l1);
@@ -540,7 +667,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
       for (int64_t k = k0; k < k1; ++k) {
         scalar_t s = partial[k];
         for (int64_t t = 1; t < threads; ++t) s += partial[t * nnz + k];
-        o[ls.vidx[k]] = s;
+        o[plan->vidx[k]] = s;
       }
     });
   });
@@ -601,46 +728,53 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
   TORCH_CHECK(shifts * copy < (int64_t(1) << 31),
               "sparseticket: sparse_conv2d_grad_input: gy too large for int32 offsets");
   // lists per (phase, input channel), entries in (output channel, tap) order
-  const int32_t* cr = crow.data_ptr<int32_t>();
-  const int32_t* cc = col.data_ptr<int32_t>();
   const int64_t nnz = values.numel();
-  // Per ticket column (tap t, channel c): its list and the part of its offset that does not
-  // depend on the output channel (tables: two divisions per entry cost ~4 ms per call at
-  // 128x128x3x3).
-  std::vector<int32_t> col_list(K * C), col_off(K * C);
-  for (int64_t t = 0; t < K; ++t) {
-    const int64_t i = t / g.kw, j = t % g.kw;
-    const int64_t a = (((i * g.dh - g.ph) % g.sh) + g.sh) % g.sh, b = (((j * g.dw - g.pw) % g.sw) + g.sw) % g.sw;
-    const int64_t m = (a + g.ph - i * g.dh) / g.sh, q = (b + g.pw - j * g.dw) / g.sw;
-    for (int64_t c = 0; c < C; ++c) {
-      col_list[t * C + c] = static_cast<int32_t>((a * g.sw + b) * C + c);
-      col_off[t * C + c] = static_cast<int32_t>(shifts > 1 ? j * copy + (m + Tp) * Wg : (m + Tp) * Wg + (q + Lp));
-    }
-  }
   // Blocks of output channels (conv.h); sub-list (list, block) of
   // list l is sub-list l * blocks + block.
   const int64_t ob = block_planes(O, nnz, P * C);
   const int64_t blocks = std::max<int64_t>(1, cdiv(O, ob));
-  std::vector<int32_t> ptr(P * C * blocks + 1, 0), off(nnz), vidx(nnz);
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t e = cr[o]; e < cr[o + 1]; ++e) ++ptr[col_list[cc[e]] * blocks + o / ob + 1];
-  for (int64_t l = 0; l < P * C * blocks; ++l) ptr[l + 1] += ptr[l];
-  {
-    std::vector<int32_t> cursor(ptr.begin(), ptr.end() - 1);
-    for (int64_t o = 0; o < O; ++o)
-      for (int64_t e = cr[o]; e < cr[o + 1]; ++e) {
-        const int32_t dst = cursor[col_list[cc[e]] * blocks + o / ob]++;
-        off[dst] = static_cast<int32_t>(o * Hg * Wg + col_off[cc[e]]);
-        vidx[dst] = static_cast<int32_t>(e);
-      }
-  }
-  const std::vector<int32_t> runs = group_rows(ptr.data(), P * C * blocks, Wg, off, vidx);
+  const PlanPtr plan = plan_cache().get(
+      plan_key(kPlanGradInput, g, f64, nnz), {index_array(crow), index_array(col)}, [&] {
+        const int32_t* cr = crow.data_ptr<int32_t>();
+        const int32_t* cc = col.data_ptr<int32_t>();
+        // Per ticket column (tap t, channel c): its list and the part of its offset that does not
+        // depend on the output channel (tables: two divisions per entry cost ~4 ms per call at
+        // 128x128x3x3).
+        std::vector<int32_t> col_list(K * C), col_off(K * C);
+        for (int64_t t = 0; t < K; ++t) {
+          const int64_t i = t / g.kw, j = t % g.kw;
+          const int64_t a = (((i * g.dh - g.ph) % g.sh) + g.sh) % g.sh, b = (((j * g.dw - g.pw) % g.sw) + g.sw) % g.sw;
+          const int64_t m = (a + g.ph - i * g.dh) / g.sh, q = (b + g.pw - j * g.dw) / g.sw;
+          for (int64_t c = 0; c < C; ++c) {
+            col_list[t * C + c] = static_cast<int32_t>((a * g.sw + b) * C + c);
+            col_off[t * C + c] =
+                static_cast<int32_t>(shifts > 1 ? j * copy + (m + Tp) * Wg : (m + Tp) * Wg + (q + Lp));
+          }
+        }
+        Plan p;
+        std::vector<int32_t> ptr(P * C * blocks + 1, 0);
+        p.off.resize(nnz);
+        p.vidx.resize(nnz);
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t e = cr[o]; e < cr[o + 1]; ++e) ++ptr[col_list[cc[e]] * blocks + o / ob + 1];
+        for (int64_t l = 0; l < P * C * blocks; ++l) ptr[l + 1] += ptr[l];
+        std::vector<int32_t> cursor(ptr.begin(), ptr.end() - 1);
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t e = cr[o]; e < cr[o + 1]; ++e) {
+            const int32_t dst = cursor[col_list[cc[e]] * blocks + o / ob]++;
+            p.off[dst] = static_cast<int32_t>(o * Hg * Wg + col_off[cc[e]]);
+            p.vidx[dst] = static_cast<int32_t>(e);
+          }
+        p.runs = group_rows(ptr.data(), P * C * blocks, Wg, p.off, p.vidx);
+        return p;
+      });
+  const std::vector<int32_t>& runs = plan->runs;
   const CorrFn fn = corr_fn(tl, f64);
   const ConvKernelTable& kt = conv_kernel_table();
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparse_conv2d_grad_input", [&] {
     std::vector<scalar_t> val(nnz);
     const scalar_t* v = values.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < nnz; ++k) val[k] = v[vidx[k]];
+    for (int64_t k = 0; k < nnz; ++k) val[k] = v[plan->vidx[k]];
     const scalar_t* gp = gy.data_ptr<scalar_t>();
     scalar_t* xp = gx.data_ptr<scalar_t>();
     const int64_t pblocks = plane_blocks(g.N * n_bands, C), per = cdiv(C, pblocks);
@@ -676,7 +810,7 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
           ca.ptr = runs.data() + kRunKinds * blocks * p * C;
           ca.blocks = blocks;
           ca.scratch = scratch.get();
-          ca.off = off.data();
+          ca.off = plan->off.data();
           ca.val = val.data();
           ca.bias = nullptr;
           ca.rows = rows;
