@@ -15,8 +15,9 @@ processes. The table shows the median over rounds of each process's median per c
 import argparse
 import json
 import os
-import subprocess
 import sys
+
+from ab_common import median, run_alternating, thread_time_median
 
 SHAPES = [(64, 64, 28), (64, 128, 14), (128, 128, 14)]
 DENS = [0.5, 0.2]
@@ -25,7 +26,6 @@ OPS = ["fwd", "gin", "gw", "bwd"]
 
 def worker(args):
     os.environ["OMP_NUM_THREADS"] = "1"
-    import time
     import torch
     import torch.nn.functional as F
     import sparseticket
@@ -34,19 +34,8 @@ def worker(args):
     ops = torch.ops.sparseticket
     conf = ((3, 3), (1, 1), (1, 1), (1, 1))
 
-    def timeit(fn):
-        for _ in range(2):
-            fn()
-        t0 = time.thread_time_ns(); fn(); one = max(time.thread_time_ns() - t0, 1000)
-        inner = max(1, int(args.sample_ms * 1e6 / one))
-        samples = []
-        for _ in range(args.samples):
-            t0 = time.thread_time_ns()
-            for _ in range(inner):
-                fn()
-            samples.append((time.thread_time_ns() - t0) / inner / 1e6)
-        samples.sort()
-        return samples[len(samples) // 2]
+    def timeit(fn):  # ms
+        return 1e3 * thread_time_median(fn, args.samples, args.sample_ms / 1e3, warmup=2)
 
     out = {}
     for (C, O, H) in args.shapes:
@@ -97,22 +86,11 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    res = {p: [] for p in args.pkg}
-    for rnd in range(args.rounds):
-        for i, p in enumerate(args.pkg):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--pkg", p, "--samples", str(args.samples),
-                   "--sample-ms", str(args.sample_ms), "--dense", "1" if i == 0 else "0",
-                   "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
-                   "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)]
-            r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=p), capture_output=True, text=True, cwd="/tmp")
-            if r.returncode:
-                sys.exit(r.stderr)
-            res[p].append(json.loads(r.stdout))
-            print(f"round {rnd} {p} done", file=sys.stderr)
-
-    def med(vals):
-        vals = sorted(vals)
-        return vals[len(vals) // 2]
+    res = run_alternating(__file__, args.pkg, args.rounds, lambda i: [
+        "--samples", str(args.samples), "--sample-ms", str(args.sample_ms), "--dense", "1" if i == 0 else "0",
+        "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
+        "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)])
+    med = median
 
     names = [os.path.basename(p.rstrip("/")) for p in args.pkg]
     hdr = "| shape | density | op | dense ms | " + " | ".join(f"{n} ms" for n in names)

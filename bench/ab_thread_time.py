@@ -12,8 +12,9 @@ median per-call time (us), and dense (F.linear / gy @ W / gy.T @ x) from the fir
 import argparse
 import json
 import os
-import subprocess
 import sys
+
+from ab_common import median, run_alternating, thread_time_median
 
 SHAPES = [(60, 784, 300), (60, 300, 100), (256, 784, 300), (256, 1024, 1024), (1000, 784, 300)]
 DENS = [0.1, 0.2, 0.35, 0.5, 0.65]
@@ -23,7 +24,6 @@ OPS = ["forward", "spmm_t", "sddmm"]
 def worker(args):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
-    import time
     import torch
     import torch.nn.functional as F
     import sparseticket
@@ -53,18 +53,8 @@ def worker(args):
                 for kind, fn in zip(("sparse", "dense"), fns[op]):
                     if kind == "dense" and not args.dense:
                         continue
-                    for _ in range(3):
-                        fn()
-                    t0 = time.thread_time_ns(); fn(); one = max(time.thread_time_ns() - t0, 1000)
-                    inner = max(1, int(args.sample_us * 1000 / one))
-                    samples = []
-                    for _ in range(args.samples):
-                        t0 = time.thread_time_ns()
-                        for _ in range(inner):
-                            fn()
-                        samples.append((time.thread_time_ns() - t0) / inner / 1000)
-                    samples.sort()
-                    out[f"{B}x{I}x{O}|{d}|{op}|{kind}"] = samples[len(samples) // 2]
+                    out[f"{B}x{I}x{O}|{d}|{op}|{kind}"] = 1e6 * thread_time_median(fn, args.samples,
+                                                                                    args.sample_us / 1e6)
     json.dump(out, sys.stdout)
 
 
@@ -84,23 +74,11 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    res = {p: [] for p in args.pkg}
-    for rnd in range(args.rounds):
-        for i, p in enumerate(args.pkg):
-            cmd = [sys.executable, __file__, "--worker", "--pkg", p, "--samples", str(args.samples),
-                   "--sample-us", str(args.sample_us), "--dense", "1" if i == 0 else "0",
-                   "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
-                   "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)]
-            env = dict(os.environ, PYTHONPATH=p)
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/tmp")
-            if r.returncode:
-                sys.exit(r.stderr)
-            res[p].append(json.loads(r.stdout))
-            print(f"round {rnd} {p} done", file=sys.stderr)
-
-    def med(vals):
-        vals = sorted(vals)
-        return vals[len(vals) // 2]
+    res = run_alternating(__file__, args.pkg, args.rounds, lambda i: [
+        "--samples", str(args.samples), "--sample-us", str(args.sample_us), "--dense", "1" if i == 0 else "0",
+        "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
+        "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)])
+    med = median
 
     keys = [k for k in res[args.pkg[0]][0] if k.endswith("|sparse")]
     table = {}
