@@ -36,6 +36,8 @@ def run_alternating(script: str, pkgs: List[str], rounds: int, worker_args: Call
                     ) -> Dict[str, List[dict]]:
     """``rounds`` times, one ``script --worker --pkg P <worker_args(i)>`` process per build P
     (PYTHONPATH=P, in turn); each prints a JSON dict of case -> time. Returns {P: [dicts]}."""
+    if len(set(pkgs)) != len(pkgs):
+        sys.exit(f"--pkg must name different builds, got {pkgs}")
     res = {p: [] for p in pkgs}
     for rnd in range(rounds):
         for i, p in enumerate(pkgs):
@@ -46,3 +48,23 @@ def run_alternating(script: str, pkgs: List[str], rounds: int, worker_args: Call
             res[p].append(json.loads(r.stdout))
             print(f"round {rnd} {p} done", file=sys.stderr)
     return res
+
+
+def add_case_args(ap, shapes, dens, ops, shapes_help: str) -> None:
+    """The arguments both scripts take besides their sample length: builds, rounds, cases."""
+    ap.add_argument("--pkg", action="append", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
+                    default=shapes, help=shapes_help)
+    ap.add_argument("--dens", type=lambda s: [float(v) for v in s.split(",")], default=dens)
+    ap.add_argument("--ops", type=lambda s: s.split(","), default=ops)
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--dense", type=int, default=1)
+    ap.add_argument("--json")
+
+
+def case_argv(args, i: int, sample_flag: str, sample_value: float) -> List[str]:
+    """The worker arguments for build number i (only the first build's workers time dense)."""
+    return ["--samples", str(args.samples), sample_flag, str(sample_value), "--dense", "1" if i == 0 else "0",
+            "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
+            "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)]

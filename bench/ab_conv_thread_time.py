@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from ab_common import median, run_alternating, thread_time_median
+from ab_common import add_case_args, case_argv, median, run_alternating, thread_time_median
 
 SHAPES = [(64, 64, 28), (64, 128, 14), (128, 128, 14)]
 DENS = [0.5, 0.2]
@@ -72,24 +72,13 @@ def worker(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pkg", action="append", required=True)
-    ap.add_argument("--rounds", type=int, default=3)
+    add_case_args(ap, SHAPES, DENS, OPS, "CxOxH,...")
     ap.add_argument("--samples", type=int, default=11)
     ap.add_argument("--sample-ms", type=float, default=25)
-    ap.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
-                    default=SHAPES, help="CxOxH,...")
-    ap.add_argument("--dens", type=lambda s: [float(v) for v in s.split(",")], default=DENS)
-    ap.add_argument("--ops", type=lambda s: s.split(","), default=OPS)
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--dense", type=int, default=1)
-    ap.add_argument("--json")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    res = run_alternating(__file__, args.pkg, args.rounds, lambda i: [
-        "--samples", str(args.samples), "--sample-ms", str(args.sample_ms), "--dense", "1" if i == 0 else "0",
-        "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
-        "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)])
+    res = run_alternating(__file__, args.pkg, args.rounds, lambda i: case_argv(args, i, "--sample-ms", args.sample_ms))
     med = median
 
     names = [os.path.basename(p.rstrip("/")) for p in args.pkg]

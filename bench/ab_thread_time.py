@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from ab_common import median, run_alternating, thread_time_median
+from ab_common import add_case_args, case_argv, median, run_alternating, thread_time_median
 
 SHAPES = [(60, 784, 300), (60, 300, 100), (256, 784, 300), (256, 1024, 1024), (1000, 784, 300)]
 DENS = [0.1, 0.2, 0.35, 0.5, 0.65]
@@ -60,24 +60,13 @@ def worker(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pkg", action="append", required=True)
-    ap.add_argument("--rounds", type=int, default=3)
+    add_case_args(ap, SHAPES, DENS, OPS, "BxIxO,...")
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--sample-us", type=float, default=3000)
-    ap.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
-                    default=SHAPES)
-    ap.add_argument("--dens", type=lambda s: [float(v) for v in s.split(",")], default=DENS)
-    ap.add_argument("--ops", type=lambda s: s.split(","), default=OPS)
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--dense", type=int, default=1)
-    ap.add_argument("--json")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    res = run_alternating(__file__, args.pkg, args.rounds, lambda i: [
-        "--samples", str(args.samples), "--sample-us", str(args.sample_us), "--dense", "1" if i == 0 else "0",
-        "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
-        "--dens", ",".join(map(str, args.dens)), "--ops", ",".join(args.ops)])
+    res = run_alternating(__file__, args.pkg, args.rounds, lambda i: case_argv(args, i, "--sample-us", args.sample_us))
     med = median
 
     keys = [k for k in res[args.pkg[0]][0] if k.endswith("|sparse")]
