@@ -18,7 +18,7 @@ from ab_common import add_case_args, case_argv, median, run_alternating, thread_
 
 SHAPES = [(60, 784, 300), (60, 300, 100), (256, 784, 300), (256, 1024, 1024), (1000, 784, 300)]
 DENS = [0.1, 0.2, 0.35, 0.5, 0.65]
-OPS = ["forward", "spmm_t", "sddmm"]
+OPS = ["forward", "spmm_t", "sddmm"]  # also: expand, compress (the dense path's bitmap ops)
 
 
 def worker(args):
@@ -44,10 +44,15 @@ def worker(args):
             b = torch.randn(O, generator=gen)
             t = Ticket.from_dense(W, mask)
             ops = torch.ops.sparseticket
+            bits = ops.ticket_bitmap(t.crow, t.col, I)
             fns = {
                 "forward": (lambda: ops.spmm(x, t.values, t.crow, t.col, b), lambda: F.linear(x, W, b)),
                 "spmm_t": (lambda: ops.spmm_t(gy, t.values, t.ccol, t.row, t.perm), lambda: gy @ W),
                 "sddmm": (lambda: ops.sddmm(gy, x, t.crow, t.col, None), lambda: gy.t() @ x),
+                # dense path of a sparse layer: W from the ticket, its gradient back to the
+                # kept entries; dense = what the plain layer does instead (one masking multiply)
+                "expand": (lambda: ops.ticket_expand(t.values, t.crow, bits, I), lambda: W.mul(mask)),
+                "compress": (lambda: ops.ticket_compress(W, t.crow, bits, t.nnz), lambda: W.mul(mask)),
             }
             for op in args.ops:
                 for kind, fn in zip(("sparse", "dense"), fns[op]):

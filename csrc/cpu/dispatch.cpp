@@ -12,9 +12,11 @@ KernelTable pick() {
   const char* forced = std::getenv("SPARSETICKET_ISA");
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  // popcnt: the AVX2/AVX-512 units are built with it (every CPU with AVX2 has it)
+  const bool popcnt = __builtin_cpu_supports("popcnt");
+  const bool has512 = popcnt && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has2 = popcnt && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   const bool has512 = false, has2 = false;
 #endif

@@ -713,6 +713,127 @@ void adamw_kernel(const AdamWArgs& s, int64_t begin, int64_t end) {
 // ~1 ns per kept weight for an indexed scatter. The register forms of expand/compress
 // are used with masked loads/stores: their memory forms are microcoded on Zen 4.
 
+#if ST_VECTOR_BYTES == 32
+// AVX2 has no expand/compress instructions: a chunk of 8 floats (4 doubles) is one
+// vpermps through a table indexed by the chunk's mask bits (256 or 16 rows of 8 lane
+// indices, 10 KB in all), plus a blend with zero for expand. Loads and stores are whole
+// vectors except where they would cross the end of the row (dense side) or of this
+// task's values (compact side), which take the masked forms; bytes of the compact side
+// past the current chunk belong to the next chunk of the same task, which overwrites them.
+// The scalar loop this replaces mispredicted a branch per weight: 5.3 ns per element of
+// a 300x784 ticket at density 0.5, against ~1 ns for one masking multiply.
+struct PermTables {
+  int32_t expand_f[256][8];    // lane i of the dense chunk takes compact element expand_f[m][i]
+  int32_t compress_f[256][8];  // compact element j is dense lane compress_f[m][j]
+  int32_t expand_d[16][8];     // the same for 4 doubles, as pairs of float lanes
+  int32_t compress_d[16][8];
+};
+constexpr PermTables make_perm_tables() {
+  PermTables t{};
+  for (int m = 0; m < 256; ++m) {
+    int k = 0;
+    for (int i = 0; i < 8; ++i)
+      if (m >> i & 1) {
+        t.expand_f[m][i] = k;
+        t.compress_f[m][k] = i;
+        ++k;
+      }
+  }
+  for (int m = 0; m < 16; ++m) {
+    int k = 0;
+    for (int i = 0; i < 4; ++i)
+      if (m >> i & 1) {
+        t.expand_d[m][2 * i] = 2 * k;
+        t.expand_d[m][2 * i + 1] = 2 * k + 1;
+        t.compress_d[m][2 * k] = 2 * i;
+        t.compress_d[m][2 * k + 1] = 2 * i + 1;
+        ++k;
+      }
+  }
+  return t;
+}
+alignas(64) constexpr PermTables kPerm = make_perm_tables();
+
+// Lanes of a T vector, as the 32-bit lane masks the AVX2 masked loads, stores and blends take.
+template <typename T>
+struct Lanes8 {
+  static constexpr int L = 32 / sizeof(T);
+  // all-ones in the first n lanes
+  static __m256i first(int64_t n) {
+    if constexpr (sizeof(T) == 4)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  // all-ones in the lanes whose bit of m is set
+  static __m256i of_bits(uint32_t m) {
+    if constexpr (sizeof(T) == 4) {
+      const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), sel), sel);
+    } else {
+      const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+      return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(m), sel), sel);
+    }
+  }
+  static __m256 load(const T* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
+  static __m256 load(const T* p, __m256i lanes) {
+    if constexpr (sizeof(T) == 4)
+      return _mm256_maskload_ps(reinterpret_cast<const float*>(p), lanes);
+    else
+      return _mm256_castpd_ps(_mm256_maskload_pd(reinterpret_cast<const double*>(p), lanes));
+  }
+  static void store(T* p, __m256 v) { _mm256_storeu_ps(reinterpret_cast<float*>(p), v); }
+  static void store(T* p, __m256i lanes, __m256 v) {
+    if constexpr (sizeof(T) == 4)
+      _mm256_maskstore_ps(reinterpret_cast<float*>(p), lanes, v);
+    else
+      _mm256_maskstore_pd(reinterpret_cast<double*>(p), lanes, _mm256_castps_pd(v));
+  }
+  static __m256i perm(const int32_t (&row)[8]) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)); }
+  static __m256i expand_perm(uint32_t m) { return perm(sizeof(T) == 4 ? kPerm.expand_f[m] : kPerm.expand_d[m]); }
+  static __m256i compress_perm(uint32_t m) { return perm(sizeof(T) == 4 ? kPerm.compress_f[m] : kPerm.compress_d[m]); }
+};
+
+// dst[0, K) from the row's bits and its compact values from v (v_end: end of what this task may read)
+template <typename T>
+inline void expand_row_avx2(const uint64_t* bits, int64_t K, const T* v, const T* v_end, T* dst) {
+  using Ln = Lanes8<T>;
+  constexpr int64_t L = Ln::L;
+  for (int64_t c = 0; c < K; c += L) {
+    const int64_t n = K - c < L ? K - c : L;
+    const uint32_t m = static_cast<uint32_t>(bits[c >> 6] >> (c & 63)) & ((1u << L) - 1u);
+    const int cnt = __builtin_popcount(m);
+    const __m256 src = v + L <= v_end ? Ln::load(v) : Ln::load(v, Ln::first(cnt));
+    const __m256 y = _mm256_and_ps(_mm256_permutevar8x32_ps(src, Ln::expand_perm(m)),
+                                   _mm256_castsi256_ps(Ln::of_bits(m)));
+    if (n == L)
+      Ln::store(dst + c, y);
+    else
+      Ln::store(dst + c, Ln::first(n), y);
+    v += cnt;
+  }
+}
+
+// the kept elements of src[0, K) to v (v_end: end of what this task may write)
+template <typename T>
+inline void compress_row_avx2(const uint64_t* bits, int64_t K, const T* src, T* v, T* v_end) {
+  using Ln = Lanes8<T>;
+  constexpr int64_t L = Ln::L;
+  for (int64_t c = 0; c < K; c += L) {
+    const int64_t n = K - c < L ? K - c : L;
+    const uint32_t m = static_cast<uint32_t>(bits[c >> 6] >> (c & 63)) & ((1u << L) - 1u);
+    const int cnt = __builtin_popcount(m);  // no early exit for m == 0: unpredictable at low density
+    const __m256 x = n == L ? Ln::load(src + c) : Ln::load(src + c, Ln::first(n));
+    const __m256 y = _mm256_permutevar8x32_ps(x, Ln::compress_perm(m));
+    if (v + L <= v_end)
+      Ln::store(v, y);
+    else
+      Ln::store(v, Ln::first(cnt), y);
+    v += cnt;
+  }
+}
+#endif
+
 template <typename T>
 void expand_rows(const BitmapArgs& a, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(a.vals);
@@ -737,6 +858,8 @@ void expand_rows(const BitmapArgs& a, int64_t r0, int64_t r1) {
       }
       v += cnt;
     }
+#elif ST_VECTOR_BYTES == 32
+    expand_row_avx2<T>(bits, a.K, v, vals + a.ptr[r1], dst);
 #else
     for (int64_t c = 0; c < a.K; ++c) {
       const bool kept = (bits[c >> 6] >> (c & 63)) & 1u;
@@ -771,6 +894,8 @@ void compress_rows(const BitmapArgs& a, int64_t r0, int64_t r1) {
       }
       v += cnt;
     }
+#elif ST_VECTOR_BYTES == 32
+    compress_row_avx2<T>(bits, a.K, src, v, vals + a.ptr[r1]);
 #else
     for (int64_t c = 0; c < a.K; ++c) {
       if ((bits[c >> 6] >> (c & 63)) & 1u) *v++ = src[c];
