@@ -106,6 +106,16 @@ inline void csum4_add(const typename CVec<T>::type* c, T* out) {
     _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), q));
     return;
   }
+#elif ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    // two rounds of pairwise horizontal adds leave [s0, s1, s2, s3] in each 128-bit half
+    const __m256 a0 = reinterpret_cast<__m256>(c[0]), a1 = reinterpret_cast<__m256>(c[1]);
+    const __m256 a2 = reinterpret_cast<__m256>(c[2]), a3 = reinterpret_cast<__m256>(c[3]);
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), q));
+    return;
+  }
 #endif
   for (int k = 0; k < 4; ++k) out[k] += csum<T>(c[k]);
 }
@@ -469,12 +479,24 @@ inline void dot_groups(const T* __restrict g, int64_t g_row, const T* __restrict
   }
 }
 
-// The groups of one run [e0, e1) (K entries each), eight groups at a time, then four, two, one.
+// Groups per pass: G * K accumulators, K (two-vector rows: 2K) gy vectors and an x vector
+// must fit the registers. With AVX-512's 32 that is eight groups for every K; AVX2's 16
+// hold four triples or pairs (eight triples spilled most of the accumulators).
+template <int K>
+constexpr int dot_max_groups() {
+  return ST_VECTOR_BYTES == 64 || K == 1 ? 8 : 4;
+}
+
+// The groups of one run [e0, e1) (K entries each), eight groups at a time (where they fit
+// the registers), then four, two, one.
 template <typename T, int K, int D1, int D2>
 inline void dot_run(const T* g, int64_t g_row, const T* X, const int32_t* off, int64_t rows, int64_t cols,
                     int64_t x_row, T* out, int64_t e0, int64_t e1) {
   int64_t e = e0;
-  for (; e + 8 * K <= e1; e += 8 * K) dot_groups<T, 8, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
+  if constexpr (dot_max_groups<K>() == 8)
+    for (; e + 8 * K <= e1; e += 8 * K) dot_groups<T, 8, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
+  else
+    for (; e + 8 * K <= e1; e += 4 * K) dot_groups<T, 4, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
   if (e + 4 * K <= e1) {
     dot_groups<T, 4, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
     e += 4 * K;
