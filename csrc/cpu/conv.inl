@@ -149,7 +149,7 @@ inline void cstore_n(T* p, typename CVec<T>::type v, int64_t n) {
 
 // 32 vector registers with AVX-512, 16 otherwise; a few stay free for the broadcast
 // weight and addresses.
-constexpr int kAccBudget = ST_VECTOR_BYTES == 64 ? 28 : 12;
+constexpr int kAccBudget = ST_VECTOR_BYTES == 64 ? 28 : 14;
 
 // ----------------------------------------------------------------------------- packing
 
