@@ -306,8 +306,9 @@ def test_row_masked_grad_weight_noncontiguous(B, I, O, dtype, layout, gen):
 
 # Column counts around the row-subset kernel's tiles (64 float / 32 double columns per
 # tile with AVX-512, a vector of 16 / 8, a partial last vector) and row counts around its
-# 6-row tile (5 rows with AVX2), first/last rows frozen or active.
-ROWGEMM_I = [1, 7, 15, 16, 17, 31, 33, 63, 64, 65, 100, 129, 300]
+# 6-row tile (5 rows with AVX2), first/last rows frozen or active; rows of x 512 bytes
+# apart or a multiple of that (I = 64 in float64, 128 and 256) take the copied-block path.
+ROWGEMM_I = [1, 7, 15, 16, 17, 31, 33, 63, 64, 65, 100, 128, 129, 256, 300]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
