@@ -1061,19 +1061,19 @@ void rowgemm_kernel(const RowGemmArgs& a, int64_t c_begin, int64_t c_end) {
   // When x's rows are a multiple of 512 bytes apart (I = 1024: 4 KB), a tile's B rows read
   // in place fall into a few cache sets and the block is evicted between row tiles
   // (256x1024x1024 at half the rows frozen, AVX2: as slow as the dense gradient); then each
-  // full tile's columns are first copied into one contiguous [B][W] block. Other strides
-  // read x in place (the copy cost 3-7% at LeNet's sizes).
+  // full tile's columns are first copied into a contiguous [B][W] block, just before the
+  // tile's row tiles use it. Other strides read x in place (the copy cost 3-7% at LeNet's
+  // sizes).
   const bool aliased = (a.ldx * static_cast<int64_t>(sizeof(T))) % 512 == 0;
-  const int64_t full = aliased ? (c_end - c_begin) / W : 0;
-  thread_local std::vector<T> xblocks;
-  if (static_cast<int64_t>(xblocks.size()) < full * a.B * W) xblocks.resize(full * a.B * W);
-  for (int64_t t = 0; t < full; ++t)
-    for (int64_t b = 0; b < a.B; ++b)
-      __builtin_memcpy(xblocks.data() + (t * a.B + b) * W, x + b * a.ldx + c_begin + t * W, W * sizeof(T));
+  thread_local std::vector<T> xblock;
+  if (aliased && static_cast<int64_t>(xblock.size()) < a.B * W) xblock.resize(a.B * W);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += W) {
     const int64_t nc = c_end - c0 < W ? c_end - c0 : W;
-    const T* xt = aliased ? xblocks.data() + ((c0 - c_begin) / W) * a.B * W : x + c0;
-    const int64_t ldt = aliased ? W : a.ldx;
+    const bool copy = aliased && nc == W;
+    if (copy)
+      for (int64_t b = 0; b < a.B; ++b) __builtin_memcpy(xblock.data() + b * W, x + b * a.ldx + c0, W * sizeof(T));
+    const T* xt = copy ? xblock.data() : x + c0;
+    const int64_t ldt = copy ? W : a.ldx;
     for (int64_t j = 0; j < a.k; j += kRowGemmTile) {
       const T* g[kRowGemmTile];
       T* o[kRowGemmTile];
