@@ -1088,6 +1088,7 @@ void rowgemm_kernel(const RowGemmArgs& a, int64_t c_begin, int64_t c_end) {
         rowgemm_tile_tail<T>(g, x + c0, a.ldx, a.B, o, nc, xpad.data());
     }
   }
+  if (xblock.size() * sizeof(T) > (std::size_t(4) << 20)) std::vector<T>().swap(xblock);  // a huge batch's block is not kept
   for (int64_t i = 0; i < a.n_frozen; ++i)
     __builtin_memset(out + a.frozen[i] * a.ldo + c_begin, 0, (c_end - c_begin) * sizeof(T));
 }
