@@ -492,12 +492,10 @@ constexpr int dot_max_groups() {
 template <typename T, int K, int D1, int D2>
 inline void dot_run(const T* g, int64_t g_row, const T* X, const int32_t* off, int64_t rows, int64_t cols,
                     int64_t x_row, T* out, int64_t e0, int64_t e1) {
+  constexpr int G = dot_max_groups<K>();
   int64_t e = e0;
-  if constexpr (dot_max_groups<K>() == 8)
-    for (; e + 8 * K <= e1; e += 8 * K) dot_groups<T, 8, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
-  else
-    for (; e + 8 * K <= e1; e += 4 * K) dot_groups<T, 4, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
-  if (e + 4 * K <= e1) {
+  for (; e + G * K <= e1; e += G * K) dot_groups<T, G, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
+  if (e + 4 * K <= e1) {  // (never taken when G = 4)
     dot_groups<T, 4, K, D1, D2>(g, g_row, X, off + e, rows, cols, x_row, out + e);
     e += 4 * K;
   }

@@ -826,7 +826,7 @@ struct Lanes8 {
   // all-ones in the first n lanes
   static __m256i first(int64_t n) {
     if constexpr (sizeof(T) == 4)
-      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return first8(n);
     else
       return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
   }
