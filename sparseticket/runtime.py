@@ -80,3 +80,18 @@ def malloc_mode() -> str:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return "env"
     return "default"
+
+
+def set_serial_work(work: int) -> int:
+    """Set the work (multiply-adds of one op call) below which the compiled CPU kernels run
+    on the calling thread instead of the thread pool; returns the previous value.
+
+    Waking the pool costs a few microseconds per parallel region, more than a second
+    thread saves on LeNet-sized layers (see ``csrc/cpu/parallel.h`` for the measurements).
+    The default is 2**19; ``SPARSETICKET_SERIAL_WORK`` sets it at start-up; 0 puts every
+    op on the pool. Raises RuntimeError when the compiled kernels are not loaded.
+    """
+    from . import ops
+    if ops._C is None:
+        raise RuntimeError("sparseticket: the compiled kernels are not loaded (see python -m sparseticket.info)")
+    return int(ops._C.set_serial_work(int(work)))

@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace sparseticket {
 namespace cpu {
@@ -118,9 +119,11 @@ int64_t spmm_k_block(int nv, int64_t lanes, int64_t elem_bytes, int64_t K, int64
 int panel_index(int nv) { return nv == 1 ? 0 : nv == 2 ? 1 : nv == 4 ? 2 : 3; }
 
 // P[panel][k][lane] = x[panel * pw + lane, k] (0 past B). x: [B, K] with any strides.
-// Jobs are (panel, block of 64 k); the kernel core does the transposing copy.
+// Jobs are (panel, block of 64 k); the kernel core does the transposing copy. `work` is
+// that of the op the panels feed, so an op runs either wholly on the calling thread or
+// wholly on the pool (parallel.h).
 template <typename T>
-void pack_panels(const Tensor& x, T* P, int64_t pw) {
+void pack_panels(const Tensor& x, T* P, int64_t pw, int64_t work) {
   const int64_t B = x.size(0), K = x.size(1);
   const int64_t sb = x.stride(0), sk = x.stride(1);
   const T* X = x.data_ptr<T>();
@@ -128,7 +131,7 @@ void pack_panels(const Tensor& x, T* P, int64_t pw) {
   constexpr int64_t KB = 64;
   const int64_t kblocks = (K + KB - 1) / KB;
   const PackFn fn = sizeof(T) == 4 ? kernel_table().pack_f32 : kernel_table().pack_f64;
-  at::parallel_for(0, n_panels * kblocks, 4, [&](int64_t begin, int64_t end) {
+  parallel_for_work(0, n_panels * kblocks, 4, work, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t panel = job / kblocks, k0 = (job % kblocks) * KB;
       const int64_t b0 = panel * pw;
@@ -137,11 +140,11 @@ void pack_panels(const Tensor& x, T* P, int64_t pw) {
   });
 }
 
-Tensor pack(const Tensor& x, int64_t pw) {
+Tensor pack(const Tensor& x, int64_t pw, int64_t work) {
   const int64_t B = x.size(0), K = x.size(1);
   const int64_t n_panels = std::max<int64_t>(1, (B + pw - 1) / pw);
   Tensor P = at::empty({n_panels, K, pw}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparseticket_pack", [&] { pack_panels<scalar_t>(x, P.data_ptr<scalar_t>(), pw); });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparseticket_pack", [&] { pack_panels<scalar_t>(x, P.data_ptr<scalar_t>(), pw, work); });
   return P;
 }
 
@@ -209,7 +212,8 @@ void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, 
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
   a.k_block = k_block;
   const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks());
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t work = static_cast<int64_t>(a.ptr[R]) * B;
+  parallel_for_work(0, static_cast<int64_t>(bounds.size()) - 1, 1, work, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(a, bounds[c], bounds[c + 1]);
   });
 }
@@ -244,7 +248,7 @@ Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, cons
   Tensor out = at::empty({B, O}, x.options());
   if (B == 0 || O == 0) return out;
   const int nv = panel_choice(B, x.size(1), vector_lanes(x.scalar_type()), x.element_size());
-  const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()));
+  const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()), vals.numel() * B);
   const int64_t k_block = spmm_k_block(nv, vector_lanes(x.scalar_type()), x.element_size(), x.size(1), O,
                                        vals.numel());
   run_spmm(packed, nv, k_block, crow, col, c10::nullopt, vals, bias, B, out);
@@ -274,7 +278,7 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   Tensor out = at::empty({B, I}, gy.options());
   if (B == 0 || I == 0) return out;
   const int nv = panel_choice(B, gy.size(1), vector_lanes(gy.scalar_type()), gy.element_size());
-  const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()));
+  const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()), vals.numel() * B);
   check_index_range(perm, vals.numel(), "perm", "values");
   // The values in column order. Blocked with one or two panels, the kernel reads them
   // through perm: they are then cache-resident and the loads independent, and it saves
@@ -315,7 +319,7 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const T
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
   Tensor out = at::empty({nnz}, gy.options());
   const int64_t ld = round_up(B, vector_lanes(gy.scalar_type()));
-  const Tensor A = pack(gy, ld), X = pack(x, ld);
+  const Tensor A = pack(gy, ld, nnz * B), X = pack(x, ld, nnz * B);
   Tensor active;
   if (active_) active = contiguous_1d(*active_);
   SddmmArgs s{};
@@ -333,7 +337,7 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const T
   const KernelTable& kt = kernel_table();
   const SddmmFn fn = gy.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
   const auto bounds = balanced_rows(s.ptr, O, 4, n_chunks());
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for_work(0, static_cast<int64_t>(bounds.size()) - 1, 1, nnz * B, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(s, bounds[c], bounds[c + 1]);
   });
   return out;
@@ -389,7 +393,7 @@ Tensor rowgemm(const Tensor& gy_, const Tensor& x_, const int64_t* rows, int64_t
     const int64_t sb = gy.stride(0);
     // 16 batch entries at a time: 16 rows of gy read at the active columns, 64-byte
     // runs written per active column
-    at::parallel_for(0, (B + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(0, (B + 15) / 16, 1, k * B, [&](int64_t b0, int64_t b1) {
       for (int64_t bb = b0 * 16; bb < std::min(b1 * 16, B); bb += 16) {
         const int64_t be = std::min(bb + 16, B);
         for (int64_t j = 0; j < k; ++j)
@@ -412,7 +416,7 @@ Tensor rowgemm(const Tensor& gy_, const Tensor& x_, const int64_t* rows, int64_t
   a.ldo = I;
   const RowGemmFn fn = gy.scalar_type() == at::kFloat ? kernel_table().rowgemm_f32 : kernel_table().rowgemm_f64;
   const int64_t chunks = (I + kRowGemmCols - 1) / kRowGemmCols;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for_work(0, chunks, 1, k * B * I, [&](int64_t c0, int64_t c1) {
     fn(a, c0 * kRowGemmCols, std::min(c1 * kRowGemmCols, I));
   });
   return out;
@@ -647,7 +651,9 @@ UpdatePlan plan_update(const char* op, at::TensorList params, at::TensorList gra
 // Runs the plan's jobs in parallel with the kernel of each parameter's dtype.
 template <typename Args, typename Fn>
 void run_update(UpdatePlan& plan, at::TensorList params, const std::vector<Args>& args, Fn f32, Fn f64) {
-  at::parallel_for(0, static_cast<int64_t>(plan.jobs.size()), 1, [&](int64_t b, int64_t e) {
+  int64_t work = 0;  // elements updated, weighted 8x a multiply-add (3-4 memory streams each)
+  for (const UpdateJob& job : plan.jobs) work += 8 * (job.end - job.begin);
+  parallel_for_work(0, static_cast<int64_t>(plan.jobs.size()), 1, work, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
       const UpdateJob& job = plan.jobs[q];
       (params[job.param].scalar_type() == at::kFloat ? f32 : f64)(args[job.param], job.begin, job.end);
@@ -984,6 +990,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(sparseticket::cpu::kernel_table().isa); },
         "ISA of the CPU kernel table in use: avx512, avx2 or base");
   m.def("cpu_vector_bytes", [] { return sparseticket::cpu::kernel_table().vector_bytes; });
+  m.def("set_serial_work", [](int64_t w) { return sparseticket::cpu::set_serial_work(w); },
+        "Sets the work (multiply-adds) below which a CPU op runs on the calling thread; returns the previous value.");
   m.def("with_cuda", [] {
 #ifdef SPARSETICKET_WITH_CUDA
     return true;
