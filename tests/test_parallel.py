@@ -107,3 +107,9 @@ def test_masked_sgd_inline_equals_pool(dtype, both_ways, gen):
     expected = step(ref.reference_masked_sgd_)
     for a, e in zip(inline, expected):
         assert_close(a, e, e.abs() + 1, what="masked_sgd_")
+
+
+def test_set_serial_work_without_kernels_raises(monkeypatch):
+    monkeypatch.setattr(ops, "_C", None)
+    with pytest.raises(RuntimeError, match="compiled kernels are not loaded"):
+        runtime.set_serial_work(0)
