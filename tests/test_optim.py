@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import sparseticket.nn as stnn
 from sparseticket.optim import MaskedAdamW, MaskedSGD, python_masked_adamw_
@@ -336,3 +337,50 @@ def test_bad_arguments():
         MaskedSGD([p], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="beta"):
         MaskedAdamW([p], betas=(1.0, 0.9))
+
+
+# ----------------------------------------------------------------------------- step wrapper, zero_grad
+# The masked optimizers replace torch.optim's step wrapper with a lean one (optim/_base.py,
+# lean_step) that hands over to torch's whenever hooks or the profiler are live.
+
+
+@pytest.mark.parametrize("opt_cls", [MaskedSGD, MaskedAdamW])
+def test_step_hooks_and_profiler_label_still_work(opt_cls, gen):
+    lin = stnn.SparseLinear(7, 5, density=0.5)
+    opt = opt_cls(lin.parameters(), lr=0.1)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    lin(torch.randn(3, 7, generator=gen)).sum().backward()
+    before = lin.weight_values.detach().clone()
+    opt.step()
+    assert calls == ["pre", "post"]
+    assert not torch.equal(before, lin.weight_values.detach()), "the step did not update the weights"
+    pre.remove()
+    post.remove()
+    opt.step()
+    assert calls == ["pre", "post"], "removed hooks must not run"
+    glob = register_optimizer_step_post_hook(lambda o, a, k: calls.append("global"))
+    try:
+        opt.step()
+    finally:
+        glob.remove()
+    assert calls == ["pre", "post", "global"]
+    with torch.profiler.profile() as prof:
+        opt.step()
+        opt.zero_grad()
+    names = {e.name for e in prof.events()}
+    assert f"Optimizer.step#{opt_cls.__name__}.step" in names
+    assert f"Optimizer.zero_grad#{opt_cls.__name__}.zero_grad" in names
+
+
+def test_zero_grad_set_to_none_and_zeroing(gen):
+    lin = stnn.SparseLinear(7, 5, density=0.5)
+    plain = nn.Parameter(torch.randn(3, generator=gen))
+    opt = MaskedSGD([{"params": lin.parameters()}, {"params": [plain]}], lr=0.1)
+    (lin(torch.randn(3, 7, generator=gen)).sum() + plain.sum()).backward()
+    opt.zero_grad(set_to_none=False)
+    for p in (lin.weight_values, lin.bias, plain):
+        assert p.grad is not None and not p.grad.any()
+    opt.zero_grad()
+    assert all(p.grad is None for p in (lin.weight_values, lin.bias, plain))

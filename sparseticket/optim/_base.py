@@ -2,14 +2,41 @@
 structure changes (a new ticket) by remapping or resetting the parameter's state."""
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
+import torch.autograd.profiler as _profiler
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from ..nn import _registry
 from ..nn._registry import ParamMasks, param_masks
+
+
+def lean_step(step):
+    """The masked optimizers' ``step`` wrapper, in place of the one torch.optim.Optimizer
+    puts on every subclass's ``step`` (``profile_hook_step``): that one enters a profiler
+    ``record_function`` on every call, ~15-20 us of a ~400 us sparse LeNet step on the
+    project's VM. This wrapper calls torch's when anything would see a difference (the
+    profiler is on, or step pre/post hooks are registered on this optimizer or globally);
+    otherwise it runs the step and the same ``_optimizer_step_code`` call directly."""
+    hooked_step = Optimizer.profile_hook_step(step)
+    global_pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+    global_post = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (_profiler._is_profiler_enabled or global_pre is None or global_post is None or global_pre
+                or global_post or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+            return hooked_step(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    wrapper.hooked = True  # torch.optim.Optimizer._patch_step_function: do not wrap again
+    return wrapper
 
 
 class MaskedOptimizer(Optimizer):
@@ -104,7 +131,14 @@ class MaskedOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._sync_params()
-        super().zero_grad(set_to_none)
+        if not set_to_none or _profiler._is_profiler_enabled:
+            super().zero_grad(set_to_none)
+            return
+        # torch's loop without its record_function (~10 us a call); same effect
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = None
 
     def state_dict(self):
         self._sync_params()

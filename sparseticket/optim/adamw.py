@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..ops.reference import _active_elements
-from ._base import MaskedOptimizer, _float, check_implementation_args, check_positive, lists
+from ._base import MaskedOptimizer, lean_step, _float, check_implementation_args, check_positive, lists
 
 
 def python_masked_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -109,6 +109,7 @@ class MaskedAdamW(MaskedOptimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
 
+    @lean_step
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

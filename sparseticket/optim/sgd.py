@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._base import MaskedOptimizer, _float, check_implementation_args, check_positive, lists
+from ._base import MaskedOptimizer, lean_step, _float, check_implementation_args, check_positive, lists
 
 _masked_sgd_ = torch.ops.sparseticket.masked_sgd_
 
@@ -42,6 +42,7 @@ class MaskedSGD(MaskedOptimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
 
+    @lean_step
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
