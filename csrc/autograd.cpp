@@ -36,6 +36,17 @@ Tensor call_sparse_linear(const Tensor& x, const Tensor& values, const Tensor& c
   return op.call(x, values, crow, col, ccol, row, perm, bias, active);
 }
 
+Tensor call_sparse_linear_relu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                               const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_linear_relu", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                     const c10::optional<Tensor>&)>();
+  return op.call(x, values, crow, col, ccol, row, perm, bias, active);
+}
+
 Tensor call_spmm_t(const Tensor& gy, const Tensor& values, const Tensor& ccol, const Tensor& row, const Tensor& perm) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparseticket::spmm_t", "")
@@ -84,6 +95,17 @@ Tensor call_ticket_compress(const Tensor& dense, const Tensor& crow, const Tenso
 
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
+// The gradients of a ticket layer from gy, the gradient of its (pre-activation) output.
+variable_list sparse_linear_grads(AutogradContext* ctx, const Tensor& gy, const variable_list& saved) {
+  const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &ccol = saved[4],
+               &row = saved[5], &perm = saved[6], &active = saved[7];
+  Tensor gx, gv, gb;
+  if (ctx->needs_input_grad(0)) gx = call_spmm_t(gy, values, ccol, row, perm);
+  if (ctx->needs_input_grad(1)) gv = call_sddmm(gy, x, crow, col, opt(active));
+  if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7)) gb = masked_bias_grad(gy, active);
+  return {gx, gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), gb, Tensor()};
+}
+
 class SparseLinearFunction : public torch::autograd::Function<SparseLinearFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& values, const Tensor& crow,
@@ -97,15 +119,29 @@ class SparseLinearFunction : public torch::autograd::Function<SparseLinearFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return sparse_linear_grads(ctx, grads[0].contiguous(), ctx->get_saved_variables());
+  }
+};
+
+// relu(sparse_linear(...)) as one node: the output is saved and masks the incoming
+// gradient (threshold_backward, what ReluBackward0 computes), so a Linear+ReLU pair costs
+// one autograd node and one forward op instead of two of each.
+class SparseLinearReluFunction : public torch::autograd::Function<SparseLinearReluFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& values, const Tensor& crow,
+                        const Tensor& col, const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                        const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor y = call_sparse_linear_relu(x, values, crow, col, ccol, row, perm, bias, active);
+    ctx->save_for_backward({x, values, crow, col, ccol, row, perm, active ? *active : Tensor(), y});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &ccol = saved[4],
-                 &row = saved[5], &perm = saved[6], &active = saved[7];
-    const Tensor gy = grads[0].contiguous();
-    Tensor gx, gv, gb;
-    if (ctx->needs_input_grad(0)) gx = call_spmm_t(gy, values, ccol, row, perm);
-    if (ctx->needs_input_grad(1)) gv = call_sddmm(gy, x, crow, col, opt(active));
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7)) gb = masked_bias_grad(gy, active);
-    return {gx, gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), gb, Tensor()};
+    const Tensor gy = at::threshold_backward(grads[0], saved[8], 0).contiguous();
+    return sparse_linear_grads(ctx, gy, saved);
   }
 };
 
@@ -163,6 +199,12 @@ Tensor sparse_linear_autograd(const Tensor& x, const Tensor& values, const Tenso
   return SparseLinearFunction::apply(x, values, crow, col, ccol, row, perm, bias, active);
 }
 
+Tensor sparse_linear_relu_autograd(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                                   const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                                   const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
+  return SparseLinearReluFunction::apply(x, values, crow, col, ccol, row, perm, bias, active);
+}
+
 Tensor neq_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                            const c10::optional<Tensor>& active) {
   return NeqLinearFunction::apply(x, weight, bias, active);
@@ -172,6 +214,7 @@ Tensor neq_linear_autograd(const Tensor& x, const Tensor& weight, const c10::opt
 
 TORCH_LIBRARY_IMPL(sparseticket, Autograd, m) {
   m.impl("sparse_linear", &sparse_linear_autograd);
+  m.impl("sparse_linear_relu", &sparse_linear_relu_autograd);
   m.impl("neq_linear", &neq_linear_autograd);
   m.impl("ticket_expand", &ticket_expand_autograd);
 }

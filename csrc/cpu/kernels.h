@@ -29,6 +29,7 @@ struct SpmmArgs {
   int64_t k_block;      // visit the panel in blocks of this many rows (0: no blocking)
   void* out;
   int64_t ldo_b, ldo_r;  // output strides (elements) along batch and along rows
+  bool relu;             // out = max(0, .) as it is written (sparse_linear_relu); NaN stays NaN
 };
 
 // g[e] = sum_b A[r][b] * X[idx[e]][b] for e in row r; rows with active[r] == 0 give 0.

@@ -313,7 +313,8 @@ inline void spmm_row_entries(typename Vec<T>::type* acc, const T* __restrict P, 
 }
 
 // out[b, r] = tile[r - r0][b - b0] + bias[r] for the nr rows from r0 and this panel's
-// batch entries (tile rows are PW apart).
+// batch entries (tile rows are PW apart), through max(0, .) when a.relu: the ReLU of
+// sparse_linear_relu costs nothing here (max(0, v) keeps a NaN v, as torch.relu does).
 template <typename T, int PW>
 inline void spmm_write_tile(const SpmmArgs& a, const T (*tile)[PW], int64_t r0, int nr, int64_t b0) {
   const T* __restrict bias = static_cast<const T*>(a.bias);
@@ -333,9 +334,12 @@ inline void spmm_write_tile(const SpmmArgs& a, const T (*tile)[PW], int64_t r0, 
         t[rr] = rr < nr ? _mm512_load_ps(reinterpret_cast<const float*>(&tile[rr][l])) : _mm512_setzero_ps();
       transpose16(t);
       const int nl = nb - l < 16 ? nb - l : 16;
-      for (int i = 0; i < nl; ++i)
-        _mm512_mask_storeu_ps(reinterpret_cast<float*>(out + (b0 + l + i) * a.ldo_b + r0), rm,
-                              _mm512_add_ps(t[i], bv));
+      const __m512 zero = _mm512_setzero_ps();
+      for (int i = 0; i < nl; ++i) {
+        __m512 v = _mm512_add_ps(t[i], bv);
+        if (a.relu) v = _mm512_max_ps(zero, v);
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(out + (b0 + l + i) * a.ldo_b + r0), rm, v);
+      }
     }
     return;
   }
@@ -353,24 +357,31 @@ inline void spmm_write_tile(const SpmmArgs& a, const T (*tile)[PW], int64_t r0, 
         transpose8(t);
         const int nl = nb - l < 8 ? nb - l : 8;
         float* o = reinterpret_cast<float*>(out + (b0 + l) * a.ldo_b + r0 + h);
-        if (nh == 8)
-          for (int i = 0; i < nl; ++i) _mm256_storeu_ps(o + i * a.ldo_b, _mm256_add_ps(t[i], bv));
-        else
-          for (int i = 0; i < nl; ++i) _mm256_maskstore_ps(o + i * a.ldo_b, rm, _mm256_add_ps(t[i], bv));
+        const __m256 zero = _mm256_setzero_ps();
+        for (int i = 0; i < nl; ++i) {
+          __m256 v = _mm256_add_ps(t[i], bv);
+          if (a.relu) v = _mm256_max_ps(zero, v);
+          if (nh == 8)
+            _mm256_storeu_ps(o + i * a.ldo_b, v);
+          else
+            _mm256_maskstore_ps(o + i * a.ldo_b, rm, v);
+        }
       }
     }
     return;
   }
 #endif
+  const bool relu = a.relu;
+  auto fin = [relu](T v) { return relu && T(0) > v ? T(0) : v; };
   if (a.ldo_r == 1) {
     for (int b = 0; b < nb; ++b) {
       T* __restrict o = out + (b0 + b) * a.ldo_b + r0;
-      for (int rr = 0; rr < nr; ++rr) o[rr] = tile[rr][b] + bias_tile[rr];
+      for (int rr = 0; rr < nr; ++rr) o[rr] = fin(tile[rr][b] + bias_tile[rr]);
     }
   } else {
     for (int rr = 0; rr < nr; ++rr) {
       T* __restrict o = out + (r0 + rr) * a.ldo_r + b0 * a.ldo_b;
-      for (int b = 0; b < nb; ++b) o[b * a.ldo_b] = tile[rr][b] + bias_tile[rr];
+      for (int b = 0; b < nb; ++b) o[b * a.ldo_b] = fin(tile[rr][b] + bias_tile[rr]);
     }
   }
 }

@@ -191,7 +191,8 @@ Tensor gather(const Tensor& vals, const Tensor& perm) {
 // out[b, r] (row-major [B, R]) = bias[r] + sum over row r of ptr/idx/perm/val x P, the
 // panel visited in column blocks of k_block rows (0: unblocked; see spmm_k_block).
 void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, const Tensor& idx,
-              const c10::optional<Tensor>& perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t B, const Tensor& out) {
+              const c10::optional<Tensor>& perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t B,
+              const Tensor& out, bool relu = false) {
   const int64_t R = ptr.numel() - 1;
   if (R == 0 || B == 0) return;
   SpmmArgs a{};
@@ -207,6 +208,7 @@ void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, 
   a.out = out.data_ptr();
   a.ldo_b = out.stride(0);
   a.ldo_r = out.stride(1);
+  a.relu = relu;
   const KernelTable& kt = kernel_table();
   const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
@@ -221,8 +223,9 @@ void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, 
 
 // ----------------------------------------------------------------------------- ops
 
-Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, const Tensor& col_,
-                const c10::optional<Tensor>& bias_) {
+// x Wᵀ + b, through max(0, .) when relu (sparse_linear_relu)
+Tensor spmm_impl(const Tensor& x, const Tensor& values, const Tensor& crow_, const Tensor& col_,
+                 const c10::optional<Tensor>& bias_, bool relu) {
   check_float(x, "x");
   check_dim(x, 2, "x");
   check_cpu(x, "x");
@@ -251,8 +254,13 @@ Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow_, cons
   const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()), vals.numel() * B);
   const int64_t k_block = spmm_k_block(nv, vector_lanes(x.scalar_type()), x.element_size(), x.size(1), O,
                                        vals.numel());
-  run_spmm(packed, nv, k_block, crow, col, c10::nullopt, vals, bias, B, out);
+  run_spmm(packed, nv, k_block, crow, col, c10::nullopt, vals, bias, B, out, relu);
   return out;
+}
+
+Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                const c10::optional<Tensor>& bias) {
+  return spmm_impl(x, values, crow, col, bias, false);
 }
 
 Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, const Tensor& row_,
@@ -473,15 +481,28 @@ Tensor row_masked_grad_weight_cpu(const Tensor& gy, const Tensor& x, const c10::
   return out;
 }
 
-Tensor sparse_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
-                         const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
-                         const c10::optional<Tensor>& active) {
+void check_sparse_linear_extra(const Tensor& x, const Tensor& crow, const Tensor& ccol,
+                               const c10::optional<Tensor>& active) {
   check_active(active, crow.numel() - 1);
   check_index(ccol, "ccol");
   TORCH_CHECK(x.dim() != 2 || x.size(1) == ccol.numel() - 1, "sparseticket: x has ", x.dim() == 2 ? x.size(1) : 0,
               " features but the ticket expects in_features=", ccol.numel() - 1, " (ccol has ", ccol.numel(),
               " entries)");
-  return spmm_cpu(x, values, crow, col, bias);
+}
+
+Tensor sparse_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                         const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
+                         const c10::optional<Tensor>& active) {
+  check_sparse_linear_extra(x, crow, ccol, active);
+  return spmm_impl(x, values, crow, col, bias, false);
+}
+
+// relu(sparse_linear(...)) in one pass: the ReLU is applied as the output tile is written
+Tensor sparse_linear_relu_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                              const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                              const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
+  check_sparse_linear_extra(x, crow, ccol, active);
+  return spmm_impl(x, values, crow, col, bias, true);
 }
 
 Tensor neq_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -971,6 +992,7 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("sddmm", &sddmm_cpu);
   m.impl("row_masked_grad_weight", &row_masked_grad_weight_cpu);
   m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("sparse_linear_relu", &sparse_linear_relu_cpu);
   m.impl("neq_linear", &neq_linear_cpu);
   m.impl("masked_sgd_", &masked_sgd_cpu);
   m.impl("masked_adamw_", &masked_adamw_cpu);

@@ -323,7 +323,9 @@ class IMPRun:
                     m.weight.mul_(plan.mask[name].to(m.weight.dtype))
         pruned = {n: m for n, m in plan.mask.items() if not bool(m.all())}
         if self.sparse and pruned:
-            stnn.sparsify(model, masks=pruned, mode="auto")
+            # Linear+ReLU as one node (the same numbers); not with NEq, which measures the
+            # layers' pre-activation outputs
+            stnn.sparsify(model, masks=pruned, mode="auto", fuse_relu=not self.hp.neq.neq)
         if plan.trainable is not None:
             for n, p in model.named_parameters():
                 p.requires_grad_(plan.trainable(n))

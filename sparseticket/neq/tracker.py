@@ -59,6 +59,7 @@ def _select_modules(model: nn.Module, spec) -> list[tuple[str, nn.Module]]:
     named = list(model.named_modules())
     if spec is None:
         chosen = [(n, m) for n, m in named if is_neq_capable(m)]
+        _check_not_fused(chosen)
         if not chosen:
             raise ValueError("NEq: the model has no NEq-capable module (one with `active` and `set_active`); "
                              "convert it first (sparseticket.nn.enable_neq(model) or sparsify) or pass "
@@ -75,9 +76,20 @@ def _select_modules(model: nn.Module, spec) -> list[tuple[str, nn.Module]]:
                 raise ValueError(f"NEqConfig.modules: no module named {n!r} in the model")
         wanted = set(spec)
         chosen = [(n, m) for n, m in named if n in wanted]
+    _check_not_fused(chosen)
     if not chosen:
         raise ValueError("NEqConfig.modules selected no module")
     return chosen
+
+
+def _check_not_fused(chosen: list[tuple[str, nn.Module]]) -> None:
+    # NEq compares a neuron's pre-activation outputs; a layer with a fused activation only
+    # has the activation to show
+    for n, m in chosen:
+        if getattr(m, "activation", None) is not None:
+            raise ValueError(f"NEq: layer {n!r} has a fused {m.activation} (sparsify(..., fuse_relu=True)), so its "
+                             "output is the activation, not the neuron's pre-activation that NEq measures; "
+                             "sparsify without fuse_relu to track it")
 
 
 def _collect_validation(val, val_size: int | None, batch_size: int | None, seed: int

@@ -11,7 +11,7 @@ from . import _mode
 from ._common import TicketModule, check_mask, describe, neq_capable, where
 from ._registry import register_module_params
 from .conv import NEqConv2d, SparseConv2d
-from .linear import DenseNEqLinear, SparseLinear, _init_neq
+from .linear import DenseNEqLinear, FusedReLU, SparseLinear, _init_neq
 
 Filter = Callable[[str, nn.Module], bool]
 _DENSE_TYPES = (nn.Linear, DenseNEqLinear, nn.Conv2d, NEqConv2d)
@@ -112,7 +112,7 @@ def _prune_smallest(weights: List[Tensor], masks: List[Tensor], fraction: float)
 
 def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
              amount: Union[None, float, Dict[str, float]] = None, filter: Optional[Filter] = None,
-             mode: str = "auto", scope: str = "global") -> nn.Module:
+             mode: str = "auto", scope: str = "global", fuse_relu: bool = False) -> nn.Module:
     """Replace nn.Linear / nn.Conv2d layers of ``model`` in place by SparseLinear / SparseConv2d.
 
     * ``masks``: {layer name: keep mask (weight's shape, bool or 0/1)}; only these layers
@@ -124,6 +124,12 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
       converted directly), else its non-zero pattern.
     * ``filter(name, module) -> bool`` selects layers (default: every Linear/Conv2d,
       including DenseNEqLinear/NEqConv2d, whose ``active`` carries over).
+
+    * ``fuse_relu``: where an nn.ReLU directly follows a SparseLinear in an nn.Sequential,
+      the layer applies it itself (``activation='relu'``: one op and one autograd node
+      instead of two of each, the same numbers) and the nn.ReLU becomes a FusedReLU
+      placeholder. The layer's output, which forward hooks and the NEq tracker would
+      see, is then the activation, so leave it off for NEq. ``densify`` undoes it.
 
     Returns ``model``. Build the optimizer after sparsifying (the weights are new Parameters).
     """
@@ -167,7 +173,45 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
             cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
             new = converted[id(module)] = cls.from_dense(module, base[first[id(module)]], mode=mode, name=name)
         setattr(parent, attr, new)
+    if fuse_relu:
+        _fuse_relus(model)
     return model
+
+
+def _fuse_relus(model: nn.Module) -> None:
+    """SparseLinear followed by nn.ReLU in an nn.Sequential: the layer applies the ReLU."""
+    uses: Dict[int, int] = {}
+    for parent in model.modules():
+        for child in parent._modules.values():
+            if child is not None:
+                uses[id(child)] = uses.get(id(child), 0) + 1
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            layer, nxt = parent._modules[a], parent._modules[b]
+            # a layer used at two places would apply the ReLU at both
+            if (type(layer) is SparseLinear and layer.activation is None and type(nxt) is nn.ReLU
+                    and uses[id(layer)] == 1 and uses[id(nxt)] == 1):
+                layer.set_activation("relu")
+                parent._modules[b] = FusedReLU()
+
+
+def _unfuse_relus(model: nn.Module) -> None:
+    """The inverse of _fuse_relus: each FusedReLU back to nn.ReLU, its layer's activation off."""
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            child = parent._modules[name]
+            if isinstance(child, SparseLinear) and child.activation is not None:
+                nxt = parent._modules[names[i + 1]] if i + 1 < len(names) else None
+                if not isinstance(parent, nn.Sequential) or not isinstance(nxt, FusedReLU):
+                    raise ValueError(f"sparseticket: densify: {where(child, name)} applies a fused "
+                                     f"{child.activation} but no FusedReLU follows it in an nn.Sequential; "
+                                     "call set_activation(None) and add the activation back yourself")
+                child.set_activation(None)
+                parent._modules[names[i + 1]] = nn.ReLU()
 
 
 def densify(model: nn.Module, as_pruned: bool = False) -> nn.Module:
@@ -177,6 +221,7 @@ def densify(model: nn.Module, as_pruned: bool = False) -> nn.Module:
     ``weight_mask``), which keep the mask. Layers with frozen neurons come back as
     DenseNEqLinear / NEqConv2d. Returns ``model``.
     """
+    _unfuse_relus(model)
     converted = {}
     for name, parent, attr, module in _named_convertible(model, (SparseLinear, SparseConv2d)):
         dense = converted.get(id(module))

@@ -12,6 +12,7 @@ from ._common import NEqMixin, TicketModule, check_active, check_weight_dtype, w
 from ._registry import register_module_params
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
+_sparse_linear_relu = torch.ops.sparseticket.sparse_linear_relu
 _ticket_expand = torch.ops.sparseticket.ticket_expand
 _neq_linear = torch.ops.sparseticket.neq_linear
 
@@ -27,7 +28,15 @@ class SparseLinear(TicketModule):
 
     ``SparseLinear(in, out)`` initialises like nn.Linear and keeps a random ``density``
     fraction of the weights; usually build one with :meth:`from_dense` or ``sparsify``.
+
+    ``activation='relu'`` makes the layer compute relu(x Wᵀ + b) as one op and one
+    autograd node (``sparsify(..., fuse_relu=True)`` sets it and replaces the nn.ReLU
+    that followed by a :class:`FusedReLU` placeholder). Its output, which forward hooks
+    see, is then the activation.
     """
+
+    #: None or 'relu' (class default: layers pickled before the attribute existed load as None)
+    activation: Optional[str] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 1.0,
                  mode: str = "auto", device=None, dtype=None):
@@ -57,7 +66,10 @@ class SparseLinear(TicketModule):
         return self
 
     def to_dense(self) -> nn.Linear:
-        """A dense nn.Linear with the masked weight (a DenseNEqLinear if neurons are frozen)."""
+        """A dense nn.Linear with the masked weight (a DenseNEqLinear if neurons are frozen).
+
+        A fused activation is not part of it: ``densify`` turns the FusedReLU placeholder
+        back into nn.ReLU."""
         p = self.weight_values
         frozen = self._buffers.get("active") is not None
         cls = DenseNEqLinear if frozen else nn.Linear
@@ -83,7 +95,8 @@ class SparseLinear(TicketModule):
     # -- execution
     def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         b = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~0.5 us per name
-        return _sparse_linear(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"])
+        op = _sparse_linear if self.activation is None else _sparse_linear_relu
+        return op(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"])
 
     def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         b = self._buffers
@@ -92,9 +105,8 @@ class SparseLinear(TicketModule):
         else:
             w = _ticket_expand(values, b["crow"], b["bits"], self.in_features)
         active = b["active"]
-        if active is None:
-            return F.linear(x, w, bias)
-        return _neq_linear(x, w, bias, active)
+        y = F.linear(x, w, bias) if active is None else _neq_linear(x, w, bias, active)
+        return y if self.activation is None else torch.relu(y)
 
     def forward(self, x: Tensor) -> Tensor:
         values, bias = self._parameters["weight_values"], self._parameters["bias"]
@@ -112,7 +124,19 @@ class SparseLinear(TicketModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                + self._repr_common())
+                + self._repr_common() + ("" if self.activation is None else f", activation={self.activation}"))
+
+    def set_activation(self, activation: Optional[str]) -> None:
+        """None or 'relu'. Prefer ``sparsify(..., fuse_relu=True)``, which also removes the
+        nn.ReLU that would otherwise apply a second time."""
+        if activation not in (None, "relu"):
+            raise ValueError(f"sparseticket: {where(self)}: activation must be None or 'relu', got {activation!r}")
+        self.activation = activation
+
+
+class FusedReLU(nn.Identity):
+    """Stands where an nn.ReLU was before ``sparsify(..., fuse_relu=True)`` folded it into
+    the SparseLinear before it (which now applies it); ``densify`` puts nn.ReLU back."""
 
 
 class DenseNEqBase(NEqMixin):

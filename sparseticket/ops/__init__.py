@@ -74,6 +74,11 @@ def _checked_reference_impls():
         _check_range("col", col, x.shape[1], "x's feature dimension (x.size(1))")
         return ref.reference_spmm(x, values, crow, col, bias)
 
+    def sparse_linear_relu(x, values, crow, col, ccol, row, perm, bias, active):
+        # composed from the op itself, so a device whose sparse_linear is compiled or
+        # Triton (but has no fused kernel) runs that, not the reference
+        return torch.relu(torch.ops.sparseticket.sparse_linear(x, values, crow, col, ccol, row, perm, bias, active))
+
     def neq_linear(x, weight, bias, active):
         check_neq_linear(x, weight, bias, active)
         return ref.reference_neq_linear(x, weight, bias, active)
@@ -203,7 +208,7 @@ def _checked_reference_impls():
                                                        dilation)
 
     return dict(ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress,
-                spmm=spmm, sparse_linear=sparse_linear, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+                spmm=spmm, sparse_linear=sparse_linear, sparse_linear_relu=sparse_linear_relu, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
                 sparse_conv2d=sparse_conv2d, sparse_conv2d_grad_input=sparse_conv2d_grad_input,
                 sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight,
                 masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
@@ -245,7 +250,7 @@ def _sparse_linear_setup(ctx, inputs, output):
 
 
 def _sparse_linear_backward(ctx, gy):
-    x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors
+    x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors[:8]
     gy = gy.contiguous()
     gx = gvalues = gbias = None
     if ctx.needs_input_grad[0]:
@@ -255,6 +260,17 @@ def _sparse_linear_backward(ctx, gy):
     if ctx.has_bias and ctx.needs_input_grad[7]:
         gbias = _masked_bias_grad(gy, active)
     return gx, gvalues, None, None, None, None, None, gbias, None
+
+
+def _sparse_linear_relu_setup(ctx, inputs, output):
+    x, values, crow, col, ccol, row, perm, bias, active = inputs
+    # the output masks the gradient in backward, as ReluBackward0 does
+    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active, output)
+    ctx.has_bias = bias is not None
+
+
+def _sparse_linear_relu_backward(ctx, gy):
+    return _sparse_linear_backward(ctx, torch.ops.aten.threshold_backward(gy, ctx.saved_tensors[8], 0))
 
 
 def _neq_linear_setup(ctx, inputs, output):
@@ -303,6 +319,8 @@ def _sparse_conv2d_backward(ctx, gy):
 if _C is None:
     torch.library.register_autograd("sparseticket::sparse_linear", _sparse_linear_backward,
                                     setup_context=_sparse_linear_setup)
+    torch.library.register_autograd("sparseticket::sparse_linear_relu", _sparse_linear_relu_backward,
+                                    setup_context=_sparse_linear_relu_setup)
     torch.library.register_autograd("sparseticket::neq_linear", _neq_linear_backward,
                                     setup_context=_neq_linear_setup)
     torch.library.register_autograd("sparseticket::sparse_conv2d", _sparse_conv2d_backward,
@@ -342,6 +360,7 @@ ticket_bitmap = torch.ops.sparseticket.ticket_bitmap
 ticket_expand = torch.ops.sparseticket.ticket_expand
 ticket_compress = torch.ops.sparseticket.ticket_compress
 sparse_linear_op = torch.ops.sparseticket.sparse_linear
+sparse_linear_relu_op = torch.ops.sparseticket.sparse_linear_relu
 neq_linear_op = torch.ops.sparseticket.neq_linear
 sparse_conv2d_op = torch.ops.sparseticket.sparse_conv2d
 sparse_conv2d_grad_input = torch.ops.sparseticket.sparse_conv2d_grad_input
@@ -349,6 +368,6 @@ sparse_conv2d_grad_weight = torch.ops.sparseticket.sparse_conv2d_grad_weight
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
-           "sparse_linear_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_grad_input",
+           "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_grad_input",
            "sparse_conv2d_grad_weight", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

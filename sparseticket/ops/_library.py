@@ -20,6 +20,11 @@ SCHEMAS = {
     # y = x Wᵀ + b for a ticket W; `ccol/row/perm` and `active` are carried for backward.
     "sparse_linear": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, "
     "Tensor perm, Tensor? bias, Tensor? active) -> Tensor",
+    # relu(sparse_linear(...)) as one op and one autograd node (SparseLinear with
+    # activation='relu'): the ReLU is applied as the output is written, and its backward
+    # masks gy by the saved output
+    "sparse_linear_relu": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, "
+    "Tensor perm, Tensor? bias, Tensor? active) -> Tensor",
     # dense linear whose weight gradient skips frozen rows
     "neq_linear": "(Tensor x, Tensor weight, Tensor? bias, Tensor? active) -> Tensor",
     "spmm": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias) -> Tensor",
@@ -335,6 +340,7 @@ def check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size,
 
 
 @torch.library.register_fake("sparseticket::sparse_linear")
+@torch.library.register_fake("sparseticket::sparse_linear_relu")
 def _(x, values, crow, col, ccol, row, perm, bias, active):
     O = check_spmm(x, values, crow, col, bias)
     check_active(active, O, x)

@@ -155,6 +155,11 @@ def reference_sparse_linear(x, values, crow, col, ccol, row, perm, bias, active)
     return reference_spmm(x, values, crow, col, bias)
 
 
+def reference_sparse_linear_relu(x, values, crow, col, ccol, row, perm, bias, active):
+    """relu(reference_sparse_linear(...))."""
+    return torch.relu(reference_spmm(x, values, crow, col, bias))
+
+
 def reference_neq_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Optional[Tensor]) -> Tensor:
     """Dense linear whose backward skips the weight gradient of frozen rows."""
     y = x @ weight.t()
