@@ -392,6 +392,9 @@ class IMPRun:
         capture_k = (plan.level == 0 and rewind_kind == "iter" and rewind_k > 0 and hp.experiment.control == "none"
                      and not hp.experiment.transfer_from)
 
+        # the sparse MLPs' gradients without autograd (bit-identical; any other model, and
+        # the steps the FLOP counter watches, take the autograd path inside MLPStep)
+        fast = stnn.MLPStep(model) if self.sparse and plan.train else None
         counter = FlopCounter(model)
         bar = _Progress(hp.run.progress, T - plan.first_step, f"{self.dir.name[:24]} {plan.name}",
                         initial=step - plan.first_step)
@@ -418,9 +421,12 @@ class IMPRun:
                 if count:
                     counter.reset()
                     counter.start()
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if fast is not None:
+                    loss = fast(x, y)
+                else:
+                    loss = F.cross_entropy(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
                 if masker is not None:
                     masker.before_step()
                 opt.step()

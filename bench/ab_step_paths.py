@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""In-process A/B of sparsify(fuse_relu=True) on a whole training step.
+"""In-process A/B/C of the sparse step's paths: sparsify(fuse_relu=True), and MLPStep.
 
-    python bench/ab_fuse_relu.py --model lenet_300_100 --densities 0.03,0.1,0.33 --rounds 80
+    python bench/ab_step_paths.py --model lenet_300_100 --densities 0.03,0.1,0.33 --rounds 60
 
-Per density, one model sparsified twice from the same weights and random masks (output
-layer included): plain, and with each Linear+ReLU pair fused into one op and one autograd
-node (sparse_linear_relu). Both train with MaskedSGD on the same batch; blocks of steps
-alternate, the order reversed every round, and the table has the median microseconds per
-step and unfused / fused. Before timing, one step of each is checked to give bit-identical
-losses. Wall-clock on a shared VM: read the ratio, not the absolute times.
+Per density, one model sparsified three times from the same weights and random masks
+(output layer included): ``unfused`` (modules and autograd), ``fused`` (each Linear+ReLU
+pair one op and one autograd node, sparse_linear_relu) and ``mlpstep`` (the fused model's
+gradients by sparseticket.nn.MLPStep, no autograd). All train with MaskedSGD on the same
+batch; blocks of steps alternate, the order reversed every round, and the table has the
+median microseconds per step and the ratios to ``unfused``. Before timing, one step of
+each is checked to give bit-identical losses. Wall-clock on a shared VM: read the ratios,
+not the absolute times.
 """
 import argparse
 import copy
@@ -37,7 +39,8 @@ def main():
 
     torch.set_num_threads(a.threads)
     runtime.retain_freed_memory()
-    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'unfused/fused':>14}")
+    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'mlpstep us':>11} {'unfused/fused':>14} "
+          f"{'unfused/mlpstep':>16}")
     for dens in [float(d) for d in a.densities.split(",")]:
         torch.manual_seed(0)
         base = get_model(a.model, (1, 28, 28), 10)
@@ -46,21 +49,26 @@ def main():
         x = torch.randn(a.batch_size, 1, 28, 28)
         y = torch.randint(0, 10, (a.batch_size,))
 
-        def make(fuse):
+        def make(fuse, mlp_step=False):
             m = stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=fuse)
             opt = MaskedSGD(m.parameters(), lr=0.01, momentum=0.9)
+            fast = stnn.MLPStep(m)
 
             def step():
-                loss = F.cross_entropy(m(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if mlp_step:
+                    loss = fast(x, y)
+                else:
+                    loss = F.cross_entropy(m(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
                 opt.step()
                 return loss.detach()
             return step
 
-        fs = {"unfused": make(False), "fused": make(True)}
-        if a.mode == "sparse":  # 'auto' may pick different paths for the two
-            assert torch.equal(fs["unfused"](), fs["fused"]()), "fused and unfused steps differ"
+        fs = {"unfused": make(False), "fused": make(True), "mlpstep": make(True, True)}
+        if a.mode == "sparse":  # 'auto' may pick different paths for the contenders
+            losses = [f() for f in fs.values()]
+            assert all(torch.equal(losses[0], v) for v in losses), "the contenders' steps differ"
         for f in fs.values():
             for _ in range(20):
                 f()
@@ -73,8 +81,8 @@ def main():
                 for _ in range(a.steps):
                     fs[k]()
                 res[k].append((time.perf_counter() - t) / a.steps * 1e6)
-        u, f = statistics.median(res["unfused"]), statistics.median(res["fused"])
-        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {u / f:14.3f}", flush=True)
+        u, f, s = (statistics.median(res[k]) for k in ("unfused", "fused", "mlpstep"))
+        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {s:11.0f} {u / f:14.3f} {u / s:16.3f}", flush=True)
 
 
 if __name__ == "__main__":

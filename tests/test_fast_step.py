@@ -1,0 +1,145 @@
+"""MLPStep: a sparse MLP's cross-entropy gradients without autograd, bit-identical to
+F.cross_entropy(model(x), y).backward(), and the autograd path whenever it cannot be."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FLOATS, make_mask, randn
+from torch import nn
+
+import sparseticket.nn as stnn
+from sparseticket.flops import FlopCounter
+from sparseticket.optim import MaskedSGD
+
+
+def _mlp(gen, sizes, bias=True, flatten=False, dtype=torch.float32):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
+    layers = [nn.Flatten()] if flatten else []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _pair(gen, sizes, density, fuse, mode="sparse", **kw):
+    m = _mlp(gen, sizes, **kw)
+    masks = {n: make_mask(*mod.weight.shape, 1.0 - density, gen) for n, mod in m.named_modules()
+             if isinstance(mod, nn.Linear)}
+    a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=fuse)
+    b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=fuse)
+    return a, b
+
+
+def _autograd_grads(model, x, y):
+    loss = F.cross_entropy(model(x), y)
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    return loss.detach()
+
+
+def _assert_same(a, b, la, lb, what):
+    assert torch.equal(la, lb), f"{what}: loss {la} != {lb}"
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None), f"{what}: {n}"
+        assert p.grad is None or torch.equal(p.grad, q.grad), f"{what}: gradient of {n} differs"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("fuse", [False, True], ids=["relu-modules", "fused"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.05, 0.0])
+@pytest.mark.parametrize("sizes,batch,flatten", [((784, 300, 100, 10), 60, True), ((13, 7, 5), 1, False),
+                                                 ((9, 4), 17, False), ((33, 65, 17, 3), 130, True)],
+                         ids=["lenet", "B1", "one-layer", "odd"])
+def test_bit_identical_to_autograd_over_steps(sizes, batch, flatten, density, fuse, dtype, gen):
+    a, b = _pair(gen, sizes, density, fuse, flatten=flatten, dtype=dtype)
+    fast = stnn.MLPStep(b)
+    assert fast.check() is None
+    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    shape = (batch, 1, sizes[0]) if flatten else (batch, sizes[0])
+    for step in range(4):
+        x = randn(*shape, dtype=dtype, gen=gen)
+        y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+        la = _autograd_grads(a, x, y)
+        lb = fast(x, y)
+        _assert_same(a, b, la, lb, f"step {step}")
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert all(m.last_path == "sparse" for m in b.modules() if isinstance(m, stnn.SparseLinear))
+
+
+def test_no_bias_and_relu_on_every_layer(gen):
+    a, b = _pair(gen, (20, 12, 6), 0.4, False, bias=False)
+    a.append(nn.ReLU())
+    b.append(nn.ReLU())  # a ReLU on the logits too
+    fast = stnn.MLPStep(b)
+    assert fast.check() is None and fast.layers[-1][1]
+    x, y = randn(8, 20, gen=gen), torch.randint(0, 6, (8,), generator=gen)
+    _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "no bias")
+
+
+def _fallback_case(gen):
+    a, b = _pair(gen, (20, 12, 6), 0.5, True)
+    x, y = randn(8, 20, gen=gen), torch.randint(0, 6, (8,), generator=gen)
+    return a, b, x, y
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda m: setattr(m[0], "mode", "dense"), "sparse path"),
+    (lambda m: setattr(m[0], "mode", "auto"), "sparse path"),
+    (lambda m: m[0].set_active(torch.arange(12) % 2 == 0), "frozen neurons"),
+    (lambda m: m[2].bias.requires_grad_(False), "does not require grad"),
+    (lambda m: m[2].register_forward_hook(lambda *a: None), "has hooks"),
+    (lambda m: m.register_forward_pre_hook(lambda *a: None), "has hooks"),
+    (lambda m: m[0].weight_values.register_hook(lambda g: g), "parameter has hooks"),
+], ids=["dense-mode", "auto-mode", "neq", "frozen-param", "layer-hook", "model-hook", "param-hook"])
+def test_falls_back_to_autograd(change, reason, gen):
+    a, b, x, y = _fallback_case(gen)
+    change(a)
+    change(b)
+    fast = stnn.MLPStep(b)
+    assert reason in fast.check(x)
+    la = _autograd_grads(a, x, y)
+    lb = fast(x, y)
+    assert torch.equal(la, lb)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad)
+
+
+def test_unsupported_models_and_inputs(gen):
+    conv = stnn.sparsify(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)), amount=0.5, mode="sparse")
+    assert "Conv" in stnn.MLPStep(conv).reason
+
+    class Custom(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    custom = stnn.sparsify(Custom(nn.Linear(4, 3)), amount=0.5, mode="sparse")
+    assert "overridden" in stnn.MLPStep(custom).reason
+    shared = nn.Linear(4, 4)
+    assert "twice" in stnn.MLPStep(stnn.sparsify(nn.Sequential(shared, shared), amount=0.5, mode="sparse")).reason
+    a, b, x, y = _fallback_case(gen)
+    fast = stnn.MLPStep(b)
+    assert "requires grad" in fast.check(x.clone().requires_grad_())
+    assert "dtype" in fast.check(x.double())
+    assert "[batch, features]" in fast.check(x[None])
+    with torch.no_grad():
+        assert "grad mode" in fast.check(x)
+    # class-probability targets take the autograd path, with its result
+    yp = torch.softmax(randn(8, 6, gen=gen), 1)
+    _assert_same(a, b, _autograd_grads(a, x, yp), fast(x, yp), "soft targets")
+
+
+def test_counted_steps_take_the_autograd_path(gen):
+    """A live FlopCounter (module hooks) sees every layer; afterwards the fast path resumes."""
+    a, b, x, y = _fallback_case(gen)
+    fast = stnn.MLPStep(b)
+    with FlopCounter(b) as fc:
+        assert fast.check(x) is not None
+        fast(x, y)
+    assert fc.totals()["all"]["executed"] > 0
+    assert set(fc.layers()) == {"0", "2"}
+    assert fast.check(x) is None
