@@ -8,8 +8,11 @@ effect against its random-reinit control, and kill/resume.
     python bench/bench_imp.py kill --kills 5                                      # SIGKILL at random points
 
 ``speed`` runs the same hyperparameters twice per repeat, sparse and ``--baseline dense``,
-alternating which goes first, each in a fresh folder (nothing reused); per level it
-reports the median seconds of each and their ratio, and the accuracy difference. CSV:
+each in a fresh folder (nothing reused), in one process with their levels interleaved
+(sparse level 0, dense level 0, dense level 1, sparse level 1, ...: the order flips at
+every level and repeat); a contender's total is the time spent in its own levels and
+between them (pruning, results). Per level it reports the median seconds of each and
+their ratio, and the accuracy difference. CSV:
 bench/results/imp.csv (+ imp.runs.json with the machine and the command).
 """
 from __future__ import annotations
@@ -78,15 +81,30 @@ def speed(a) -> int:
         IMPRun(_hp(a, out, baseline=baseline, levels=1, epochs=1)).run()
         shutil.rmtree(out, ignore_errors=True)
     for rep in range(a.repeats):
-        order = ["sparse", "dense"] if rep % 2 == 0 else ["dense", "sparse"]
-        for baseline in order:
-            out = Path(tempfile.mkdtemp(prefix=f"bench_imp_{baseline}_"))
-            t0 = time.perf_counter()
-            rows = IMPRun(_hp(a, out, baseline=baseline)).run()
-            wall = time.perf_counter() - t0
-            per[baseline].append((rows, wall))
-            print(f"repeat {rep}: {baseline:6s} {wall:8.1f} s wall", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+        outs = {b: Path(tempfile.mkdtemp(prefix=f"bench_imp_{b}_")) for b in ("sparse", "dense")}
+        runs = {b: IMPRun(_hp(a, outs[b], baseline=b)).levels() for b in outs}
+        rows = {b: [] for b in outs}
+        wall = {b: 0.0 for b in outs}
+        # level by level, the order flipping at every level and repeat: a slow phase of the
+        # shared machine lands on both contenders instead of on whichever ran through it
+        level, live = 0, set(outs)
+        while live:
+            order = ["sparse", "dense"] if (rep + level) % 2 == 0 else ["dense", "sparse"]
+            for b in order:
+                if b not in live:
+                    continue
+                t0 = time.perf_counter()
+                row = next(runs[b], None)
+                wall[b] += time.perf_counter() - t0
+                if row is None:
+                    live.discard(b)
+                else:
+                    rows[b].append(row)
+            level += 1
+        for b in outs:
+            per[b].append((rows[b], wall[b]))
+            print(f"repeat {rep}: {b:6s} {wall[b]:8.1f} s", flush=True)
+            shutil.rmtree(outs[b], ignore_errors=True)
     levels = [r["level"] for r in per["sparse"][0][0]]
     out_rows = []
     for i, level in enumerate(levels):

@@ -87,15 +87,49 @@ def _fallback_case(gen):
     return a, b, x, y
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("fuse", [False, True], ids=["relu-modules", "fused"])
+@pytest.mark.parametrize("density", [1.0, 0.6, 0.0])
+@pytest.mark.parametrize("paths", ["ddd", "dsd", "sdd", "LLL", "LsL", "sLd"])
+def test_dense_paths_and_plain_linears_bit_identical(paths, density, fuse, dtype, gen):
+    """Per layer: 'd' a SparseLinear on its dense path (bitmap expand / compress, or the
+    values viewed as W when nothing is pruned), 's' on its sparse path, 'L' a plain nn.Linear."""
+    sizes, batch = (33, 65, 17, 3), 19
+    m = _mlp(gen, sizes, flatten=True, dtype=dtype)
+    lin = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+    masks = {n: make_mask(*m.get_submodule(n).weight.shape, 1.0 - density, gen)
+             for n, c in zip(lin, paths) if c != "L"}
+    a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="sparse", fuse_relu=fuse) if masks else copy.deepcopy(m)
+    for n, c in zip(lin, paths):
+        if c == "d":
+            a.get_submodule(n).mode = "dense"
+    b = copy.deepcopy(a)
+    fast = stnn.MLPStep(b)
+    assert fast.check() is None, fast.check()
+    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for step in range(3):
+        x = randn(batch, 1, sizes[0], dtype=dtype, gen=gen)
+        y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+        _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), f"{paths} step {step}")
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for n, c in zip(lin, paths):
+        if c != "L":
+            assert b.get_submodule(n).last_path == {"d": "dense", "s": "sparse"}[c]
+            assert b.get_submodule(n).dense_weight().eq(0).logical_or(masks[n]).all()  # pruned stays 0
+
+
 @pytest.mark.parametrize("change,reason", [
-    (lambda m: setattr(m[0], "mode", "dense"), "sparse path"),
-    (lambda m: setattr(m[0], "mode", "auto"), "sparse path"),
+    (lambda m: setattr(m[0], "mode", "auto"), "not pinned"),
     (lambda m: m[0].set_active(torch.arange(12) % 2 == 0), "frozen neurons"),
     (lambda m: m[2].bias.requires_grad_(False), "does not require grad"),
     (lambda m: m[2].register_forward_hook(lambda *a: None), "has hooks"),
     (lambda m: m.register_forward_pre_hook(lambda *a: None), "has hooks"),
     (lambda m: m[0].weight_values.register_hook(lambda g: g), "parameter has hooks"),
-], ids=["dense-mode", "auto-mode", "neq", "frozen-param", "layer-hook", "model-hook", "param-hook"])
+], ids=["auto-mode", "neq", "frozen-param", "layer-hook", "model-hook", "param-hook"])
 def test_falls_back_to_autograd(change, reason, gen):
     a, b, x, y = _fallback_case(gen)
     change(a)

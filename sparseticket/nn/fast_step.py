@@ -1,21 +1,25 @@
-"""A sparse MLP's cross-entropy gradients without autograd.
+"""A (sparse) MLP's cross-entropy gradients without autograd.
 
-For an ``nn.Sequential`` of (optional) ``nn.Flatten``, ``SparseLinear`` layers running
-their sparse path and ReLUs (``nn.ReLU`` or fused), ``MLPStep(model)(x, y)`` does what
+For an ``nn.Sequential`` of (optional) ``nn.Flatten``, linear layers (``SparseLinear``
+on its sparse or its dense path, plain ``nn.Linear``) and ReLUs (``nn.ReLU`` or fused),
+``MLPStep(model)(x, y)`` does what
 
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)      # for the model's parameters
     loss.backward()
 
-does, with the same ops in the same order (the ticket kernels, aten's nll_loss /
-log_softmax and their backward functions, threshold_backward for the ReLUs): losses and
-gradients are bit-identical to the autograd path. What it leaves out is the framework
+does, with the same ops in the same order (the ticket kernels; for a dense weight, the
+matrix products autograd's addmm backward runs, and the bitmap expand/compress of a
+SparseLinear's dense path; aten's nll_loss / log_softmax and their backward functions,
+threshold_backward for the ReLUs): losses and gradients are bit-identical to the
+autograd path. An IMP level mixing sparse and dense layers (a ticket at 80% keeps its
+big layers dense) takes this path as well as one whose layers are all sparse. What it leaves out is the framework
 around them: module calls, autograd graph construction and the engine's per-node work,
 about a third of a sparse LeNet-300-100 step at 3% density on the project's VM (see
 ``bench/framework_overhead.py``). The optimizer step is the caller's, unchanged.
 
 ``MLPStep.check()`` says why a model or call cannot take this path (another layer type,
-a layer on its dense path or in 'auto', frozen neurons, a frozen parameter, any module,
+a SparseLinear whose path is not pinned ('auto'), frozen neurons, a frozen parameter, any module,
 parameter or global hook, e.g. a FlopCounter's while counting); ``__call__`` then falls
 back to the autograd path itself, so callers need no second code path.
 """
@@ -43,7 +47,7 @@ class MLPStep:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.layers: List[Tuple[SparseLinear, bool]] = []  # (layer, apply relu after it)
+        self.layers: List[Tuple[nn.Module, bool]] = []  # (SparseLinear or nn.Linear, apply relu after it)
         self.flatten = False
         self.reason: Optional[str] = self._plan()
 
@@ -55,14 +59,14 @@ class MLPStep:
             t = type(c)
             if t is nn.Flatten and i == 0 and c.start_dim == 1 and c.end_dim == -1:
                 self.flatten = True
-            elif t is SparseLinear:
-                self.layers.append((c, c.activation == "relu"))
+            elif t is SparseLinear or t is nn.Linear:
+                self.layers.append((c, getattr(c, "activation", None) == "relu"))
             elif t is nn.ReLU and self.layers and not self.layers[-1][1]:
                 self.layers[-1] = (self.layers[-1][0], True)  # the ReLU of the layer before
             elif t not in (FusedReLU, nn.Identity):
                 return f"child {i} ({t.__name__}) is not Flatten/SparseLinear/ReLU/Identity in a supported place"
         if not self.layers:
-            return "no SparseLinear layer"
+            return "no linear layer"
         if len({id(layer) for layer, _ in self.layers}) != len(self.layers):
             return "a layer is used twice"
         return None
@@ -80,7 +84,7 @@ class MLPStep:
                 return "the input requires grad"
             if not (x.dim() == 2 or (self.flatten and x.dim() > 2)):
                 return "the input is not [batch, features] (or flattened to it)"
-            if x.dtype != self.layers[0][0]._parameters["weight_values"].dtype:
+            if x.dtype != _weight(self.layers[0][0]).dtype:
                 return "the input's dtype is not the layers'"
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
                 or _module._global_backward_pre_hooks or getattr(_module, "_global_forward_hooks_always_called", None)):
@@ -89,10 +93,11 @@ class MLPStep:
             if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
                 return f"{type(mod).__name__} has hooks"
         for layer, _ in self.layers:
-            if _mode.resolve(layer.mode) != "sparse":
-                return "a layer is not forced to its sparse path"
-            if layer._buffers["active"] is not None:
-                return "a layer has frozen neurons (NEq)"
+            if type(layer) is SparseLinear:
+                if _mode.resolve(layer.mode) not in ("sparse", "dense"):
+                    return "a SparseLinear's path is not pinned (mode 'auto')"
+                if layer._buffers["active"] is not None:
+                    return "a layer has frozen neurons (NEq)"
             for p in layer._parameters.values():
                 if p is None:
                     continue
@@ -115,11 +120,23 @@ class MLPStep:
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         h = x.flatten(1) if self.flatten else x
         acts = [h]
+        dense_w: List[Optional[Tensor]] = []  # per layer: the dense weight its forward used, or None (sparse)
         for layer, relu in self.layers:
-            b, v = layer._buffers, layer._parameters["weight_values"]
-            op = _ST.sparse_linear_relu if relu else _ST.sparse_linear
-            h = op(h, v, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], layer._parameters["bias"], None)
-            layer.__dict__["last_path"] = "sparse"
+            bias = layer._parameters["bias"]
+            if type(layer) is SparseLinear and _mode.resolve(layer.mode) == "sparse":
+                b, v = layer._buffers, layer._parameters["weight_values"]
+                op = _ST.sparse_linear_relu if relu else _ST.sparse_linear
+                h = op(h, v, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, None)
+                layer.__dict__["last_path"] = "sparse"
+                w = None
+            else:  # what SparseLinear._run_dense / nn.Linear (+ nn.ReLU) run
+                w = _dense_weight(layer)
+                h = F.linear(h, w, bias)
+                if relu:
+                    h = torch.relu(h)
+                if type(layer) is SparseLinear:
+                    layer.__dict__["last_path"] = "dense"
+            dense_w.append(w)
             acts.append(h)
         # F.cross_entropy and its backward, op for op as autograd runs them
         logp = torch.log_softmax(h, 1)
@@ -128,13 +145,41 @@ class MLPStep:
         g = _ATEN._log_softmax_backward_data(g, logp, 1, logp.dtype)
         for i in range(len(self.layers) - 1, -1, -1):
             layer, relu = self.layers[i]
-            b, v, bias = layer._buffers, layer._parameters["weight_values"], layer._parameters["bias"]
+            bias, w = layer._parameters["bias"], dense_w[i]
             if relu:
                 g = _ATEN.threshold_backward(g, acts[i + 1], 0)
             g = g.contiguous()
-            v.grad = _ST.sddmm(g, acts[i], b["crow"], b["col"], None)
+            if w is None:
+                b, v = layer._buffers, layer._parameters["weight_values"]
+                v.grad = _ST.sddmm(g, acts[i], b["crow"], b["col"], None)
+            else:
+                # addmm(bias, h, w.t())'s backward: w.t() is column-major, so autograd forms
+                # the weight gradient as (gᵀ h)ᵀ, which its transpose turns back into gᵀ h
+                gw = g.t().mm(acts[i])
+                if type(layer) is SparseLinear:
+                    v = layer._parameters["weight_values"]
+                    b = layer._buffers
+                    v.grad = (gw.view(-1) if v.shape[0] == gw.numel()
+                              else _ST.ticket_compress(gw, b["crow"], b["bits"], v.shape[0]))
+                else:
+                    layer._parameters["weight"].grad = gw
             if bias is not None:
                 bias.grad = g.sum(0)
             if i > 0:
-                g = _ST.spmm_t(g, v, b["ccol"], b["row"], b["perm"])
+                g = _ST.spmm_t(g, layer._parameters["weight_values"], layer._buffers["ccol"], layer._buffers["row"],
+                               layer._buffers["perm"]) if w is None else g.mm(w)
         return loss
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    return layer._parameters["weight_values" if type(layer) is SparseLinear else "weight"]
+
+
+def _dense_weight(layer: nn.Module) -> Tensor:
+    """The [out, in] weight a dense-path layer multiplies by (SparseLinear: as its _run_dense forms it)."""
+    if type(layer) is nn.Linear:
+        return layer._parameters["weight"]
+    v, b = layer._parameters["weight_values"], layer._buffers
+    if v.shape[0] == layer.out_features * layer.in_features:
+        return v.view(layer.out_features, layer.in_features)
+    return _ST.ticket_expand(v, b["crow"], b["bits"], layer.in_features)
