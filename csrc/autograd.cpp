@@ -8,12 +8,13 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "op_calls.h"
 
 namespace sparseticket {
 namespace {
 
 using at::Tensor;
+using namespace calls;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -23,74 +24,6 @@ Tensor masked_bias_grad(const Tensor& gy, const Tensor& active) {
   Tensor gb = gy.sum(0);
   // one op (where with a scalar) instead of logical_not + masked_fill_
   return active.defined() ? at::where(active, gb, at::Scalar(0.0)) : gb;
-}
-
-Tensor call_sparse_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
-                          const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
-                          const c10::optional<Tensor>& active) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::sparse_linear", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                     const c10::optional<Tensor>&)>();
-  return op.call(x, values, crow, col, ccol, row, perm, bias, active);
-}
-
-Tensor call_sparse_linear_relu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
-                               const Tensor& ccol, const Tensor& row, const Tensor& perm,
-                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::sparse_linear_relu", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                     const c10::optional<Tensor>&)>();
-  return op.call(x, values, crow, col, ccol, row, perm, bias, active);
-}
-
-Tensor call_spmm_t(const Tensor& gy, const Tensor& values, const Tensor& ccol, const Tensor& row, const Tensor& perm) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::spmm_t", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
-  return op.call(gy, values, ccol, row, perm);
-}
-
-Tensor call_sddmm(const Tensor& gy, const Tensor& x, const Tensor& crow, const Tensor& col,
-                  const c10::optional<Tensor>& active) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::sddmm", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const c10::optional<Tensor>&)>();
-  return op.call(gy, x, crow, col, active);
-}
-
-Tensor call_neq_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                       const c10::optional<Tensor>& active) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::neq_linear", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                     const c10::optional<Tensor>&)>();
-  return op.call(x, weight, bias, active);
-}
-
-Tensor call_row_masked_grad_weight(const Tensor& gy, const Tensor& x, const c10::optional<Tensor>& active) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::row_masked_grad_weight", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&)>();
-  return op.call(gy, x, active);
-}
-
-Tensor call_ticket_expand(const Tensor& values, const Tensor& crow, const Tensor& bits, const c10::SymInt& n_cols) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::ticket_expand", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
-  return op.call(values, crow, bits, n_cols);
-}
-
-Tensor call_ticket_compress(const Tensor& dense, const Tensor& crow, const Tensor& bits, const c10::SymInt& nnz) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::ticket_compress", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
-  return op.call(dense, crow, bits, nnz);
 }
 
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }

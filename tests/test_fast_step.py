@@ -45,15 +45,16 @@ def _assert_same(a, b, la, lb, what):
         assert p.grad is None or torch.equal(p.grad, q.grad), f"{what}: gradient of {n} differs"
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("fuse", [False, True], ids=["relu-modules", "fused"])
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.05, 0.0])
 @pytest.mark.parametrize("sizes,batch,flatten", [((784, 300, 100, 10), 60, True), ((13, 7, 5), 1, False),
                                                  ((9, 4), 17, False), ((33, 65, 17, 3), 130, True)],
                          ids=["lenet", "B1", "one-layer", "odd"])
-def test_bit_identical_to_autograd_over_steps(sizes, batch, flatten, density, fuse, dtype, gen):
+def test_bit_identical_to_autograd_over_steps(sizes, batch, flatten, density, fuse, dtype, native, gen):
     a, b = _pair(gen, sizes, density, fuse, flatten=flatten, dtype=dtype)
-    fast = stnn.MLPStep(b)
+    fast = stnn.MLPStep(b, native=native)
     assert fast.check() is None
     oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
     ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
@@ -71,11 +72,12 @@ def test_bit_identical_to_autograd_over_steps(sizes, batch, flatten, density, fu
     assert all(m.last_path == "sparse" for m in b.modules() if isinstance(m, stnn.SparseLinear))
 
 
-def test_no_bias_and_relu_on_every_layer(gen):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_no_bias_and_relu_on_every_layer(native, gen):
     a, b = _pair(gen, (20, 12, 6), 0.4, False, bias=False)
     a.append(nn.ReLU())
     b.append(nn.ReLU())  # a ReLU on the logits too
-    fast = stnn.MLPStep(b)
+    fast = stnn.MLPStep(b, native=native)
     assert fast.check() is None and fast.layers[-1][1]
     x, y = randn(8, 20, gen=gen), torch.randint(0, 6, (8,), generator=gen)
     _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "no bias")
@@ -87,11 +89,12 @@ def _fallback_case(gen):
     return a, b, x, y
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("fuse", [False, True], ids=["relu-modules", "fused"])
 @pytest.mark.parametrize("density", [1.0, 0.6, 0.0])
 @pytest.mark.parametrize("paths", ["ddd", "dsd", "sdd", "LLL", "LsL", "sLd"])
-def test_dense_paths_and_plain_linears_bit_identical(paths, density, fuse, dtype, gen):
+def test_dense_paths_and_plain_linears_bit_identical(paths, density, fuse, dtype, native, gen):
     """Per layer: 'd' a SparseLinear on its dense path (bitmap expand / compress, or the
     values viewed as W when nothing is pruned), 's' on its sparse path, 'L' a plain nn.Linear."""
     sizes, batch = (33, 65, 17, 3), 19
@@ -104,7 +107,7 @@ def test_dense_paths_and_plain_linears_bit_identical(paths, density, fuse, dtype
         if c == "d":
             a.get_submodule(n).mode = "dense"
     b = copy.deepcopy(a)
-    fast = stnn.MLPStep(b)
+    fast = stnn.MLPStep(b, native=native)
     assert fast.check() is None, fast.check()
     oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -177,3 +180,25 @@ def test_counted_steps_take_the_autograd_path(gen):
     assert fc.totals()["all"]["executed"] > 0
     assert set(fc.layers()) == {"0", "2"}
     assert fast.check(x) is None
+
+
+def test_native_path_is_taken_and_checks_its_arguments(gen, monkeypatch):
+    """The compiled path really runs when available (not silently the Python one), and a
+    malformed call to it raises instead of reading past its arguments."""
+    from sparseticket import ops
+    if ops._C is None:
+        pytest.skip("compiled extension not loaded")
+    a, b, x, y = _fallback_case(gen)
+    fast = stnn.MLPStep(b)
+    called = []
+    real = ops._C.mlp_grads
+    monkeypatch.setattr(ops._C, "mlp_grads", lambda *args: called.append(1) or real(*args), raising=False)
+    _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "native")
+    assert called == [1]
+    with pytest.raises(RuntimeError, match="do not describe layers"):
+        real(x, y, [None] * 7, [0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="has no weight"):
+        real(x, y, [None] * 8, [0, 0, 1, 1])
+    w = torch.zeros(3, 20)
+    with pytest.raises(RuntimeError, match="unknown kind"):
+        real(x, y, [w] + [None] * 7, [7, 0, 3, 20])

@@ -1007,8 +1007,13 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
 }  // namespace cpu
 }  // namespace sparseticket
 
+namespace sparseticket {
+void register_mlp_step(pybind11::module& m);  // csrc/mlp_step.cpp
+}  // namespace sparseticket
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparseticket compiled kernels (registered into torch.ops.sparseticket on import)";
+  sparseticket::register_mlp_step(m);
   m.def("cpu_isa", [] { return std::string(sparseticket::cpu::kernel_table().isa); },
         "ISA of the CPU kernel table in use: avx512, avx2 or base");
   m.def("cpu_vector_bytes", [] { return sparseticket::cpu::kernel_table().vector_bytes; });

@@ -1,0 +1,125 @@
+// The op sequence of sparseticket.nn.MLPStep._step in one C++ call.
+//
+// MLPStep computes a (sparse) MLP's cross-entropy loss and gradients by calling, in
+// autograd's order, the ops autograd would call. From Python each of those ~25 calls
+// pays 2-4 us of binding and dispatch, a third of a LeNet-300-100 step at 3-10% density
+// on the project's VMs, where each op does only a few microseconds of arithmetic. Here
+// the same ATen functions and sparseticket ops run in the same order on the same
+// tensors, so the results are bit-identical to the Python sequence (and so to autograd);
+// tests/test_fast_step.py runs both against autograd.
+//
+// Layers are described positionally (kSlots tensors and kSpec integers each) so that
+// one call carries any mix of layer kinds without a Python object per layer.
+#include <ATen/ATen.h>
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+#include "op_calls.h"
+
+namespace sparseticket {
+namespace {
+
+using at::Tensor;
+using namespace calls;
+
+// per layer: how its forward forms y (must match MLPStep's Python _step)
+enum Kind : int64_t {
+  kSparse = 0,       // sparse_linear(_relu) on the ticket
+  kExpand = 1,       // F.linear with the ticket expanded through its bitmap (SparseLinear, dense path)
+  kView = 2,         // F.linear with the values viewed as W (a full ticket, dense path)
+  kPlain = 3,        // F.linear with an nn.Linear's weight
+};
+// tensor slots per layer: weight or values, bias, crow, col, ccol, row, perm, bits
+constexpr size_t kSlots = 8;
+// integers per layer: kind, relu, out_features, in_features
+constexpr size_t kSpec = 4;
+constexpr int64_t kMean = 1;       // at::Reduction::Mean
+constexpr int64_t kIgnore = -100;  // F.cross_entropy's default ignore_index
+
+const Tensor& need(const std::vector<c10::optional<Tensor>>& t, size_t i, const char* what) {
+  TORCH_CHECK(t[i].has_value() && t[i]->defined(), "sparseticket: mlp_grads: layer ", i / kSlots, " has no ", what);
+  return *t[i];
+}
+
+// Returns [loss, then per layer: weight (values) gradient, bias gradient or undefined].
+std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vector<c10::optional<Tensor>>& t,
+                              const std::vector<int64_t>& spec) {
+  TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
+              "sparseticket: mlp_grads: ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
+  const size_t L = spec.size() / kSpec;
+  // no autograd graph (as under torch.no_grad, which MLPStep holds as well): the
+  // parameters require grad, but nothing here is differentiated
+  at::AutoDispatchBelowADInplaceOrView guard;
+  std::vector<Tensor> acts{x}, dense_w(L);
+  acts.reserve(L + 1);
+  Tensor h = x;
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t kind = spec[l * kSpec], relu = spec[l * kSpec + 1];
+    const Tensor& w = need(t, l * kSlots, "weight");
+    const c10::optional<Tensor>& bias = t[l * kSlots + 1];
+    if (kind == kSparse) {
+      const Tensor &crow = need(t, l * kSlots + 2, "crow"), &col = need(t, l * kSlots + 3, "col"),
+                   &ccol = need(t, l * kSlots + 4, "ccol"), &row = need(t, l * kSlots + 5, "row"),
+                   &perm = need(t, l * kSlots + 6, "perm");
+      h = relu ? call_sparse_linear_relu(h, w, crow, col, ccol, row, perm, bias, c10::nullopt)
+               : call_sparse_linear(h, w, crow, col, ccol, row, perm, bias, c10::nullopt);
+    } else {
+      const int64_t out = spec[l * kSpec + 2], in = spec[l * kSpec + 3];
+      Tensor W;
+      if (kind == kExpand) {
+        W = call_ticket_expand(w, need(t, l * kSlots + 2, "crow"), need(t, l * kSlots + 7, "bits"), in);
+      } else if (kind == kView) {
+        W = w.view({out, in});
+      } else {
+        TORCH_CHECK(kind == kPlain, "sparseticket: mlp_grads: layer ", l, " has unknown kind ", kind);
+        W = w;
+      }
+      h = at::linear(h, W, bias);
+      if (relu) h = at::relu(h);
+      dense_w[l] = W;
+    }
+    acts.push_back(h);
+  }
+  // F.cross_entropy and its backward, op for op as autograd runs them
+  const Tensor logp = at::log_softmax(h, 1);
+  Tensor loss, total_weight;
+  std::tie(loss, total_weight) = at::nll_loss_forward(logp, y, {}, kMean, kIgnore);
+  Tensor g = at::nll_loss_backward(at::ones_like(loss), logp, y, {}, kMean, kIgnore, total_weight);
+  g = at::_log_softmax_backward_data(g, logp, 1, logp.scalar_type());
+  std::vector<Tensor> out(1 + 2 * L);
+  out[0] = loss;
+  for (size_t i = L; i-- > 0;) {
+    const int64_t kind = spec[i * kSpec], relu = spec[i * kSpec + 1];
+    const Tensor& w = *t[i * kSlots];
+    if (relu) g = at::threshold_backward(g, acts[i + 1], 0);
+    g = g.contiguous();
+    if (kind == kSparse) {
+      out[1 + 2 * i] = call_sddmm(g, acts[i], *t[i * kSlots + 2], *t[i * kSlots + 3], c10::nullopt);
+    } else {
+      // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
+      // transpose back is gᵀ h
+      const Tensor gw = g.t().mm(acts[i]);
+      out[1 + 2 * i] = kind == kExpand  ? call_ticket_compress(gw, *t[i * kSlots + 2], *t[i * kSlots + 7], w.size(0))
+                       : kind == kView ? gw.view(-1)
+                                       : gw;
+    }
+    if (t[i * kSlots + 1].has_value() && t[i * kSlots + 1]->defined()) out[2 + 2 * i] = g.sum(0);
+    if (i > 0) {
+      g = kind == kSparse ? call_spmm_t(g, w, *t[i * kSlots + 4], *t[i * kSlots + 5], *t[i * kSlots + 6])
+                          : g.mm(dense_w[i]);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_mlp_step(pybind11::module& m) {
+  m.def("mlp_grads", &mlp_grads, pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("tensors"),
+        pybind11::arg("spec"),
+        "MLPStep's loss and gradients in one call: [loss, then per layer weight grad, bias grad or None].");
+}
+
+}  // namespace sparseticket

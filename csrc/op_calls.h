@@ -1,0 +1,82 @@
+// Typed dispatcher handles for sparseticket's ops, for C++ code that calls them (the
+// autograd formulas, the MLP step). Going through the dispatcher, not the CPU functions,
+// keeps one code path for every device that has kernels.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace sparseticket {
+namespace calls {
+
+using at::Tensor;
+
+inline Tensor call_sparse_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                          const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
+                          const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_linear", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                     const c10::optional<Tensor>&)>();
+  return op.call(x, values, crow, col, ccol, row, perm, bias, active);
+}
+
+inline Tensor call_sparse_linear_relu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                               const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_linear_relu", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                     const c10::optional<Tensor>&)>();
+  return op.call(x, values, crow, col, ccol, row, perm, bias, active);
+}
+
+inline Tensor call_spmm_t(const Tensor& gy, const Tensor& values, const Tensor& ccol, const Tensor& row, const Tensor& perm) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::spmm_t", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  return op.call(gy, values, ccol, row, perm);
+}
+
+inline Tensor call_sddmm(const Tensor& gy, const Tensor& x, const Tensor& crow, const Tensor& col,
+                  const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sddmm", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const c10::optional<Tensor>&)>();
+  return op.call(gy, x, crow, col, active);
+}
+
+inline Tensor call_neq_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                       const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::neq_linear", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                     const c10::optional<Tensor>&)>();
+  return op.call(x, weight, bias, active);
+}
+
+inline Tensor call_row_masked_grad_weight(const Tensor& gy, const Tensor& x, const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::row_masked_grad_weight", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&)>();
+  return op.call(gy, x, active);
+}
+
+inline Tensor call_ticket_expand(const Tensor& values, const Tensor& crow, const Tensor& bits, const c10::SymInt& n_cols) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::ticket_expand", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
+  return op.call(values, crow, bits, n_cols);
+}
+
+inline Tensor call_ticket_compress(const Tensor& dense, const Tensor& crow, const Tensor& bits, const c10::SymInt& nnz) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::ticket_compress", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
+  return op.call(dense, crow, bits, nnz);
+}
+
+}  // namespace calls
+}  // namespace sparseticket
