@@ -414,6 +414,7 @@ class IMPRun:
         bar = _Progress(hp.run.progress, T - plan.first_step, f"{self.dir.name[:24]} {plan.name}",
                         initial=step - plan.first_step)
         model.train()
+        epoch_counts: Optional[Dict[int, dict]] = None  # batch size -> FLOPs of one step (see below)
         while step < T:
             epoch = step // S
             t0 = time.perf_counter()
@@ -423,10 +424,13 @@ class IMPRun:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.train.data_seed * 1000003 + epoch))
             losses = []
             # FLOPs are read from what the layers dispatch on the first step of each batch
-            # size in the epoch (modes are pinned and NEq masks change only between epochs,
-            # so every other step of that size does the same work) and multiplied out
+            # size and multiplied out: modes are pinned for the level and masks fixed, so
+            # every other step of that size does the same work; with NEq, whose frozen
+            # sets change between epochs, the first step of each size in each epoch
             sizes: Dict[int, int] = {}
-            sampled: Dict[int, dict] = {}
+            if tracker is not None or epoch_counts is None:
+                epoch_counts = {}
+            sampled = epoch_counts
             for b in range(step - epoch * S, S):
                 if capture_k and step == rewind_k:
                     self._save_iter_rewind(model)
