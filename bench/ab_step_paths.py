@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""In-process A/B/C of the sparse step's paths: sparsify(fuse_relu=True), and MLPStep.
+"""In-process A/B of the sparse step's paths: sparsify(fuse_relu=True), MLPStep (Python and C++).
 
     python bench/ab_step_paths.py --model lenet_300_100 --densities 0.03,0.1,0.33 --rounds 60
 
 Per density, one model sparsified three times from the same weights and random masks
 (output layer included): ``unfused`` (modules and autograd), ``fused`` (each Linear+ReLU
-pair one op and one autograd node, sparse_linear_relu) and ``mlpstep`` (the fused model's
-gradients by sparseticket.nn.MLPStep, no autograd). All train with MaskedSGD on the same
+pair one op and one autograd node, sparse_linear_relu), ``mlp_py`` (the fused model's
+gradients by sparseticket.nn.MLPStep's Python op sequence, no autograd) and ``mlpstep``
+(the same sequence as one C++ call, MLPStep's default on the CPU). All train with MaskedSGD on the same
 batch; blocks of steps alternate, the order reversed every round, and the table has the
 median microseconds per step and the ratios to ``unfused``. Before timing, one step of
 each is checked to give bit-identical losses. Wall-clock on a shared VM: read the ratios,
@@ -39,8 +40,8 @@ def main():
 
     torch.set_num_threads(a.threads)
     runtime.retain_freed_memory()
-    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'mlpstep us':>11} {'unfused/fused':>14} "
-          f"{'unfused/mlpstep':>16}")
+    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'mlp_py us':>10} {'mlpstep us':>11} "
+          f"{'unfused/fused':>14} {'unfused/mlp_py':>15} {'unfused/mlpstep':>16} {'mlp_py/mlpstep':>15}")
     for dens in [float(d) for d in a.densities.split(",")]:
         torch.manual_seed(0)
         base = get_model(a.model, (1, 28, 28), 10)
@@ -49,10 +50,10 @@ def main():
         x = torch.randn(a.batch_size, 1, 28, 28)
         y = torch.randint(0, 10, (a.batch_size,))
 
-        def make(fuse, mlp_step=False):
+        def make(fuse, mlp_step=False, native=True):
             m = stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=fuse)
             opt = MaskedSGD(m.parameters(), lr=0.01, momentum=0.9)
-            fast = stnn.MLPStep(m)
+            fast = stnn.MLPStep(m, native=native)
 
             def step():
                 if mlp_step:
@@ -65,7 +66,8 @@ def main():
                 return loss.detach()
             return step
 
-        fs = {"unfused": make(False), "fused": make(True), "mlpstep": make(True, True)}
+        fs = {"unfused": make(False), "fused": make(True), "mlp_py": make(True, True, native=False),
+              "mlpstep": make(True, True)}
         if a.mode == "sparse":  # 'auto' may pick different paths for the contenders
             losses = [f() for f in fs.values()]
             assert all(torch.equal(losses[0], v) for v in losses), "the contenders' steps differ"
@@ -81,8 +83,9 @@ def main():
                 for _ in range(a.steps):
                     fs[k]()
                 res[k].append((time.perf_counter() - t) / a.steps * 1e6)
-        u, f, s = (statistics.median(res[k]) for k in ("unfused", "fused", "mlpstep"))
-        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {s:11.0f} {u / f:14.3f} {u / s:16.3f}", flush=True)
+        u, f, p, s = (statistics.median(res[k]) for k in ("unfused", "fused", "mlp_py", "mlpstep"))
+        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {p:10.0f} {s:11.0f} {u / f:14.3f} {u / p:15.3f} {u / s:16.3f} "
+              f"{p / s:15.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ weights (output layer at half that rate), all contenders starting from the same 
 * ``sparseticket``: ``sparseticket.nn.sparsify(model, masks=..., mode='auto', fuse_relu=True)``
   + MaskedSGD (the same hyperparameters; each Linear+ReLU pair one op and one autograd node,
   the same numbers); warm-up steps run first so every layer has measured its path;
-* ``sparseticket_sparse``: the same with mode='sparse' forced, to show what 'auto' gained.
+* ``sparseticket_sparse``: the same with mode='sparse' forced, to show what 'auto' gained;
+* ``sparseticket_mlpstep`` (LeNet only): mode='sparse' with the gradients from
+  ``sparseticket.nn.MLPStep`` (the same ops, no autograd; one line of the training loop
+  changes: ``loss = fast(x, y)`` for the forward / zero_grad / backward), + MaskedSGD.
 
 * ``floor`` (LeNet only): the same architecture and loop with every width cut to 16 (input
   4x4), almost no arithmetic: eager PyTorch's per-step cost for this graph. dense / floor is
@@ -373,6 +376,8 @@ def sparse_step(base: nn.Module, masks: Dict[str, torch.Tensor], x, y, mode: str
 #: PyTorch charges per step for this graph (module calls, autograd, cross-entropy,
 #: optimizer); dense / floor is the largest speedup any drop-in eager layer can give.
 FLOOR_MODELS = {"lenet_300_100": dict(input_shape=(1, 4, 4), hidden=(16, 16))}
+#: Models whose step sparseticket.nn.MLPStep takes (the sparseticket_mlpstep contender)
+MLP_MODELS = {"lenet_300_100"}
 FLOOR_VARIANT = "same graph, widths 16, input 4x4, SGD(foreach): eager PyTorch per-step floor"
 
 
@@ -410,6 +415,30 @@ def check_model_steps(ref: ModelStep, other: ModelStep, masks, rtol: float, step
     return None
 
 
+class MLPModelStep(ModelStep):
+    """The step with sparseticket.nn.MLPStep computing the gradients (no autograd)."""
+
+    def __init__(self, model: nn.Module, opt, x, y):
+        import sparseticket.nn as stnn
+        super().__init__(model, opt, x, y)
+        self.fast = stnn.MLPStep(model)
+
+    def step(self) -> torch.Tensor:
+        loss = self.fast(self.x, self.y)
+        self.opt.step()
+        return loss
+
+
+def mlp_step(base: nn.Module, masks: Dict[str, torch.Tensor], x, y) -> ModelStep:
+    import sparseticket.nn as stnn
+    from sparseticket.optim import MaskedSGD
+    model = stnn.sparsify(copy.deepcopy(base), masks=masks, mode="sparse", fuse_relu=True)
+    st = MLPModelStep(model, MaskedSGD(model.parameters(), lr=LR, momentum=MOMENTUM), x, y)
+    if st.fast.check(x) is not None:
+        raise ValueError(f"MLPStep does not apply: {st.fast.check(x)}")
+    return st
+
+
 def bench_train_step(ctx, model_name: str, sparsity: float):
     args = ctx.args
     batch = args.batch or MODEL_BATCH.get(model_name, 64)
@@ -426,6 +455,9 @@ def bench_train_step(ctx, model_name: str, sparsity: float):
                "sparsify(mode='auto', fuse_relu=True) + MaskedSGD"),
               ("sparseticket_sparse", lambda: sparse_step(base, masks, x, y, "sparse"),
                "sparsify(mode='sparse', fuse_relu=True) + MaskedSGD")]
+    if model_name in MLP_MODELS:
+        makers.append(("sparseticket_mlpstep", lambda: mlp_step(base, masks, x, y),
+                       "sparsify(mode='sparse', fuse_relu=True) + MLPStep (no autograd) + MaskedSGD"))
     if model_name in FLOOR_MODELS:
         makers.append(("floor", lambda: floor_step(model_name, batch, args.seed), FLOOR_VARIANT))
     steppers: Dict[str, ModelStep] = {}
