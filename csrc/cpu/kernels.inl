@@ -274,14 +274,20 @@ constexpr int kTileRows = 16;
 
 // acc[0..NV) += sum over entries [e, e1) of val(e) * P[idx[e]]. For narrow panels the FMA
 // chain per accumulator would stall on latency, so consecutive entries go to U
-// independent accumulator sets that are summed at the end.
+// independent accumulator sets that are summed at the end: 8 chains in all (two FMA
+// pipes of latency 4) for the forward; 4 where each weight is gathered through perm (the
+// transposed product), which is bound by those loads. Measured in-process, 1 thread,
+// 8 against 4 chains: forward 60x784x300 at 10/35/65% 1.02-1.06x / 1.03-1.08x /
+// 1.01-1.16x (two runs), 60x300x100 1.01-1.06x / 1.04-1.11x / 0.99-1.12x, 3.6% and
+// NV = 8 shapes 0.98-1.01x; the transposed product 0.90-1.04x, so it keeps 4.
 template <typename T, int NV, bool HasPerm>
 inline void spmm_row_entries(typename Vec<T>::type* acc, const T* __restrict P, const int32_t* __restrict idx,
                              const int32_t* __restrict perm, const T* __restrict val, int64_t e, int64_t e1) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   constexpr int PW = NV * L;
-  constexpr int U = NV >= 4 ? 1 : 4 / NV;
+  constexpr int C = HasPerm ? 4 : 8;
+  constexpr int U = NV >= C ? 1 : C / NV;
   V part[U][NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) part[0][v] = acc[v];
