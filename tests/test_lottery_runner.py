@@ -241,3 +241,26 @@ def test_pin_modes_reuses_the_previous_levels_measurement(monkeypatch):
     assert len(measured) == 1  # only layer 4
     assert evidence["0"] == previous["0"][1] and evidence["2"] == previous["2"][1]
     assert evidence["4"][2] == dens["4"] and evidence["4"][0] > 0 and evidence["4"][1] > 0
+
+
+def test_pin_modes_keeps_nearly_dense_layers_dense_without_measuring(monkeypatch):
+    """At >= DENSE_WITHOUT_MEASURING of its weights kept a layer is pinned dense unmeasured;
+    a sparser one is measured; a forced mode is left alone."""
+    import torch.nn as nn
+    import sparseticket.nn as stnn
+    from sparseticket.nn import _mode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    masks = {"0": torch.rand(10, 12) < 0.9, "2": torch.rand(8, 10) < 0.3, "4": torch.rand(4, 8) < 0.9}
+    model = stnn.sparsify(model, masks=masks)
+    model[4].mode = "sparse"
+    assert model[0].density >= R.DENSE_WITHOUT_MEASURING > model[2].density
+    measured = []
+    real = _mode.measure
+    monkeypatch.setattr(_mode, "measure", lambda s, d, *a, **k: measured.append(1) or real(s, d, *a, **k))
+    _mode.clear_cache()
+    evidence = R._pin_modes(model, torch.randn(5, 12), {})
+    assert model[0].mode == "dense" and "0" not in evidence
+    assert model[2].mode in ("sparse", "dense") and "2" in evidence and len(measured) == 1
+    assert model[4].mode == "sparse"

@@ -623,6 +623,10 @@ def _set_modes(model: nn.Module, modes: Dict[str, str]) -> None:
 #: sparse time, scaled by the drop in kept weights, still exceeds the dense time by this
 #: factor (sparse kernel time is about proportional to the kept weights)
 CLEARLY_DENSE = 1.3
+# Density at or above which a layer runs dense without being measured: no sparse kernel here
+# has beaten dense at 75-80% on a layer that matters for time (LeNet's fc1 / fc2 at 80%
+# tie with MLPStep; Conv-4's 64-128 channel convs lose at 80%, BENCHMARKS.md, session 6)
+DENSE_WITHOUT_MEASURING = 0.75
 
 
 def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[str, Optional[list]]]] = None
@@ -636,9 +640,14 @@ def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[s
     spares measurements whose outcome is known: a layer that ran sparse stays sparse (a
     sparser ticket cannot make the dense path win), and one whose measured sparse time,
     scaled down by its new density, is still CLEARLY_DENSE times the dense time stays
-    dense. Measuring costs ~0.1 s per layer, a large part of a small net's level."""
+    dense. Measuring costs ~0.1 s per LeNet layer and 0.3-0.4 s per Conv-4 layer (2.1-2.8 s
+    for Conv-4's seven at 64-80% density, a tenth of such a level): a layer that keeps at
+    least DENSE_WITHOUT_MEASURING of its weights is pinned dense without measuring."""
     previous = previous or {}
     evidence: Dict[str, list] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, stnn.TicketModule) and _mode.resolve(m.mode) is None and m.density >= DENSE_WITHOUT_MEASURING:
+            m.mode = "dense"
     for name, m in model.named_modules():
         if not isinstance(m, stnn.TicketModule) or name not in previous:
             continue
