@@ -34,6 +34,7 @@ def test_bench_modules_quick(tmp_path):
                                                        "dense_backward", "neq_backward", "nowgrad",
                                                        "nowgrad_forward", "nowgrad_backward")}
     want.add(("train_step", "lenet_300_100", 0.9, "floor"))
+    want.add(("train_step", "lenet_300_100", 0.9, "sparseticket_mlpstep"))
     for layer in ("fc300x100", "conv128x128@14"):
         want |= {("layer_step", layer, 0.9, c) for c in ("dense", "sparseticket")}
     assert got == want
