@@ -1,6 +1,7 @@
-"""What the single-thread A/B scripts share (ab_thread_time.py for the linear ops,
-ab_conv_thread_time.py for the direct conv): the per-case timing of a worker process and
-the driver that alternates one worker process per build."""
+"""What the A/B scripts share: for the single-thread ones across builds (ab_thread_time.py
+for the linear ops, ab_conv_thread_time.py for the direct conv) the per-case timing of a
+worker process and the driver that alternates one worker process per build; for the
+in-process ones (ab_step_paths.py, ab_serial_work.py) the interleaved block timing."""
 import json
 import os
 import subprocess
@@ -25,6 +26,35 @@ def thread_time_median(fn: Callable[[], object], samples: int, sample_s: float, 
             fn()
         vals.append((time.thread_time_ns() - t0) / inner / 1e9)
     return median(vals)
+
+
+def interleaved_blocks(contenders: Dict[object, Callable[[], object]], rounds: int, steps: int,
+                       warmup: int = 0, before: Callable[[object], None] = None) -> Dict[object, float]:
+    """Median microseconds per call of each contender, timed in blocks of ``steps`` calls
+    that alternate between the contenders, the order reversed every round (a drift of the
+    machine lands on all of them). ``warmup`` untimed calls precede each block;
+    ``before(key)`` runs before each block (e.g. to flip a run-time setting)."""
+    keys = list(contenders)
+    res = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in (keys if r % 2 else keys[::-1]):
+            if before is not None:
+                before(k)
+            f = contenders[k]
+            for _ in range(warmup):
+                f()
+            t = time.perf_counter()
+            for _ in range(steps):
+                f()
+            res[k].append((time.perf_counter() - t) / steps * 1e6)
+    return {k: median_mean2(v) for k, v in res.items()}
+
+
+def median_mean2(vals):
+    """The median (the mean of the two middle values for an even count, as statistics.median)."""
+    vals = sorted(vals)
+    n = len(vals)
+    return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
 
 
 def median(vals):

@@ -9,11 +9,10 @@ the default, reversing the order each round, and the table shows the median micr
 per step of each. Wall-clock on a shared VM: read the ratio, not the absolute times.
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from ab_common import interleaved_blocks
 
 
 def main():
@@ -55,16 +54,19 @@ def main():
 
         for i in range(30):
             step(i)
-        res = {0: [], default: []}
-        for r in range(a.rounds):
-            for w in ((0, default) if r % 2 else (default, 0)):
-                runtime.set_serial_work(w)
-                t = time.perf_counter()
-                for i in range(a.steps):
-                    step(i)
-                res[w].append((time.perf_counter() - t) / a.steps * 1e6)
+        pos = [0]  # every block steps through the same batches, from the first
+
+        def block_start(w):
+            runtime.set_serial_work(w)
+            pos[0] = 0
+
+        def call():
+            step(pos[0])
+            pos[0] += 1
+
+        med = interleaved_blocks({default: call, 0: call}, a.rounds, a.steps, before=block_start)
         runtime.set_serial_work(default)
-        pool, dflt = statistics.median(res[0]), statistics.median(res[default])
+        pool, dflt = med[0], med[default]
         print(f"{dens:8.3f} {pool:12.0f} {dflt:22.0f} {pool / dflt:13.3f}")
 
 

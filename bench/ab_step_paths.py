@@ -15,11 +15,10 @@ not the absolute times.
 """
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from ab_common import interleaved_blocks
 
 
 def main():
@@ -74,16 +73,8 @@ def main():
         for f in fs.values():
             for _ in range(20):
                 f()
-        res = {k: [] for k in fs}
-        for r in range(a.rounds):
-            for k in (list(fs) if r % 2 else list(fs)[::-1]):
-                for _ in range(5):
-                    fs[k]()
-                t = time.perf_counter()
-                for _ in range(a.steps):
-                    fs[k]()
-                res[k].append((time.perf_counter() - t) / a.steps * 1e6)
-        u, f, p, s = (statistics.median(res[k]) for k in ("unfused", "fused", "mlp_py", "mlpstep"))
+        med = interleaved_blocks(fs, a.rounds, a.steps, warmup=5)
+        u, f, p, s = (med[k] for k in ("unfused", "fused", "mlp_py", "mlpstep"))
         print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {p:10.0f} {s:11.0f} {u / f:14.3f} {u / p:15.3f} {u / s:16.3f} "
               f"{p / s:15.3f}", flush=True)
 
