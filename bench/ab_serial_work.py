@@ -64,6 +64,8 @@ def main():
             step(pos[0])
             pos[0] += 1
 
+        if default == 0:
+            raise SystemExit("ab_serial_work: the serial-work threshold is already 0; nothing to compare")
         med = interleaved_blocks({default: call, 0: call}, a.rounds, a.steps, before=block_start)
         runtime.set_serial_work(default)
         pool, dflt = med[0], med[default]

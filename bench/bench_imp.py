@@ -18,6 +18,7 @@ bench/results/imp.csv (+ imp.runs.json with the machine and the command).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -85,26 +86,31 @@ def speed(a) -> int:
         runs = {b: IMPRun(_hp(a, outs[b], baseline=b)).levels() for b in outs}
         rows = {b: [] for b in outs}
         wall = {b: 0.0 for b in outs}
-        # level by level, the order flipping at every level and repeat: a slow phase of the
-        # shared machine lands on both contenders instead of on whichever ran through it
-        level, live = 0, set(outs)
-        while live:
-            order = ["sparse", "dense"] if (rep + level) % 2 == 0 else ["dense", "sparse"]
-            for b in order:
-                if b not in live:
-                    continue
-                t0 = time.perf_counter()
-                row = next(runs[b], None)
-                wall[b] += time.perf_counter() - t0
-                if row is None:
-                    live.discard(b)
-                else:
-                    rows[b].append(row)
-            level += 1
+        try:
+            # level by level, the order flipping at every level and repeat: a slow phase of the
+            # shared machine lands on both contenders instead of on whichever ran through it
+            level, live = 0, set(outs)
+            while live:
+                order = ["sparse", "dense"] if (rep + level) % 2 == 0 else ["dense", "sparse"]
+                for b in order:
+                    if b not in live:
+                        continue
+                    gc.collect()  # the other contender's garbage is not this one's cost
+                    t0 = time.perf_counter()
+                    row = next(runs[b], None)
+                    wall[b] += time.perf_counter() - t0
+                    if row is None:
+                        live.discard(b)
+                    else:
+                        rows[b].append(row)
+                level += 1
+        finally:
+            for b in outs:
+                runs[b].close()
+                shutil.rmtree(outs[b], ignore_errors=True)
         for b in outs:
             per[b].append((rows[b], wall[b]))
             print(f"repeat {rep}: {b:6s} {wall[b]:8.1f} s", flush=True)
-            shutil.rmtree(outs[b], ignore_errors=True)
     levels = [r["level"] for r in per["sparse"][0][0]]
     out_rows = []
     for i, level in enumerate(levels):

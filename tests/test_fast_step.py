@@ -146,6 +146,45 @@ def test_falls_back_to_autograd(change, reason, gen):
         assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad)
 
 
+def test_cpu_autocast_takes_the_autograd_path(gen):
+    a, b, x, y = _fallback_case(gen)
+    fast = stnn.MLPStep(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast" in fast.check(x)
+        _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "cpu autocast")
+    assert fast.check(x) is None
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_non_contiguous_linear_weight_takes_the_autograd_path(native, gen):
+    """autograd's gradient of a transposed-storage weight keeps its strides (and its
+    summation order): the fast path would not be bit-identical, so it is not taken."""
+    a = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 6))
+    a[0].weight = nn.Parameter(randn(20, 12, gen=gen).t())
+    b = copy.deepcopy(a)
+    assert not b[0].weight.is_contiguous()
+    x, y = randn(9, 20, gen=gen), torch.randint(0, 6, (9,), generator=gen)
+    fast = stnn.MLPStep(b, native=native)
+    assert "not contiguous" in fast.check(x)
+    _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "transposed weight")
+    assert b[0].weight.grad.stride() == a[0].weight.grad.stride()
+
+
+def test_children_replaced_after_construction(gen):
+    a, b, x, y = _fallback_case(gen)
+    fast = stnn.MLPStep(b)
+    assert fast.check(x) is None
+    torch.manual_seed(0)
+    a[2] = nn.Linear(12, 6)
+    torch.manual_seed(0)
+    b[2] = nn.Linear(12, 6)
+    assert "children changed" in fast.check(x)
+    _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "replaced child")
+    b.append(nn.Identity())
+    assert "children changed" in fast.check(x)
+    assert stnn.MLPStep(b).check(x) is None
+
+
 def test_unsupported_models_and_inputs(gen):
     conv = stnn.sparsify(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)), amount=0.5, mode="sparse")
     assert "Conv" in stnn.MLPStep(conv).reason

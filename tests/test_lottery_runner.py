@@ -67,6 +67,12 @@ def test_imp_levels_files_and_rerun(tmp_path):
     assert fwd["executed"] / fwd["dense"] == pytest.approx(m2.kept() / m2.numel(), rel=1e-9)
     assert rows[0]["flops_executed"] == pytest.approx(rows[0]["flops_dense"] - rows[0]["flops"]["optimizer"]["dense"]
                                                       + rows[0]["flops"]["optimizer"]["executed"])
+    # epoch 0's first step creates the momentum buffers (3 FLOPs per element fewer); the
+    # steps after it are counted at their full cost
+    log0 = torch.load(run.dir / "level_00" / "checkpoint.pt", weights_only=False)["log"]
+    assert log0[0]["step"] * 2 == log0[1]["step"]
+    n_params = sum(o * i + o for o, i in shapes.values())
+    assert log0[1]["flops"]["optimizer"]["executed"] - log0[0]["flops"]["optimizer"]["executed"] == 3 * n_params
     assert rows[2]["ticket_bytes"] == sum(8 * m2.kept(n) + 4 * (o + 1) + 4 * o for n, (o, i) in shapes.items())
     assert rows[2]["dense_bytes"] == sum(4 * (o * i + o) for o, i in shapes.values())
     assert all(0.5 < r["test_acc"] <= 1 for r in rows)
@@ -105,6 +111,7 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill
     monkeypatch.setattr(R, "atomic_save", real_save)
     rows = R.IMPRun(_hp(tmp_path / "cut")).run()
     assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
+    assert [r["flops"] for r in rows] == [r["flops"] for r in ref]  # counted the same after a resume
     a, b = R.IMPRun(_hp(ref_out)).dir, R.IMPRun(_hp(tmp_path / "cut")).dir
     _same(_masks(a), _masks(b))
     _same(_finals(a), _finals(b))

@@ -165,9 +165,6 @@ class IMPRun:
         to expose the sparse run and its dense baseline to the same machine phases."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._check_hparams_file()
-        if self.hp.run.threads > 0:
-            torch.set_num_threads(self.hp.run.threads)
-        runtime.set_malloc(self.hp.run.malloc)  # the same for --baseline dense: it changes speed, not results
         # torch.optim.Optimizer's constructor imports torch._dynamo on first use (about 1 s
         # here); like loading the data, that is a cost of the process, not of level 0, so
         # it is paid here, before any level's clock starts, in both baselines
@@ -181,7 +178,11 @@ class IMPRun:
             plans = self._imp_plans()
         rows = []
         for plan_fn in plans:
-            with stnn.use_mode(self.hp.run.kernels):  # entered per level: another run may go in between
+            # the process-wide settings are applied per level: another run may go in between
+            if self.hp.run.threads > 0:
+                torch.set_num_threads(self.hp.run.threads)
+            runtime.set_malloc(self.hp.run.malloc)  # the same for --baseline dense: it changes speed, not results
+            with stnn.use_mode(self.hp.run.kernels):
                 rows.append(self.train_level(plan_fn()))
             self._write_results(rows)
             yield rows[-1]
@@ -415,6 +416,7 @@ class IMPRun:
                         initial=step - plan.first_step)
         model.train()
         epoch_counts: Optional[Dict[int, dict]] = None  # batch size -> FLOPs of one step (see below)
+        warmed = False  # after this process's first step, every momentum buffer that will exist does
         while step < T:
             epoch = step // S
             t0 = time.perf_counter()
@@ -426,8 +428,11 @@ class IMPRun:
             # FLOPs are read from what the layers dispatch on the first step of each batch
             # size and multiplied out: modes are pinned for the level and masks fixed, so
             # every other step of that size does the same work; with NEq, whose frozen
-            # sets change between epochs, the first step of each size in each epoch
+            # sets change between epochs, the first step of each size in each epoch. A step
+            # taken before every momentum buffer exists is cheaper (no buffer to update), so
+            # it is counted on its own and never stands for the others.
             sizes: Dict[int, int] = {}
+            once: List[Dict[str, Dict[str, float]]] = []
             if tracker is not None or epoch_counts is None:
                 epoch_counts = {}
             sampled = epoch_counts
@@ -436,7 +441,9 @@ class IMPRun:
                     self._save_iter_rewind(model)
                 idx = perm[b * bs:(b + 1) * bs]
                 x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
-                count = idx.numel() not in sampled
+                cold = not warmed and not _momentum_ready(opt)
+                warmed = True
+                count = cold or idx.numel() not in sampled
                 if count:
                     counter.reset()
                     counter.start()
@@ -453,8 +460,12 @@ class IMPRun:
                     masker.after_step()
                 if count:
                     counter.stop()
-                    sampled[idx.numel()] = counter.totals()
-                sizes[idx.numel()] = sizes.get(idx.numel(), 0) + 1
+                    if cold:
+                        once.append(counter.totals())
+                    else:
+                        sampled[idx.numel()] = counter.totals()
+                if not cold:
+                    sizes[idx.numel()] = sizes.get(idx.numel(), 0) + 1
                 step += 1
                 losses.append(loss.detach())
                 bar.update(1)
@@ -467,7 +478,7 @@ class IMPRun:
             val_acc = evaluate(model, data.val.x, data.val.y, hp.train.eval_batch_size)
             entry = dict(epoch=epoch, step=step, lr=lr, loss=float(torch.stack(losses).mean()) if losses else None,
                          val_acc=val_acc, train_seconds=train_s, neq_seconds=neq_s, frozen=frozen,
-                         flops=_scale_flops(sampled, sizes), seconds=time.perf_counter() - t0)
+                         flops=_sum_flops([_scale_flops(sampled, sizes)] + once), seconds=time.perf_counter() - t0)
             log.append(entry)
             atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, log=log,
                              modes=modes, mode_evidence=evidence, setup_seconds=setup_s,
@@ -591,6 +602,16 @@ def _dense_state(model: nn.Module) -> Dict[str, Tensor]:
 
 def _ratio(a, b) -> str:
     return f"{100 * a / b:5.1f}%" if a is not None and b else "    -"
+
+
+def _momentum_ready(opt: torch.optim.Optimizer) -> bool:
+    """Whether every parameter that takes momentum already has its buffer."""
+    for g in opt.param_groups:
+        if float(g.get("momentum", 0)) != 0:
+            for p in g["params"]:
+                if p.requires_grad and "momentum_buffer" not in opt.state.get(p, ()):
+                    return False
+    return True
 
 
 def _scale_flops(sampled: Dict[int, dict], sizes: Dict[int, int]) -> Dict[str, Dict[str, float]]:

@@ -87,8 +87,12 @@ class MLPStep:
             return self.reason
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return "grad mode off or compiling"
-        if torch.is_autocast_enabled():
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
             return "autocast is on"
+        seen = self._modules_seen
+        children = self.model._modules
+        if len(children) != len(seen) - 1 or any(a is not b for a, b in zip(children.values(), seen[1:])):
+            return "the model's children changed since this MLPStep was built (build a new one)"
         if x is not None:
             if x.requires_grad:
                 return "the input requires grad"
@@ -113,6 +117,8 @@ class MLPStep:
                     continue
                 if not p.requires_grad:
                     return "a parameter does not require grad"
+                if not p.is_contiguous():  # autograd's gradient would keep its strides
+                    return "a parameter is not contiguous"
                 if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
                     return "a parameter has hooks"
         return None
