@@ -15,17 +15,20 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-Tensor call_sparse_conv2d(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+using ConvSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                       const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&, at::IntArrayRef,
+                       at::IntArrayRef, at::IntArrayRef, at::IntArrayRef);
+
+// sparseticket::sparse_conv2d, or sparse_conv2d_relu when relu, below autograd
+Tensor call_sparse_conv2d(bool relu, const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                           const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
                           const c10::optional<Tensor>& active, at::IntArrayRef ks, at::IntArrayRef st,
                           at::IntArrayRef pad, at::IntArrayRef dil) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::sparse_conv2d", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                     const c10::optional<Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                     at::IntArrayRef)>();
-  return op.call(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
+  static auto plain =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sparseticket::sparse_conv2d", "").typed<ConvSig>();
+  static auto fused =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sparseticket::sparse_conv2d_relu", "").typed<ConvSig>();
+  return (relu ? fused : plain).call(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
 }
 
 Tensor call_grad_input(const Tensor& gy, const Tensor& values, const Tensor& crow, const Tensor& col,
@@ -51,15 +54,20 @@ Tensor call_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& ccol, c
 
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
-class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFunction> {
+// Relu: the op is sparse_conv2d_relu; its output is saved and masks gy in backward, as
+// ReluBackward0 (threshold_backward) does.
+template <bool Relu>
+class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFunction<Relu>> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& values, const Tensor& crow,
                         const Tensor& col, const Tensor& ccol, const Tensor& row, const Tensor& perm,
                         const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active, at::IntArrayRef ks,
                         at::IntArrayRef st, at::IntArrayRef pad, at::IntArrayRef dil) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor y = call_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
-    ctx->save_for_backward({x, values, crow, col, ccol, row, perm, active ? *active : Tensor()});
+    Tensor y = call_sparse_conv2d(Relu, x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
+    // Relu: the output too (saved as an output, so no reference cycle through its grad_fn)
+    ctx->save_for_backward({x, values, crow, col, ccol, row, perm, active ? *active : Tensor(),
+                            Relu ? y : Tensor()});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["ks"] = ks.vec();
     ctx->saved_data["st"] = st.vec();
@@ -74,7 +82,9 @@ class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFuncti
                  &row = saved[5], &perm = saved[6], &active = saved[7];
     const auto ks = ctx->saved_data["ks"].toIntVector(), st = ctx->saved_data["st"].toIntVector();
     const auto pad = ctx->saved_data["pad"].toIntVector(), dil = ctx->saved_data["dil"].toIntVector();
-    const Tensor gy = grads[0].contiguous();
+    Tensor gy = grads[0];
+    if (Relu) gy = at::threshold_backward(gy, saved[8], 0);
+    gy = gy.contiguous();
     Tensor gx, gv, gb;
     if (ctx->needs_input_grad(0)) gx = call_grad_input(gy, values, crow, col, x.sym_sizes(), ks, st, pad, dil);
     if (ctx->needs_input_grad(1)) gv = call_grad_weight(gy, x, ccol, row, perm, opt(active), ks, st, pad, dil);
@@ -87,15 +97,19 @@ class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFuncti
   }
 };
 
+template <bool Relu>
 Tensor sparse_conv2d_autograd(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                               const Tensor& ccol, const Tensor& row, const Tensor& perm,
                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active,
                               at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef pad, at::IntArrayRef dil) {
-  return SparseConv2dFunction::apply(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
+  return SparseConv2dFunction<Relu>::apply(x, values, crow, col, ccol, row, perm, bias, active, ks, st, pad, dil);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparseticket, Autograd, m) { m.impl("sparse_conv2d", &sparse_conv2d_autograd); }
+TORCH_LIBRARY_IMPL(sparseticket, Autograd, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_autograd<false>);
+  m.impl("sparse_conv2d_relu", &sparse_conv2d_autograd<true>);
+}
 
 }  // namespace sparseticket

@@ -392,6 +392,7 @@ for dtype in (torch.float32, torch.float64):
         tl = (t.crow, t.col, t.ccol, t.row, t.perm)
         y = ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf)
         close(y, F.conv2d(x, w, bias, *conf[1:]), dtype, "forward")
+        assert torch.equal(ST.sparse_conv2d_relu(x, t.values, *tl, bias, None, *conf), torch.relu(y))
         gy = torch.randn(y.shape, dtype=dtype)
         close(ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
               torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")

@@ -47,6 +47,7 @@ struct CorrArgs {
   int64_t out_plane, ldo;   // elements between planes / between rows of a plane
   int64_t rows, cols;       // valid output rows and columns (stores are clipped to them)
   int64_t col_tiles;        // column tiles of NV vectors per row tile
+  bool relu;                // stores max(0, .) (sparse_conv2d_relu); a NaN stays NaN, as in torch.relu
 };
 
 struct DotArgs {

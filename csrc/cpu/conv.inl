@@ -311,6 +311,7 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
   T* __restrict out = static_cast<T*>(a.out);
   T* __restrict scratch = static_cast<T*>(a.scratch);
   const int64_t in_row = a.in_row, blocks = a.blocks;
+  const bool relu = a.relu;
 
   // Tile by tile, so that a block's working set is its channels' R + 2 rows of one tile.
   for (int64_t r0 = 0; r0 < a.rows; r0 += R) {
@@ -338,6 +339,13 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
 #pragma GCC unroll 4
               for (int v = 0; v < NV; ++v) cstore(st + r * TW + v * L, acc[r][v]);
             continue;
+          }
+          if (relu) {  // max(0, v) as the tile is written; 0 > NaN is false, so NaN stays
+            const V zero{};
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) acc[r][v] = zero > acc[r][v] ? zero : acc[r][v];
           }
           T* __restrict o = out + l * a.out_plane;
           const int64_t nr = a.rows - r0 < R ? a.rows - r0 : R;

@@ -452,11 +452,12 @@ IndexArray index_array(const Tensor& t) { return {t.data_ptr<int32_t>(), t.numel
 
 // ----------------------------------------------------------------------------- forward
 
-Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& crow_, const Tensor& col_,
-                         const Tensor& ccol_, const Tensor& row_, const Tensor& perm_,
-                         const c10::optional<Tensor>& bias_, const c10::optional<Tensor>& active,
-                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation) {
+// relu: the output is written through max(0, .) (sparse_conv2d_relu)
+Tensor sparse_conv2d_impl(const Tensor& x_, const Tensor& values_, const Tensor& crow_, const Tensor& col_,
+                          const Tensor& ccol_, const Tensor& row_, const Tensor& perm_,
+                          const c10::optional<Tensor>& bias_, const c10::optional<Tensor>& active,
+                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, bool relu) {
   check_float(x_, "x");
   check_dim(x_, 4, "x");
   check_cpu(x_, "x");
@@ -550,11 +551,29 @@ Tensor sparse_conv2d_cpu(const Tensor& x_, const Tensor& values_, const Tensor& 
         a.rows = std::min(band, g.OH - r0);
         a.cols = g.OW;
         a.col_tiles = tl.col_tiles;
+        a.relu = relu;
         fn(a, l0, l1);
       }
     });
   });
   return y;
+}
+
+Tensor sparse_conv2d_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                         const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
+                         const c10::optional<Tensor>& active, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return sparse_conv2d_impl(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
+                            dilation, false);
+}
+
+Tensor sparse_conv2d_relu_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                              const Tensor& ccol, const Tensor& row, const Tensor& perm,
+                              const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active,
+                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  return sparse_conv2d_impl(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
+                            dilation, true);
 }
 
 // ----------------------------------------------------------------------------- weight gradient
@@ -845,6 +864,7 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
 
 TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_relu", &sparse_conv2d_relu_cpu);
   m.impl("sparse_conv2d_grad_input", &sparse_conv2d_grad_input_cpu);
   m.impl("sparse_conv2d_grad_weight", &sparse_conv2d_grad_weight_cpu);
 }

@@ -160,6 +160,11 @@ class TicketModule(NEqMixin, nn.Module):
     None; non-persistent ``flat`` [nnz] int64 (dense position of each value).
     """
 
+    #: None or 'relu': the layer applies its activation itself (one op, one autograd node;
+    #: ``sparsify(..., fuse_relu=True)`` sets it). Its output, which forward hooks see, is
+    #: then the activation. (A class default: layers pickled before it existed load as None.)
+    activation: Optional[str] = None
+
     weight_values: nn.Parameter
 
     # -- to be defined by subclasses
@@ -487,7 +492,16 @@ class TicketModule(NEqMixin, nn.Module):
         a = self._buffers.get("active")
         if a is not None:
             s += f", frozen={self.frozen_fraction:.3g}"
+        if self.activation is not None:
+            s += f", activation={self.activation}"
         return s
+
+    def set_activation(self, activation: Optional[str]) -> None:
+        """None or 'relu'. Prefer ``sparsify(..., fuse_relu=True)``, which also removes the
+        nn.ReLU that would otherwise apply a second time."""
+        if activation not in (None, "relu"):
+            raise ValueError(f"sparseticket: {where(self)}: activation must be None or 'relu', got {activation!r}")
+        self.activation = activation
 
 
 def _match(old_flat: Tensor, new_flat: Tensor) -> Tuple[Tensor, Tensor]:

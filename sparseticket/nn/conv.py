@@ -18,6 +18,7 @@ _spmm = torch.ops.sparseticket.spmm
 _spmm_t = torch.ops.sparseticket.spmm_t
 _sddmm = torch.ops.sparseticket.sddmm
 _sparse_conv2d = torch.ops.sparseticket.sparse_conv2d
+_sparse_conv2d_relu = torch.ops.sparseticket.sparse_conv2d_relu
 
 
 def _padding_plan(padding, padding_mode: str, kernel_size, dilation) -> Tuple[Optional[List[int]], str, Tuple[int, int]]:
@@ -51,6 +52,10 @@ class SparseConv2d(TicketModule):
     group's input channels), so all groups run in one matmul with no wasted work; output
     channels-last strided (values identical). Dense path: oneDNN's ``F.conv2d`` with the
     masked dense weight. The choice is measured per shape like SparseLinear's.
+
+    ``activation='relu'`` (``sparsify(..., fuse_relu=True)``): the layer computes
+    relu(conv(x)), on the direct sparse path as one op whose kernel writes the ReLU'd
+    output (``sparseticket::sparse_conv2d_relu``) and one autograd node.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -147,8 +152,14 @@ class SparseConv2d(TicketModule):
     def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         b = self._buffers
         if self.groups == 1:
-            return _sparse_conv2d(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
-                                  self.kernel_size, self.stride, self._pad, self.dilation)
+            op = _sparse_conv2d if self.activation is None else _sparse_conv2d_relu
+            return op(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
+                      self.kernel_size, self.stride, self._pad, self.dilation)
+        y = self._run_grouped(x, values, bias)
+        return y if self.activation is None else torch.relu(y)
+
+    def _run_grouped(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        b = self._buffers
         N, C, H, W = x.shape
         oh, ow = self._out_hw(H, W)
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
@@ -181,8 +192,10 @@ class SparseConv2d(TicketModule):
         w = self._dense_weight_of(values)
         active = self._buffers["active"]
         if active is None:
-            return F.conv2d(x, w, bias, self.stride, self._pad, self.dilation, self.groups)
-        return neq_conv2d(x, w, bias, active, self.stride, self._pad, self.dilation, self.groups)
+            y = F.conv2d(x, w, bias, self.stride, self._pad, self.dilation, self.groups)
+        else:
+            y = neq_conv2d(x, w, bias, active, self.stride, self._pad, self.dilation, self.groups)
+        return y if self.activation is None else torch.relu(y)
 
     def forward(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == 3

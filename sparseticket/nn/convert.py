@@ -125,7 +125,7 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
     * ``filter(name, module) -> bool`` selects layers (default: every Linear/Conv2d,
       including DenseNEqLinear/NEqConv2d, whose ``active`` carries over).
 
-    * ``fuse_relu``: where an nn.ReLU directly follows a SparseLinear in an nn.Sequential,
+    * ``fuse_relu``: where an nn.ReLU directly follows a SparseLinear or SparseConv2d in an nn.Sequential,
       the layer applies it itself (``activation='relu'``: one op and one autograd node
       instead of two of each, the same numbers) and the nn.ReLU becomes a FusedReLU
       placeholder. The layer's output, which forward hooks and the NEq tracker would
@@ -179,7 +179,7 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
 
 
 def _fuse_relus(model: nn.Module) -> None:
-    """SparseLinear followed by nn.ReLU in an nn.Sequential: the layer applies the ReLU."""
+    """SparseLinear / SparseConv2d followed by nn.ReLU in an nn.Sequential: the layer applies the ReLU."""
     uses: Dict[int, int] = {}
     for parent in model.modules():
         for child in parent._modules.values():
@@ -192,7 +192,7 @@ def _fuse_relus(model: nn.Module) -> None:
         for a, b in zip(names, names[1:]):
             layer, nxt = parent._modules[a], parent._modules[b]
             # a layer used at two places would apply the ReLU at both
-            if (type(layer) is SparseLinear and layer.activation is None and type(nxt) is nn.ReLU
+            if (type(layer) in (SparseLinear, SparseConv2d) and layer.activation is None and type(nxt) is nn.ReLU
                     and uses[id(layer)] == 1 and uses[id(nxt)] == 1):
                 layer.set_activation("relu")
                 parent._modules[b] = FusedReLU()
@@ -204,7 +204,7 @@ def _unfuse_relus(model: nn.Module) -> None:
         names = list(parent._modules)
         for i, name in enumerate(names):
             child = parent._modules[name]
-            if isinstance(child, SparseLinear) and child.activation is not None:
+            if isinstance(child, (SparseLinear, SparseConv2d)) and child.activation is not None:
                 nxt = parent._modules[names[i + 1]] if i + 1 < len(names) else None
                 if not isinstance(parent, nn.Sequential) or not isinstance(nxt, FusedReLU):
                     raise ValueError(f"sparseticket: densify: {where(child, name)} applies a fused "

@@ -35,8 +35,6 @@ class SparseLinear(TicketModule):
     see, is then the activation.
     """
 
-    #: None or 'relu' (class default: layers pickled before the attribute existed load as None)
-    activation: Optional[str] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 1.0,
                  mode: str = "auto", device=None, dtype=None):
@@ -124,19 +122,13 @@ class SparseLinear(TicketModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                + self._repr_common() + ("" if self.activation is None else f", activation={self.activation}"))
-
-    def set_activation(self, activation: Optional[str]) -> None:
-        """None or 'relu'. Prefer ``sparsify(..., fuse_relu=True)``, which also removes the
-        nn.ReLU that would otherwise apply a second time."""
-        if activation not in (None, "relu"):
-            raise ValueError(f"sparseticket: {where(self)}: activation must be None or 'relu', got {activation!r}")
-        self.activation = activation
+                + self._repr_common())
 
 
 class FusedReLU(nn.Identity):
     """Stands where an nn.ReLU was before ``sparsify(..., fuse_relu=True)`` folded it into
-    the SparseLinear before it (which now applies it); ``densify`` puts nn.ReLU back."""
+    the SparseLinear / SparseConv2d before it (which now applies it); ``densify`` puts
+    nn.ReLU back."""
 
 
 class DenseNEqBase(NEqMixin):

@@ -198,6 +198,13 @@ def _checked_reference_impls():
         return ref.reference_sparse_conv2d_grad_input(gy, values, crow, col, input_size, kernel_size, stride, padding,
                                                       dilation)
 
+    def sparse_conv2d_relu(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
+                           dilation):
+        # composed from the op itself (as sparse_linear_relu): a device with its own
+        # sparse_conv2d runs that
+        return torch.relu(torch.ops.sparseticket.sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active,
+                                                               kernel_size, stride, padding, dilation))
+
     def sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation):
         _library.check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding,
                                                  dilation)
@@ -209,7 +216,8 @@ def _checked_reference_impls():
 
     return dict(ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress,
                 spmm=spmm, sparse_linear=sparse_linear, sparse_linear_relu=sparse_linear_relu, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
-                sparse_conv2d=sparse_conv2d, sparse_conv2d_grad_input=sparse_conv2d_grad_input,
+                sparse_conv2d=sparse_conv2d, sparse_conv2d_relu=sparse_conv2d_relu,
+                sparse_conv2d_grad_input=sparse_conv2d_grad_input,
                 sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight,
                 masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
                 dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
@@ -299,8 +307,18 @@ def _sparse_conv2d_setup(ctx, inputs, output):
     ctx.conf = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
 
 
+def _sparse_conv2d_relu_setup(ctx, inputs, output):
+    _sparse_conv2d_setup(ctx, inputs, output)
+    x, values, crow, col, ccol, row, perm, active = inputs[:7] + inputs[8:9]
+    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active, output)  # output masks gy (ReluBackward0)
+
+
+def _sparse_conv2d_relu_backward(ctx, gy):
+    return _sparse_conv2d_backward(ctx, torch.ops.aten.threshold_backward(gy, ctx.saved_tensors[8], 0))
+
+
 def _sparse_conv2d_backward(ctx, gy):
-    x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors
+    x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors[:8]
     conf = ctx.conf
     gy = gy.contiguous()
     gx = gvalues = gbias = None
@@ -325,6 +343,8 @@ if _C is None:
                                     setup_context=_neq_linear_setup)
     torch.library.register_autograd("sparseticket::sparse_conv2d", _sparse_conv2d_backward,
                                     setup_context=_sparse_conv2d_setup)
+    torch.library.register_autograd("sparseticket::sparse_conv2d_relu", _sparse_conv2d_relu_backward,
+                                    setup_context=_sparse_conv2d_relu_setup)
 
 
 # ticket_expand is differentiable in its values: the gradient of a dense weight goes back
@@ -363,11 +383,12 @@ sparse_linear_op = torch.ops.sparseticket.sparse_linear
 sparse_linear_relu_op = torch.ops.sparseticket.sparse_linear_relu
 neq_linear_op = torch.ops.sparseticket.neq_linear
 sparse_conv2d_op = torch.ops.sparseticket.sparse_conv2d
+sparse_conv2d_relu_op = torch.ops.sparseticket.sparse_conv2d_relu
 sparse_conv2d_grad_input = torch.ops.sparseticket.sparse_conv2d_grad_input
 sparse_conv2d_grad_weight = torch.ops.sparseticket.sparse_conv2d_grad_weight
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
-           "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_grad_input",
+           "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op", "sparse_conv2d_grad_input",
            "sparse_conv2d_grad_weight", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

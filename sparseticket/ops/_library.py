@@ -49,6 +49,10 @@ SCHEMAS = {
     # y = conv2d(x, W) + b; `active` (frozen output channels) is carried for backward.
     "sparse_conv2d": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, Tensor perm, "
     "Tensor? bias, Tensor? active, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+    # relu(sparse_conv2d(...)) as one op and one autograd node (SparseConv2d with
+    # activation='relu'): the ReLU is applied as the output tiles are written
+    "sparse_conv2d_relu": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, Tensor perm, "
+    "Tensor? bias, Tensor? active, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
     # gx [input_size] from gy [N, O, oh, ow]
     "sparse_conv2d_grad_input": "(Tensor gy, Tensor values, Tensor crow, Tensor col, SymInt[4] input_size, "
     "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
@@ -452,6 +456,7 @@ def _(dense, crow, bits, nnz):
     _check_same("crow", crow, "dense", dense)
     return dense.new_empty((nnz,))
 @torch.library.register_fake("sparseticket::sparse_conv2d")
+@torch.library.register_fake("sparseticket::sparse_conv2d_relu")
 def _(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding, dilation):
     O, oh, ow = check_sparse_conv2d(x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding,
                                     dilation)
