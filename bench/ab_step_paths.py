@@ -7,8 +7,8 @@
 A model MLPStep cannot take (Conv-4) compares ``unfused`` and ``fused`` only.
 
 Per density, one model sparsified three times from the same weights and random masks
-(output layer included): ``unfused`` (modules and autograd), ``fused`` (each Linear+ReLU
-pair one op and one autograd node, sparse_linear_relu), ``mlp_py`` (the fused model's
+(output layer included): ``unfused`` (modules and autograd), ``fused`` (each layer+ReLU
+pair one op and one autograd node, sparse_linear_relu / sparse_conv2d_relu), ``mlp_py`` (the fused model's
 gradients by sparseticket.nn.MLPStep's Python op sequence, no autograd) and ``mlpstep``
 (the same sequence as one C++ call, MLPStep's default on the CPU). All train with MaskedSGD on the same
 batch; blocks of steps alternate, the order reversed every round, and the table has the

@@ -15,7 +15,7 @@ weights (output layer at half that rate), all contenders starting from the same 
 * ``dense`` (baseline): the plain model, torch.optim.SGD(momentum=0.9, foreach=True), then the
   masks re-applied to the weights with torch._foreach_mul_ (dense-masked training);
 * ``sparseticket``: ``sparseticket.nn.sparsify(model, masks=..., mode='auto', fuse_relu=True)``
-  + MaskedSGD (the same hyperparameters; each Linear+ReLU pair one op and one autograd node,
+  + MaskedSGD (the same hyperparameters; each Linear/Conv2d+ReLU pair one op and one autograd node,
   the same numbers); warm-up steps run first so every layer has measured its path;
 * ``sparseticket_sparse``: the same with mode='sparse' forced, to show what 'auto' gained;
 * ``sparseticket_mlpstep`` (LeNet only): mode='sparse' with the gradients from

@@ -37,6 +37,9 @@ def report() -> str:
         lines.append(f"compiled CPU kernels: live, ISA in use: {ops._C.cpu_isa()} "
                      f"({ops._C.cpu_vector_bytes() * 8}-bit vectors; force with SPARSETICKET_ISA=avx512|avx2|base)")
         lines.append(f"compiled CUDA kernels: {'built' if ops._C.with_cuda() else 'not built (torch is not a CUDA build)'}")
+        if ops.STALE_OPS:
+            lines.append(f"  STALE build: no compiled kernel for {', '.join(ops.STALE_OPS)} (reference used); rebuild "
+                         "with: pip install --no-build-isolation -e .")
     else:
         lines.append(f"compiled CPU kernels: NOT live ({ops.EXTENSION_ERROR}); using the pure-PyTorch references")
         lines.append("  build them with: pip install --no-build-isolation -e .")

@@ -185,6 +185,18 @@ def test_children_replaced_after_construction(gen):
     assert stnn.MLPStep(b).check(x) is None
 
 
+def test_activation_changed_after_construction(gen):
+    """set_activation(None) with the FusedReLU left in place: the model no longer applies
+    that ReLU, and neither may the step."""
+    a, b, x, y = _fallback_case(gen)
+    fast = stnn.MLPStep(b)
+    assert b[0].activation == "relu" and fast.check(x) is None
+    a[0].set_activation(None)
+    b[0].set_activation(None)
+    assert "activation changed" in fast.check(x)
+    _assert_same(a, b, _autograd_grads(a, x, y), fast(x, y), "activation removed")
+
+
 def test_unsupported_models_and_inputs(gen):
     conv = stnn.sparsify(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)), amount=0.5, mode="sparse")
     assert "Conv" in stnn.MLPStep(conv).reason

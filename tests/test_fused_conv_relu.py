@@ -153,3 +153,67 @@ def test_densify_restores_relu_and_neq_refuses(gen):
     stnn.densify(m)
     assert [type(c) for c in m][:4] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU]
     close(m(x), y, torch.float32, "densified")
+
+
+def test_grouped_conv_and_frozen_channels_fused(gen):
+    """groups > 1 (im2col path, torch.relu after the op) and frozen channels (NEq's active)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU())
+    a = stnn.sparsify(copy.deepcopy(m), amount=0.5, mode="sparse", scope="layerwise")
+    b = stnn.sparsify(copy.deepcopy(m), amount=0.5, mode="sparse", scope="layerwise", fuse_relu=True)
+    for net in (a, b):
+        net[2].set_active(torch.tensor([True, False, True, True, False]))
+    assert b[0].activation == "relu" and b[2].activation == "relu"
+    x = randn(3, 4, 9, 9, gen=gen).contiguous(memory_format=torch.channels_last)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)
+    ga = torch.autograd.grad(ya.square().sum(), list(a.parameters()))
+    gb = torch.autograd.grad(yb.square().sum(), list(b.parameters()))
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+
+
+def test_saved_output_does_not_keep_itself_alive(gen):
+    import gc
+    import weakref
+    w, mask, t, x, bias, conf = make_conv(GEOMS[0], 0.5, torch.float32, gen)
+    y = ST.sparse_conv2d_relu(_rg(x), _rg(t.values), t.crow, t.col, t.ccol, t.row, t.perm, _rg(bias), None, *conf)
+    ref_y = weakref.ref(y)
+    del y
+    gc.collect()
+    assert ref_y() is None
+
+
+def test_set_activation_forgets_measured_choices(gen):
+    m = stnn.sparsify(_convnet(gen), amount=0.5, mode="auto")
+    x = randn(2, 2, 10, 10, gen=gen)
+    m(x)
+    assert m[0]._choice is not None
+    m[0].set_activation("relu")
+    assert m[0]._choice is None and m[0].__dict__.get("_fast_choice") is None
+    key = m[0]._key(x)
+    m[0].set_activation(None)
+    assert m[0]._key(x) != key  # fused and unfused layers are measured separately
+
+
+def test_compiled_fused_conv_matches_eager(gen):
+    m = stnn.sparsify(_convnet(gen), amount=0.6, mode="sparse", fuse_relu=True)
+    x = randn(3, 2, 10, 10, gen=gen)
+    torch._dynamo.reset()
+    out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    g = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    expected = m(x)
+    expected.sum().backward()
+    close(out, expected, torch.float32, "compiled forward")
+    for k, p in enumerate(m.parameters()):
+        close(g[k], p.grad, torch.float32, f"compiled grad {k}")
+
+
+def test_every_op_has_a_compiled_cpu_kernel():
+    """A build older than the Python package runs the missing ops' references (and warns);
+    this build must not be one."""
+    from sparseticket import ops
+    if ops._C is None:
+        pytest.skip("compiled kernels not built")
+    assert ops.STALE_OPS == []

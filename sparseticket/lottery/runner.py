@@ -178,7 +178,9 @@ class IMPRun:
             plans = self._imp_plans()
         rows = []
         for plan_fn in plans:
-            # the process-wide settings are applied per level: another run may go in between
+            # the process-wide settings are applied per level, so a run interleaved with this one
+            # (bench_imp speed) cannot leave its thread count behind; the allocator setting is
+            # one-way ('retain' cannot be undone), which is why both baselines use the same
             if self.hp.run.threads > 0:
                 torch.set_num_threads(self.hp.run.threads)
             runtime.set_malloc(self.hp.run.malloc)  # the same for --baseline dense: it changes speed, not results
@@ -339,7 +341,7 @@ class IMPRun:
                     m.weight.mul_(plan.mask[name].to(m.weight.dtype))
         pruned = {n: m for n, m in plan.mask.items() if not bool(m.all())}
         if self.sparse and pruned:
-            # Linear+ReLU as one node (the same numbers); not with NEq, which measures the
+            # Linear/Conv2d+ReLU as one node (the same numbers); not with NEq, which measures the
             # layers' pre-activation outputs
             stnn.sparsify(model, masks=pruned, mode="auto", fuse_relu=not self.hp.neq.neq)
         if plan.trainable is not None:
@@ -416,7 +418,9 @@ class IMPRun:
                         initial=step - plan.first_step)
         model.train()
         epoch_counts: Optional[Dict[int, dict]] = None  # batch size -> FLOPs of one step (see below)
-        warmed = False  # after this process's first step, every momentum buffer that will exist does
+        # after this process's first step of the level every momentum buffer that will exist
+        # does (a parameter whose first gradient came later would be counted as warm)
+        warmed = False
         while step < T:
             epoch = step // S
             t0 = time.perf_counter()

@@ -160,9 +160,11 @@ class TicketModule(NEqMixin, nn.Module):
     None; non-persistent ``flat`` [nnz] int64 (dense position of each value).
     """
 
-    #: None or 'relu': the layer applies its activation itself (one op, one autograd node;
-    #: ``sparsify(..., fuse_relu=True)`` sets it). Its output, which forward hooks see, is
-    #: then the activation. (A class default: layers pickled before it existed load as None.)
+    #: None or 'relu': the layer applies its activation itself (``sparsify(...,
+    #: fuse_relu=True)`` sets it; on the sparse path of a SparseLinear / groups-1
+    #: SparseConv2d one op and one autograd node, elsewhere ``torch.relu`` after the op).
+    #: Its output, which forward hooks see, is then the activation. (A class default:
+    #: layers pickled before it existed load as None.)
     activation: Optional[str] = None
 
     weight_values: nn.Parameter
@@ -501,7 +503,11 @@ class TicketModule(NEqMixin, nn.Module):
         nn.ReLU that would otherwise apply a second time."""
         if activation not in (None, "relu"):
             raise ValueError(f"sparseticket: {where(self)}: activation must be None or 'relu', got {activation!r}")
-        self.activation = activation
+        if activation != self.activation:
+            self.activation = activation
+            # the fused op costs less than op + relu: a choice measured without it may differ
+            self.__dict__["_fast_choice"] = None
+            self._choice = None
 
 
 def _match(old_flat: Tensor, new_flat: Tensor) -> Tuple[Tensor, Tensor]:

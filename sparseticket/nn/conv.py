@@ -97,7 +97,8 @@ class SparseConv2d(TicketModule):
         return self
 
     def to_dense(self) -> nn.Conv2d:
-        """A dense nn.Conv2d with the masked weight (an NEqConv2d if channels are frozen)."""
+        """A dense nn.Conv2d with the masked weight (an NEqConv2d if channels are frozen). A
+        fused activation is not part of it: ``densify`` puts the nn.ReLU back."""
         p = self.weight_values
         frozen = self._buffers.get("active") is not None
         cls = NEqConv2d if frozen else nn.Conv2d
@@ -221,7 +222,7 @@ class SparseConv2d(TicketModule):
     def _key(self, x: Tensor) -> tuple:
         return (("conv2d", self.in_channels, self.out_channels, self.kernel_size, self.stride, self._pad,
                  self.dilation, self.groups, x.shape[2], x.shape[3], _mode.nnz_bucket(self.nnz),
-                 _mode.batch_bucket(x.shape[0])) + _mode.common_key(x.dtype, x.device, self._grad_key(x)))
+                 _mode.batch_bucket(x.shape[0]), self.activation) + _mode.common_key(x.dtype, x.device, self._grad_key(x)))
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -19,9 +19,11 @@ about a third of a sparse LeNet-300-100 step at 3% density on the project's VM (
 ``bench/framework_overhead.py``). The optimizer step is the caller's, unchanged.
 
 ``MLPStep.check()`` says why a model or call cannot take this path (another layer type,
-a SparseLinear whose path is not pinned ('auto'), frozen neurons, a frozen parameter, any module,
-parameter or global hook, e.g. a FlopCounter's while counting); ``__call__`` then falls
-back to the autograd path itself, so callers need no second code path.
+a SparseLinear whose path is not pinned ('auto'), frozen neurons, a frozen or
+non-contiguous parameter, any module, parameter or global hook, e.g. a FlopCounter's while
+counting, autocast, children replaced or a fused activation changed since the MLPStep was
+built); ``__call__`` then falls back to the autograd path itself, so callers need no
+second code path.
 """
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ class MLPStep:
         # the modules the plan rests on (a model whose children change needs a new MLPStep);
         # walking this list costs a fraction of model.modules()' generator per step
         self._modules_seen = [m, *m._modules.values()]
+        self._activations = [getattr(layer, "activation", None) for layer, _ in self.layers]
         return None
 
     def check(self, x: Optional[Tensor] = None) -> Optional[str]:
@@ -106,7 +109,9 @@ class MLPStep:
         for mod in self._modules_seen:
             if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
                 return f"{type(mod).__name__} has hooks"
-        for layer, _ in self.layers:
+        for (layer, _), act in zip(self.layers, self._activations):
+            if getattr(layer, "activation", None) != act:
+                return "a layer's fused activation changed since this MLPStep was built (build a new one)"
             if type(layer) is SparseLinear:
                 if _mode.resolve(layer.mode) not in ("sparse", "dense"):
                     return "a SparseLinear's path is not pinned (mode 'auto')"

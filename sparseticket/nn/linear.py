@@ -118,7 +118,8 @@ class SparseLinear(TicketModule):
 
     def _key(self, x2: Tensor) -> tuple:
         return ("linear", self.in_features, self.out_features, _mode.nnz_bucket(self.nnz),
-                _mode.batch_bucket(x2.shape[0])) + _mode.common_key(x2.dtype, x2.device, self._grad_key(x2))
+                _mode.batch_bucket(x2.shape[0]), self.activation) + _mode.common_key(x2.dtype, x2.device,
+                                                                                     self._grad_key(x2))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

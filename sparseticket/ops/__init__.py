@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -228,8 +228,23 @@ def _register_reference(dispatch_key: str) -> None:
         _library.lib.impl(name, fn, dispatch_key)
 
 
+def _has_kernel(name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_library.NAMESPACE}::{name}", key)
+
+
+#: ops the loaded compiled library has no CPU kernel for (a build older than the Python
+#: package): they run the reference until the extension is rebuilt
+STALE_OPS: List[str] = []
 if _C is not None:
     BACKENDS["cpu"] = "c++"
+    STALE_OPS = [n for n in _library.SCHEMAS if not _has_kernel(n, "CPU")]
+    if STALE_OPS:
+        _impls = _checked_reference_impls()
+        for _name in STALE_OPS:
+            _library.lib.impl(_name, _impls[_name], "CPU")
+        warnings.warn(f"sparseticket: the compiled extension is older than the package (no kernel for "
+                      f"{', '.join(STALE_OPS)}: these run the pure-PyTorch reference); rebuild it with "
+                      "`pip install --no-build-isolation -e .`", stacklevel=2)
 else:
     _register_reference("CPU")
     BACKENDS["cpu"] = "reference"
@@ -333,18 +348,15 @@ def _sparse_conv2d_backward(ctx, gy):
 
 # The compiled library registers the same formulas in C++ (csrc/autograd.cpp), which
 # saves the Python round trips of this path on every layer call; these serve the
-# reference path.
-if _C is None:
-    torch.library.register_autograd("sparseticket::sparse_linear", _sparse_linear_backward,
-                                    setup_context=_sparse_linear_setup)
-    torch.library.register_autograd("sparseticket::sparse_linear_relu", _sparse_linear_relu_backward,
-                                    setup_context=_sparse_linear_relu_setup)
-    torch.library.register_autograd("sparseticket::neq_linear", _neq_linear_backward,
-                                    setup_context=_neq_linear_setup)
-    torch.library.register_autograd("sparseticket::sparse_conv2d", _sparse_conv2d_backward,
-                                    setup_context=_sparse_conv2d_setup)
-    torch.library.register_autograd("sparseticket::sparse_conv2d_relu", _sparse_conv2d_relu_backward,
-                                    setup_context=_sparse_conv2d_relu_setup)
+# reference path (and any op a stale build lacks).
+for _name, _backward, _setup in [
+        ("sparse_linear", _sparse_linear_backward, _sparse_linear_setup),
+        ("sparse_linear_relu", _sparse_linear_relu_backward, _sparse_linear_relu_setup),
+        ("neq_linear", _neq_linear_backward, _neq_linear_setup),
+        ("sparse_conv2d", _sparse_conv2d_backward, _sparse_conv2d_setup),
+        ("sparse_conv2d_relu", _sparse_conv2d_relu_backward, _sparse_conv2d_relu_setup)]:
+    if _C is None or not _has_kernel(_name, "Autograd"):
+        torch.library.register_autograd(f"sparseticket::{_name}", _backward, setup_context=_setup)
 
 
 # ticket_expand is differentiable in its values: the gradient of a dense weight goes back
