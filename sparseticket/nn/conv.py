@@ -222,7 +222,8 @@ class SparseConv2d(TicketModule):
     def _key(self, x: Tensor) -> tuple:
         return (("conv2d", self.in_channels, self.out_channels, self.kernel_size, self.stride, self._pad,
                  self.dilation, self.groups, x.shape[2], x.shape[3], _mode.nnz_bucket(self.nnz),
-                 _mode.batch_bucket(x.shape[0]), self.activation) + _mode.common_key(x.dtype, x.device, self._grad_key(x)))
+                 _mode.batch_bucket(x.shape[0]), self.activation)
+                + _mode.common_key(x.dtype, x.device, self._grad_key(x)))
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

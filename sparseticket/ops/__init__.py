@@ -315,17 +315,15 @@ def _neq_linear_backward(ctx, gy):
     return gx, gw, gbias, None
 
 
-def _sparse_conv2d_setup(ctx, inputs, output):
+def _sparse_conv2d_setup(ctx, inputs, output, *extra):
     x, values, crow, col, ccol, row, perm, bias, active, kernel_size, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active)
+    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active, *extra)
     ctx.has_bias = bias is not None
     ctx.conf = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
 
 
 def _sparse_conv2d_relu_setup(ctx, inputs, output):
-    _sparse_conv2d_setup(ctx, inputs, output)
-    x, values, crow, col, ccol, row, perm, active = inputs[:7] + inputs[8:9]
-    ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active, output)  # output masks gy (ReluBackward0)
+    _sparse_conv2d_setup(ctx, inputs, output, output)  # the output masks gy in backward (ReluBackward0)
 
 
 def _sparse_conv2d_relu_backward(ctx, gy):
@@ -401,6 +399,6 @@ sparse_conv2d_grad_weight = torch.ops.sparseticket.sparse_conv2d_grad_weight
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
-           "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op", "sparse_conv2d_grad_input",
-           "sparse_conv2d_grad_weight", "BACKENDS",
+           "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op",
+           "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "BACKENDS",
            "EXTENSION_ERROR", "ref"]
