@@ -416,14 +416,20 @@ print("ok")
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="0"),
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="1"),
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="0"),
-                                 dict(SPARSETICKET_CONV_PLAN_CACHE_MB="0")],
+                                 dict(SPARSETICKET_CONV_PLAN_CACHE_MB="0"),
+                                 dict(SPARSETICKET_CONV_GW_SHIFTED="1"),
+                                 dict(SPARSETICKET_CONV_GW_SHIFTED="0"),
+                                 dict(SPARSETICKET_CONV_GW_SHIFTED="1", SPARSETICKET_CONV_BAND_BYTES="2048")],
                          ids=["one_plane_blocks_shifted", "one_plane_blocks_unshifted", "one_block_shifted",
-                              "one_block_unshifted", "no_plan_cache"])
+                              "one_block_unshifted", "no_plan_cache", "gw_gy_shifted", "gw_x_shifted",
+                              "gw_gy_shifted_bands"])
 def test_layout_knobs(env):
     """Correlate's extremes (conv.h), which the default choice per density may never pick at
     test sizes: a block per plane (partial tiles through scratch between every plane) or one
     block; shifted copies (aligned loads, in the forward and the input gradient) forced on or
-    off. The knobs are read once per process, hence the subprocess."""
+    off; the weight gradient's column shift on x or on gy (dots / dots_shifted, conv.h), also
+    in bands of a few rows and with frozen channels. The knobs are read once per process, hence
+    the subprocess."""
     code = r"""
 import torch, torch.nn.functional as F, sys
 sys.path.insert(0, sys.argv[1])
@@ -440,9 +446,14 @@ for dtype in (torch.float32, torch.float64):
             gy = torch.randn(y.shape, dtype=dtype)
             close(ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf),
                   torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, f"grad_input {geom} {sparsity}")
-            close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf),
-                  _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype,
+            gw = _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask)
+            close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf), gw, dtype,
                   f"grad_weight {geom} {sparsity}")
+            active = torch.rand(w.shape[0], generator=g) < 0.5
+            trained = active.view(-1, 1, 1, 1).to(dtype)
+            gw_active = _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]) * trained, mask)
+            close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf), gw_active, dtype,
+                  f"grad_weight frozen {geom} {sparsity}")
 print("ok")
 """
     from sparseticket.ops import _C

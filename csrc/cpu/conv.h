@@ -60,6 +60,13 @@ struct DotArgs {
   const int32_t* off;       // [entries]
   const uint8_t* active;    // [lists] or nullptr: lists with 0 are skipped
   void* out;                // [entries] accumulated into (+=), list order
+  // dots_shifted only (stride 1 along columns): each list is `shifts` sub-lists, one per
+  // tap column j, whose offsets leave out the column shift; the kernel copies gy's plane
+  // into `shifts` copies shifted right by j * shift_step (zeros elsewhere, rows `cols`
+  // wide, a whole number of vectors) in `gbuf` ([shifts][rows][cols] per thread), so
+  // every load of x and of gy is a whole, aligned vector. g_cols: gy's valid columns.
+  int64_t shifts, shift_step, g_cols;
+  void* gbuf;
 };
 
 // dst[c][b][r][q] = src[c][r - top][q * step + b - left] (0 outside src), for c < C,
@@ -84,6 +91,7 @@ struct ConvKernelTable {
   CorrFn corr_f32[kMaxNV][kRowChoices];  // nullptr where not instantiated
   CorrFn corr_f64[kMaxNV][kRowChoices];
   DotFn dot_f32, dot_f64;
+  DotFn dot_shifted_f32, dot_shifted_f64;
   PackPlanesFn pack_f32, pack_f64;
 };
 

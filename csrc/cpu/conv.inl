@@ -530,6 +530,37 @@ void dots(const DotArgs& a, int64_t l0, int64_t l1) {
   }
 }
 
+// The same dot products with the column shift moved from x to gy (DotArgs::shifts): the
+// entry for tap (i, j) of list l is <gy_l shifted right by j * dw, x rows from off[e]>,
+// which sums the same products, since x's column q + j*dw meets gy's column q either way.
+// x is packed with rows a whole number of aligned vectors (ops_conv.cpp), and the shifted
+// copies of gy are built here once per (image, list) and reused by all of its entries, so
+// no load splits a cache line (with x shifted, nearly every 64-byte load of x did).
+template <typename T>
+void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
+  const T* __restrict X = static_cast<const T*>(a.x);
+  const T* __restrict G = static_cast<const T*>(a.g);
+  T* __restrict out = static_cast<T*>(a.out);
+  T* __restrict gbuf = static_cast<T*>(a.gbuf);
+  const int64_t S = a.shifts, rows = a.rows, cols = a.cols, plane = rows * cols;
+  for (int64_t l = l0; l < l1; ++l) {
+    if (a.active && !a.active[l]) continue;
+    const int32_t* lists = a.ptr + l * S * kRunKinds;
+    if (lists[0] == lists[S * kRunKinds]) continue;  // no kept taps in this output channel
+    const T* __restrict g = G + l * a.g_plane;
+    for (int64_t j = 0; j < S; ++j) {
+      const int32_t* run = lists + j * kRunKinds;
+      if (run[0] == run[kRunKinds]) continue;
+      T* __restrict gj = gbuf + j * plane;
+      for (int64_t r = 0; r < rows; ++r) pack_row<T>(g + r * a.g_row, a.g_cols, j * a.shift_step, cols, gj + r * cols);
+      dot_run<T, 3, 1, 2>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[0], run[1]);
+      dot_run<T, 2, 1, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[1], run[2]);
+      dot_run<T, 2, 2, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[2], run[3]);
+      dot_run<T, 1, 0, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[3], run[4]);
+    }
+  }
+}
+
 template <typename T, int NV, int RI>
 constexpr CorrFn corr_entry() {
   if constexpr (NV * kRows[RI] <= kAccBudget)
@@ -564,6 +595,8 @@ ConvKernelTable make_conv_table() {
   fill_corr<double>(t.corr_f64);
   t.dot_f32 = &dots<float>;
   t.dot_f64 = &dots<double>;
+  t.dot_shifted_f32 = &dots_shifted<float>;
+  t.dot_shifted_f64 = &dots_shifted<double>;
   t.pack_f32 = &pack_planes<float>;
   t.pack_f64 = &pack_planes<double>;
   return t;

@@ -442,7 +442,7 @@ PlanCache& plan_cache() {
   return *cache;
 }
 
-enum PlanOp : int64_t { kPlanForward = 0, kPlanGradWeight = 1, kPlanGradInput = 2 };
+enum PlanOp : int64_t { kPlanForward = 0, kPlanGradWeight = 1, kPlanGradInput = 2, kPlanGradWeightShifted = 3 };
 
 std::vector<int64_t> plan_key(PlanOp op, const Geom& g, bool f64, int64_t nnz) {
   return {op, g.C, g.H, g.W, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, f64, nnz};
@@ -577,6 +577,82 @@ Tensor sparse_conv2d_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
 }
 
 // ----------------------------------------------------------------------------- weight gradient
+//
+// Two kernels (conv.h, dots and dots_shifted). With stride 1 along columns the tap column's
+// shift can move from x to gy (dots_shifted): x is packed with rows a whole number of
+// vectors and no column shift in any entry's offset, so the 8 loads of x per gy load in
+// dot_groups are aligned. Measured (1 thread, thread_time, batch 64, 3x3; dots ->
+// dots_shifted, ms): 64->64@28 at density 0.4 43.1 -> 34.6, 0.5 36.4 -> 30.7, 0.6 29.9 ->
+// 26.6, 0.7 23.8 -> 22.5, but 0.2 17.6 -> 19.1 and 0.1 11.3 -> 12.1 (a list is kw
+// sub-lists, so more groups run short and gy is copied kw times per list); at 14x14
+// (64->128, 128->128) within +-3% at every density. Hence the band below, where x's loads
+// rather than its trips from L2 are what a sparse dot product waits for.
+// SPARSETICKET_CONV_GW_SHIFTED=0/1 forces it off/on (A/B sweeps, tests).
+constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMaxDensity = 0.75;
+
+bool use_gy_shifted(const Geom& g, int64_t nnz) {
+  if (g.sw != 1) return false;
+  static const int forced = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_GW_SHIFTED");
+    return s ? std::atoi(s) : -1;
+  }();
+  if (forced >= 0) return forced > 0;
+  const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
+  return dense > 0 && nnz >= kGyShiftedMinDensity * dense && nnz < kGyShiftedMaxDensity * dense;
+}
+
+// dots_shifted's x: [C][rows][cols], cols the padded row OW + (kw - 1) * dw rounded up to
+// whole vectors; the band of `out_rows` output rows.
+InputLayout aligned_layout(const Geom& g, int64_t lanes, int64_t out_rows) {
+  InputLayout L;
+  L.shifts = 1;
+  L.rows = (out_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  L.cols = cdiv(g.OW + (g.kw - 1) * g.dw, lanes) * lanes;
+  L.phase = L.rows * L.cols;
+  L.chan = L.phase;
+  L.in_row = g.sh * L.cols;
+  L.copy = g.C * L.chan;
+  TORCH_CHECK(L.total() < (int64_t(1) << 31), "sparseticket: sparse_conv2d: image too large for int32 offsets");
+  return L;
+}
+
+std::pair<InputLayout, int64_t> banded_aligned_layout(const Geom& g, int64_t lanes, size_t elem) {
+  const InputLayout one = aligned_layout(g, lanes, 1);
+  const int64_t per_row = g.C * g.sh * one.cols * static_cast<int64_t>(elem);
+  const int64_t band = band_rows(g.OH, 1, per_row, one.total() * static_cast<int64_t>(elem) - per_row);
+  return {aligned_layout(g, lanes, band), band};
+}
+
+// dots_shifted's lists: sub-list (o, j) holds output channel o's taps of column j in
+// (channel, tap row) order, offsets without the column shift; returns the sub-lists'
+// boundaries [O * kw + 1].
+std::vector<int32_t> shifted_lists(const Geom& g, const InputLayout& L, const int32_t* ccol, const int32_t* row,
+                                   const int32_t* perm, Lists& ls) {
+  const int64_t S = g.kw, nnz = ccol[g.kh * g.kw * g.C];
+  std::vector<int32_t> sub(g.O * S + 1, 0);
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t column = (i * g.kw + j) * g.C + c;
+        for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) ++sub[row[k] * S + j + 1];
+      }
+  for (int64_t s = 0; s < g.O * S; ++s) sub[s + 1] += sub[s];
+  ls.off.resize(nnz);
+  ls.vidx.resize(nnz);
+  std::vector<int32_t> cursor(sub.begin(), sub.end() - 1);
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t column = (i * g.kw + j) * g.C + c;
+        const int32_t o = static_cast<int32_t>(c * L.chan + i * g.dh * L.cols);
+        for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) {
+          const int32_t dst = cursor[row[k] * S + j]++;
+          ls.off[dst] = o;
+          ls.vidx[dst] = perm[k];
+        }
+      }
+  return sub;
+}
 
 Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const Tensor& ccol_, const Tensor& row_,
                                      const Tensor& perm_, const c10::optional<Tensor>& active_,
@@ -613,19 +689,30 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   Tensor active;
   if (active_) active = contiguous_1d(*active_);
   const bool f64 = x.scalar_type() == at::kDouble;
-  const Tile tl = choose_tile(g.OH, g.OW, f64);
-  const auto layout = banded_layout(g, tl, 1, nnz, x.element_size());
+  const bool shifted = use_gy_shifted(g, nnz);
+  const ConvKernelTable& kt = conv_kernel_table();
+  const int64_t lanes = kt.vector_bytes / static_cast<int64_t>(x.element_size());
+  const auto layout = shifted ? banded_aligned_layout(g, lanes, x.element_size())
+                              : banded_layout(g, choose_tile(g.OH, g.OW, f64), 1, nnz, x.element_size());
   const InputLayout& L = layout.first;
   const int64_t band = layout.second;
   const int64_t n_bands = cdiv(g.OH, band);
+  const int64_t S = shifted ? g.kw : 1;  // sub-lists per output channel
   const PlanPtr plan = plan_cache().get(
-      plan_key(kPlanGradWeight, g, f64, nnz), {index_array(ccol), index_array(row), index_array(perm)}, [&] {
-        // row pointers of the CSR (counts per output channel) from the CSC's rows
+      plan_key(shifted ? kPlanGradWeightShifted : kPlanGradWeight, g, f64, nnz),
+      {index_array(ccol), index_array(row), index_array(perm)}, [&] {
+        // sub-list boundaries: row pointers of the CSR (counts per output channel) from the
+        // CSC's rows, or per (output channel, tap column) for dots_shifted
         std::vector<int32_t> crow(O + 1, 0);
         const int32_t* rw = row.data_ptr<int32_t>();
-        for (int64_t k = 0; k < nnz; ++k) ++crow[rw[k] + 1];
-        for (int64_t o = 0; o < O; ++o) crow[o + 1] += crow[o];
-        Lists ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+        Lists ls;
+        if (shifted) {
+          crow = shifted_lists(g, L, ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>(), ls);
+        } else {
+          for (int64_t k = 0; k < nnz; ++k) ++crow[rw[k] + 1];
+          for (int64_t o = 0; o < O; ++o) crow[o + 1] += crow[o];
+          ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+        }
         // Runs (conv.h) in one block: splitting the lists by input channel made dots slower at
         // every density and block size tried (sub-lists of 24 / 64 / 160 entries: +3-75% /
         // +0-35% / +0-10% time against one block; fewer full groups of eight share a gy load).
@@ -633,21 +720,21 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         // to 10% slower at 0.1-0.5 (1 thread, Conv-4 shapes), where most groups are singles
         // anyway and the extra runs' remainder passes reread gy. Otherwise every entry is single.
         Plan p;
-        p.runs.resize(kRunKinds * O + 1);
+        const int64_t lists = O * S;
+        p.runs.resize(kRunKinds * lists + 1);
         const double density =
             static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(O) * g.kh * g.kw * g.C);
         if (density >= kDotGroupMinDensity && nnz >= 64 * O) {
-          p.runs = group_rows(crow.data(), O, L.in_row, ls.off, ls.vidx);
+          p.runs = group_rows(crow.data(), lists, L.in_row, ls.off, ls.vidx);
         } else {
-          for (int64_t o = 0; o < O; ++o)
+          for (int64_t o = 0; o < lists; ++o)
             for (int k = 0; k < kRunKinds; ++k) p.runs[kRunKinds * o + k] = crow[o];
-          p.runs[kRunKinds * O] = crow[O];
+          p.runs[kRunKinds * lists] = crow[lists];
         }
         p.off = std::move(ls.off);
         p.vidx = std::move(ls.vidx);
         return p;
       });
-  const ConvKernelTable& kt = conv_kernel_table();
   const int64_t threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_grad_weight", [&] {
     std::vector<scalar_t> partial(threads * nnz, scalar_t(0));  // list order, one copy per thread
@@ -656,6 +743,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
     const int64_t pblocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, pblocks);
     at::parallel_for(0, g.N * n_bands * pblocks, 1, [&](int64_t b0, int64_t b1) {
       auto xbuf = buffer<scalar_t>(L.total());
+      auto gbuf = buffer<scalar_t>(shifted ? S * band * L.cols : 0);
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {
@@ -678,7 +766,16 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         a.off = plan->off.data();
         a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
         a.out = acc;
-        (f64 ? kt.dot_f64 : kt.dot_f32)(a, l0, l1);
+        if (shifted) {
+          a.cols = L.cols;
+          a.shifts = S;
+          a.shift_step = g.dw;
+          a.g_cols = g.OW;
+          a.gbuf = gbuf.get();
+          (f64 ? kt.dot_shifted_f64 : kt.dot_shifted_f32)(a, l0, l1);
+        } else {
+          (f64 ? kt.dot_f64 : kt.dot_f32)(a, l0, l1);
+        }
       }
     });
     scalar_t* o = out.data_ptr<scalar_t>();
