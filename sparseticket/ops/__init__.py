@@ -214,7 +214,15 @@ def _checked_reference_impls():
         return ref.reference_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding,
                                                        dilation)
 
-    return dict(ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress,
+    def max_pool2x2(x):
+        _library.check_max_pool2x2(x)
+        return ref.reference_max_pool2x2(x)
+
+    def max_pool2x2_backward(gy, where, input_size):
+        _library.check_max_pool2x2_backward(gy, where, input_size)
+        return ref.reference_max_pool2x2_backward(gy, where, input_size)
+
+    return dict(max_pool2x2=max_pool2x2, max_pool2x2_backward=max_pool2x2_backward, ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress,
                 spmm=spmm, sparse_linear=sparse_linear, sparse_linear_relu=sparse_linear_relu, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
                 sparse_conv2d=sparse_conv2d, sparse_conv2d_relu=sparse_conv2d_relu,
                 sparse_conv2d_grad_input=sparse_conv2d_grad_input,
@@ -357,6 +365,32 @@ for _name, _backward, _setup in [
         torch.library.register_autograd(f"sparseticket::{_name}", _backward, setup_context=_setup)
 
 
+def _max_pool2x2_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.input_size = tuple(inputs[0].shape)
+
+
+def _max_pool2x2_backward(ctx, gy, _gwhere):
+    (where,) = ctx.saved_tensors
+    return torch.ops.sparseticket.max_pool2x2_backward(gy.contiguous(), where, list(ctx.input_size))
+
+
+def _max_pool2x2_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _max_pool2x2_backward_backward(ctx, ggx):
+    # the backward is linear in gy: its adjoint picks each window's kept element of ggx
+    (where,) = ctx.saved_tensors
+    return ref.reference_max_pool2x2_select(ggx, where), None, None
+
+
+torch.library.register_autograd("sparseticket::max_pool2x2", _max_pool2x2_backward, setup_context=_max_pool2x2_setup)
+torch.library.register_autograd("sparseticket::max_pool2x2_backward", _max_pool2x2_backward_backward,
+                                setup_context=_max_pool2x2_backward_setup)
+
+
 # ticket_expand is differentiable in its values: the gradient of a dense weight goes back
 # to the kept entries through the same bitmap (ticket_compress). In C++ too when the
 # library is built (csrc/autograd.cpp).
@@ -396,9 +430,11 @@ sparse_conv2d_op = torch.ops.sparseticket.sparse_conv2d
 sparse_conv2d_relu_op = torch.ops.sparseticket.sparse_conv2d_relu
 sparse_conv2d_grad_input = torch.ops.sparseticket.sparse_conv2d_grad_input
 sparse_conv2d_grad_weight = torch.ops.sparseticket.sparse_conv2d_grad_weight
+max_pool2x2 = torch.ops.sparseticket.max_pool2x2
+max_pool2x2_backward = torch.ops.sparseticket.max_pool2x2_backward
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
            "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op",
-           "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "BACKENDS",
+           "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "max_pool2x2", "max_pool2x2_backward", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

@@ -59,6 +59,11 @@ SCHEMAS = {
     # kept-weight gradient [nnz] (values order); rows of frozen channels are 0, never computed
     "sparse_conv2d_grad_weight": "(Tensor gy, Tensor x, Tensor ccol, Tensor row, Tensor perm, Tensor? active, "
     "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+    # 2x2, stride-2 max-pool (floor), as F.max_pool2d(x, 2): y and, per output, the index
+    # 2a + b (uint8) of the window element (2r + a, 2q + b) it kept, for the backward
+    "max_pool2x2": "(Tensor x) -> (Tensor, Tensor)",
+    # gx [input_size]: gy at each window's kept element, 0 elsewhere
+    "max_pool2x2_backward": "(Tensor gy, Tensor where, SymInt[4] input_size) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -473,3 +478,35 @@ def _(gy, values, crow, col, input_size, kernel_size, stride, padding, dilation)
 def _(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation):
     check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size, stride, padding, dilation)
     return gy.new_empty((row.shape[0],))
+
+
+def check_max_pool2x2(x):
+    _check_float("x", x)
+    _check_dim("x", x, 4)
+    _check(x.shape[2] >= 2 and x.shape[3] >= 2,
+           f"sparseticket: max_pool2x2: x has spatial size ({x.shape[2]}, {x.shape[3]}), smaller than the 2x2 window")
+
+
+def check_max_pool2x2_backward(gy, where, input_size):
+    _check_float("gy", gy)
+    _check_dim("gy", gy, 4)
+    _check(where.dtype == torch.uint8, f"sparseticket: where must be uint8, got {where.dtype}")
+    _check(where.shape == gy.shape, f"sparseticket: where has shape {tuple(where.shape)} but gy has {tuple(gy.shape)}")
+    _check(len(input_size) == 4, f"sparseticket: input_size must have 4 entries, got {len(input_size)}")
+    N, C, H, W = input_size
+    _check(H >= 2 and W >= 2 and tuple(gy.shape) == (N, C, H // 2, W // 2),
+           f"sparseticket: gy has shape {tuple(gy.shape)} but a 2x2 pool of input_size {tuple(input_size)} gives "
+           f"({N}, {C}, {H // 2}, {W // 2})")
+
+
+@torch.library.register_fake("sparseticket::max_pool2x2")
+def _(x):
+    check_max_pool2x2(x)
+    N, C, H, W = x.shape
+    return x.new_empty((N, C, H // 2, W // 2)), x.new_empty((N, C, H // 2, W // 2), dtype=torch.uint8)
+
+
+@torch.library.register_fake("sparseticket::max_pool2x2_backward")
+def _(gy, where, input_size):
+    check_max_pool2x2_backward(gy, where, input_size)
+    return gy.new_empty(tuple(input_size))

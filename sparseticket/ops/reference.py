@@ -355,3 +355,46 @@ def reference_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_s
     out = torch.empty_like(g)
     out[perm.long()] = g
     return out.contiguous()
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def reference_max_pool2x2(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """2x2, stride-2 max-pool of x [N, C, H, W] -> (y [N, C, H//2, W//2], where uint8), as
+    ``F.max_pool2d(x, 2)``: the same values and, for ties and NaNs, the same element kept
+    (its index within the window, 2a + b for row 2r + a, column 2q + b, is ``where``)."""
+    N, C, H, W = x.shape
+    if x.numel() == 0:  # (aten refuses C = 0)
+        return x.new_empty((N, C, H // 2, W // 2)), x.new_empty((N, C, H // 2, W // 2), dtype=torch.uint8)
+    y, idx = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+    oh = torch.arange(H // 2, device=x.device).view(-1, 1)
+    ow = torch.arange(W // 2, device=x.device).view(1, -1)
+    where = (idx // W - 2 * oh) * 2 + (idx % W - 2 * ow)
+    return y.contiguous(), where.to(torch.uint8).contiguous()
+
+
+def reference_max_pool2x2_backward(gy: Tensor, where: Tensor, input_size: Sequence[int]) -> Tensor:
+    """gx [input_size]: gy at the element each window kept (``where``), +0 everywhere else
+    (aten's zeros-then-add, so a -0 gradient also lands as +0)."""
+    N, C, H, W = (int(s) for s in input_size)
+    oh = torch.arange(H // 2, device=gy.device).view(-1, 1)
+    ow = torch.arange(W // 2, device=gy.device).view(1, -1)
+    w = where.long()
+    idx = (2 * oh + w // 2) * W + 2 * ow + w % 2
+    gx = gy.new_zeros((N, C, H * W))
+    n_out = (H // 2) * (W // 2)
+    gx.scatter_add_(2, idx.reshape(N, C, n_out), gy.reshape(N, C, n_out))
+    return gx.view(N, C, H, W)
+
+
+def reference_max_pool2x2_select(gx: Tensor, where: Tensor) -> Tensor:
+    """The kept element of each window of gx [N, C, H, W] -> [N, C, H//2, W//2]: the adjoint
+    of reference_max_pool2x2_backward (its gradient with respect to gy)."""
+    N, C, H, W = gx.shape
+    oh = torch.arange(H // 2, device=gx.device).view(-1, 1)
+    ow = torch.arange(W // 2, device=gx.device).view(1, -1)
+    w = where.long()
+    idx = (2 * oh + w // 2) * W + 2 * ow + w % 2
+    n_out = (H // 2) * (W // 2)
+    return gx.reshape(N, C, H * W).gather(2, idx.reshape(N, C, n_out)).view(N, C, H // 2, W // 2)
