@@ -35,9 +35,9 @@ import common  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparseticket  # noqa: E402
 
-# (N, C, H, W): Conv-4/6 on MNIST (28 -> 14 -> 7) and CIFAR (32 -> 16 -> 8), VGG-11's first two
+# (N, C, H, W): Conv-4/6 on MNIST (28 -> 14 -> 7) and CIFAR (32 -> 16 -> 8), and an ImageNet-sized one
 SHAPES_FULL = [(64, 64, 28, 28), (64, 128, 14, 14), (64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8),
-               (64, 64, 224, 224)]
+               (16, 64, 112, 112)]
 SHAPES_QUICK = [(2, 3, 9, 8), (4, 8, 14, 14)]
 
 

@@ -581,6 +581,37 @@ struct PoolVec {
   }
 };
 
+// where[0, n) <-> lanes [0, n) of a lane mask (0 < n <= L); the other lanes are left 0 /
+// unwritten. With AVX-512 one masked widening load or narrowing store (a lane at a time,
+// they cost more than the pooling itself on 8- and 14-wide planes).
+template <typename T>
+inline typename PoolVec<T>::M load_where(const uint8_t* w, int64_t n) {
+  using M = typename PoolVec<T>::M;
+#if ST_VECTOR_BYTES == 64
+  const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1u), w);
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<M>(_mm512_cvtepu8_epi32(b));
+  else
+    return reinterpret_cast<M>(_mm512_cvtepu8_epi64(b));
+#else
+  M k = M{};
+  for (int64_t i = 0; i < n; ++i) k[i] = w[i];
+  return k;
+#endif
+}
+
+template <typename T>
+inline void store_where(uint8_t* w, typename PoolVec<T>::M k, int64_t n) {
+#if ST_VECTOR_BYTES == 64
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_cvtepi32_storeu_epi8(w, static_cast<__mmask16>((1u << n) - 1u), reinterpret_cast<__m512i>(k));
+  else
+    _mm512_mask_cvtepi64_storeu_epi8(w, static_cast<__mmask8>((1u << n) - 1u), reinterpret_cast<__m512i>(k));
+#else
+  for (int64_t i = 0; i < n; ++i) w[i] = static_cast<uint8_t>(k[i]);
+#endif
+}
+
 template <typename T>
 void pool2(const void* xv, int64_t planes, int64_t H, int64_t W, void* yv, uint8_t* where) {
   using P = PoolVec<T>;
@@ -618,7 +649,7 @@ void pool2(const void* xv, int64_t planes, int64_t H, int64_t W, void* yv, uint8
           cstore(y + q0, m);
         else
           cstore_n(y + q0, m, n);
-        for (int64_t i = 0; i < n; ++i) w[q0 + i] = static_cast<uint8_t>(k[i]);
+        store_where<T>(w + q0, k, n);
       }
     }
   }
@@ -645,8 +676,7 @@ void pool2_backward(const void* gyv, const uint8_t* where, int64_t planes, int64
         const int64_t n = OW - q0 < L ? OW - q0 : L, out = 2 * n;
         // + 0: gx is 0 + gy at the kept element, as aten's zeros-then-add (a -0 gy gives +0)
         const V gv = (n == L ? cload(g + q0) : cload_range(g + q0, 0, n)) + zero;
-        M k;
-        for (int i = 0; i < L; ++i) k[i] = i < n ? w[q0 + i] : 4;
+        const M k = load_where<T>(w + q0, n);  // (lanes >= n: never stored below)
 #pragma GCC unroll 2
         for (int a = 0; a < 2; ++a) {
           const V e = k == 2 * a ? gv : zero, o = k == 2 * a + 1 ? gv : zero;
