@@ -38,8 +38,9 @@ def _input(shape, dtype, seed=0):
 
 def _same(a, b):
     """bitwise equal, NaNs included (torch.equal fails on NaN == NaN)"""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a,
-                                                                     b.view(-1).view(torch.uint8) if b.numel() else b)
+    def bits(t):
+        return t.contiguous().view(-1).view(torch.uint8) if t.numel() else t
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def _aten_grad(x, gy):
@@ -79,6 +80,7 @@ def test_every_window_position_and_rule():
 def test_non_contiguous_inputs():
     x = _input((3, 6, 16, 18), torch.float32)
     for view in (x.transpose(2, 3), x[:, ::2], x.contiguous(memory_format=torch.channels_last), x[..., 1:]):
+        # (the op's outputs are NCHW-contiguous whatever x is; the module keeps nn's format)
         y, where = ST.max_pool2x2(view)
         assert _same(y, F.max_pool2d(view, 2).contiguous())
         gy = torch.randn(y.shape).transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous gy too
@@ -87,12 +89,15 @@ def test_non_contiguous_inputs():
 
 
 def test_opcheck_and_gradcheck():
-    x = torch.randn(2, 3, 7, 10, dtype=torch.float64)
-    torch.library.opcheck(ST.max_pool2x2.default, (x,))
-    y, where = ST.max_pool2x2(x)
-    torch.library.opcheck(ST.max_pool2x2_backward.default, (torch.randn_like(y), where, list(x.shape)))
     # distinct values: the argmax is stable under gradcheck's perturbations
     xd = (torch.randperm(2 * 3 * 7 * 10).double().view(2, 3, 7, 10) / 10).requires_grad_()
+    # inputs that require grad, so opcheck also checks the autograd registration and the
+    # compiled (AOTAutograd) backward, of the op and of its backward
+    torch.library.opcheck(ST.max_pool2x2.default, (xd,))
+    torch.library.opcheck(ST.max_pool2x2.default, (torch.randn(2, 3, 7, 10),))
+    y, where = ST.max_pool2x2(xd.detach())
+    gy = torch.randn_like(y).requires_grad_()
+    torch.library.opcheck(ST.max_pool2x2_backward.default, (gy, where, list(xd.shape)))
     assert torch.autograd.gradcheck(lambda t: ST.max_pool2x2(t)[0], (xd,))
     assert torch.autograd.gradgradcheck(lambda t: ST.max_pool2x2(t)[0], (xd,))
 
@@ -109,6 +114,20 @@ def test_module_matches_nn(dtype):
     ya.backward(gy)
     yb.backward(gy)
     assert _same(xa.grad, xb.grad)
+
+
+def test_module_keeps_the_memory_format():
+    """A channels-last input stays channels-last, as nn.MaxPool2d returns it (aten's own
+    channels-last pool is vectorised; the kernel is for NCHW only)."""
+    x = _input((2, 8, 10, 12), torch.float32).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(2, 8, 5, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = stnn.MaxPool2d(2)(xa), nn.MaxPool2d(2)(xb)
+    assert ya.is_contiguous(memory_format=torch.channels_last) and ya.stride() == yb.stride()
+    assert _same(ya, yb)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert _same(xa.grad, xb.grad) and xa.grad.stride() == xb.grad.stride()
 
 
 @pytest.mark.skipif(ops.BACKENDS.get("cpu") != "c++", reason="compiled kernels not built")
@@ -135,7 +154,8 @@ def test_module_uses_the_kernel_only_where_it_applies(monkeypatch):
             assert all(_same(p, q) for p, q in zip(a, b))
         else:
             assert _same(a, b), kw
-    for other in (x[0], x.to(torch.bfloat16), x[:, :, :1]):
+    for other in (x[0], x.to(torch.bfloat16), x[:, :, :1], x.contiguous(memory_format=torch.channels_last),
+                  x.transpose(2, 3)):
         if other.shape[-2] >= 2:
             assert _same(stnn.MaxPool2d(2)(other), nn.MaxPool2d(2)(other))
         else:
@@ -145,7 +165,8 @@ def test_module_uses_the_kernel_only_where_it_applies(monkeypatch):
 
 
 def test_compile_matches_eager():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), stnn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 16, 5))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), stnn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 16, 5))
     x = torch.randn(6, 3, 8, 8)
     compiled = torch.compile(model, fullgraph=True)
     ya, yb = model(x), compiled(x)

@@ -27,7 +27,9 @@
 //
 // The kept-weight gradient uses the forward's buffer and lists (in runs, one block): for
 // each entry, the dot product of the gy plane of its output channel with the shifted
-// input (dots).
+// input (dots). With stride 1 along columns at middle densities it uses its own input
+// layout (rows of whole vectors, no column shift in the offsets) and shifts gy instead
+// (dots_shifted).
 #pragma once
 #include <cstdint>
 
@@ -51,20 +53,20 @@ struct CorrArgs {
 };
 
 struct DotArgs {
-  const void* x;            // packed input (the forward's buffer)
+  const void* x;            // packed input (dots: the forward's layout; dots_shifted: its own)
   int64_t x_row;            // elements of `x` between consecutive output rows
   const void* g;            // gy of one image: plane l at g + l * g_plane, rows g_row apart
   int64_t g_plane, g_row;
-  int64_t rows, cols;       // output rows and columns summed
+  int64_t rows, cols;       // output rows and columns summed (dots_shifted: x's row width)
   const int32_t* ptr;       // [lists][kRunKinds] + 1: the runs of each list, as CorrArgs (one block)
   const int32_t* off;       // [entries]
   const uint8_t* active;    // [lists] or nullptr: lists with 0 are skipped
   void* out;                // [entries] accumulated into (+=), list order
   // dots_shifted only (stride 1 along columns): each list is `shifts` sub-lists, one per
-  // tap column j, whose offsets leave out the column shift; the kernel copies gy's plane
-  // into `shifts` copies shifted right by j * shift_step (zeros elsewhere, rows `cols`
-  // wide, a whole number of vectors) in `gbuf` ([shifts][rows][cols] per thread), so
-  // every load of x and of gy is a whole, aligned vector. g_cols: gy's valid columns.
+  // tap column j, whose offsets leave out the column shift; for each sub-list the kernel
+  // copies gy's plane shifted right by j * shift_step (zeros elsewhere, rows `cols` wide, a
+  // whole number of vectors) into `gbuf` ([rows][cols] per thread), so every load of x and
+  // of gy is a whole, aligned vector. g_cols: gy's valid columns.
   int64_t shifts, shift_step, g_cols;
   void* gbuf;
 };

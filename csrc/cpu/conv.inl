@@ -533,16 +533,17 @@ void dots(const DotArgs& a, int64_t l0, int64_t l1) {
 // The same dot products with the column shift moved from x to gy (DotArgs::shifts): the
 // entry for tap (i, j) of list l is <gy_l shifted right by j * dw, x rows from off[e]>,
 // which sums the same products, since x's column q + j*dw meets gy's column q either way.
-// x is packed with rows a whole number of aligned vectors (ops_conv.cpp), and the shifted
-// copies of gy are built here once per (image, list) and reused by all of its entries, so
-// no load splits a cache line (with x shifted, nearly every 64-byte load of x did).
+// x is packed with rows a whole number of aligned vectors (ops_conv.cpp), and each
+// sub-list's shifted copy of gy is built here, once per image, for all of that sub-list's
+// entries, so no load splits a cache line (with x shifted, nearly every 64-byte load of x
+// did).
 template <typename T>
 void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
   const T* __restrict X = static_cast<const T*>(a.x);
   const T* __restrict G = static_cast<const T*>(a.g);
   T* __restrict out = static_cast<T*>(a.out);
   T* __restrict gbuf = static_cast<T*>(a.gbuf);
-  const int64_t S = a.shifts, rows = a.rows, cols = a.cols, plane = rows * cols;
+  const int64_t S = a.shifts, rows = a.rows, cols = a.cols;
   for (int64_t l = l0; l < l1; ++l) {
     if (a.active && !a.active[l]) continue;
     const int32_t* lists = a.ptr + l * S * kRunKinds;
@@ -551,7 +552,7 @@ void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
     for (int64_t j = 0; j < S; ++j) {
       const int32_t* run = lists + j * kRunKinds;
       if (run[0] == run[kRunKinds]) continue;
-      T* __restrict gj = gbuf + j * plane;
+      T* __restrict gj = gbuf;  // (each copy is used up before the next is made)
       for (int64_t r = 0; r < rows; ++r) pack_row<T>(g + r * a.g_row, a.g_cols, j * a.shift_step, cols, gj + r * cols);
       dot_run<T, 3, 1, 2>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[0], run[1]);
       dot_run<T, 2, 1, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[1], run[2]);
@@ -568,6 +569,20 @@ void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
 // taken into the running max by compare and blend. (aten's NCHW kernel branches per
 // element, and on real activations about half those branches mispredict: ~9 ms for a
 // 64x64x28x28 batch, as long as the whole forward of a 90%-sparse conv at that size.)
+
+// r[i] = (a, b)[m[i]] (lanes of a, then of b): GCC's two-vector __builtin_shuffle, which
+// clang lacks (its __builtin_shufflevector takes constant indices only)
+template <typename V, typename M>
+inline V shuffle2(V a, V b, M m) {
+#if defined(__clang__)
+  constexpr int L = sizeof(V) / sizeof(a[0]);
+  V r;
+  for (int i = 0; i < L; ++i) r[i] = m[i] < L ? a[m[i]] : b[m[i] - L];
+  return r;
+#else
+  return __builtin_shuffle(a, b, m);
+#endif
+}
 
 template <typename T>
 struct PoolVec {
@@ -633,12 +648,13 @@ void pool2(const void* xv, int64_t planes, int64_t H, int64_t W, void* yv, uint8
         const int64_t lo = in < L ? in : L, hi = in - lo;
         const T* a = r0 + 2 * q0;
         const T* b = r1 + 2 * q0;
-        const V a0 = lo == L ? cload(a) : cload_range(a, 0, lo), a1 = hi == L ? cload(a + L) : cload_range(a + L, 0, hi);
-        const V b0 = lo == L ? cload(b) : cload_range(b, 0, lo), b1 = hi == L ? cload(b + L) : cload_range(b + L, 0, hi);
-        V m = __builtin_shuffle(a0, a1, even);
+        const V a0 = lo == L ? cload(a) : cload_range(a, 0, lo);
+        const V a1 = hi == L ? cload(a + L) : cload_range(a + L, 0, hi);
+        const V b0 = lo == L ? cload(b) : cload_range(b, 0, lo);
+        const V b1 = hi == L ? cload(b + L) : cload_range(b + L, 0, hi);
+        V m = shuffle2(a0, a1, even);
         M k = M{};
-        const V cand[3] = {__builtin_shuffle(a0, a1, odd), __builtin_shuffle(b0, b1, even),
-                           __builtin_shuffle(b0, b1, odd)};
+        const V cand[3] = {shuffle2(a0, a1, odd), shuffle2(b0, b1, even), shuffle2(b0, b1, odd)};
 #pragma GCC unroll 3
         for (int c = 0; c < 3; ++c) {
           const M take = (cand[c] > m) | (cand[c] != cand[c]);
@@ -680,7 +696,7 @@ void pool2_backward(const void* gyv, const uint8_t* where, int64_t planes, int64
 #pragma GCC unroll 2
         for (int a = 0; a < 2; ++a) {
           const V e = k == 2 * a ? gv : zero, o = k == 2 * a + 1 ? gv : zero;
-          const V v0 = __builtin_shuffle(e, o, lower), v1 = __builtin_shuffle(e, o, upper);
+          const V v0 = shuffle2(e, o, lower), v1 = shuffle2(e, o, upper);
           T* __restrict dst = d[a] + 2 * q0;
           if (out >= 2 * L) {
             cstore(dst, v0);

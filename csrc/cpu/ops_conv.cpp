@@ -591,7 +591,7 @@ Tensor sparse_conv2d_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
 constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMaxDensity = 0.75;
 
 bool use_gy_shifted(const Geom& g, int64_t nnz) {
-  if (g.sw != 1) return false;
+  if (g.sw != 1 || g.kw == 1) return false;  // (kw = 1: no column shift to move)
   static const int forced = [] {
     const char* s = std::getenv("SPARSETICKET_CONV_GW_SHIFTED");
     return s ? std::atoi(s) : -1;
@@ -743,7 +743,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
     const int64_t pblocks = plane_blocks(g.N * n_bands, O), per = cdiv(O, pblocks);
     at::parallel_for(0, g.N * n_bands * pblocks, 1, [&](int64_t b0, int64_t b1) {
       auto xbuf = buffer<scalar_t>(L.total());
-      auto gbuf = buffer<scalar_t>(shifted ? S * band * L.cols : 0);
+      auto gbuf = buffer<scalar_t>(shifted ? band * L.cols : 0);
       scalar_t* acc = partial.data() + at::get_thread_num() * nnz;
       int64_t packed = -1;
       for (int64_t item = b0; item < b1; ++item) {

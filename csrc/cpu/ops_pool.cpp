@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "checks.h"
@@ -16,8 +17,10 @@ namespace {
 using at::Tensor;
 using namespace checks;
 
-// planes per parallel chunk: ~32K input elements, so a 64x64x28x28 batch is ~100 chunks
-int64_t plane_grain(int64_t H, int64_t W) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, H * W)); }
+// the fewest planes worth a thread (~32K input elements): smaller batches run on one thread
+int64_t plane_grain(int64_t H, int64_t W) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, H * W));
+}
 
 std::tuple<Tensor, Tensor> max_pool2x2_cpu(const Tensor& x_) {
   check_float(x_, "x");

@@ -2,7 +2,8 @@
 plain nn.Linear / nn.Conv2d / nn.BatchNorm2d / nn.ReLU layers so that
 ``sparseticket.nn.sparsify`` can swap the Linear and Conv2d layers. Pools are
 ``sparseticket.nn.MaxPool2d``: nn.MaxPool2d with the same results, whose 2x2 case runs a
-branch-free CPU kernel (~17x faster than aten's NCHW pool), in sparse and dense runs alike.
+branch-free CPU kernel (13-50x faster forward than aten's NCHW pool, bench/bench_pool.py),
+in sparse and dense runs alike.
 
     model = get_model("conv4", input_shape=(1, 28, 28), num_classes=10)
     model.output_layer            # 'fc3': the final nn.Linear, often pruned at a lower rate

@@ -16,7 +16,8 @@ from .io import load_safetensors, load_state_dict, prepare_for_state_dict, save_
 from .linear import DenseNEqLinear, FusedReLU, SparseLinear
 from .pool import MaxPool2d
 
-__all__ = ["SparseLinear", "SparseConv2d", "FusedReLU", "MLPStep", "MaxPool2d", "DenseNEqLinear", "NEqConv2d", "TicketModule", "neq_conv2d",
+__all__ = ["SparseLinear", "SparseConv2d", "FusedReLU", "MLPStep", "MaxPool2d", "DenseNEqLinear", "NEqConv2d",
+           "TicketModule", "neq_conv2d",
            "sparsify", "densify", "enable_neq", "attach_masks", "neq_capable", "neq_modules", "magnitude_masks",
            "report", "layer_report", "set_mode", "get_mode", "use_mode", "clear_cache",
            "register_param", "unregister_param", "param_masks",

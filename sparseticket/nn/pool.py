@@ -3,14 +3,16 @@
 aten's max-pool for NCHW tensors branches per element, and on activations those branches
 mispredict about half the time: a 2x2 pool of a 64x64x28x28 batch takes ~8 ms, as long
 as a 90%-sparse 3x3 conv of it (2 threads). ``torch.ops.sparseticket.max_pool2x2`` is
-branch-free (~0.5 ms, the backward likewise) and returns exactly what
-``F.max_pool2d(x, 2)`` does: the same values, the same element kept on ties and NaNs, so
-the same gradient, bit for bit (tests/test_pool.py).
+branch-free (~0.2 ms; its backward ~0.3 ms against aten's ~0.7; bench/bench_pool.py) and
+returns exactly what ``F.max_pool2d(x, 2)`` does: the same values, the same element kept
+on ties and NaNs, so the same gradient, bit for bit (tests/test_pool.py).
 
 It is a pooling layer, not a sparsity gain: the model registry (``sparseticket.lottery``)
 builds its Conv/VGG nets with it for the sparse run and the dense baseline alike.
 Anything else (other window, stride, padding, dilation, ``ceil_mode``,
-``return_indices``, a GPU tensor, no compiled kernel) runs ``nn.MaxPool2d.forward``.
+``return_indices``, an input that is not NCHW-contiguous, such as channels-last, whose
+aten pool is vectorised already, a GPU tensor, no compiled kernel) runs
+``nn.MaxPool2d.forward``.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class MaxPool2d(nn.MaxPool2d):
     def _fast(self, x: Tensor) -> bool:
         return (_is(self.kernel_size, 2) and _is(self.stride, 2)  # (nn.MaxPool2d sets stride=None to the kernel)
                 and _is(self.padding, 0) and _is(self.dilation, 1) and not self.ceil_mode
-                and not self.return_indices and x.dim() == 4 and x.device.type == "cpu"
+                and not self.return_indices and x.dim() == 4 and x.device.type == "cpu" and x.is_contiguous()
                 and x.dtype in (torch.float32, torch.float64) and x.shape[2] >= 2 and x.shape[3] >= 2
                 and ops.BACKENDS.get("cpu") == "c++" and "max_pool2x2" not in ops.STALE_OPS)
 

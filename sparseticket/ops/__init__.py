@@ -222,8 +222,9 @@ def _checked_reference_impls():
         _library.check_max_pool2x2_backward(gy, where, input_size)
         return ref.reference_max_pool2x2_backward(gy, where, input_size)
 
-    return dict(max_pool2x2=max_pool2x2, max_pool2x2_backward=max_pool2x2_backward, ticket_bitmap=ticket_bitmap, ticket_expand=ticket_expand, ticket_compress=ticket_compress,
-                spmm=spmm, sparse_linear=sparse_linear, sparse_linear_relu=sparse_linear_relu, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+    return dict(max_pool2x2=max_pool2x2, max_pool2x2_backward=max_pool2x2_backward, ticket_bitmap=ticket_bitmap,
+                ticket_expand=ticket_expand, ticket_compress=ticket_compress, spmm=spmm, sparse_linear=sparse_linear,
+                sparse_linear_relu=sparse_linear_relu, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
                 sparse_conv2d=sparse_conv2d, sparse_conv2d_relu=sparse_conv2d_relu,
                 sparse_conv2d_grad_input=sparse_conv2d_grad_input,
                 sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight,
