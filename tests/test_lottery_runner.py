@@ -84,6 +84,36 @@ def test_imp_levels_files_and_rerun(tmp_path):
     assert (run.dir / "level_02" / "metrics.json").stat().st_mtime_ns == stamp
 
 
+def test_flops_of_a_parameter_whose_first_gradient_comes_late(tmp_path, monkeypatch):
+    """The first step leaves fc3's bias without a gradient, so its momentum buffer is only
+    created by the second step: both steps are counted as they ran, and the third stands
+    for the rest of the epoch (counted from the second, fc3.bias would be cheap all epoch)."""
+    from sparseticket.optim import MaskedSGD
+    real_step, calls = MaskedSGD.step, [0]
+
+    def step(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 1:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.shape == (10,):  # fc3's bias (10 classes)
+                        p.grad = None
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(MaskedSGD, "step", step)
+    run = R.IMPRun(_hp(tmp_path, levels=0))
+    run.run()
+    log0 = torch.load(run.dir / "level_00" / "checkpoint.pt", weights_only=False)["log"]
+    S = log0[0]["step"]
+    assert log0[1]["step"] == 2 * S and S > 3
+    n_params = sum(o * i + o for o, i in ((300, 64), (100, 300), (10, 100)))
+    e0, e1 = (log0[e]["flops"]["optimizer"]["executed"] for e in (0, 1))
+    per = e1 / (S * n_params)  # FLOPs per element of a step with every buffer (epoch 1)
+    assert per == int(per) and per >= 5
+    # epoch 0 = S full steps, less fc3.bias's whole first step, less every buffer's update once
+    assert e0 == e1 - per * 10 - 3 * n_params
+
+
 class _Killed(Exception):
     pass
 

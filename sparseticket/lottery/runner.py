@@ -418,9 +418,6 @@ class IMPRun:
                         initial=step - plan.first_step)
         model.train()
         epoch_counts: Optional[Dict[int, dict]] = None  # batch size -> FLOPs of one step (see below)
-        # after this process's first step of the level every momentum buffer that will exist
-        # does (a parameter whose first gradient came later would be counted as warm)
-        warmed = False
         while step < T:
             epoch = step // S
             t0 = time.perf_counter()
@@ -433,8 +430,11 @@ class IMPRun:
             # size and multiplied out: modes are pinned for the level and masks fixed, so
             # every other step of that size does the same work; with NEq, whose frozen
             # sets change between epochs, the first step of each size in each epoch. A step
-            # taken before every momentum buffer exists is cheaper (no buffer to update), so
-            # it is counted on its own and never stands for the others.
+            # that creates a momentum buffer is cheaper (no buffer to update), so it is
+            # counted on its own and never stands for the others: every step taken while
+            # some parameter still lacks its buffer is counted, and it is such a step if the
+            # optimizer's buffers grew (a parameter whose first gradient comes late, or never,
+            # keeps the counter on until then).
             sizes: Dict[int, int] = {}
             once: List[Dict[str, Dict[str, float]]] = []
             if tracker is not None or epoch_counts is None:
@@ -445,9 +445,9 @@ class IMPRun:
                     self._save_iter_rewind(model)
                 idx = perm[b * bs:(b + 1) * bs]
                 x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
-                cold = not warmed and not _momentum_ready(opt)
-                warmed = True
-                count = cold or idx.numel() not in sampled
+                maybe_cold = not _momentum_ready(opt)
+                buffers = _momentum_buffers(opt) if maybe_cold else 0
+                count = maybe_cold or idx.numel() not in sampled
                 if count:
                     counter.reset()
                     counter.start()
@@ -462,6 +462,7 @@ class IMPRun:
                 opt.step()
                 if masker is not None:
                     masker.after_step()
+                cold = maybe_cold and _momentum_buffers(opt) != buffers
                 if count:
                     counter.stop()
                     if cold:
@@ -616,6 +617,12 @@ def _momentum_ready(opt: torch.optim.Optimizer) -> bool:
                 if p.requires_grad and "momentum_buffer" not in opt.state.get(p, ()):
                     return False
     return True
+
+
+def _momentum_buffers(opt: torch.optim.Optimizer) -> int:
+    """How many parameters have a momentum buffer."""
+    return sum(1 for g in opt.param_groups if float(g.get("momentum", 0)) != 0 for p in g["params"]
+               if "momentum_buffer" in opt.state.get(p, ()))
 
 
 def _scale_flops(sampled: Dict[int, dict], sizes: Dict[int, int]) -> Dict[str, Dict[str, float]]:
