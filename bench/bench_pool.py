@@ -26,6 +26,7 @@ if __name__ == "__main__":
     early_threads(sys.argv[1:])
 
 import argparse  # noqa: E402
+import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,7 +52,7 @@ def run_shape(args, writer, shape, results):
     ok_fwd = torch.equal(y, y_ref)
     gx_ref = torch.ops.aten.max_pool2d_with_indices_backward(gy, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
     ok_bwd = torch.equal(ST.max_pool2x2_backward(gy, where, list(x.shape)), gx_ref)
-    clock = __import__("time").thread_time_ns if args.clock == "thread" else __import__("time").perf_counter_ns
+    clock = time.thread_time_ns if args.clock == "thread" else time.perf_counter_ns
     cases = {
         "pool_fwd": ({"aten": lambda: F.max_pool2d(x, 2), "sparseticket": lambda: ST.max_pool2x2(x)}, ok_fwd),
         "pool_bwd": ({"aten": lambda: torch.ops.aten.max_pool2d_with_indices_backward(
