@@ -1,6 +1,9 @@
 """Test helpers: masks, tickets, layouts that catch stride bugs, dtype-aware comparisons."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -169,3 +172,24 @@ def masked_dense_grads(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[T
     y = torch.nn.functional.linear(x, w * mask.to(w.dtype), b)
     (y * gy).sum().backward()
     return x.grad, w.grad * mask.to(w.dtype), None if b is None else b.grad
+
+
+# ----------------------------------------------------------------------------- other ISAs
+
+
+def run_under_isa(code: str, isa: str, timeout: int = 300) -> None:
+    """Run ``python -c code`` in a subprocess with the kernel table for ``isa`` (SPARSETICKET_ISA,
+    read once per process), argv[1] = this directory (importable), argv[2] = isa; it must
+    exit 0 and print "ok". Skips without compiled kernels or on a CPU without AVX2."""
+    import pytest
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    if isa == "avx2" and _C.cpu_isa() == "base":
+        pytest.skip("CPU without AVX2")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SPARSETICKET_ISA=isa, OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

@@ -12,7 +12,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOATS, ST
+from helpers import FLOATS, ST, run_under_isa
 from torch import nn
 
 import sparseticket.nn as stnn
@@ -37,10 +37,11 @@ def _input(shape, dtype, seed=0):
 
 
 def _same(a, b):
-    """bitwise equal, NaNs included (torch.equal fails on NaN == NaN)"""
-    def bits(t):
+    """bitwise equal, NaNs included (torch.equal fails on NaN == NaN), -0.0 != 0.0; any dtype
+    (helpers.bits takes float32/64 only; the fallback cases compare bf16 and int64 too)"""
+    def raw(t):
         return t.contiguous().view(-1).view(torch.uint8) if t.numel() else t
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(raw(a), raw(b))
 
 
 def _aten_grad(x, gy):
@@ -204,9 +205,6 @@ def test_models_use_it():
 def test_other_isas(isa):
     """The kernel is compiled per ISA like the convolution's (conv.inl): the AVX2 and
     portable builds keep aten's values, kept elements and gradients too."""
-    import os
-    import subprocess
-    import sys
     code = r"""
 import torch, torch.nn.functional as F, sys
 sys.path.insert(0, sys.argv[1])
@@ -225,13 +223,4 @@ for dtype in (torch.float32, torch.float64):
         assert _same(ST.max_pool2x2_backward(gy, where, list(x.shape)), _aten_grad(x, gy)), shape
 print("ok")
 """
-    from sparseticket.ops import _C
-    if _C is None:
-        pytest.skip("compiled kernels not built")
-    if isa == "avx2" and _C.cpu_isa() == "base":
-        pytest.skip("CPU without AVX2")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SPARSETICKET_ISA=isa, OMP_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    run_under_isa(code, isa)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import sparseticket.nn as stnn
 from sparseticket.ops import reference as ref
 
-from helpers import ERRORS, FLOATS, ST, TOL, make_active, randn, ref_ticket
+from helpers import ERRORS, FLOATS, ST, TOL, make_active, randn, ref_ticket, run_under_isa
 
 # (N, C, O, H, W, kernel, stride, padding, dilation)
 GEOMS = [
@@ -400,16 +400,7 @@ for dtype in (torch.float32, torch.float64):
               _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
 print("ok")
 """
-    from sparseticket.ops import _C
-    if _C is None:
-        pytest.skip("compiled kernels not built")
-    if isa == "avx2" and _C.cpu_isa() == "base":
-        pytest.skip("CPU without AVX2")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SPARSETICKET_ISA=isa, OMP_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    run_under_isa(code, isa)
 
 
 @pytest.mark.parametrize("env", [dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="1"),
