@@ -64,10 +64,10 @@ struct DotArgs {
   void* out;                // [entries] accumulated into (+=), list order
   // dots_shifted only (stride 1 along columns): each list is `shifts` sub-lists, one per
   // tap column j, whose offsets leave out the column shift; for each sub-list the kernel
-  // copies gy's plane shifted right by j * shift_step (zeros elsewhere, rows `cols` wide, a
-  // whole number of vectors) into `gbuf` ([rows][cols] per thread), so every load of x and
-  // of gy is a whole, aligned vector. g_cols: gy's valid columns.
-  int64_t shifts, shift_step, g_cols;
+  // copies gy's plane (rows of g_row values) shifted right by j * shift_step (zeros
+  // elsewhere, rows `cols` wide, a whole number of vectors) into `gbuf` ([rows][cols] per
+  // thread), so every load of x and of gy is a whole, aligned vector.
+  int64_t shifts, shift_step;
   void* gbuf;
 };
 

@@ -185,6 +185,21 @@ inline typename CVec<T>::type cload_range(const T* p, int64_t lo, int64_t hi) {
 #endif
 }
 
+// The first n lanes of the vector at p (n >= 0; all of it when n >= L), zeros elsewhere,
+// and its store: a whole vector, a masked one, or nothing.
+template <typename T>
+inline typename CVec<T>::type cload_first(const T* p, int64_t n) {
+  return n >= CVec<T>::L ? cload(p) : cload_range(p, 0, n > 0 ? n : 0);
+}
+
+template <typename T>
+inline void cstore_first(T* p, typename CVec<T>::type v, int64_t n) {
+  if (n >= CVec<T>::L)
+    cstore(p, v);
+  else if (n > 0)
+    cstore_n(p, v, n);
+}
+
 // dst row d[q] = s[q - left] for q - left in [0, W), else 0: one masked load and one store
 // per vector. (Three memset/memcpy calls per row cost ~27 us per 64x28x28 image, about as
 // much as reading it from memory.)
@@ -196,10 +211,7 @@ inline void pack_row(const T* __restrict s, int64_t W, int64_t left, int64_t col
     const int64_t lo = q_lo - q0 > 0 ? q_lo - q0 : 0, hi = q_hi - q0 < L ? q_hi - q0 : L;
     const typename CVec<T>::type v =
         hi <= lo ? typename CVec<T>::type{} : hi - lo == L ? cload(s + (q0 - left)) : cload_range(s + (q0 - left), lo, hi);
-    if (q0 + L <= cols)
-      cstore(d + q0, v);
-    else
-      cstore_n(d + q0, v, cols - q0);
+    cstore_first(d + q0, v, cols - q0);
   }
 }
 
@@ -356,13 +368,7 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
             if (r >= nr) break;
             T* __restrict d = o + (r0 + r) * a.ldo + c0;
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) {
-              const int64_t left = nc - v * L;
-              if (left >= L)
-                cstore(d + v * L, acc[r][v]);
-              else if (left > 0)
-                cstore_n(d + v * L, acc[r][v], left);
-            }
+            for (int v = 0; v < NV; ++v) cstore_first(d + v * L, acc[r][v], nc - v * L);
           }
         }
       }
@@ -427,7 +433,7 @@ struct FirstLanes {
 #else
   int64_t n;
   explicit FirstLanes(int64_t n_) : n(n_) {}
-  V load(const T* p) const { return n == CVec<T>::L ? cload(p) : cload_range(p, 0, n); }
+  V load(const T* p) const { return cload_first(p, n); }
 #endif
 };
 
@@ -553,7 +559,7 @@ void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
       const int32_t* run = lists + j * kRunKinds;
       if (run[0] == run[kRunKinds]) continue;
       T* __restrict gj = gbuf;  // (each copy is used up before the next is made)
-      for (int64_t r = 0; r < rows; ++r) pack_row<T>(g + r * a.g_row, a.g_cols, j * a.shift_step, cols, gj + r * cols);
+      for (int64_t r = 0; r < rows; ++r) pack_row<T>(g + r * a.g_row, a.g_row, j * a.shift_step, cols, gj + r * cols);
       dot_run<T, 3, 1, 2>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[0], run[1]);
       dot_run<T, 2, 1, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[1], run[2]);
       dot_run<T, 2, 2, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[2], run[3]);
@@ -645,13 +651,10 @@ void pool2(const void* xv, int64_t planes, int64_t H, int64_t W, void* yv, uint8
       uint8_t* __restrict w = where + (p * OH + r) * OW;
       for (int64_t q0 = 0; q0 < OW; q0 += L) {
         const int64_t n = OW - q0 < L ? OW - q0 : L, in = 2 * n;  // outputs, inputs per row
-        const int64_t lo = in < L ? in : L, hi = in - lo;
         const T* a = r0 + 2 * q0;
         const T* b = r1 + 2 * q0;
-        const V a0 = lo == L ? cload(a) : cload_range(a, 0, lo);
-        const V a1 = hi == L ? cload(a + L) : cload_range(a + L, 0, hi);
-        const V b0 = lo == L ? cload(b) : cload_range(b, 0, lo);
-        const V b1 = hi == L ? cload(b + L) : cload_range(b + L, 0, hi);
+        const V a0 = cload_first(a, in), a1 = cload_first(a + L, in - L);
+        const V b0 = cload_first(b, in), b1 = cload_first(b + L, in - L);
         V m = shuffle2(a0, a1, even);
         M k = M{};
         const V cand[3] = {shuffle2(a0, a1, odd), shuffle2(b0, b1, even), shuffle2(b0, b1, odd)};
@@ -661,10 +664,7 @@ void pool2(const void* xv, int64_t planes, int64_t H, int64_t W, void* yv, uint8
           m = take ? cand[c] : m;
           k = take ? M{} + (c + 1) : k;
         }
-        if (n == L)
-          cstore(y + q0, m);
-        else
-          cstore_n(y + q0, m, n);
+        cstore_first(y + q0, m, n);
         store_where<T>(w + q0, k, n);
       }
     }
@@ -691,24 +691,14 @@ void pool2_backward(const void* gyv, const uint8_t* where, int64_t planes, int64
       for (int64_t q0 = 0; q0 < OW; q0 += L) {
         const int64_t n = OW - q0 < L ? OW - q0 : L, out = 2 * n;
         // + 0: gx is 0 + gy at the kept element, as aten's zeros-then-add (a -0 gy gives +0)
-        const V gv = (n == L ? cload(g + q0) : cload_range(g + q0, 0, n)) + zero;
+        const V gv = cload_first(g + q0, n) + zero;
         const M k = load_where<T>(w + q0, n);  // (lanes >= n: never stored below)
 #pragma GCC unroll 2
         for (int a = 0; a < 2; ++a) {
           const V e = k == 2 * a ? gv : zero, o = k == 2 * a + 1 ? gv : zero;
           const V v0 = shuffle2(e, o, lower), v1 = shuffle2(e, o, upper);
-          T* __restrict dst = d[a] + 2 * q0;
-          if (out >= 2 * L) {
-            cstore(dst, v0);
-            cstore(dst + L, v1);
-          } else if (out > L) {
-            cstore(dst, v0);
-            cstore_n(dst + L, v1, out - L);
-          } else if (out == L) {
-            cstore(dst, v0);
-          } else {
-            cstore_n(dst, v0, out);
-          }
+          cstore_first(d[a] + 2 * q0, v0, out);
+          cstore_first(d[a] + 2 * q0 + L, v1, out - L);
         }
       }
       if (W % 2) d[0][W - 1] = d[1][W - 1] = T(0);

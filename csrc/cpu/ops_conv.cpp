@@ -135,11 +135,13 @@ bool use_shifted_copies(const Geom& g, int64_t nnz, const Tile& tl) {
   return tl.col_tiles * tl.nv == 1 && dense > 0 && nnz >= kShiftedMinDensity * dense;
 }
 
-InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, int64_t nnz) {
+// The layout of `shifts` copies of the padded input for `out_rows` output rows, phase
+// planes of rows `cols` wide.
+InputLayout layout_of(const Geom& g, int64_t shifts, int64_t out_rows, int64_t cols) {
   InputLayout L;
-  L.shifts = use_shifted_copies(g, nnz, tl) ? g.kw : 1;
-  L.rows = (row_tiles_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-  L.cols = tl.col_tiles * tl.nv * tl.lanes + (L.shifts > 1 ? 0 : ((g.kw - 1) * g.dw) / g.sw);
+  L.shifts = shifts;
+  L.rows = (out_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  L.cols = cols;
   L.phase = L.rows * L.cols;
   L.chan = g.sw * L.phase;
   L.in_row = g.sh * L.cols;
@@ -148,32 +150,63 @@ InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, 
   return L;
 }
 
-// Lists per output channel in (channel, tap) order, so the taps of one input channel,
-// which read overlapping rows, run back to back (the ticket's own order is (tap, channel)).
-// ptr is crow; vidx is each entry's position in `values`.
+InputLayout input_layout(const Geom& g, const Tile& tl, int64_t row_tiles_rows, int64_t nnz) {
+  const int64_t shifts = use_shifted_copies(g, nnz, tl) ? g.kw : 1;
+  return layout_of(g, shifts, row_tiles_rows,
+                   tl.col_tiles * tl.nv * tl.lanes + (shifts > 1 ? 0 : ((g.kw - 1) * g.dw) / g.sw));
+}
+
+// Lists of the ticket's entries in (channel, tap) order, so the taps of one input channel,
+// which read overlapping rows, run back to back (the ticket's own order is (tap, channel)):
+// the entry (o, c, i, j) goes to list bucket(o, c, i, j) at offset(c, i, j) in the packed
+// operand; vidx is each entry's position in `values`. list_bounds gives the lists'
+// boundaries (a CSR row pointer when bucket is o).
 struct Lists {
   std::vector<int32_t> off, vidx;
 };
 
-Lists output_channel_lists(const Geom& g, const InputLayout& L, const int32_t* crow, const int32_t* ccol,
-                           const int32_t* row, const int32_t* perm) {
-  const int64_t nnz = crow[g.O];
+template <typename Bucket>
+std::vector<int32_t> list_bounds(const Geom& g, const int32_t* ccol, const int32_t* row, int64_t lists,
+                                 Bucket bucket) {
+  std::vector<int32_t> ptr(lists + 1, 0);
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t column = (i * g.kw + j) * g.C + c;
+        for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) ++ptr[bucket(row[k], c, i, j) + 1];
+      }
+  for (int64_t l = 0; l < lists; ++l) ptr[l + 1] += ptr[l];
+  return ptr;
+}
+
+template <typename Bucket, typename Offset>
+Lists fill_lists(const Geom& g, const int32_t* ptr, int64_t lists, const int32_t* ccol, const int32_t* row,
+                 const int32_t* perm, Bucket bucket, Offset offset) {
+  const int64_t nnz = ptr[lists];
   Lists ls;
   ls.off.resize(nnz);
   ls.vidx.resize(nnz);
-  std::vector<int32_t> cursor(crow, crow + g.O);
+  std::vector<int32_t> cursor(ptr, ptr + lists);
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t column = (i * g.kw + j) * g.C + c;
-        const int32_t o = static_cast<int32_t>(L.off(c, i, j, g));
+        const int32_t o = static_cast<int32_t>(offset(c, i, j));
         for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) {
-          const int32_t dst = cursor[row[k]]++;
+          const int32_t dst = cursor[bucket(row[k], c, i, j)]++;
           ls.off[dst] = o;
           ls.vidx[dst] = perm[k];
         }
       }
   return ls;
+}
+
+// One list per output channel (crow: the ticket's row pointers).
+Lists output_channel_lists(const Geom& g, const InputLayout& L, const int32_t* crow, const int32_t* ccol,
+                           const int32_t* row, const int32_t* perm) {
+  return fill_lists(
+      g, crow, g.O, ccol, row, perm, [](int64_t o, int64_t, int64_t, int64_t) { return o; },
+      [&](int64_t c, int64_t i, int64_t j) { return L.off(c, i, j, g); });
 }
 
 // Reorders the entries of each list [ptr[l], ptr[l + 1]) into correlate's row-group runs
@@ -258,12 +291,8 @@ std::vector<int32_t> group_rows(const int32_t* ptr, int64_t lists, int64_t in_ro
 // contiguous range.
 std::vector<int32_t> channel_blocks(const Geom& g, const int32_t* ccol, const int32_t* row, int64_t cb,
                                     int64_t blocks) {
-  std::vector<int32_t> sub(g.O * blocks + 1, 0);
-  for (int64_t t = 0; t < g.kh * g.kw; ++t)
-    for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t k = ccol[t * g.C + c]; k < ccol[t * g.C + c + 1]; ++k) ++sub[row[k] * blocks + c / cb + 1];
-  for (int64_t l = 0; l < g.O * blocks; ++l) sub[l + 1] += sub[l];
-  return sub;
+  return list_bounds(g, ccol, row, g.O * blocks,
+                     [&](int64_t o, int64_t c, int64_t, int64_t) { return o * blocks + c / cb; });
 }
 
 struct FreeDeleter {
@@ -322,12 +351,18 @@ int64_t band_rows(int64_t out_rows, int64_t r, int64_t per_row, int64_t fixed) {
   return std::max<int64_t>(r, fit / r * r);
 }
 
-// The input layout of bands of output rows that fit kBandBytes, and the band height.
-std::pair<InputLayout, int64_t> banded_layout(const Geom& g, const Tile& tl, int64_t r, int64_t nnz, size_t elem) {
-  const InputLayout one = input_layout(g, tl, r, nnz);
+// The layout make(out_rows) of bands of output rows (a multiple of r) that fit
+// kBandBytes, and the band height.
+template <typename Make>
+std::pair<InputLayout, int64_t> banded(const Geom& g, int64_t r, size_t elem, Make make) {
+  const InputLayout one = make(r);
   const int64_t per_row = one.shifts * g.C * g.sw * g.sh * one.cols * static_cast<int64_t>(elem);
   const int64_t band = band_rows(g.OH, r, per_row, one.total() * static_cast<int64_t>(elem) - r * per_row);
-  return {input_layout(g, tl, band, nnz), band};
+  return {make(band), band};
+}
+
+std::pair<InputLayout, int64_t> banded_layout(const Geom& g, const Tile& tl, int64_t r, int64_t nnz, size_t elem) {
+  return banded(g, r, elem, [&](int64_t out_rows) { return input_layout(g, tl, out_rows, nnz); });
 }
 
 // Work items (image, block of planes) so that small batches still use every thread;
@@ -601,26 +636,11 @@ bool use_gy_shifted(const Geom& g, int64_t nnz) {
   return dense > 0 && nnz >= kGyShiftedMinDensity * dense && nnz < kGyShiftedMaxDensity * dense;
 }
 
-// dots_shifted's x: [C][rows][cols], cols the padded row OW + (kw - 1) * dw rounded up to
-// whole vectors; the band of `out_rows` output rows.
-InputLayout aligned_layout(const Geom& g, int64_t lanes, int64_t out_rows) {
-  InputLayout L;
-  L.shifts = 1;
-  L.rows = (out_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-  L.cols = cdiv(g.OW + (g.kw - 1) * g.dw, lanes) * lanes;
-  L.phase = L.rows * L.cols;
-  L.chan = L.phase;
-  L.in_row = g.sh * L.cols;
-  L.copy = g.C * L.chan;
-  TORCH_CHECK(L.total() < (int64_t(1) << 31), "sparseticket: sparse_conv2d: image too large for int32 offsets");
-  return L;
-}
-
+// dots_shifted's x (stride 1 along columns): [C][rows][cols], cols the padded row
+// OW + (kw - 1) * dw rounded up to whole vectors, in bands as the forward's.
 std::pair<InputLayout, int64_t> banded_aligned_layout(const Geom& g, int64_t lanes, size_t elem) {
-  const InputLayout one = aligned_layout(g, lanes, 1);
-  const int64_t per_row = g.C * g.sh * one.cols * static_cast<int64_t>(elem);
-  const int64_t band = band_rows(g.OH, 1, per_row, one.total() * static_cast<int64_t>(elem) - per_row);
-  return {aligned_layout(g, lanes, band), band};
+  const int64_t cols = cdiv(g.OW + (g.kw - 1) * g.dw, lanes) * lanes;
+  return banded(g, 1, elem, [&](int64_t out_rows) { return layout_of(g, 1, out_rows, cols); });
 }
 
 // dots_shifted's lists: sub-list (o, j) holds output channel o's taps of column j in
@@ -628,29 +648,10 @@ std::pair<InputLayout, int64_t> banded_aligned_layout(const Geom& g, int64_t lan
 // boundaries [O * kw + 1].
 std::vector<int32_t> shifted_lists(const Geom& g, const InputLayout& L, const int32_t* ccol, const int32_t* row,
                                    const int32_t* perm, Lists& ls) {
-  const int64_t S = g.kw, nnz = ccol[g.kh * g.kw * g.C];
-  std::vector<int32_t> sub(g.O * S + 1, 0);
-  for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < S; ++j)
-      for (int64_t c = 0; c < g.C; ++c) {
-        const int64_t column = (i * g.kw + j) * g.C + c;
-        for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) ++sub[row[k] * S + j + 1];
-      }
-  for (int64_t s = 0; s < g.O * S; ++s) sub[s + 1] += sub[s];
-  ls.off.resize(nnz);
-  ls.vidx.resize(nnz);
-  std::vector<int32_t> cursor(sub.begin(), sub.end() - 1);
-  for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < S; ++j) {
-        const int64_t column = (i * g.kw + j) * g.C + c;
-        const int32_t o = static_cast<int32_t>(c * L.chan + i * g.dh * L.cols);
-        for (int64_t k = ccol[column]; k < ccol[column + 1]; ++k) {
-          const int32_t dst = cursor[row[k] * S + j]++;
-          ls.off[dst] = o;
-          ls.vidx[dst] = perm[k];
-        }
-      }
+  auto bucket = [&](int64_t o, int64_t, int64_t, int64_t j) { return o * g.kw + j; };
+  std::vector<int32_t> sub = list_bounds(g, ccol, row, g.O * g.kw, bucket);
+  ls = fill_lists(g, sub.data(), g.O * g.kw, ccol, row, perm, bucket,
+                  [&](int64_t c, int64_t i, int64_t) { return c * L.chan + i * g.dh * L.cols; });
   return sub;
 }
 
@@ -703,15 +704,14 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
       {index_array(ccol), index_array(row), index_array(perm)}, [&] {
         // sub-list boundaries: row pointers of the CSR (counts per output channel) from the
         // CSC's rows, or per (output channel, tap column) for dots_shifted
-        std::vector<int32_t> crow(O + 1, 0);
-        const int32_t* rw = row.data_ptr<int32_t>();
+        const int32_t *cc = ccol.data_ptr<int32_t>(), *rw = row.data_ptr<int32_t>();
         Lists ls;
+        std::vector<int32_t> crow;
         if (shifted) {
-          crow = shifted_lists(g, L, ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>(), ls);
+          crow = shifted_lists(g, L, cc, rw, perm.data_ptr<int32_t>(), ls);
         } else {
-          for (int64_t k = 0; k < nnz; ++k) ++crow[rw[k] + 1];
-          for (int64_t o = 0; o < O; ++o) crow[o + 1] += crow[o];
-          ls = output_channel_lists(g, L, crow.data(), ccol.data_ptr<int32_t>(), rw, perm.data_ptr<int32_t>());
+          crow = list_bounds(g, cc, rw, O, [](int64_t o, int64_t, int64_t, int64_t) { return o; });
+          ls = output_channel_lists(g, L, crow.data(), cc, rw, perm.data_ptr<int32_t>());
         }
         // Runs (conv.h) in one block: splitting the lists by input channel made dots slower at
         // every density and block size tried (sub-lists of 24 / 64 / 160 entries: +3-75% /
@@ -770,7 +770,6 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
           a.cols = L.cols;
           a.shifts = S;
           a.shift_step = g.dw;
-          a.g_cols = g.OW;
           a.gbuf = gbuf.get();
           (f64 ? kt.dot_shifted_f64 : kt.dot_shifted_f32)(a, l0, l1);
         } else {
