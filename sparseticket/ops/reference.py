@@ -374,17 +374,21 @@ def reference_max_pool2x2(x: Tensor) -> Tuple[Tensor, Tensor]:
     return y.contiguous(), where.to(torch.uint8).contiguous()
 
 
+def _pool2x2_kept(where: Tensor, W: int) -> Tensor:
+    """[N, C, n_out] flat index (h * W + w) of the element each window kept."""
+    N, C, OH, OW = where.shape
+    oh = torch.arange(OH, device=where.device).view(-1, 1)
+    ow = torch.arange(OW, device=where.device).view(1, -1)
+    w = where.long()
+    return ((2 * oh + w // 2) * W + 2 * ow + w % 2).reshape(N, C, OH * OW)
+
+
 def reference_max_pool2x2_backward(gy: Tensor, where: Tensor, input_size: Sequence[int]) -> Tensor:
     """gx [input_size]: gy at the element each window kept (``where``), +0 everywhere else
     (aten's zeros-then-add, so a -0 gradient also lands as +0)."""
     N, C, H, W = (int(s) for s in input_size)
-    oh = torch.arange(H // 2, device=gy.device).view(-1, 1)
-    ow = torch.arange(W // 2, device=gy.device).view(1, -1)
-    w = where.long()
-    idx = (2 * oh + w // 2) * W + 2 * ow + w % 2
     gx = gy.new_zeros((N, C, H * W))
-    n_out = (H // 2) * (W // 2)
-    gx.scatter_add_(2, idx.reshape(N, C, n_out), gy.reshape(N, C, n_out))
+    gx.scatter_add_(2, _pool2x2_kept(where, W), gy.reshape(N, C, (H // 2) * (W // 2)))
     return gx.view(N, C, H, W)
 
 
@@ -392,9 +396,4 @@ def reference_max_pool2x2_select(gx: Tensor, where: Tensor) -> Tensor:
     """The kept element of each window of gx [N, C, H, W] -> [N, C, H//2, W//2]: the adjoint
     of reference_max_pool2x2_backward (its gradient with respect to gy)."""
     N, C, H, W = gx.shape
-    oh = torch.arange(H // 2, device=gx.device).view(-1, 1)
-    ow = torch.arange(W // 2, device=gx.device).view(1, -1)
-    w = where.long()
-    idx = (2 * oh + w // 2) * W + 2 * ow + w % 2
-    n_out = (H // 2) * (W // 2)
-    return gx.reshape(N, C, H * W).gather(2, idx.reshape(N, C, n_out)).view(N, C, H // 2, W // 2)
+    return gx.reshape(N, C, H * W).gather(2, _pool2x2_kept(where, W)).view(N, C, H // 2, W // 2)
