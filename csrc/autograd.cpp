@@ -28,14 +28,26 @@ Tensor masked_bias_grad(const Tensor& gy, const Tensor& active) {
 
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
-// The gradients of a ticket layer from gy, the gradient of its (pre-activation) output.
-variable_list sparse_linear_grads(AutogradContext* ctx, const Tensor& gy, const variable_list& saved) {
+// The gradients of a ticket layer from gy, the gradient of its output; `y` (the saved
+// output of sparse_linear_relu) masks gy first. When the kept values need a gradient
+// (training), one sparse_linear_backward call computes everything; otherwise the
+// separate ops run for what is needed.
+variable_list sparse_linear_grads(AutogradContext* ctx, const Tensor& gy, const variable_list& saved,
+                                  const Tensor& y) {
   const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &ccol = saved[4],
                &row = saved[5], &perm = saved[6], &active = saved[7];
+  const bool want_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7);
   Tensor gx, gv, gb;
-  if (ctx->needs_input_grad(0)) gx = call_spmm_t(gy, values, ccol, row, perm);
-  if (ctx->needs_input_grad(1)) gv = call_sddmm(gy, x, crow, col, opt(active));
-  if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7)) gb = masked_bias_grad(gy, active);
+  if (ctx->needs_input_grad(1)) {
+    std::tie(gx, gv, gb) = call_sparse_linear_backward(gy.contiguous(), opt(y), x, values, crow, col, ccol, row,
+                                                       perm, opt(active), ctx->needs_input_grad(0));
+    if (!ctx->needs_input_grad(0)) gx = Tensor();
+    if (!want_bias) gb = Tensor();
+  } else {
+    const Tensor g = (y.defined() ? at::threshold_backward(gy, y, 0) : gy).contiguous();
+    if (ctx->needs_input_grad(0)) gx = call_spmm_t(g, values, ccol, row, perm);
+    if (want_bias) gb = masked_bias_grad(g, active);
+  }
   return {gx, gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), gb, Tensor()};
 }
 
@@ -52,7 +64,7 @@ class SparseLinearFunction : public torch::autograd::Function<SparseLinearFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return sparse_linear_grads(ctx, grads[0].contiguous(), ctx->get_saved_variables());
+    return sparse_linear_grads(ctx, grads[0], ctx->get_saved_variables(), Tensor());
   }
 };
 
@@ -73,8 +85,7 @@ class SparseLinearReluFunction : public torch::autograd::Function<SparseLinearRe
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor gy = at::threshold_backward(grads[0], saved[8], 0).contiguous();
-    return sparse_linear_grads(ctx, gy, saved);
+    return sparse_linear_grads(ctx, grads[0], saved, saved[8]);
   }
 };
 

@@ -93,23 +93,27 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
   for (size_t i = L; i-- > 0;) {
     const int64_t kind = spec[i * kSpec], relu = spec[i * kSpec + 1];
     const Tensor& w = *t[i * kSlots];
+    const bool has_bias = t[i * kSlots + 1].has_value() && t[i * kSlots + 1]->defined();
+    if (kind == kSparse) {
+      // what autograd's SparseLinear(Relu)Function::backward calls (csrc/autograd.cpp)
+      Tensor gx, gb;
+      std::tie(gx, out[1 + 2 * i], gb) = call_sparse_linear_backward(
+          g.contiguous(), relu ? c10::optional<Tensor>(acts[i + 1]) : c10::nullopt, acts[i], w, *t[i * kSlots + 2],
+          *t[i * kSlots + 3], *t[i * kSlots + 4], *t[i * kSlots + 5], *t[i * kSlots + 6], c10::nullopt, i > 0);
+      if (has_bias) out[2 + 2 * i] = gb;
+      g = gx;
+      continue;
+    }
     if (relu) g = at::threshold_backward(g, acts[i + 1], 0);
     g = g.contiguous();
-    if (kind == kSparse) {
-      out[1 + 2 * i] = call_sddmm(g, acts[i], *t[i * kSlots + 2], *t[i * kSlots + 3], c10::nullopt);
-    } else {
-      // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
-      // transpose back is gᵀ h
-      const Tensor gw = g.t().mm(acts[i]);
-      out[1 + 2 * i] = kind == kExpand  ? call_ticket_compress(gw, *t[i * kSlots + 2], *t[i * kSlots + 7], w.size(0))
-                       : kind == kView ? gw.view(-1)
-                                       : gw;
-    }
-    if (t[i * kSlots + 1].has_value() && t[i * kSlots + 1]->defined()) out[2 + 2 * i] = g.sum(0);
-    if (i > 0) {
-      g = kind == kSparse ? call_spmm_t(g, w, *t[i * kSlots + 4], *t[i * kSlots + 5], *t[i * kSlots + 6])
-                          : g.mm(dense_w[i]);
-    }
+    // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
+    // transpose back is gᵀ h
+    const Tensor gw = g.t().mm(acts[i]);
+    out[1 + 2 * i] = kind == kExpand  ? call_ticket_compress(gw, *t[i * kSlots + 2], *t[i * kSlots + 7], w.size(0))
+                     : kind == kView ? gw.view(-1)
+                                     : gw;
+    if (has_bias) out[2 + 2 * i] = g.sum(0);
+    if (i > 0) g = g.mm(dense_w[i]);
   }
   return out;
 }

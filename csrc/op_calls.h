@@ -48,6 +48,19 @@ inline Tensor call_sddmm(const Tensor& gy, const Tensor& x, const Tensor& crow, 
   return op.call(gy, x, crow, col, active);
 }
 
+inline std::tuple<Tensor, Tensor, Tensor> call_sparse_linear_backward(
+    const Tensor& gy, const c10::optional<Tensor>& y, const Tensor& x, const Tensor& values, const Tensor& crow,
+    const Tensor& col, const Tensor& ccol, const Tensor& row, const Tensor& perm,
+    const c10::optional<Tensor>& active, bool input_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::sparse_linear_backward", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const c10::optional<Tensor>&, bool)>();
+  return op.call(gy, y, x, values, crow, col, ccol, row, perm, active, input_grad);
+}
+
 inline Tensor call_neq_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                        const c10::optional<Tensor>& active) {
   static auto op = c10::Dispatcher::singleton()

@@ -146,26 +146,37 @@ def test_sparse_linear_grads_layouts_and_extreme_active(B, I, O, dtype, layout, 
     test_sparse_linear_grads_match_masked_dense(B, I, O, 0.5, True, dtype, active_kind, layout, gen)
 
 
-@pytest.mark.parametrize("wrt", ["x", "values", "bias"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("wrt", ["x", "values", "bias", "x+bias", "values+bias", "x+values"])
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_sparse_linear_partial_grads(wrt, dtype, gen):
-    """Only the requested gradient is computed, and it is still right."""
+def test_sparse_linear_partial_grads(wrt, dtype, relu, gen):
+    """Only the requested gradients are computed, and they are still right: with the kept
+    values among them the backward is one sparse_linear_backward call, without them the
+    separate ops; the ReLU-fused op masks gy by its output either way."""
     B, I, O = 9, 31, 17
     w, mask = randn(O, I, dtype=dtype, gen=gen), make_mask(O, I, 0.7, gen)
     t = make_ticket(w, mask)
     active = make_active(O, gen)
     x, v, b = randn(B, I, dtype=dtype, gen=gen), t.values.clone(), randn(O, dtype=dtype, gen=gen)
-    {"x": x, "values": v, "bias": b}[wrt].requires_grad_()
+    inputs = {"x": x, "values": v, "bias": b}
+    wanted = wrt.split("+")
+    for k in wanted:
+        inputs[k].requires_grad_()
     gy = randn(B, O, dtype=dtype, gen=gen)
-    sparseticket.sparse_linear(x, t, b, active, values=v).backward(gy)
+    op = ST.sparse_linear_relu if relu else ST.sparse_linear
+    y = op(x, v, t.crow, t.col, t.ccol, t.row, t.perm, b, active)
+    y.backward(gy)
+    if relu:
+        gy = torch.where(y.detach() > 0, gy, torch.zeros_like(gy))
     gx_d, gw_d, gb_d = masked_dense_grads(x, w, mask, b, gy)
     got = {"x": x.grad, "values": v.grad, "bias": b.grad}
-    for k, g in got.items():
-        assert (g is None) == (k != wrt), k
     rows = mask.nonzero()[:, 0]
     expected = {"x": gx_d, "values": torch.where(active[rows], gw_d[mask], torch.zeros(()).to(dtype)),
-                "bias": torch.where(active, gb_d, torch.zeros(()).to(dtype))}[wrt]
-    assert_close(got[wrt], expected, expected.abs() + 1, what=wrt)
+                "bias": torch.where(active, gb_d, torch.zeros(()).to(dtype))}
+    for k, g in got.items():
+        assert (g is None) == (k not in wanted), k
+        if k in wanted:
+            assert_close(g, expected[k], expected[k].abs() + 1, what=k)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

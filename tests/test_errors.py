@@ -57,6 +57,11 @@ def sparse_linear(x=X, values=T.values, crow=T.crow, col=T.col, ccol=T.ccol, row
     return ST.sparse_linear(x, values, crow, col, ccol, row, perm, bias, active)
 
 
+def slb(gy=GY, y=GY.flip(0), x=X, values=T.values, crow=T.crow, col=T.col, ccol=T.ccol, row=T.row, perm=T.perm,
+        active=ACT):
+    return ST.sparse_linear_backward(gy, y, x, values, crow, col, ccol, row, perm, active, True)
+
+
 def neq_linear(x=X, weight=W, bias=BIAS, active=ACT):
     return ST.neq_linear(x, weight, bias, active)
 
@@ -117,6 +122,18 @@ CASES = {
     "sddmm-active-2d": (lambda: sddmm(active=ACT[None]), names("active")),
     "sddmm-x-meta": (lambda: sddmm(x=meta(X)), names("x", "meta")),
     "sddmm-active-meta": (lambda: sddmm(active=meta(ACT)), names("active", "meta")),
+    # sparse_linear_backward: its own arguments, and those it shares with spmm_t and sddmm
+    "slb-y-shape": (lambda: slb(y=GY[:-1]), names("y", "shape")),
+    "slb-y-dtype": (lambda: slb(y=GY.double()), names("y")),
+    "slb-y-meta": (lambda: slb(y=meta(GY)), names("y", "meta")),
+    "slb-x-features": (lambda: slb(x=torch.zeros(B, I + 1)), names("x", "in_features")),
+    "slb-gy-float16": (lambda: slb(gy=GY.half(), y=None), names("gy")),
+    "slb-batch-mismatch": (lambda: slb(x=X[:-1]), names("batch")),
+    "slb-values-length": (lambda: slb(values=T.values[:-1]), names("values")),
+    "slb-perm-length": (lambda: slb(perm=T.perm[:-1]), names("perm")),
+    "slb-active-length": (lambda: slb(active=ACT[:-1]), names("active")),
+    "slb-col-range": (lambda: slb(col=T.col + I), names("col")),
+    "slb-row-range": (lambda: slb(row=T.row + O), names("row")),
     # row_masked_grad_weight
     "rmgw-gy-float16": (lambda: rmgw(gy=GY.half()), names("gy")),
     "rmgw-x-int": (lambda: rmgw(x=X.int()), names("x")),

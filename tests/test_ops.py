@@ -279,6 +279,61 @@ def test_sddmm_noncontiguous(B, I, O, dtype, layout, gen):
     assert_close(out, expected, mag, what=f"sddmm {layout}")
 
 
+def check_sparse_linear_backward(gy, y, x, t, active, input_grad, what):
+    """sparse_linear_backward against its reference, and the reference against the separate
+    ops' references (threshold, spmm_t, sddmm, batch sum) it must equal."""
+    args = (gy, y, x, t.values, t.crow, t.col, t.ccol, t.row, t.perm, active, input_grad)
+    gx, gv, gb = ST.sparse_linear_backward(*args)
+    ex, ev, eb = ref.reference_sparse_linear_backward(*args)
+    g = gy if y is None else torch.where(y > 0, gy, torch.zeros_like(gy))
+    assert_close(gx, ex, ref.reference_spmm_t(g.abs(), t.values.abs(), t.ccol, t.row, t.perm) if input_grad else None,
+                 what=f"{what} gx")
+    assert_close(gv, ev, ref.reference_sddmm(g.abs(), x.abs(), t.crow, t.col, None), what=f"{what} gvalues")
+    assert_close(gb, eb, g.abs().sum(0), what=f"{what} gbias")
+    I = t.ccol.numel() - 1
+    assert gx.shape == ((g.shape[0], I) if input_grad else (0, I))
+    if input_grad:
+        assert_close(ex, ref.reference_spmm_t(g, t.values, t.ccol, t.row, t.perm), what=f"{what} reference gx")
+    assert_close(ev, ref.reference_sddmm(g, x, t.crow, t.col, active), what=f"{what} reference gvalues")
+    sums = g.sum(0)
+    assert_close(eb, sums if active is None else torch.where(active, sums, torch.zeros_like(sums)),
+                 what=f"{what} reference gbias")
+    if active is not None:
+        rows = t.crow.diff().long()
+        frozen = ~active.repeat_interleave(rows)  # per kept entry, in values order
+        assert (gv[frozen] == 0).all() and (gb[~active] == 0).all(), f"{what}: frozen rows must be exactly 0"
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["gx", "nogx"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("active_kind", [None, "random"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sparsity,holes", FEW_MASKS + [(0.5, False), (0.99, False)],
+                         ids=FEW_MASK_IDS + ["s0.5", "s0.99"])
+@pytest.mark.parametrize("B,I,O", SHAPES + [(60, 300, 150), (70, 300, 150)],
+                         ids=SHAPE_IDS + ["B60-I300-O150", "B70-I300-O150"])
+def test_sparse_linear_backward(B, I, O, sparsity, holes, dtype, active_kind, relu, input_grad, gen):
+    """The fused backward of sparse_linear(_relu); B=60 shares one packing of gy between
+    the input and the weight gradient (one panel of whole vectors), B=70 does not."""
+    c = make_case(B, I, O, sparsity, holes, dtype, gen)
+    x, t, gy = c["x"], c["t"], c["gy"]
+    y = ref.reference_spmm(x, t.values, t.crow, t.col, c["bias"]).relu() if relu else None
+    check_sparse_linear_backward(gy, y, x, t, active_of(active_kind, O, gen), input_grad, "sparse_linear_backward")
+
+
+@pytest.mark.parametrize("layout", NONCONTIG)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,I,O", LAYOUT_SHAPES, ids=LAYOUT_SHAPE_IDS)
+def test_sparse_linear_backward_noncontiguous(B, I, O, dtype, layout, gen):
+    c = make_case(B, I, O, 0.5, True, dtype, gen)
+    t = c["t"]
+    x = lay(c["x"], layout, dense_only=True)
+    y = lay(ref.reference_spmm(c["x"], t.values, t.crow, t.col, None).relu(), layout, dense_only=True)
+    gy = lay(c["gy"], layout, dense_only=True)
+    lt = type(t)(*(lay(a, layout) for a in (t.values, t.crow, t.col, t.ccol, t.row, t.perm)), t.shape)
+    check_sparse_linear_backward(gy, y, x, lt, lay(make_active(O, gen), layout), True, f"sparse_linear_backward {layout}")
+
+
 @pytest.mark.parametrize("active_kind", ACTIVE_KINDS)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("B,I,O", SHAPES, ids=SHAPE_IDS)
@@ -473,6 +528,10 @@ def _opcheck_cases():
         "sparse_linear-grad": (S.sparse_linear, (rg(x), rg(t.values), *tl[1:], rg(b), act)),
         "sparse_linear-grad-noact": (S.sparse_linear, (rg(x), rg(t.values), *tl[1:], None, None)),
         "sparse_linear-grad-empty": (S.sparse_linear, (rg(x), rg(t_empty.values), *te[1:], rg(b), None)),
+        "sparse_linear_backward": (S.sparse_linear_backward, (gy, None, x, *tl, act, True)),
+        "sparse_linear_backward-relu-nogx": (S.sparse_linear_backward, (gy, gy.flip(0), x, *tl, None, False)),
+        "sparse_linear_backward-B0": (S.sparse_linear_backward, (gy0, None, x0, *tl, act, True)),
+        "sparse_linear_backward-empty": (S.sparse_linear_backward, (gy, gy.flip(1), x, *te, None, True)),
         "neq_linear-none": (S.neq_linear, (x, w, None, None)),
         "neq_linear-bias-active": (S.neq_linear, (x, w, b, act)),
         "neq_linear-grad": (S.neq_linear, (rg(x), rg(w), rg(b), act)),

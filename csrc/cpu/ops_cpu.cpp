@@ -263,8 +263,12 @@ Tensor spmm_cpu(const Tensor& x, const Tensor& values, const Tensor& crow, const
   return spmm_impl(x, values, crow, col, bias, false);
 }
 
-Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, const Tensor& row_,
-                  const Tensor& perm_) {
+// spmm_t's operands, checked and contiguous
+struct TransposedTicket {
+  Tensor vals, ccol, row, perm;
+};
+TransposedTicket checked_spmm_t_args(const Tensor& gy, const Tensor& values, const Tensor& ccol_, const Tensor& row_,
+                                     const Tensor& perm_) {
   check_float(gy, "gy");
   check_dim(gy, 2, "gy");
   check_cpu(gy, "gy");
@@ -278,16 +282,33 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
               values.numel());
   TORCH_CHECK(perm_.numel() == values.numel(), "sparseticket: perm has ", perm_.numel(), " entries but values has ",
               values.numel());
-  const Tensor ccol = contiguous_1d(ccol_), row = contiguous_1d(row_), perm = contiguous_1d(perm_);
-  const Tensor vals = contiguous_1d(values);
-  check_ptr(ccol, vals.numel(), "ccol");
-  check_index_range(row, gy.size(1), "row", "gy's feature dimension (gy.size(1))");
-  const int64_t B = gy.size(0), I = ccol.numel() - 1;
-  Tensor out = at::empty({B, I}, gy.options());
-  if (B == 0 || I == 0) return out;
+  TransposedTicket t{contiguous_1d(values), contiguous_1d(ccol_), contiguous_1d(row_), contiguous_1d(perm_)};
+  check_ptr(t.ccol, t.vals.numel(), "ccol");
+  check_index_range(t.row, gy.size(1), "row", "gy's feature dimension (gy.size(1))");
+  check_index_range(t.perm, t.vals.numel(), "perm", "values");
+  return t;
+}
+
+Tensor spmm_t_packed(const Tensor& packed, int nv, int64_t B, const Tensor& vals, const Tensor& ccol,
+                     const Tensor& row, const Tensor& perm);
+
+Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol, const Tensor& row,
+                  const Tensor& perm) {
+  const TransposedTicket t = checked_spmm_t_args(gy, values, ccol, row, perm);
+  const int64_t B = gy.size(0), I = t.ccol.numel() - 1;
+  if (B == 0 || I == 0) return at::empty({B, I}, gy.options());
   const int nv = panel_choice(B, gy.size(1), vector_lanes(gy.scalar_type()), gy.element_size());
-  const Tensor packed = pack(gy, nv * vector_lanes(gy.scalar_type()), vals.numel() * B);
-  check_index_range(perm, vals.numel(), "perm", "values");
+  return spmm_t_packed(pack(gy, nv * vector_lanes(gy.scalar_type()), t.vals.numel() * B), nv, B, t.vals, t.ccol,
+                       t.row, t.perm);
+}
+
+// gx [B, I] = gy W from gy packed as panels of nv vectors (spmm_t, sparse_linear_backward);
+// ccol/row/perm/vals contiguous and checked
+Tensor spmm_t_packed(const Tensor& packed, int nv, int64_t B, const Tensor& vals, const Tensor& ccol,
+                     const Tensor& row, const Tensor& perm) {
+  const int64_t I = ccol.numel() - 1;
+  Tensor out = at::empty({B, I}, packed.options());
+  if (B == 0 || I == 0) return out;
   // The values in column order. Blocked with one or two panels, the kernel reads them
   // through perm: they are then cache-resident and the loads independent, and it saves
   // a pass (60x784x300 at 35%: 259 -> 229 us; 256x1024x1024 at 50%: 6.56 -> 5.23 ms);
@@ -296,8 +317,8 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   // inside the FMA loop, where each cache miss stalls the row (128x4096x4096, one
   // thread: 244 -> 146 ms at 50%); gathered by a plain loop, as index_select's generic
   // path cost ~0.65 ns per entry.
-  const int64_t lanes = vector_lanes(gy.scalar_type());
-  const int64_t k_block = spmm_k_block(nv, lanes, gy.element_size(), gy.size(1), I, vals.numel());
+  const int64_t lanes = vector_lanes(packed.scalar_type());
+  const int64_t k_block = spmm_k_block(nv, lanes, packed.element_size(), packed.size(1), I, vals.numel());
   if (k_block > 0 && B <= 2 * nv * lanes)
     run_spmm(packed, nv, k_block, ccol, row, perm, vals, c10::nullopt, B, out);
   else
@@ -305,8 +326,13 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol_, c
   return out;
 }
 
-Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const Tensor& col_,
-                 const c10::optional<Tensor>& active_) {
+// sddmm's index operands, checked and contiguous
+struct KeptRows {
+  Tensor crow, col;
+  c10::optional<Tensor> active;
+};
+KeptRows checked_sddmm_args(const Tensor& gy, const Tensor& x, const Tensor& crow_, const Tensor& col_,
+                            const c10::optional<Tensor>& active_) {
   check_float(gy, "gy");
   check_dim(gy, 2, "gy");
   check_cpu(gy, "gy");
@@ -320,30 +346,46 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow_, const T
   const int64_t O = crow_.numel() - 1;
   TORCH_CHECK(gy.size(1) == O, "sparseticket: gy has ", gy.size(1), " columns but crow describes ", O, " rows");
   check_active(active_, O);
-  const Tensor crow = contiguous_1d(crow_), col = contiguous_1d(col_);
-  check_ptr(crow, col.numel(), "crow");
-  check_index_range(col, x.size(1), "col", "x's feature dimension (x.size(1))");
-  const int64_t nnz = col.numel(), B = gy.size(0);
+  KeptRows k{contiguous_1d(crow_), contiguous_1d(col_), c10::nullopt};
+  if (active_) k.active = contiguous_1d(*active_);
+  check_ptr(k.crow, k.col.numel(), "crow");
+  check_index_range(k.col, x.size(1), "col", "x's feature dimension (x.size(1))");
+  return k;
+}
+
+Tensor sddmm_packed(const Tensor& A, const Tensor& X, int64_t B, const Tensor& crow, const Tensor& col,
+                    const c10::optional<Tensor>& active);
+
+Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow, const Tensor& col,
+                 const c10::optional<Tensor>& active) {
+  const KeptRows k = checked_sddmm_args(gy, x, crow, col, active);
+  const int64_t nnz = k.col.numel(), B = gy.size(0);
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
-  Tensor out = at::empty({nnz}, gy.options());
   const int64_t ld = round_up(B, vector_lanes(gy.scalar_type()));
-  const Tensor A = pack(gy, ld, nnz * B), X = pack(x, ld, nnz * B);
-  Tensor active;
-  if (active_) active = contiguous_1d(*active_);
+  return sddmm_packed(pack(gy, ld, nnz * B), pack(x, ld, nnz * B), B, k.crow, k.col, k.active);
+}
+
+// gW at the kept entries from gy [B, O] and x [B, K] each packed as one panel of ld =
+// A.size(2) >= B columns (sddmm, sparse_linear_backward); crow/col/active contiguous and checked
+Tensor sddmm_packed(const Tensor& A, const Tensor& X, int64_t B, const Tensor& crow, const Tensor& col,
+                    const c10::optional<Tensor>& active) {
+  const int64_t nnz = col.numel(), O = crow.numel() - 1, ld = A.size(2);
+  if (B == 0 || nnz == 0) return at::zeros({nnz}, A.options());
+  Tensor out = at::empty({nnz}, A.options());
   SddmmArgs s{};
   s.ptr = crow.data_ptr<int32_t>();
   s.idx = col.data_ptr<int32_t>();
-  s.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
+  s.active = active ? reinterpret_cast<const uint8_t*>(active->data_ptr<bool>()) : nullptr;
   s.a = A.data_ptr();
   s.x = X.data_ptr();
   s.ld = ld;
-  s.K = x.size(1);
-  const SddmmBlocking blocking = sddmm_blocking(x.size(1), ld * x.element_size(), O, nnz);
+  s.K = X.size(1);
+  const SddmmBlocking blocking = sddmm_blocking(X.size(1), ld * X.element_size(), O, nnz);
   s.k_block = blocking.k_block;
   s.row_block = blocking.row_block;
   s.out = out.data_ptr();
   const KernelTable& kt = kernel_table();
-  const SddmmFn fn = gy.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
+  const SddmmFn fn = A.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
   const auto bounds = balanced_rows(s.ptr, O, 4, n_chunks());
   parallel_for_work(0, static_cast<int64_t>(bounds.size()) - 1, 1, nnz * B, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(s, bounds[c], bounds[c + 1]);
@@ -503,6 +545,117 @@ Tensor sparse_linear_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& active) {
   check_sparse_linear_extra(x, crow, ccol, active);
   return spmm_impl(x, values, crow, col, bias, true);
+}
+
+// out = gy where y > 0 else 0 (y null: out is gy, not written) and sum += its rows, for
+// row-major [B, O]. Out of line with `omp simd` so that the select compiles to a blend,
+// not a branch (ReLU signs are a coin flip: a branch mispredicts on half the entries).
+template <typename T>
+void relu_grad_rows(const T* __restrict__ G, const T* __restrict__ Y, T* __restrict__ out, T* __restrict__ sum,
+                    int64_t B, int64_t O) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* grow = G + b * O;
+    if (Y) {
+      const T* yrow = Y + b * O;
+      T* orow = out + b * O;
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) {
+        const T gv = grow[o];  // loaded unconditionally: a conditional load does not vectorise on SSE2
+        const T v = yrow[o] <= 0 ? T(0) : gv;  // a NaN y passes gy, as threshold_backward
+        orow[o] = v;
+        sum[o] += v;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) sum[o] += grow[o];
+    }
+  }
+}
+
+// (g, gb): g = gy where y > 0, else 0 (ReLU's backward, as threshold_backward; gy as is
+// when y is undefined), and gb[o] = sum over the batch of g[:, o], 0 for frozen rows.
+// Small row-major layers take one plain loop for both, where threshold_backward's and
+// sum's dispatch and TensorIterator set-up cost more than the arithmetic (~4-5 us each
+// against ~1 us at LeNet's 60x300); larger ones those ops (threaded, cascade sum).
+std::pair<Tensor, Tensor> relu_grad_and_bias_grad(const Tensor& gy, const Tensor& y,
+                                                  const c10::optional<Tensor>& active) {
+  const int64_t B = gy.size(0), O = gy.size(1);
+  const bool small = B * O <= (int64_t(1) << 16) && gy.is_contiguous() && (!y.defined() || y.is_contiguous());
+  Tensor g, gb;
+  if (!small) {
+    g = y.defined() ? at::threshold_backward(gy, y, 0) : gy;
+    gb = g.sum(0);
+  } else {
+    g = y.defined() ? at::empty({B, O}, gy.options()) : gy;
+    gb = at::zeros({O}, gy.options());
+    AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparseticket_relu_bias_grad", [&] {
+      const scalar_t* G = gy.data_ptr<scalar_t>();
+      relu_grad_rows(G, y.defined() ? y.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
+                     gb.data_ptr<scalar_t>(), B, O);
+    });
+  }
+  if (active) {
+    const bool* keep = active->data_ptr<bool>();
+    AT_DISPATCH_FLOATING_TYPES(gb.scalar_type(), "sparseticket_bias_grad_mask", [&] {
+      scalar_t* out = gb.data_ptr<scalar_t>();
+      for (int64_t o = 0; o < O; ++o)
+        if (!keep[o]) out[o] = 0;
+    });
+  }
+  return {g, gb};
+}
+
+// The gradients of sparse_linear / sparse_linear_relu (y given: gy is first masked where
+// y <= 0, ReLU's backward) in one op: gx (when input_grad; else an empty [0, I]), the
+// kept-weight gradient and the bias gradient. Against spmm_t + sddmm + sum (+
+// threshold_backward) it packs gy once when both products read the same layout (one
+// panel of whole vectors covering the batch, e.g. B <= 128 in float32 on AVX-512),
+// checks the shared operands once, and is one dispatcher call instead of four to six.
+std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
+    const Tensor& gy_, const c10::optional<Tensor>& y, const Tensor& x, const Tensor& values, const Tensor& crow,
+    const Tensor& col, const Tensor& ccol, const Tensor& row, const Tensor& perm,
+    const c10::optional<Tensor>& active, bool input_grad) {
+  check_float(gy_, "gy");
+  check_dim(gy_, 2, "gy");
+  check_cpu(gy_, "gy");
+  if (y) {
+    check_cpu(*y, "y");
+    check_same_dtype(*y, "y", gy_, "gy");
+    TORCH_CHECK(y->sizes() == gy_.sizes(), "sparseticket: y has shape ", y->sizes(), " but gy has shape ",
+                gy_.sizes());
+  }
+  const KeptRows k = checked_sddmm_args(gy_, x, crow, col, active);
+  TORCH_CHECK(k.col.numel() == values.numel(), "sparseticket: col has ", k.col.numel(), " entries but values has ",
+              values.numel());
+  const TransposedTicket t = checked_spmm_t_args(gy_, values, ccol, row, perm);
+  const int64_t B = gy_.size(0), O = gy_.size(1), I = t.ccol.numel() - 1, nnz = t.vals.numel();
+  TORCH_CHECK(x.size(1) == I, "sparseticket: x has ", x.size(1), " features but the ticket expects in_features=", I,
+              " (ccol has ", I + 1, " entries)");
+  Tensor gy, gb;
+  std::tie(gy, gb) = relu_grad_and_bias_grad(gy_, y ? *y : Tensor(), k.active);
+  if (B == 0) return {at::empty({input_grad ? B : 0, I}, gy.options()), at::zeros({nnz}, gy.options()), gb};
+  const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
+  Tensor panels, A;  // gy packed for spmm_t (panels of nv vectors) and for sddmm (one panel of ld)
+  const int nv = panel_choice(B, O, lanes, gy.element_size());
+  if (input_grad && I > 0) {
+    panels = pack(gy, nv * lanes, nnz * B);
+    if (nv * lanes == ld) A = panels;
+  }
+  Tensor gv;
+  if (nnz == 0) {
+    gv = at::zeros({0}, gy.options());
+  } else {
+    if (!A.defined()) A = pack(gy, ld, nnz * B);
+    gv = sddmm_packed(A, pack(x, ld, nnz * B), B, k.crow, k.col, k.active);
+  }
+  Tensor gx;
+  if (!input_grad)
+    gx = at::empty({0, I}, gy.options());
+  else if (I == 0)
+    gx = at::empty({B, 0}, gy.options());
+  else
+    gx = spmm_t_packed(panels, nv, B, t.vals, t.ccol, t.row, t.perm);
+  return {gx, gv, gb};
 }
 
 Tensor neq_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -993,6 +1146,7 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("row_masked_grad_weight", &row_masked_grad_weight_cpu);
   m.impl("sparse_linear", &sparse_linear_cpu);
   m.impl("sparse_linear_relu", &sparse_linear_relu_cpu);
+  m.impl("sparse_linear_backward", &sparse_linear_backward_cpu);
   m.impl("neq_linear", &neq_linear_cpu);
   m.impl("masked_sgd_", &masked_sgd_cpu);
   m.impl("masked_adamw_", &masked_adamw_cpu);

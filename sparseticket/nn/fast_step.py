@@ -169,28 +169,31 @@ class MLPStep:
         for i in range(len(self.layers) - 1, -1, -1):
             layer, relu = self.layers[i]
             bias, w = layer._parameters["bias"], dense_w[i]
+            if w is None:  # what autograd's sparse_linear(_relu) backward calls
+                b, v = layer._buffers, layer._parameters["weight_values"]
+                g, v.grad, gb = _ST.sparse_linear_backward(g.contiguous(), acts[i + 1] if relu else None, acts[i], v,
+                                                           b["crow"], b["col"], b["ccol"], b["row"], b["perm"], None,
+                                                           i > 0)
+                if bias is not None:
+                    bias.grad = gb
+                continue
             if relu:
                 g = _ATEN.threshold_backward(g, acts[i + 1], 0)
             g = g.contiguous()
-            if w is None:
-                b, v = layer._buffers, layer._parameters["weight_values"]
-                v.grad = _ST.sddmm(g, acts[i], b["crow"], b["col"], None)
+            # addmm(bias, h, w.t())'s backward: w.t() is column-major, so autograd forms
+            # the weight gradient as (gᵀ h)ᵀ, which its transpose turns back into gᵀ h
+            gw = g.t().mm(acts[i])
+            if type(layer) is SparseLinear:
+                v = layer._parameters["weight_values"]
+                b = layer._buffers
+                v.grad = (gw.view(-1) if v.shape[0] == gw.numel()
+                          else _ST.ticket_compress(gw, b["crow"], b["bits"], v.shape[0]))
             else:
-                # addmm(bias, h, w.t())'s backward: w.t() is column-major, so autograd forms
-                # the weight gradient as (gᵀ h)ᵀ, which its transpose turns back into gᵀ h
-                gw = g.t().mm(acts[i])
-                if type(layer) is SparseLinear:
-                    v = layer._parameters["weight_values"]
-                    b = layer._buffers
-                    v.grad = (gw.view(-1) if v.shape[0] == gw.numel()
-                              else _ST.ticket_compress(gw, b["crow"], b["bits"], v.shape[0]))
-                else:
-                    layer._parameters["weight"].grad = gw
+                layer._parameters["weight"].grad = gw
             if bias is not None:
                 bias.grad = g.sum(0)
             if i > 0:
-                g = _ST.spmm_t(g, layer._parameters["weight_values"], layer._buffers["ccol"], layer._buffers["row"],
-                               layer._buffers["perm"]) if w is None else g.mm(w)
+                g = g.mm(w)
         return loss
 
 

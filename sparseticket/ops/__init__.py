@@ -96,6 +96,17 @@ def _checked_reference_impls():
         _check_range("col", col, x.shape[1], "x's feature dimension (x.size(1))")
         return ref.reference_sddmm(gy, x, crow, col, active)
 
+    def sparse_linear_backward(gy, y, x, values, crow, col, ccol, row, perm, active, input_grad):
+        # composed from the ops (as sparse_linear_relu): a device with its own spmm_t and
+        # sddmm (Triton) runs those
+        _library.check_sparse_linear_backward(gy, y, x, values, crow, col, ccol, row, perm, active)
+        if y is not None:
+            gy = torch.ops.aten.threshold_backward(gy, y, 0)
+        gy = gy.contiguous()
+        gx = (torch.ops.sparseticket.spmm_t(gy, values, ccol, row, perm) if input_grad
+              else gy.new_empty((0, ccol.numel() - 1)))
+        return gx, torch.ops.sparseticket.sddmm(gy, x, crow, col, active), _masked_bias_grad(gy, active)
+
     def row_masked_grad_weight(gy, x, active):
         check_row_masked_grad_weight(gy, x, active)
         return ref.reference_row_masked_grad_weight(gy, x, active)
@@ -224,7 +235,8 @@ def _checked_reference_impls():
 
     return dict(max_pool2x2=max_pool2x2, max_pool2x2_backward=max_pool2x2_backward, ticket_bitmap=ticket_bitmap,
                 ticket_expand=ticket_expand, ticket_compress=ticket_compress, spmm=spmm, sparse_linear=sparse_linear,
-                sparse_linear_relu=sparse_linear_relu, neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
+                sparse_linear_relu=sparse_linear_relu, sparse_linear_backward=sparse_linear_backward,
+                neq_linear=neq_linear, spmm_t=spmm_t, sddmm=sddmm,
                 sparse_conv2d=sparse_conv2d, sparse_conv2d_relu=sparse_conv2d_relu,
                 sparse_conv2d_grad_input=sparse_conv2d_grad_input,
                 sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight,
@@ -281,17 +293,28 @@ def _sparse_linear_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _sparse_linear_backward(ctx, gy):
+def _sparse_linear_grads(ctx, gy, y):
     x, values, crow, col, ccol, row, perm, active = ctx.saved_tensors[:8]
-    gy = gy.contiguous()
+    want_bias = ctx.has_bias and ctx.needs_input_grad[7]
     gx = gvalues = gbias = None
-    if ctx.needs_input_grad[0]:
-        gx = torch.ops.sparseticket.spmm_t(gy, values, ccol, row, perm)
-    if ctx.needs_input_grad[1]:
-        gvalues = torch.ops.sparseticket.sddmm(gy, x, crow, col, active)
-    if ctx.has_bias and ctx.needs_input_grad[7]:
-        gbias = _masked_bias_grad(gy, active)
+    if ctx.needs_input_grad[1]:  # training: one op for all three (as csrc/autograd.cpp)
+        gx, gvalues, gbias = torch.ops.sparseticket.sparse_linear_backward(
+            gy.contiguous(), y, x, values, crow, col, ccol, row, perm, active, ctx.needs_input_grad[0])
+        gx = gx if ctx.needs_input_grad[0] else None
+        gbias = gbias if want_bias else None
+    else:
+        if y is not None:
+            gy = torch.ops.aten.threshold_backward(gy, y, 0)
+        gy = gy.contiguous()
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.sparseticket.spmm_t(gy, values, ccol, row, perm)
+        if want_bias:
+            gbias = _masked_bias_grad(gy, active)
     return gx, gvalues, None, None, None, None, None, gbias, None
+
+
+def _sparse_linear_backward(ctx, gy):
+    return _sparse_linear_grads(ctx, gy, None)
 
 
 def _sparse_linear_relu_setup(ctx, inputs, output):
@@ -302,7 +325,7 @@ def _sparse_linear_relu_setup(ctx, inputs, output):
 
 
 def _sparse_linear_relu_backward(ctx, gy):
-    return _sparse_linear_backward(ctx, torch.ops.aten.threshold_backward(gy, ctx.saved_tensors[8], 0))
+    return _sparse_linear_grads(ctx, gy, ctx.saved_tensors[8])
 
 
 def _neq_linear_setup(ctx, inputs, output):
@@ -426,6 +449,7 @@ ticket_expand = torch.ops.sparseticket.ticket_expand
 ticket_compress = torch.ops.sparseticket.ticket_compress
 sparse_linear_op = torch.ops.sparseticket.sparse_linear
 sparse_linear_relu_op = torch.ops.sparseticket.sparse_linear_relu
+sparse_linear_backward = torch.ops.sparseticket.sparse_linear_backward
 neq_linear_op = torch.ops.sparseticket.neq_linear
 sparse_conv2d_op = torch.ops.sparseticket.sparse_conv2d
 sparse_conv2d_relu_op = torch.ops.sparseticket.sparse_conv2d_relu
@@ -436,6 +460,6 @@ max_pool2x2_backward = torch.ops.sparseticket.max_pool2x2_backward
 
 __all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
-           "sparse_linear_op", "sparse_linear_relu_op", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op",
+           "sparse_linear_op", "sparse_linear_relu_op", "sparse_linear_backward", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "max_pool2x2", "max_pool2x2_backward", "BACKENDS",
            "EXTENSION_ERROR", "ref"]

@@ -25,6 +25,12 @@ SCHEMAS = {
     # masks gy by the saved output
     "sparse_linear_relu": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor ccol, Tensor row, "
     "Tensor perm, Tensor? bias, Tensor? active) -> Tensor",
+    # The backward of sparse_linear (y None) and sparse_linear_relu (y its output; gy is
+    # first zeroed where y <= 0) in one op: (gx, gvalues, gbias). gx is gy W ([B, I]) when
+    # input_grad, else an empty [0, I]; gvalues is sddmm's and gbias the batch sum of gy,
+    # both 0 on frozen rows (active False); gx still gets their contribution.
+    "sparse_linear_backward": "(Tensor gy, Tensor? y, Tensor x, Tensor values, Tensor crow, Tensor col, "
+    "Tensor ccol, Tensor row, Tensor perm, Tensor? active, bool input_grad) -> (Tensor, Tensor, Tensor)",
     # dense linear whose weight gradient skips frozen rows
     "neq_linear": "(Tensor x, Tensor weight, Tensor? bias, Tensor? active) -> Tensor",
     "spmm": "(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias) -> Tensor",
@@ -355,6 +361,27 @@ def _(x, values, crow, col, ccol, row, perm, bias, active):
     check_active(active, O, x)
     check_sparse_linear_in(x, ccol)
     return x.new_empty((x.shape[0], O))
+
+
+def check_sparse_linear_backward(gy, y, x, values, crow, col, ccol, row, perm, active):
+    """The checks of sddmm and spmm_t over the shared gy, plus y's and x's agreement with them.
+    Returns in_features."""
+    if y is not None:
+        _check(y.shape == gy.shape, f"sparseticket: y has shape {tuple(y.shape)} but gy has shape {tuple(gy.shape)}")
+        _check(y.dtype == gy.dtype, f"sparseticket: y has dtype {y.dtype} but gy has {gy.dtype}")
+        _check_same("y", y, "gy", gy)
+    check_sddmm(gy, x, crow, col, active)
+    _check(col.numel() == values.numel(), f"sparseticket: col has {col.numel()} entries but values has {values.numel()}")
+    I = check_spmm_t(gy, values, ccol, row, perm)
+    _check(x.shape[1] == I, f"sparseticket: x has {x.shape[1]} features but the ticket expects in_features={I}")
+    return I
+
+
+@torch.library.register_fake("sparseticket::sparse_linear_backward")
+def _(gy, y, x, values, crow, col, ccol, row, perm, active, input_grad):
+    I = check_sparse_linear_backward(gy, y, x, values, crow, col, ccol, row, perm, active)
+    gx = gy.new_empty((gy.shape[0] if input_grad else 0, I))
+    return gx, gy.new_empty((values.shape[0],)), gy.new_empty((gy.shape[1],))
 
 
 @torch.library.register_fake("sparseticket::neq_linear")

@@ -141,6 +141,22 @@ def reference_sddmm(gy: Tensor, x: Tensor, crow: Tensor, col: Tensor, active: Op
     return g.contiguous()
 
 
+def reference_sparse_linear_backward(gy: Tensor, y: Optional[Tensor], x: Tensor, values: Tensor, crow: Tensor,
+                                     col: Tensor, ccol: Tensor, row: Tensor, perm: Tensor, active: Optional[Tensor],
+                                     input_grad: bool):
+    """(gx, gvalues, gbias) of sparse_linear, or of sparse_linear_relu when its output y is
+    given (gy is then zeroed where y <= 0, as ReLU's backward does). gx is gy W, or an
+    empty [0, I] when not ``input_grad``; gvalues and gbias are 0 on frozen rows."""
+    if y is not None:
+        gy = torch.where(y > 0, gy, torch.zeros_like(gy))
+    I = ccol.numel() - 1
+    gx = reference_spmm_t(gy, values, ccol, row, perm) if input_grad else gy.new_empty((0, I))
+    gb = gy.sum(0)
+    if active is not None:
+        gb = torch.where(active, gb, torch.zeros_like(gb))
+    return gx, reference_sddmm(gy, x, crow, col, active), gb.contiguous()
+
+
 def reference_row_masked_grad_weight(gy: Tensor, x: Tensor, active: Optional[Tensor]) -> Tensor:
     """Dense weight gradient gW = gyᵀ x: [O, I]; rows of frozen neurons are 0 (never computed)."""
     gw = gy.t() @ x
