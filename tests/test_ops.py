@@ -321,6 +321,32 @@ def test_sparse_linear_backward(B, I, O, sparsity, holes, dtype, active_kind, re
     check_sparse_linear_backward(gy, y, x, t, active_of(active_kind, O, gen), input_grad, "sparse_linear_backward")
 
 
+@pytest.mark.parametrize("change", ["in-place", "same-values-other-tensor", "other-view"])
+def test_sparse_linear_backward_after_forward(change, gen):
+    """The CPU backward may reuse its forward's packing of x (ops_cpu.cpp pack_reusing): it
+    must not once x changed in place, and must give the same answer for an equal tensor or
+    another view of the same memory."""
+    B, I, O = 60, 300, 150  # one panel of whole vectors: the forward's packing fits the backward's
+    c = make_case(B, I, O, 0.5, False, torch.float32, gen)
+    t, gy = c["t"], c["gy"]
+    base = torch.cat([c["x"], c["x"]], 1)
+    x = base[:, :I] if change == "other-view" else c["x"].clone()
+    tl = (t.values, t.crow, t.col, t.ccol, t.row, t.perm)
+    y = ST.sparse_linear(x, *tl, None, None)
+    if change == "in-place":
+        x.mul_(-2.0)
+        x_bwd = x
+    elif change == "same-values-other-tensor":
+        x_bwd = x.clone()
+    else:
+        x_bwd = base[:, I:]  # equal values, other memory
+    for _ in range(2):  # the second call may hit the memo again
+        gx, gv, gb = ST.sparse_linear_backward(gy, y, x_bwd, *tl, None, True)
+        ex, ev, eb = ref.reference_sparse_linear_backward(gy, y, x_bwd, *tl, None, True)
+        assert_close(gv, ev, ref.reference_sddmm(gy.abs(), x_bwd.abs(), t.crow, t.col, None), what=change)
+        assert_close(gx, ex, what=change)
+
+
 @pytest.mark.parametrize("layout", NONCONTIG)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("B,I,O", LAYOUT_SHAPES, ids=LAYOUT_SHAPE_IDS)

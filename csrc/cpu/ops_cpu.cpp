@@ -148,6 +148,63 @@ Tensor pack(const Tensor& x, int64_t pw, int64_t work) {
   return P;
 }
 
+// The last few packed forward inputs, so that the backward's kept-weight gradient of the
+// same layer (sparse_linear_backward) reuses the forward's packing of x when the two
+// layouts agree (one panel of whole vectors covering the batch: B <= 64 fp32 on AVX-512
+// for in_features <= ~1000). An entry matches only the same live TensorImpl with the same
+// version, data pointer, sizes and strides -- what autograd itself relies on to detect a
+// saved input modified in place -- so it never serves stale data. Per thread (a CPU
+// backward runs on the thread that called it); at most kPackMemoEntries packs of at most
+// kPackMemoBytes each are held.
+constexpr int kPackMemoEntries = 4;
+constexpr int64_t kPackMemoBytes = int64_t(1) << 20;
+struct PackMemo {
+  // a weak reference keeps the TensorImpl's address from being reused by another tensor
+  // while the entry exists, so an address match is the same tensor
+  c10::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> src;
+  const c10::TensorImpl* impl = nullptr;
+  uint32_t version = 0;
+  const void* data = nullptr;
+  int64_t B = 0, K = 0, sb = 0, sk = 0, pw = 0;
+  Tensor packed;
+};
+thread_local PackMemo pack_memo_[kPackMemoEntries];
+thread_local int pack_memo_next_ = 0;
+
+bool memo_key_matches(const PackMemo& m, const Tensor& x, int64_t pw) {
+  return m.packed.defined() && m.impl == x.unsafeGetTensorImpl() && m.pw == pw && m.data == x.data_ptr() &&
+         m.B == x.size(0) && m.K == x.size(1) && m.sb == x.stride(0) && m.sk == x.stride(1) &&
+         m.version == x._version();
+}
+
+// x packed as panels of pw columns (pack), from the memo when x's forward packed it
+Tensor pack_reusing(const Tensor& x, int64_t pw, int64_t work) {
+  if (!x.is_inference()) {
+    for (const PackMemo& m : pack_memo_)
+      if (memo_key_matches(m, x, pw)) return m.packed;
+  }
+  return pack(x, pw, work);
+}
+
+// pack, remembering the result for pack_reusing
+Tensor pack_remembered(const Tensor& x, int64_t pw, int64_t work) {
+  Tensor P = pack(x, pw, work);
+  if (x.is_inference() || P.numel() * P.element_size() > kPackMemoBytes) return P;
+  PackMemo& m = pack_memo_[pack_memo_next_];
+  pack_memo_next_ = (pack_memo_next_ + 1) % kPackMemoEntries;
+  m.src.emplace(x.getIntrusivePtr());
+  m.impl = x.unsafeGetTensorImpl();
+  m.version = x._version();
+  m.data = x.data_ptr();
+  m.B = x.size(0);
+  m.K = x.size(1);
+  m.sb = x.stride(0);
+  m.sk = x.stride(1);
+  m.pw = pw;
+  m.packed = P;
+  return P;
+}
+
 // Row ranges with roughly equal work (entries plus a per-row cost), for parallel_for.
 std::vector<int64_t> balanced_rows(const int32_t* ptr, int64_t R, int64_t row_cost, int64_t chunks) {
   std::vector<int64_t> bounds{0};
@@ -251,7 +308,7 @@ Tensor spmm_impl(const Tensor& x, const Tensor& values, const Tensor& crow_, con
   Tensor out = at::empty({B, O}, x.options());
   if (B == 0 || O == 0) return out;
   const int nv = panel_choice(B, x.size(1), vector_lanes(x.scalar_type()), x.element_size());
-  const Tensor packed = pack(x, nv * vector_lanes(x.scalar_type()), vals.numel() * B);
+  const Tensor packed = pack_remembered(x, nv * vector_lanes(x.scalar_type()), vals.numel() * B);
   const int64_t k_block = spmm_k_block(nv, vector_lanes(x.scalar_type()), x.element_size(), x.size(1), O,
                                        vals.numel());
   run_spmm(packed, nv, k_block, crow, col, c10::nullopt, vals, bias, B, out, relu);
@@ -268,7 +325,7 @@ struct TransposedTicket {
   Tensor vals, ccol, row, perm;
 };
 TransposedTicket checked_spmm_t_args(const Tensor& gy, const Tensor& values, const Tensor& ccol_, const Tensor& row_,
-                                     const Tensor& perm_) {
+                                     const Tensor& perm_, bool read = true) {
   check_float(gy, "gy");
   check_dim(gy, 2, "gy");
   check_cpu(gy, "gy");
@@ -283,6 +340,7 @@ TransposedTicket checked_spmm_t_args(const Tensor& gy, const Tensor& values, con
   TORCH_CHECK(perm_.numel() == values.numel(), "sparseticket: perm has ", perm_.numel(), " entries but values has ",
               values.numel());
   TransposedTicket t{contiguous_1d(values), contiguous_1d(ccol_), contiguous_1d(row_), contiguous_1d(perm_)};
+  if (!read) return t;  // sizes only: the caller will not read through these indices
   check_ptr(t.ccol, t.vals.numel(), "ccol");
   check_index_range(t.row, gy.size(1), "row", "gy's feature dimension (gy.size(1))");
   check_index_range(t.perm, t.vals.numel(), "perm", "values");
@@ -627,7 +685,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
   const KeptRows k = checked_sddmm_args(gy_, x, crow, col, active);
   TORCH_CHECK(k.col.numel() == values.numel(), "sparseticket: col has ", k.col.numel(), " entries but values has ",
               values.numel());
-  const TransposedTicket t = checked_spmm_t_args(gy_, values, ccol, row, perm);
+  // the transposed structure's indices are range-checked only when gx reads through them
+  const TransposedTicket t = checked_spmm_t_args(gy_, values, ccol, row, perm, input_grad);
   const int64_t B = gy_.size(0), O = gy_.size(1), I = t.ccol.numel() - 1, nnz = t.vals.numel();
   TORCH_CHECK(x.size(1) == I, "sparseticket: x has ", x.size(1), " features but the ticket expects in_features=", I,
               " (ccol has ", I + 1, " entries)");
@@ -646,7 +705,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
     gv = at::zeros({0}, gy.options());
   } else {
     if (!A.defined()) A = pack(gy, ld, nnz * B);
-    gv = sddmm_packed(A, pack(x, ld, nnz * B), B, k.crow, k.col, k.active);
+    gv = sddmm_packed(A, pack_reusing(x, ld, nnz * B), B, k.crow, k.col, k.active);
   }
   Tensor gx;
   if (!input_grad)
@@ -1162,12 +1221,14 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
 }  // namespace sparseticket
 
 namespace sparseticket {
-void register_mlp_step(pybind11::module& m);  // csrc/mlp_step.cpp
+void register_mlp_step(pybind11::module& m);    // csrc/mlp_step.cpp
+void register_fast_calls(pybind11::module& m);  // csrc/fast_calls.cpp
 }  // namespace sparseticket
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparseticket compiled kernels (registered into torch.ops.sparseticket on import)";
   sparseticket::register_mlp_step(m);
+  sparseticket::register_fast_calls(m);
   m.def("cpu_isa", [] { return std::string(sparseticket::cpu::kernel_table().isa); },
         "ISA of the CPU kernel table in use: avx512, avx2 or base");
   m.def("cpu_vector_bytes", [] { return sparseticket::cpu::kernel_table().vector_bytes; });
