@@ -6,11 +6,13 @@
 // (LeNet-300-100), against ~2 us of arithmetic. pybind11's casters take the same lists in
 // ~1-2 us. The op is still called through the dispatcher, so the profiler, the device
 // dispatch and every backend see the same call; only the Python-side parsing differs.
+// Grad mode is off inside, as under the torch.no_grad() an optimizer step runs in.
 #include <torch/extension.h>
 
 #include <vector>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 
 namespace sparseticket {
 namespace {
@@ -34,6 +36,8 @@ void masked_sgd_call(const std::vector<Tensor>& params, const std::vector<Tensor
     for (const auto& t : v) l.push_back(t);
     return l;
   };
+  // an optimizer step: in-place updates of leaves that require grad, never recorded
+  c10::AutoGradMode no_grad(false);
   c10::List<bool> f;
   f.reserve(fresh.size());
   for (bool b : fresh) f.push_back(b);

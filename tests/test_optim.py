@@ -384,3 +384,56 @@ def test_zero_grad_set_to_none_and_zeroing(gen):
         assert p.grad is not None and not p.grad.any()
     opt.zero_grad()
     assert all(p.grad is None for p in (lin.weight_values, lin.bias, plain))
+
+
+def test_masked_sgd_repeat_step_is_taken_and_left(gen, monkeypatch):
+    """A step that changes nothing reuses the previous step's argument lists
+    (MaskedSGD._st_repeat_step); every kind of change sends it down the full path. Against
+    a twin optimizer that always takes the full path, the trajectories are bit-identical
+    through a learning-rate change, frozen neurons, a new mask, a state reset, a parameter
+    left without a gradient and a momentum switched off."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    m1 = make_mask((8, 10), 0.5, gen)
+    models = [stnn.sparsify(copy.deepcopy(base), masks={"0": m1}, mode="sparse") for _ in range(2)]
+    opts = [MaskedSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) for m in models]
+    full = opts[1]
+    monkeypatch.setattr(full, "_st_repeat_step", lambda group: False)
+    calls = {"prepare": 0}
+    prepare = opts[0]._prepare
+
+    def counting_prepare(group):
+        calls["prepare"] += 1
+        return prepare(group)
+
+    monkeypatch.setattr(opts[0], "_prepare", counting_prepare)
+    data = [(x.flatten(1)[:, :10], t) for x, t in batches(gen, 16)]
+    new_mask = make_mask((8, 10), 0.75, gen)
+    # the first step, each step with a change, and the step after the one without a gradient
+    # (not remembered: it did not cover every parameter)
+    expect_full = {0, 4, 6, 8, 10, 11, 12}
+    for k, (x, t) in enumerate(data):
+        # changes to both models first: a (re)registration anywhere bumps the registry's
+        # version, which also sends the other optimizer down the full path once
+        for model, opt in zip(models, opts):
+            if k == 3:  # read every step, no full path needed
+                opt.param_groups[0]["lr"] = 0.02
+            if k == 4:  # NEq-style freezing: a new active mask object
+                model[0].set_active(torch.tensor([True, False] * 4))
+            if k == 6:
+                model[0].set_mask(new_mask)
+            if k == 8:  # state replaced from outside
+                opt.state[model[2].weight]["momentum_buffer"] = torch.zeros_like(model[2].weight)
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            ((model(x) - t) ** 2).mean().backward()
+            if k == 10:  # a parameter without a gradient this step
+                model[2].bias.grad = None
+            if k == 12:
+                opt.param_groups[0]["momentum"] = 0.0
+            before = calls["prepare"]
+            opt.step()
+            if opt is opts[0]:
+                assert (calls["prepare"] > before) == (k in expect_full), f"step {k}"
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(p, q), f"step {k}"

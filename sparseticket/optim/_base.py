@@ -72,6 +72,9 @@ class MaskedOptimizer(Optimizer):
         self._st_tokens = {}
         # id(param group) -> (registry version, params list, its length, plan); see _plan
         self._st_plans = {}
+        # id(param group) -> the last step's argument lists, for a step that changes nothing
+        # (MaskedSGD._st_repeat_step)
+        self._st_repeat = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -149,6 +152,7 @@ class MaskedOptimizer(Optimizer):
         # the loaded state belongs to the parameters' current structure
         self._st_tokens = {}
         self._st_plans = {}
+        self._st_repeat = {}
 
     def _prepare(self, group: dict):
         """(param, state, keep, active, row_ptr) for each param of ``group`` with a gradient."""
