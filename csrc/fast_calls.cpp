@@ -48,7 +48,9 @@ void masked_sgd_call(const std::vector<Tensor>& params, const std::vector<Tensor
 }  // namespace
 
 void register_fast_calls(pybind11::module& m) {
-  m.def("masked_sgd_call", &masked_sgd_call,
+  // the arguments are converted with the GIL held; the step itself releases it, as
+  // torch.ops does
+  m.def("masked_sgd_call", &masked_sgd_call, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "torch.ops.sparseticket.masked_sgd_ (same arguments, same dispatch) without torch.ops' argument parsing.");
 }
 

@@ -151,19 +151,26 @@ Tensor pack(const Tensor& x, int64_t pw, int64_t work) {
 // The last few packed forward inputs, so that the backward's kept-weight gradient of the
 // same layer (sparse_linear_backward) reuses the forward's packing of x when the two
 // layouts agree (one panel of whole vectors covering the batch: B <= 64 fp32 on AVX-512
-// for in_features <= ~1000). An entry matches only the same live TensorImpl with the same
-// version, data pointer, sizes and strides -- what autograd itself relies on to detect a
-// saved input modified in place -- so it never serves stale data. Per thread (a CPU
-// backward runs on the thread that called it); at most kPackMemoEntries packs of at most
+// for in_features <= ~1000). An entry matches only the same live TensorImpl over the same
+// live StorageImpl, with the same version, dtype, data pointer, sizes and strides (the
+// version is what autograd itself relies on to detect a saved input modified in place).
+// One entry per tensor: a new forward of the same x replaces its entry, so the backward
+// always sees the packing of the latest forward. A write that bypasses the version
+// counter (through .data or a numpy view) between a forward and its backward is not
+// seen: the backward then uses the x that forward used. Per thread (a CPU backward runs
+// on the thread that called it); at most kPackMemoEntries packs of at most
 // kPackMemoBytes each are held.
 constexpr int kPackMemoEntries = 4;
 constexpr int64_t kPackMemoBytes = int64_t(1) << 20;
 struct PackMemo {
-  // a weak reference keeps the TensorImpl's address from being reused by another tensor
-  // while the entry exists, so an address match is the same tensor
+  // weak references keep the TensorImpl's and StorageImpl's addresses from being reused
+  // by other objects while the entry exists, so address matches are the same objects
   c10::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> src;
+  c10::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
   const c10::TensorImpl* impl = nullptr;
+  const c10::StorageImpl* storage_impl = nullptr;
   uint32_t version = 0;
+  at::ScalarType dtype = at::kFloat;
   const void* data = nullptr;
   int64_t B = 0, K = 0, sb = 0, sk = 0, pw = 0;
   Tensor packed;
@@ -171,30 +178,49 @@ struct PackMemo {
 thread_local PackMemo pack_memo_[kPackMemoEntries];
 thread_local int pack_memo_next_ = 0;
 
+bool memo_eligible(const Tensor& x) { return !x.is_inference() && x.has_storage(); }
+
+bool memo_same_tensor(const PackMemo& m, const Tensor& x) {
+  return m.packed.defined() && m.impl == x.unsafeGetTensorImpl() &&
+         m.storage_impl == x.storage().unsafeGetStorageImpl();
+}
+
 bool memo_key_matches(const PackMemo& m, const Tensor& x, int64_t pw) {
-  return m.packed.defined() && m.impl == x.unsafeGetTensorImpl() && m.pw == pw && m.data == x.data_ptr() &&
+  return memo_same_tensor(m, x) && m.pw == pw && m.dtype == x.scalar_type() && m.data == x.data_ptr() &&
          m.B == x.size(0) && m.K == x.size(1) && m.sb == x.stride(0) && m.sk == x.stride(1) &&
          m.version == x._version();
 }
 
 // x packed as panels of pw columns (pack), from the memo when x's forward packed it
 Tensor pack_reusing(const Tensor& x, int64_t pw, int64_t work) {
-  if (!x.is_inference()) {
+  if (memo_eligible(x)) {
     for (const PackMemo& m : pack_memo_)
       if (memo_key_matches(m, x, pw)) return m.packed;
   }
   return pack(x, pw, work);
 }
 
-// pack, remembering the result for pack_reusing
+// pack, remembering the result for pack_reusing when a backward could use it (the
+// single-panel layout the kept-weight gradient reads)
 Tensor pack_remembered(const Tensor& x, int64_t pw, int64_t work) {
   Tensor P = pack(x, pw, work);
-  if (x.is_inference() || P.numel() * P.element_size() > kPackMemoBytes) return P;
-  PackMemo& m = pack_memo_[pack_memo_next_];
-  pack_memo_next_ = (pack_memo_next_ + 1) % kPackMemoEntries;
+  if (!memo_eligible(x) || P.size(0) != 1 || pw != round_up(x.size(0), vector_lanes(x.scalar_type())) ||
+      P.numel() * P.element_size() > kPackMemoBytes)
+    return P;
+  PackMemo* slot = nullptr;
+  for (PackMemo& m : pack_memo_)  // the same tensor's older entry, if any, is replaced
+    if (memo_same_tensor(m, x)) slot = &m;
+  if (slot == nullptr) {
+    slot = &pack_memo_[pack_memo_next_];
+    pack_memo_next_ = (pack_memo_next_ + 1) % kPackMemoEntries;
+  }
+  PackMemo& m = *slot;
   m.src.emplace(x.getIntrusivePtr());
+  m.storage.emplace(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(x.storage().unsafeGetStorageImpl()));
   m.impl = x.unsafeGetTensorImpl();
+  m.storage_impl = x.storage().unsafeGetStorageImpl();
   m.version = x._version();
+  m.dtype = x.scalar_type();
   m.data = x.data_ptr();
   m.B = x.size(0);
   m.K = x.size(1);
@@ -340,6 +366,7 @@ TransposedTicket checked_spmm_t_args(const Tensor& gy, const Tensor& values, con
   TORCH_CHECK(perm_.numel() == values.numel(), "sparseticket: perm has ", perm_.numel(), " entries but values has ",
               values.numel());
   TransposedTicket t{contiguous_1d(values), contiguous_1d(ccol_), contiguous_1d(row_), contiguous_1d(perm_)};
+  TORCH_CHECK(t.ccol.numel() >= 1, "sparseticket: ccol must have I + 1 >= 1 entries");
   if (!read) return t;  // sizes only: the caller will not read through these indices
   check_ptr(t.ccol, t.vals.numel(), "ccol");
   check_index_range(t.row, gy.size(1), "row", "gy's feature dimension (gy.size(1))");
@@ -638,7 +665,9 @@ void relu_grad_rows(const T* __restrict__ G, const T* __restrict__ Y, T* __restr
 std::pair<Tensor, Tensor> relu_grad_and_bias_grad(const Tensor& gy, const Tensor& y,
                                                   const c10::optional<Tensor>& active) {
   const int64_t B = gy.size(0), O = gy.size(1);
-  const bool small = B * O <= (int64_t(1) << 16) && gy.is_contiguous() && (!y.defined() || y.is_contiguous());
+  // (B <= 1024: a batch summed in order, not pairwise as at::sum does, stays short)
+  const bool small = B <= 1024 && B * O <= (int64_t(1) << 16) && gy.is_contiguous() &&
+                     (!y.defined() || y.is_contiguous());
   Tensor g, gb;
   if (!small) {
     g = y.defined() ? at::threshold_backward(gy, y, 0) : gy;

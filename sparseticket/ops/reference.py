@@ -147,8 +147,8 @@ def reference_sparse_linear_backward(gy: Tensor, y: Optional[Tensor], x: Tensor,
     """(gx, gvalues, gbias) of sparse_linear, or of sparse_linear_relu when its output y is
     given (gy is then zeroed where y <= 0, as ReLU's backward does). gx is gy W, or an
     empty [0, I] when not ``input_grad``; gvalues and gbias are 0 on frozen rows."""
-    if y is not None:
-        gy = torch.where(y > 0, gy, torch.zeros_like(gy))
+    if y is not None:  # threshold_backward(gy, y, 0): gy passes where y > 0 or y is NaN
+        gy = torch.where(y <= 0, torch.zeros_like(gy), gy)
     I = ccol.numel() - 1
     gx = reference_spmm_t(gy, values, ccol, row, perm) if input_grad else gy.new_empty((0, I))
     gb = gy.sum(0)

@@ -56,7 +56,9 @@ class MaskedSGD(MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fast = _masked_sgd_call is not None and not torch.compiler.is_compiling()
+        # the C++ entry skips Python's __torch_function__ handling: not under a mode
+        fast = (_masked_sgd_call is not None and not torch.compiler.is_compiling()
+                and not torch._C._is_torch_function_mode_enabled())
         for group in self.param_groups:
             if fast and self._st_repeat_step(group):
                 continue
