@@ -437,3 +437,39 @@ def test_masked_sgd_repeat_step_is_taken_and_left(gen, monkeypatch):
                 assert (calls["prepare"] > before) == (k in expect_full), f"step {k}"
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             assert torch.equal(p, q), f"step {k}"
+
+
+def test_masked_sgd_repeat_step_after_state_load_new_group_and_zeroed_grads(gen, monkeypatch):
+    """More changes the repeated step must notice: a state_dict loaded mid-run, a param
+    group added, gradients zeroed instead of set to None, a parameter's .data replaced by a
+    tensor of the same shape. Bit-identical to a twin that always takes the full path."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    m1 = make_mask((8, 10), 0.5, gen)
+    e0 = torch.randn(4, dtype=F64, generator=gen)
+    extra = [nn.Parameter(e0.clone()) for _ in range(2)]
+    models = [stnn.sparsify(copy.deepcopy(base), masks={"0": m1}, mode="sparse") for _ in range(2)]
+    opts = [MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    monkeypatch.setattr(opts[1], "_st_repeat_step", lambda group: False)
+    data = [(x.flatten(1)[:, :10], t) for x, t in batches(gen, 12)]
+    saved = None
+    for k, (x, t) in enumerate(data):
+        for i, (model, opt) in enumerate(zip(models, opts)):
+            if k == 2 and i == 0:
+                saved = copy.deepcopy(opt.state_dict())
+            if k == 4:
+                opt.load_state_dict(copy.deepcopy(saved))
+            if k == 6:
+                opt.add_param_group({"params": [extra[i]], "lr": 0.1})
+            if k == 8:
+                with torch.no_grad():
+                    model[2].weight.data = model[2].weight.data.clone() * 0.5
+            opt.zero_grad(set_to_none=(k % 2 == 0))
+            loss = ((model(x) - t) ** 2).mean()
+            if k >= 6:
+                loss = loss + (extra[i] ** 2).sum() * 0.1
+            loss.backward()
+            opt.step()
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(p, q), f"step {k}"
+        assert torch.equal(extra[0], extra[1]), f"step {k}"
