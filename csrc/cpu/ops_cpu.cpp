@@ -167,13 +167,10 @@ struct PackMemo {
   // by other objects while the entry exists, so address matches are the same objects
   c10::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> src;
   c10::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
-  const c10::TensorImpl* impl = nullptr;
-  const c10::StorageImpl* storage_impl = nullptr;
   uint32_t version = 0;
-  at::ScalarType dtype = at::kFloat;
   const void* data = nullptr;
-  int64_t B = 0, K = 0, sb = 0, sk = 0, pw = 0;
-  Tensor packed;
+  int64_t B = 0, sb = 0, sk = 0;
+  Tensor packed;  // [1, K, pw] of x's dtype: the rest of the key
 };
 thread_local PackMemo pack_memo_[kPackMemoEntries];
 thread_local int pack_memo_next_ = 0;
@@ -181,14 +178,14 @@ thread_local int pack_memo_next_ = 0;
 bool memo_eligible(const Tensor& x) { return !x.is_inference() && x.has_storage(); }
 
 bool memo_same_tensor(const PackMemo& m, const Tensor& x) {
-  return m.packed.defined() && m.impl == x.unsafeGetTensorImpl() &&
-         m.storage_impl == x.storage().unsafeGetStorageImpl();
+  return m.packed.defined() && m.src->_unsafe_get_target() == x.unsafeGetTensorImpl() &&
+         m.storage->_unsafe_get_target() == x.storage().unsafeGetStorageImpl();
 }
 
 bool memo_key_matches(const PackMemo& m, const Tensor& x, int64_t pw) {
-  return memo_same_tensor(m, x) && m.pw == pw && m.dtype == x.scalar_type() && m.data == x.data_ptr() &&
-         m.B == x.size(0) && m.K == x.size(1) && m.sb == x.stride(0) && m.sk == x.stride(1) &&
-         m.version == x._version();
+  return memo_same_tensor(m, x) && m.packed.size(2) == pw && m.packed.scalar_type() == x.scalar_type() &&
+         m.data == x.data_ptr() && m.B == x.size(0) && m.packed.size(1) == x.size(1) && m.sb == x.stride(0) &&
+         m.sk == x.stride(1) && m.version == x._version();
 }
 
 // x packed as panels of pw columns (pack), from the memo when x's forward packed it
@@ -217,16 +214,11 @@ Tensor pack_remembered(const Tensor& x, int64_t pw, int64_t work) {
   PackMemo& m = *slot;
   m.src.emplace(x.getIntrusivePtr());
   m.storage.emplace(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(x.storage().unsafeGetStorageImpl()));
-  m.impl = x.unsafeGetTensorImpl();
-  m.storage_impl = x.storage().unsafeGetStorageImpl();
   m.version = x._version();
-  m.dtype = x.scalar_type();
   m.data = x.data_ptr();
   m.B = x.size(0);
-  m.K = x.size(1);
   m.sb = x.stride(0);
   m.sk = x.stride(1);
-  m.pw = pw;
   m.packed = P;
   return P;
 }

@@ -86,10 +86,8 @@ class MaskedSGD(MaskedOptimizer):
             else:
                 fresh.append(False)
         if params:
-            (_masked_sgd_call if fast else _masked_sgd_)(
-                params, grads, bufs, keeps, actives, row_ptrs, fresh, _float(group["lr"], "lr"), momentum,
-                _float(group["dampening"], "dampening"), _float(group["weight_decay"], "weight_decay"),
-                bool(group["nesterov"]), bool(group["maximize"]))
+            (_masked_sgd_call if fast else _masked_sgd_)(params, grads, bufs, keeps, actives, row_ptrs, fresh,
+                                                         *_hyper(group, momentum))
         self._st_remember_step(group, prepared, momentum != 0, params, bufs, keeps, actives, row_ptrs)
 
     # A group whose step found nothing to change (the same parameters, every one with a
@@ -139,7 +137,12 @@ class MaskedSGD(MaskedOptimizer):
                 return False
             grads.append(g)
         params, bufs, keeps, actives, row_ptrs, fresh = c[6]
-        _masked_sgd_call(params, grads, bufs, keeps, actives, row_ptrs, fresh, _float(group["lr"], "lr"), momentum,
-                         _float(group["dampening"], "dampening"), _float(group["weight_decay"], "weight_decay"),
-                         bool(group["nesterov"]), bool(group["maximize"]))
+        _masked_sgd_call(params, grads, bufs, keeps, actives, row_ptrs, fresh, *_hyper(group, momentum))
         return True
+
+
+def _hyper(group: dict, momentum: float) -> tuple:
+    """masked_sgd_'s scalar arguments (lr, momentum, dampening, weight_decay, nesterov,
+    maximize) from a param group, read at every step."""
+    return (_float(group["lr"], "lr"), momentum, _float(group["dampening"], "dampening"),
+            _float(group["weight_decay"], "weight_decay"), bool(group["nesterov"]), bool(group["maximize"]))
