@@ -38,6 +38,13 @@ variable_list sparse_linear_grads(AutogradContext* ctx, const Tensor& gy, const 
                &row = saved[5], &perm = saved[6], &active = saved[7];
   const bool want_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7);
   Tensor gx, gv, gb;
+  // The ops called here have no derivative of their own, so they reach their backend
+  // through torch's boxed Autograd fallback, which (grad mode off) only checks the
+  // arguments and redispatches: boxing and unboxing the eleven arguments cost 1-2 us a
+  // layer. Without create_graph nothing is recorded, so skip it. With create_graph the
+  // fallback still runs and marks what it returns as not differentiable.
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  if (!c10::GradMode::is_enabled()) below.emplace();
   if (ctx->needs_input_grad(1)) {
     std::tie(gx, gv, gb) = call_sparse_linear_backward(gy.contiguous(), opt(y), x, values, crow, col, ccol, row,
                                                        perm, opt(active), ctx->needs_input_grad(0));

@@ -14,6 +14,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
+#include "op_calls.h"
+
 namespace sparseticket {
 namespace {
 
@@ -38,11 +40,21 @@ void masked_sgd_call(const std::vector<Tensor>& params, const std::vector<Tensor
   };
   // an optimizer step: in-place updates of leaves that require grad, never recorded
   c10::AutoGradMode no_grad(false);
+  at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: skip the Autograd key's boxed fallback
   c10::List<bool> f;
   f.reserve(fresh.size());
   for (bool b : fresh) f.push_back(b);
   op.call(params, grads, bufs, to_list(keeps), to_list(actives), to_list(row_ptrs), std::move(f), lr, momentum,
           dampening, weight_decay, nesterov, maximize);
+}
+
+// sparse_linear / sparse_linear_relu as SparseLinear calls them (grad mode as the caller
+// has it, so the autograd kernel records the node when it should).
+Tensor sparse_linear_call(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                          const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,
+                          const c10::optional<Tensor>& active, bool relu) {
+  return relu ? calls::call_sparse_linear_relu(x, values, crow, col, ccol, row, perm, bias, active)
+              : calls::call_sparse_linear(x, values, crow, col, ccol, row, perm, bias, active);
 }
 
 }  // namespace
@@ -52,6 +64,9 @@ void register_fast_calls(pybind11::module& m) {
   // torch.ops does
   m.def("masked_sgd_call", &masked_sgd_call, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "torch.ops.sparseticket.masked_sgd_ (same arguments, same dispatch) without torch.ops' argument parsing.");
+  m.def("sparse_linear_call", &sparse_linear_call, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "torch.ops.sparseticket.sparse_linear_relu if relu else sparse_linear (same arguments, same dispatch) "
+        "without torch.ops' argument parsing.");
 }
 
 }  // namespace sparseticket

@@ -640,3 +640,83 @@ def test_sparse_conv_output_layout_is_nn_conv2ds(sparsity, mode, groups, k, fmt)
     flat = sp._buffers["flat"].long()
     got = torch.zeros(sp.dense_weight().numel()).index_put_((flat,), sp.weight_values.grad)
     torch.testing.assert_close(got.view_as(conv.weight), conv.weight.grad * (sp.dense_weight() != 0))
+
+
+# ----------------------------------------------------------------- SparseLinear's C++ entry
+
+
+def _fast_entry_layer(relu, gen):
+    lin = nn.Linear(13, 7).double()
+    layer = stnn.SparseLinear.from_dense(lin, make_mask(lin.weight.shape, 0.5, gen), mode="sparse")
+    if relu:
+        layer.activation = "relu"
+    return layer
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_sparse_linear_fast_entry_matches_torch_ops(relu, monkeypatch):
+    """The C++ entry (sparse_linear_call) and torch.ops give the same output and gradients, bit for bit."""
+    import sparseticket.nn.linear as lin_mod
+    if lin_mod._sparse_linear_call is None:
+        pytest.skip("C++ extension not loaded")
+    gen = torch.Generator().manual_seed(3)
+    layer = _fast_entry_layer(relu, gen)
+    x = torch.randn(5, 13, dtype=F64, generator=gen)
+    runs = []
+    for entry in (lin_mod._sparse_linear_call, None):
+        monkeypatch.setattr(lin_mod, "_sparse_linear_call", entry)
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        assert y.grad_fn is not None
+        (y * torch.arange(7, dtype=F64)).sum().backward()
+        runs.append((y.detach(), xx.grad, layer.weight_values.grad, layer.bias.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_sparse_linear_fast_entry_defers_to_torch_function():
+    """Under a TorchFunctionMode, or with a tensor subclass that overrides
+    __torch_function__, the layer calls torch.ops (which honours them), not the C++ entry."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        calls = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    gen = torch.Generator().manual_seed(4)
+    layer = _fast_entry_layer(True, gen)
+    x = torch.randn(3, 13, dtype=F64, generator=gen)
+    expected = layer(x)
+    with Record():
+        y = layer(x)
+    assert any("sparse_linear_relu" in s for s in seen), seen
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y = layer(x.as_subclass(Sub))
+    assert any("sparse_linear_relu" in s for s in Sub.calls), Sub.calls
+    torch.testing.assert_close(torch.Tensor(y), expected, rtol=0, atol=0)
+
+
+def test_sparse_linear_create_graph_backward():
+    """With create_graph=True the backward's ops go through torch's Autograd fallback (the
+    C++ backward skips it only when nothing is recorded): the first-order gradients are
+    the same as without it."""
+    gen = torch.Generator().manual_seed(5)
+    layer = _fast_entry_layer(True, gen)
+    x = torch.randn(4, 13, dtype=F64, generator=gen, requires_grad=True)
+    params = (x, layer.weight_values, layer.bias)
+    plain = torch.autograd.grad(layer(x).square().sum(), params)
+    graphed = torch.autograd.grad(layer(x).square().sum(), params, create_graph=True)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)

@@ -3,7 +3,7 @@ NEq freezing, state_dict loading of data-dependent sizes, and the execution choi
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -343,10 +343,10 @@ class TicketModule(NEqMixin, nn.Module):
         return torch.where(found, t.index_select(0, pos), torch.zeros((), dtype=t.dtype, device=t.device))
 
     # -- execution choice
-    def _path(self, x: Tensor, key_fn: Callable[[], tuple],
-              measure_fn: Callable[[], Tuple[Callable, Callable]]) -> str:
-        """'sparse' or 'dense' for this call; eager calls record it in ``last_path``
-        (what was dispatched, for FLOP accounting)."""
+    def _path(self, x: Tensor) -> str:
+        """'sparse' or 'dense' for this call (``x`` as the kernels get it); eager calls
+        record it in ``last_path`` (what was dispatched, for FLOP accounting). Subclasses
+        give ``_key(x)`` (the shared cache's key) and ``_run_sparse`` / ``_run_dense``."""
         mode = self.mode if self.mode != "auto" else _mode._GLOBAL_MODE
         if mode != "auto":
             if not torch.compiler.is_compiling():
@@ -360,19 +360,21 @@ class TicketModule(NEqMixin, nn.Module):
         # per-module memo of the shared cache (the full key costs ~3 us to build)
         small = (x.shape, x.dtype, x.requires_grad, torch.is_grad_enabled(), torch.get_num_threads(),
                  _mode.VERSION[0], self._st_token)
-        fast = self.__dict__.get("_fast_choice")
-        if fast is not None and small in fast:
-            choice = self.__dict__["last_path"] = fast[small]
+        d = self.__dict__
+        fast = d.get("_fast_choice")
+        choice = None if fast is None else fast.get(small)
+        if choice is not None:
+            d["last_path"] = choice
             return choice
-        key = key_fn()
+        key = self._key(x)
         choice = _mode._CHOICES.get(key)
         if choice is None:
-            choice = _mode.decide(key, *measure_fn())
+            choice = _mode.decide(key, *self._measure_fns(x, self._run_sparse, self._run_dense))
         self._choice, self._last_key = choice, key
         if fast is None or len(fast) > 64:
-            fast = self.__dict__["_fast_choice"] = {}
+            fast = d["_fast_choice"] = {}
         fast[small] = choice
-        self.__dict__["last_path"] = choice
+        d["last_path"] = choice
         return choice
 
     def _grad_key(self, x: Tensor) -> bool:

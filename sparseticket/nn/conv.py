@@ -214,7 +214,7 @@ class SparseConv2d(TicketModule):
         if oh <= 0 or ow <= 0:
             raise ValueError(f"sparseticket: {where(self)}: input of spatial size {tuple(x.shape[2:])} (after "
                              f"padding) is smaller than the dilated kernel")
-        path = self._path(x, lambda: self._key(x), lambda: self._measure_fns(x, self._run_sparse, self._run_dense))
+        path = self._path(x)
         run = self._run_sparse if path == "sparse" else self._run_dense
         y = run(x, self.weight_values, self.bias).contiguous(memory_format=fmt)  # a no-op when it already is
         return y.squeeze(0) if unbatched else y
