@@ -40,7 +40,9 @@ void masked_sgd_call(const std::vector<Tensor>& params, const std::vector<Tensor
   };
   // an optimizer step: in-place updates of leaves that require grad, never recorded
   c10::AutoGradMode no_grad(false);
-  at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: skip the Autograd key's boxed fallback
+  // nothing to record: skip the Autograd key's boxed fallback (the ADInplaceOrView kernel
+  // in csrc/inplace.cpp still bumps the version counters)
+  at::AutoDispatchBelowAutograd below;
   c10::List<bool> f;
   f.reserve(fresh.size());
   for (bool b : fresh) f.push_back(b);

@@ -473,3 +473,37 @@ def test_masked_sgd_repeat_step_after_state_load_new_group_and_zeroed_grads(gen,
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             assert torch.equal(p, q), f"step {k}"
         assert torch.equal(extra[0], extra[1]), f"step {k}"
+
+
+@pytest.mark.parametrize("opt_cls, kw, entry", [
+    (MaskedSGD, dict(lr=0.05, momentum=0.9), "fast"),
+    (MaskedSGD, dict(lr=0.05, momentum=0.9), "torch.ops"),
+    (MaskedAdamW, dict(lr=1e-2, amsgrad=True), "torch.ops"),
+], ids=["sgd-fast", "sgd-torch.ops", "adamw"])
+def test_step_bumps_version_counters_as_torch_optim(opt_cls, kw, entry, gen, monkeypatch):
+    """Every parameter and state tensor the step writes has its version counter bumped, as
+    torch.optim's in-place updates do, so a backward through weights the step changed
+    fails as it does with torch.optim.SGD instead of silently using the new values."""
+    import sparseticket.optim.sgd as sgd_module
+    if entry == "torch.ops":
+        monkeypatch.setattr(sgd_module, "_masked_sgd_call", None)
+    sparse, ref, _ = pair(gen)
+    x, t = batches(gen, 1)[0]
+    results = []
+    for model, opt in ((sparse, opt_cls(sparse.parameters(), **kw)),
+                       (ref, (torch.optim.SGD if opt_cls is MaskedSGD else torch.optim.AdamW)(ref.parameters(), **kw))):
+        ((model(x) - t) ** 2).mean().backward()
+        opt.step()  # creates the state
+        for _ in range(2):  # the first and a repeated step (MaskedSGD's cached path)
+            ((model(x) - t) ** 2).mean().backward()
+            tensors = [p for p in model.parameters()] + [s for st in opt.state.values() for s in st.values()
+                                                          if torch.is_tensor(s) and s.dim() > 0]
+            before = [s._version for s in tensors]
+            opt.step()
+            assert all(s._version > v for s, v in zip(tensors, before))
+        loss = ((model(x) - t) ** 2).mean()
+        opt.step()
+        with pytest.raises(RuntimeError) as err:
+            loss.backward()
+        results.append("modified by an inplace operation" in str(err.value))
+    assert results == [True, True]
