@@ -38,13 +38,7 @@ variable_list sparse_linear_grads(AutogradContext* ctx, const Tensor& gy, const 
                &row = saved[5], &perm = saved[6], &active = saved[7];
   const bool want_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7);
   Tensor gx, gv, gb;
-  // The ops called here have no derivative of their own, so they reach their backend
-  // through torch's boxed Autograd fallback, which (grad mode off) only checks the
-  // arguments and redispatches: boxing and unboxing the eleven arguments cost 1-2 us a
-  // layer. Without create_graph nothing is recorded, so skip it. With create_graph the
-  // fallback still runs and marks what it returns as not differentiable.
-  c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
-  if (!c10::GradMode::is_enabled()) below.emplace();
+  const BelowAutogradUnlessRecording below;
   if (ctx->needs_input_grad(1)) {
     std::tie(gx, gv, gb) = call_sparse_linear_backward(gy.contiguous(), opt(y), x, values, crow, col, ccol, row,
                                                        perm, opt(active), ctx->needs_input_grad(0));
@@ -108,6 +102,7 @@ class NeqLinearFunction : public torch::autograd::Function<NeqLinearFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const BelowAutogradUnlessRecording below;
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &active = saved[2];
     const Tensor gy = grads[0].contiguous();
@@ -134,6 +129,7 @@ class TicketExpandFunction : public torch::autograd::Function<TicketExpandFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const BelowAutogradUnlessRecording below;
     const auto saved = ctx->get_saved_variables();
     return {call_ticket_compress(grads[0], saved[0], saved[1], ctx->saved_data["nnz"].toSymInt()), Tensor(), Tensor(),
             Tensor()};

@@ -3,12 +3,31 @@
 // keeps one code path for every device that has kernels.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Optional.h>
 
 namespace sparseticket {
 namespace calls {
 
 using at::Tensor;
+
+// For the C++ backward formulas (csrc/autograd*.cpp). Their sparseticket ops have no
+// derivative of their own, so they reach their backend through torch's boxed Autograd
+// fallback, which with grad mode off only boxes, checks and unboxes the arguments (1-2 us
+// a call with eleven of them). Without create_graph a backward records nothing, so this
+// guard sends every call below the Autograd key; with create_graph (grad mode on) it does
+// nothing and the fallback marks what it returns as not differentiable, as before.
+class BelowAutogradUnlessRecording {
+ public:
+  BelowAutogradUnlessRecording() {
+    if (!c10::GradMode::is_enabled()) guard_.emplace();
+  }
+
+ private:
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> guard_;
+};
 
 inline Tensor call_sparse_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                           const Tensor& ccol, const Tensor& row, const Tensor& perm, const c10::optional<Tensor>& bias,

@@ -708,14 +708,27 @@ def test_sparse_linear_fast_entry_defers_to_torch_function():
     torch.testing.assert_close(torch.Tensor(y), expected, rtol=0, atol=0)
 
 
-def test_sparse_linear_create_graph_backward():
-    """With create_graph=True the backward's ops go through torch's Autograd fallback (the
-    C++ backward skips it only when nothing is recorded): the first-order gradients are
-    the same as without it."""
+def _create_graph_layer(kind, gen):
+    if kind == "sparse_linear":
+        return _fast_entry_layer(True, gen), torch.randn(4, 13, dtype=F64, generator=gen)
+    if kind == "neq_linear":
+        layer = stnn.enable_neq(nn.Sequential(nn.Linear(13, 7).double()))[0]
+        layer.set_active(torch.arange(7) % 2 == 0)
+        return layer, torch.randn(4, 13, dtype=F64, generator=gen)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    layer = stnn.SparseConv2d.from_dense(conv, make_mask(conv.weight.shape, 0.5, gen), mode="sparse")
+    return layer, torch.randn(2, 3, 6, 6, dtype=F64, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["sparse_linear", "neq_linear", "sparse_conv2d"])
+def test_create_graph_backward_gives_the_same_gradients(kind):
+    """The C++ backward formulas call their ops below the Autograd key only when grad mode
+    is off; with create_graph=True they go through torch's Autograd fallback as before, and
+    the first-order gradients are the same either way."""
     gen = torch.Generator().manual_seed(5)
-    layer = _fast_entry_layer(True, gen)
-    x = torch.randn(4, 13, dtype=F64, generator=gen, requires_grad=True)
-    params = (x, layer.weight_values, layer.bias)
+    layer, x = _create_graph_layer(kind, gen)
+    x.requires_grad_(True)
+    params = (x,) + tuple(p for p in layer.parameters() if p.requires_grad)
     plain = torch.autograd.grad(layer(x).square().sum(), params)
     graphed = torch.autograd.grad(layer(x).square().sum(), params, create_graph=True)
     for a, b in zip(plain, graphed):
