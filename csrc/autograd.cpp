@@ -102,8 +102,8 @@ class NeqLinearFunction : public torch::autograd::Function<NeqLinearFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // first: unpacking may recompute (checkpoint)
     const BelowAutogradUnlessRecording below;
-    const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &active = saved[2];
     const Tensor gy = grads[0].contiguous();
     Tensor gx, gw, gb;
@@ -129,8 +129,8 @@ class TicketExpandFunction : public torch::autograd::Function<TicketExpandFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // first: unpacking may recompute (checkpoint)
     const BelowAutogradUnlessRecording below;
-    const auto saved = ctx->get_saved_variables();
     return {call_ticket_compress(grads[0], saved[0], saved[1], ctx->saved_data["nnz"].toSymInt()), Tensor(), Tensor(),
             Tensor()};
   }

@@ -79,8 +79,8 @@ class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // first: unpacking may recompute (checkpoint)
     const calls::BelowAutogradUnlessRecording below;
-    const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &ccol = saved[4],
                  &row = saved[5], &perm = saved[6], &active = saved[7];
     const auto ks = ctx->saved_data["ks"].toIntVector(), st = ctx->saved_data["st"].toIntVector();

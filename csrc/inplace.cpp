@@ -10,6 +10,7 @@
 // every tensor of the lists the schema marks as written (Tensor(a!)[]), whatever the
 // masks left unchanged: torch bumps on any in-place write to a tensor.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
@@ -24,6 +25,17 @@ void bump(TensorList ts) {
   for (const Tensor& t : ts) torch::autograd::increment_version(t);
 }
 
+// torch refuses an in-place write to an inference tensor outside inference mode; checked
+// for every written list before the op runs, so a refused step has written nothing (the
+// bump after it would raise only once the update was done)
+void check_writable(TensorList ts, const char* name) {
+  if (c10::InferenceMode::is_enabled()) return;
+  for (const Tensor& t : ts)
+    TORCH_CHECK(!t.is_inference(), "sparseticket: ", name,
+                " holds an inference tensor (created under torch.inference_mode()); an in-place update of it "
+                "outside inference mode is not allowed, as for torch's in-place ops");
+}
+
 void masked_sgd_inplace(c10::DispatchKeySet ks, TensorList params, TensorList grads, TensorList bufs,
                         const OptTensors& keeps, const OptTensors& actives, const OptTensors& row_ptrs,
                         c10::List<bool> fresh, double lr, double momentum, double dampening, double weight_decay,
@@ -32,6 +44,8 @@ void masked_sgd_inplace(c10::DispatchKeySet ks, TensorList params, TensorList gr
                        .findSchemaOrThrow("sparseticket::masked_sgd_", "")
                        .typed<void(TensorList, TensorList, TensorList, const OptTensors&, const OptTensors&,
                                    const OptTensors&, c10::List<bool>, double, double, double, double, bool, bool)>();
+  check_writable(params, "masked_sgd_: params");
+  check_writable(bufs, "masked_sgd_: momentum_buffers");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, bufs, keeps, actives, row_ptrs,
@@ -51,6 +65,10 @@ void masked_adamw_inplace(c10::DispatchKeySet ks, TensorList params, TensorList 
                        .typed<void(TensorList, TensorList, TensorList, TensorList, TensorList, const OptTensors&,
                                    const OptTensors&, const OptTensors&, c10::ArrayRef<double>, double, double,
                                    double, double, double, bool, bool)>();
+  check_writable(params, "masked_adamw_: params");
+  check_writable(exp_avgs, "masked_adamw_: exp_avgs");
+  check_writable(exp_avg_sqs, "masked_adamw_: exp_avg_sqs");
+  check_writable(max_exp_avg_sqs, "masked_adamw_: max_exp_avg_sqs");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,

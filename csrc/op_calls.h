@@ -19,6 +19,8 @@ using at::Tensor;
 // a call with eleven of them). Without create_graph a backward records nothing, so this
 // guard sends every call below the Autograd key; with create_graph (grad mode on) it does
 // nothing and the fallback marks what it returns as not differentiable, as before.
+// Create it after ctx->get_saved_variables(): unpacking the saved tensors is where
+// torch.utils.checkpoint re-runs the forward, which must record as usual.
 class BelowAutogradUnlessRecording {
  public:
   BelowAutogradUnlessRecording() {

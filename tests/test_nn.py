@@ -662,8 +662,14 @@ def test_sparse_linear_fast_entry_matches_torch_ops(relu, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     layer = _fast_entry_layer(relu, gen)
     x = torch.randn(5, 13, dtype=F64, generator=gen)
-    runs = []
-    for entry in (lin_mod._sparse_linear_call, None):
+    runs, used = [], []
+    real = lin_mod._sparse_linear_call
+
+    def counted(*args):
+        used.append(args[-1])
+        return real(*args)
+
+    for entry in (counted, None):
         monkeypatch.setattr(lin_mod, "_sparse_linear_call", entry)
         layer.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
@@ -671,6 +677,7 @@ def test_sparse_linear_fast_entry_matches_torch_ops(relu, monkeypatch):
         assert y.grad_fn is not None
         (y * torch.arange(7, dtype=F64)).sum().backward()
         runs.append((y.detach(), xx.grad, layer.weight_values.grad, layer.bias.grad))
+    assert used == [relu]  # the first run went through the C++ entry, once
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -732,4 +739,30 @@ def test_create_graph_backward_gives_the_same_gradients(kind):
     plain = torch.autograd.grad(layer(x).square().sum(), params)
     graphed = torch.autograd.grad(layer(x).square().sum(), params, create_graph=True)
     for a, b in zip(plain, graphed):
+        assert not a.requires_grad
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
+    # the input gradient is recorded (square's backward multiplies by the output, and the
+    # ops' fallback node stays in the graph): skipping the Autograd key unconditionally
+    # would cut it
+    assert graphed[0].requires_grad
+
+
+@pytest.mark.parametrize("kind", ["sparse_linear", "sparse_linear_dense_path", "neq_linear", "sparse_conv2d"])
+def test_non_reentrant_checkpoint(kind):
+    """torch.utils.checkpoint(use_reentrant=False) re-runs the forward when the backward
+    unpacks its saved tensors; the C++ backward formulas must let it record as usual."""
+    from torch.utils.checkpoint import checkpoint
+    gen = torch.Generator().manual_seed(6)
+    layer, x = _create_graph_layer("sparse_linear" if kind == "sparse_linear_dense_path" else kind, gen)
+    if kind == "sparse_linear_dense_path":
+        layer.mode = "dense"  # ticket_expand's node
+    x.requires_grad_(True)
+    params = (x,) + tuple(p for p in layer.parameters() if p.requires_grad)
+
+    def f(inp):
+        return layer(torch.tanh(1.5 * inp))
+
+    plain = torch.autograd.grad(f(x).square().sum(), params)
+    ckpt = torch.autograd.grad(checkpoint(f, x, use_reentrant=False).square().sum(), params)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

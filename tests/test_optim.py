@@ -507,3 +507,22 @@ def test_step_bumps_version_counters_as_torch_optim(opt_cls, kw, entry, gen, mon
             loss.backward()
         results.append("modified by an inplace operation" in str(err.value))
     assert results == [True, True]
+
+
+@pytest.mark.parametrize("opt_cls, kw", [(MaskedSGD, dict(lr=0.05, momentum=0.9)), (MaskedAdamW, dict(lr=1e-2))],
+                         ids=["sgd", "adamw"])
+def test_step_after_state_made_under_inference_mode_writes_nothing(opt_cls, kw, gen):
+    """State created by a step under torch.inference_mode() is made of inference tensors; a
+    later step outside it is refused, as torch.optim's is, and before anything is written."""
+    sparse, _, _ = pair(gen)
+    opt = opt_cls(sparse.parameters(), **kw)
+    x, t = batches(gen, 1)[0]
+    ((sparse(x) - t) ** 2).mean().backward()
+    with torch.inference_mode():
+        opt.step()
+    ((sparse(x) - t) ** 2).mean().backward()
+    before = [p.detach().clone() for p in sparse.parameters()]
+    with pytest.raises(RuntimeError, match="inference"):
+        opt.step()
+    for p, b in zip(sparse.parameters(), before):
+        assert torch.equal(p.detach(), b)
