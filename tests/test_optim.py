@@ -526,3 +526,36 @@ def test_step_after_state_made_under_inference_mode_writes_nothing(opt_cls, kw, 
         opt.step()
     for p, b in zip(sparse.parameters(), before):
         assert torch.equal(p.detach(), b)
+
+
+def test_masked_sgd_defers_to_torch_function_of_its_params(monkeypatch):
+    """With a parameter whose class overrides __torch_function__, MaskedSGD calls
+    torch.ops (which honours it), not its C++ entry, on both the full and the repeated step."""
+    import sparseticket.optim.sgd as sgd_module
+    calls = []
+
+    class Sub(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    entry = []
+    if sgd_module._masked_sgd_call is not None:
+        real = sgd_module._masked_sgd_call
+        monkeypatch.setattr(sgd_module, "_masked_sgd_call", lambda *a: (entry.append(1), real(*a))[1])
+    p = torch.ones(5, dtype=F64).as_subclass(Sub).requires_grad_(True)
+    opt = MaskedSGD([p], lr=0.5, momentum=0.9)
+    for _ in range(3):
+        p.grad = torch.ones(5, dtype=F64)
+        calls.clear()
+        opt.step()
+        assert any("masked_sgd_" in c for c in calls), calls
+    assert entry == []
+    # 1 -> 0.5 -> 0.5 - 0.5 * 1.9 -> ... : torch.optim.SGD's momentum on a constant gradient
+    ref = torch.ones(5, dtype=F64, requires_grad=True)
+    ropt = torch.optim.SGD([ref], lr=0.5, momentum=0.9)
+    for _ in range(3):
+        ref.grad = torch.ones(5, dtype=F64)
+        ropt.step()
+    torch.testing.assert_close(torch.Tensor(p.detach()), ref.detach(), rtol=0, atol=0)

@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import has_torch_function
 
 from .. import ops as _ops
 from . import _mode
@@ -18,9 +17,7 @@ _sparse_linear_relu = torch.ops.sparseticket.sparse_linear_relu
 _ticket_expand = torch.ops.sparseticket.ticket_expand
 _neq_linear = torch.ops.sparseticket.neq_linear
 # sparse_linear(_relu) through the C++ dispatcher without torch.ops' argument parsing
-# (csrc/fast_calls.cpp: ~2 us less per call). Not while torch.compile traces (it must see
-# the op) nor when an argument or a mode overrides __torch_function__ (torch.ops honours
-# those, this entry does not).
+# (csrc/fast_calls.cpp: ~2 us less per call), where _ops.c_entry_allowed says it may.
 _sparse_linear_call = getattr(_ops._C, "sparse_linear_call", None) if _ops._C is not None else None
 
 
@@ -100,7 +97,7 @@ class SparseLinear(TicketModule):
     def _run_sparse(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         b = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~0.5 us per name
         args = (x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"])
-        if _sparse_linear_call is not None and not has_torch_function(args) and not torch.compiler.is_compiling():
+        if _sparse_linear_call is not None and _ops.c_entry_allowed(args):
             return _sparse_linear_call(*args, self.activation is not None)
         return (_sparse_linear if self.activation is None else _sparse_linear_relu)(*args)
 

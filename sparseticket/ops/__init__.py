@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function
 
 from . import _library
 from . import reference as ref
@@ -39,6 +40,15 @@ else:
         warnings.warn(f"sparseticket: compiled kernels unavailable ({EXTENSION_ERROR}); "
                       "using the pure-PyTorch reference path (correct but slow). "
                       "Run `python -m sparseticket.info` for details.", stacklevel=2)
+
+
+def c_entry_allowed(tensors) -> bool:
+    """Whether a C++ entry of csrc/fast_calls.cpp may stand in for torch.ops with these
+    tensor arguments. It reaches the same op through the dispatcher but skips Python's
+    ``__torch_function__`` handling: not under a TorchFunctionMode or with an argument that
+    overrides ``__torch_function__`` (``has_torch_function`` covers both), and not while
+    torch.compile traces (the graph must see the op)."""
+    return not torch.compiler.is_compiling() and not has_torch_function(tensors)
 
 
 # ----------------------------------------------------------------------------- reference backend

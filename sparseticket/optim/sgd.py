@@ -12,7 +12,7 @@ from ._base import MaskedOptimizer, lean_step, _float, check_implementation_args
 _masked_sgd_ = torch.ops.sparseticket.masked_sgd_
 # The same op through the C++ dispatcher without torch.ops' per-element argument parsing,
 # under a NoGradGuard (csrc/fast_calls.cpp: ~5 us less per step for a six-parameter
-# model); not while torch.compile traces, which must see the op itself.
+# model), where _ops.c_entry_allowed says it may for the group's parameters.
 _masked_sgd_call = getattr(_ops._C, "masked_sgd_call", None) if _ops._C is not None else None
 
 
@@ -56,10 +56,8 @@ class MaskedSGD(MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # the C++ entry skips Python's __torch_function__ handling: not under a mode
-        fast = (_masked_sgd_call is not None and not torch.compiler.is_compiling()
-                and not torch._C._is_torch_function_mode_enabled())
         for group in self.param_groups:
+            fast = _masked_sgd_call is not None and _ops.c_entry_allowed(group["params"])
             if fast and self._st_repeat_step(group):
                 continue
             with torch.no_grad():
