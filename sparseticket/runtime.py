@@ -95,3 +95,20 @@ def set_serial_work(work: int) -> int:
     if ops._C is None:
         raise RuntimeError("sparseticket: the compiled kernels are not loaded (see python -m sparseticket.info)")
     return int(ops._C.set_serial_work(int(work)))
+
+
+def set_batch_shards(on: bool) -> bool:
+    """Turn batch shards on or off for the compiled CPU linear kernels; returns the previous
+    setting.
+
+    With a batch of at least one packed panel per thread (e.g. 256 rows in float32 on
+    AVX-512 with 2 threads), each thread packs and multiplies its own rows of the batch
+    instead of every thread reading every panel (see ``csrc/cpu/ops_cpu.cpp``). The
+    kept-weight gradient is then a sum of one partial result per thread, so its rounding
+    depends on the thread count. On by default; ``SPARSETICKET_BATCH_SHARDS=0`` turns it
+    off at start-up. Raises RuntimeError when the compiled kernels are not loaded.
+    """
+    from . import ops
+    if ops._C is None:
+        raise RuntimeError("sparseticket: the compiled kernels are not loaded (see python -m sparseticket.info)")
+    return bool(ops._C.set_batch_shards(bool(on)))

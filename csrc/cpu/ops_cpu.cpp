@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -296,7 +297,92 @@ void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, 
 }
 
 
+// ----------------------------------------------------------------------------- batch shards
+//
+// Row-split, every thread reads every panel of the packed operand, and about half of it
+// was packed by the other thread: those reads come from the other core's cache. On these
+// VMs that transfer is what a slow run pays for (256x1024x1024 at 95%, forward: 0.37 ms
+// in some processes, 0.63 ms in others, where one thread took 0.64 ms). When the batch
+// covers at least one whole panel per thread, each thread instead takes a shard of whole
+// panels and does the op for its batch rows alone: it packs its shard, multiplies it by
+// every row of the ticket and writes its own output rows. Threads then share only the
+// read-only ticket; the kept-weight gradient sums one partial result per shard.
+// SPARSETICKET_BATCH_SHARDS=0 turns shards off at start-up, sparseticket.runtime.set_batch_shards
+// at run time (A/B runs and the tests of both paths).
+struct BatchShards {
+  std::vector<int64_t> b;  // shard s: batch rows [b[s], b[s + 1]); empty when not sharded
+  bool on() const { return !b.empty(); }
+  int64_t n() const { return static_cast<int64_t>(b.size()) - 1; }
+};
+
+std::atomic<bool>& batch_shards_setting() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("SPARSETICKET_BATCH_SHARDS");
+    return !(e && *e == '0');
+  }()};
+  return on;
+}
+
+// Every shard reads the whole ticket (indices and values), once per panel, so shards are
+// used only while a ticket fits a core's L2. Measured (2 threads, in-process A/B, median
+// of 8 alternations; forward / input gradient / kept-weight gradient / training step):
+// 256x1024x1024 at 95% (420 KB) 0.90 / 0.90 / 0.88 / 0.87x the time, at 90% (840 KB)
+// 0.76 / 0.85 / 0.74 / 0.80x, 256x784x300 at 90% 0.82 / 0.92 / 0.82 / 0.88x; larger
+// tickets gained less or lost: 256x1024x1024 at 70% (2.5 MB) 0.88-1.01x, at 50% (4.2 MB)
+// the kept-weight gradient 1.16x, 128x4096x4096 at 90% (13 MB) 1.08x for the step.
+constexpr int64_t kShardTicketBytes = int64_t(1) << 20;
+
+BatchShards batch_shards(int64_t B, int64_t pw, int64_t work, int64_t ticket_bytes) {
+  BatchShards sh;
+  const int64_t T = at::get_num_threads(), n_panels = (B + pw - 1) / pw;
+  if (!batch_shards_setting().load(std::memory_order_relaxed) || at::in_parallel_region() || T < 2 ||
+      work < serial_work() || ticket_bytes > kShardTicketBytes || n_panels < T || n_panels % T != 0)
+    return sh;
+  for (int64_t t = 0; t <= T; ++t) sh.b.push_back(std::min(B, n_panels / T * t * pw));
+  return sh;
+}
+
+// Rows [b0, b0 + nb) of x packed as panels of pw columns, on the calling thread.
+Tensor pack_shard(const Tensor& x, int64_t b0, int64_t nb, int64_t pw) {
+  const int64_t K = x.size(1), n_panels = (nb + pw - 1) / pw, es = x.element_size();
+  Tensor P = at::empty({n_panels, K, pw}, x.options());
+  const PackFn fn = x.scalar_type() == at::kFloat ? kernel_table().pack_f32 : kernel_table().pack_f64;
+  const char* X = static_cast<const char*>(x.data_ptr()) + b0 * x.stride(0) * es;
+  char* dst = static_cast<char*>(P.data_ptr());
+  for (int64_t p = 0; p < n_panels; ++p)
+    for (int64_t k0 = 0; k0 < K; k0 += 64)
+      fn(X + p * pw * x.stride(0) * es, x.stride(0), x.stride(1), dst + p * K * pw * es, pw,
+         std::min(pw, nb - p * pw), k0, std::min(K, k0 + 64));
+  return P;
+}
+
+// run_spmm for one shard (nb batch rows packed in P, written to out's nb rows), on the
+// calling thread
+void run_spmm_shard(const Tensor& P, int nv, int64_t k_block, const Tensor& ptr, const Tensor& idx,
+                    const int32_t* perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t nb,
+                    const Tensor& out, bool relu = false) {
+  SpmmArgs a{};
+  a.ptr = ptr.data_ptr<int32_t>();
+  a.idx = idx.data_ptr<int32_t>();
+  a.perm = perm;
+  a.val = val.data_ptr();
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.packed = P.data_ptr();
+  a.panel_width = P.size(2);
+  a.K = P.size(1);
+  a.B = nb;
+  a.k_block = k_block;
+  a.out = out.data_ptr();
+  a.ldo_b = out.stride(0);
+  a.ldo_r = out.stride(1);
+  a.relu = relu;
+  const KernelTable& kt = kernel_table();
+  const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
+  fn(a, 0, ptr.numel() - 1);
+}
+
 // ----------------------------------------------------------------------------- ops
+
 
 // x Wᵀ + b, through max(0, .) when relu (sparse_linear_relu)
 Tensor spmm_impl(const Tensor& x, const Tensor& values, const Tensor& crow_, const Tensor& col_,
@@ -326,9 +412,21 @@ Tensor spmm_impl(const Tensor& x, const Tensor& values, const Tensor& crow_, con
   Tensor out = at::empty({B, O}, x.options());
   if (B == 0 || O == 0) return out;
   const int nv = panel_choice(B, x.size(1), vector_lanes(x.scalar_type()), x.element_size());
-  const Tensor packed = pack_remembered(x, nv * vector_lanes(x.scalar_type()), vals.numel() * B);
   const int64_t k_block = spmm_k_block(nv, vector_lanes(x.scalar_type()), x.element_size(), x.size(1), O,
                                        vals.numel());
+  const BatchShards sh = batch_shards(B, nv * vector_lanes(x.scalar_type()), vals.numel() * B,
+                                      vals.numel() * (4 + vals.element_size()));
+  if (sh.on()) {
+    at::parallel_for(0, sh.n(), 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b0 = sh.b[s], nb = sh.b[s + 1] - b0, pw = nv * vector_lanes(x.scalar_type());
+        Tensor P = pack_shard(x, b0, nb, pw);
+        run_spmm_shard(P, nv, k_block, crow, col, nullptr, vals, bias, nb, out.narrow(0, b0, nb), relu);
+      }
+    });
+    return out;
+  }
+  const Tensor packed = pack_remembered(x, nv * vector_lanes(x.scalar_type()), vals.numel() * B);
   run_spmm(packed, nv, k_block, crow, col, c10::nullopt, vals, bias, B, out, relu);
   return out;
 }
@@ -374,9 +472,24 @@ Tensor spmm_t_cpu(const Tensor& gy, const Tensor& values, const Tensor& ccol, co
   const TransposedTicket t = checked_spmm_t_args(gy, values, ccol, row, perm);
   const int64_t B = gy.size(0), I = t.ccol.numel() - 1;
   if (B == 0 || I == 0) return at::empty({B, I}, gy.options());
-  const int nv = panel_choice(B, gy.size(1), vector_lanes(gy.scalar_type()), gy.element_size());
-  return spmm_t_packed(pack(gy, nv * vector_lanes(gy.scalar_type()), t.vals.numel() * B), nv, B, t.vals, t.ccol,
-                       t.row, t.perm);
+  const int64_t lanes = vector_lanes(gy.scalar_type()), nnz = t.vals.numel();
+  const int nv = panel_choice(B, gy.size(1), lanes, gy.element_size());
+  const BatchShards sh = batch_shards(B, nv * lanes, nnz * B, nnz * (4 + gy.element_size()));
+  if (sh.on()) {
+    Tensor out = at::empty({B, I}, gy.options());
+    const int64_t k_block = spmm_k_block(nv, lanes, gy.element_size(), gy.size(1), I, nnz);
+    const bool by_perm = k_block > 0 && sh.b[1] - sh.b[0] <= 2 * nv * lanes;  // as spmm_t_packed
+    const Tensor vals = by_perm ? t.vals : gather(t.vals, t.perm);
+    at::parallel_for(0, sh.n(), 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b0 = sh.b[s], nb = sh.b[s + 1] - b0;
+        run_spmm_shard(pack_shard(gy, b0, nb, nv * lanes), nv, k_block, t.ccol, t.row,
+                       by_perm ? t.perm.data_ptr<int32_t>() : nullptr, vals, c10::nullopt, nb, out.narrow(0, b0, nb));
+      }
+    });
+    return out;
+  }
+  return spmm_t_packed(pack(gy, nv * lanes, nnz * B), nv, B, t.vals, t.ccol, t.row, t.perm);
 }
 
 // gx [B, I] = gy W from gy packed as panels of nv vectors (spmm_t, sparse_linear_backward);
@@ -433,22 +546,34 @@ KeptRows checked_sddmm_args(const Tensor& gy, const Tensor& x, const Tensor& cro
 Tensor sddmm_packed(const Tensor& A, const Tensor& X, int64_t B, const Tensor& crow, const Tensor& col,
                     const c10::optional<Tensor>& active);
 
+// spmm_t's part of sharded_grads: gx's rows of each shard from the shard's packed gy
+struct ShardedGx {
+  Tensor out;  // [B, I]
+  int nv;
+  int64_t k_block;
+  Tensor ccol, row, vals;  // vals in column order, or in row order read through perm
+  const int32_t* perm;
+};
+Tensor sharded_grads(const Tensor& gy, const Tensor& x, const BatchShards& sh, const KeptRows& k,
+                     const ShardedGx* gx);
+
 Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow, const Tensor& col,
                  const c10::optional<Tensor>& active) {
   const KeptRows k = checked_sddmm_args(gy, x, crow, col, active);
   const int64_t nnz = k.col.numel(), B = gy.size(0);
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
-  const int64_t ld = round_up(B, vector_lanes(gy.scalar_type()));
+  const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
+  const BatchShards sh = batch_shards(B, panel_choice(B, gy.size(1), lanes, gy.element_size()) * lanes, nnz * B,
+                                      nnz * (4 + gy.element_size()));
+  if (sh.on()) return sharded_grads(gy, x, sh, k, nullptr);
   return sddmm_packed(pack(gy, ld, nnz * B), pack(x, ld, nnz * B), B, k.crow, k.col, k.active);
 }
 
 // gW at the kept entries from gy [B, O] and x [B, K] each packed as one panel of ld =
 // A.size(2) >= B columns (sddmm, sparse_linear_backward); crow/col/active contiguous and checked
-Tensor sddmm_packed(const Tensor& A, const Tensor& X, int64_t B, const Tensor& crow, const Tensor& col,
-                    const c10::optional<Tensor>& active) {
+SddmmArgs sddmm_args(const Tensor& A, const Tensor& X, const Tensor& crow, const Tensor& col,
+                     const c10::optional<Tensor>& active, const Tensor& out) {
   const int64_t nnz = col.numel(), O = crow.numel() - 1, ld = A.size(2);
-  if (B == 0 || nnz == 0) return at::zeros({nnz}, A.options());
-  Tensor out = at::empty({nnz}, A.options());
   SddmmArgs s{};
   s.ptr = crow.data_ptr<int32_t>();
   s.idx = col.data_ptr<int32_t>();
@@ -461,13 +586,53 @@ Tensor sddmm_packed(const Tensor& A, const Tensor& X, int64_t B, const Tensor& c
   s.k_block = blocking.k_block;
   s.row_block = blocking.row_block;
   s.out = out.data_ptr();
-  const KernelTable& kt = kernel_table();
-  const SddmmFn fn = A.scalar_type() == at::kFloat ? kt.sddmm_f32 : kt.sddmm_f64;
+  return s;
+}
+
+SddmmFn sddmm_fn(at::ScalarType t) {
+  return t == at::kFloat ? kernel_table().sddmm_f32 : kernel_table().sddmm_f64;
+}
+
+Tensor sddmm_packed(const Tensor& A, const Tensor& X, int64_t B, const Tensor& crow, const Tensor& col,
+                    const c10::optional<Tensor>& active) {
+  const int64_t nnz = col.numel(), O = crow.numel() - 1;
+  if (B == 0 || nnz == 0) return at::zeros({nnz}, A.options());
+  Tensor out = at::empty({nnz}, A.options());
+  const SddmmArgs s = sddmm_args(A, X, crow, col, active, out);
+  const SddmmFn fn = sddmm_fn(A.scalar_type());
   const auto bounds = balanced_rows(s.ptr, O, 4, n_chunks());
   parallel_for_work(0, static_cast<int64_t>(bounds.size()) - 1, 1, nnz * B, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(s, bounds[c], bounds[c + 1]);
   });
   return out;
+}
+
+// The kept-weight gradient (and gx when gx is given) over batch shards, each shard on one
+// thread: its rows of gy are packed once for both products (when the layouts agree) and
+// its rows of x once, and the kept-weight gradient is the sum of the shards' partial
+// results, added in shard order.
+Tensor sharded_grads(const Tensor& gy, const Tensor& x, const BatchShards& sh, const KeptRows& k,
+                     const ShardedGx* gx) {
+  const int64_t nnz = k.col.numel(), O = k.crow.numel() - 1, lanes = vector_lanes(gy.scalar_type());
+  Tensor parts = at::empty({sh.n(), nnz}, gy.options());
+  const SddmmFn fn = sddmm_fn(gy.scalar_type());
+  at::parallel_for(0, sh.n(), 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t b0 = sh.b[s], nb = sh.b[s + 1] - b0, ld = round_up(nb, lanes);
+      Tensor P, A;
+      if (gx) {
+        P = pack_shard(gy, b0, nb, gx->nv * lanes);
+        if (P.size(0) == 1 && P.size(2) == ld) A = P;
+        run_spmm_shard(P, gx->nv, gx->k_block, gx->ccol, gx->row, gx->perm, gx->vals, c10::nullopt, nb,
+                       gx->out.narrow(0, b0, nb));
+      }
+      if (!A.defined()) A = pack_shard(gy, b0, nb, ld);
+      fn(sddmm_args(A, pack_shard(x, b0, nb, ld), k.crow, k.col, k.active, parts[s]), 0, O);
+    }
+  });
+  Tensor gv = at::add(parts[0], parts[1]);
+  for (int64_t s = 2; s < sh.n(); ++s) gv.add_(parts[s]);
+  return gv;
 }
 
 // A per-thread scratch buffer for row_masked_grad_weight's product. Buffers up to
@@ -717,6 +882,19 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
   const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
   Tensor panels, A;  // gy packed for spmm_t (panels of nv vectors) and for sddmm (one panel of ld)
   const int nv = panel_choice(B, O, lanes, gy.element_size());
+  const BatchShards sh = nnz > 0 && (!input_grad || I > 0) ? batch_shards(B, nv * lanes, nnz * B, nnz * (4 + gy.element_size()))
+                                                            : BatchShards{};
+  if (sh.on()) {
+    if (!input_grad) return {at::empty({0, I}, gy.options()), sharded_grads(gy, x, sh, k, nullptr), gb};
+    ShardedGx g{at::empty({B, I}, gy.options()), nv,
+                spmm_k_block(nv, lanes, gy.element_size(), O, I, nnz), t.ccol, t.row, t.vals, nullptr};
+    if (g.k_block > 0 && sh.b[1] - sh.b[0] <= 2 * nv * lanes)
+      g.perm = t.perm.data_ptr<int32_t>();  // as spmm_t_packed: perm read in the kernel
+    else
+      g.vals = gather(t.vals, t.perm);
+    Tensor gv = sharded_grads(gy, x, sh, k, &g);
+    return {g.out, gv, gb};
+  }
   if (input_grad && I > 0) {
     panels = pack(gy, nv * lanes, nnz * B);
     if (nv * lanes == ld) A = panels;
@@ -1255,6 +1433,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_vector_bytes", [] { return sparseticket::cpu::kernel_table().vector_bytes; });
   m.def("set_serial_work", [](int64_t w) { return sparseticket::cpu::set_serial_work(w); },
         "Sets the work (multiply-adds) below which a CPU op runs on the calling thread; returns the previous value.");
+  m.def("set_batch_shards", [](bool on) { return sparseticket::cpu::batch_shards_setting().exchange(on); },
+        "Turns batch shards (ops_cpu.cpp) on or off; returns the previous setting.");
   m.def("with_cuda", [] {
 #ifdef SPARSETICKET_WITH_CUDA
     return true;
