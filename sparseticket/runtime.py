@@ -101,12 +101,17 @@ def set_batch_shards(on: bool) -> bool:
     """Turn batch shards on or off for the compiled CPU linear kernels; returns the previous
     setting.
 
-    With a batch of at least one packed panel per thread (e.g. 256 rows in float32 on
-    AVX-512 with 2 threads), each thread packs and multiplies its own rows of the batch
-    instead of every thread reading every panel (see ``csrc/cpu/ops_cpu.cpp``). The
-    kept-weight gradient is then a sum of one partial result per thread, so its rounding
-    depends on the thread count. On by default; ``SPARSETICKET_BATCH_SHARDS=0`` turns it
-    off at start-up. Raises RuntimeError when the compiled kernels are not loaded.
+    A call of ``spmm``, ``spmm_t``, ``sddmm`` or ``sparse_linear_backward`` shards its batch
+    when (see ``batch_shards`` in ``csrc/cpu/ops_cpu.cpp``): the batch makes a whole
+    number of packed panels per thread, at least one each (float32 on AVX-512: 256 or 512
+    rows with 2 threads, not 384); the ticket's indices and values take at most 1 MB; the
+    call goes to the thread pool (``set_serial_work``); and it is not made from inside a
+    parallel region. Each thread then packs and multiplies its own rows of the batch,
+    instead of every thread reading every panel. The forward and the input gradient are
+    bit-identical either way; the kept-weight gradient is a sum of one partial result per
+    thread, so its rounding depends on the thread count. On by default;
+    ``SPARSETICKET_BATCH_SHARDS=0`` turns it off at start-up. Raises RuntimeError when
+    the compiled kernels are not loaded.
     """
     from . import ops
     if ops._C is None:

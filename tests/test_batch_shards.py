@@ -1,9 +1,10 @@
 """Batch shards (csrc/cpu/ops_cpu.cpp): with at least one packed panel of the batch per
 thread and a ticket that fits a core's L2, each thread packs and multiplies its own rows
 of the batch. Per output element the forward and the input gradient do the same
-arithmetic either way (bit-identical to the unsharded path); the kept-weight gradient is
-the sum of one partial result per shard, so with two threads it must equal, bit for bit,
-the sum of the two half-batch gradients computed unsharded."""
+arithmetic either way (bit-identical to the unsharded path, so these tests check their
+results but cannot see whether they sharded); the kept-weight gradient is the sum of one
+partial result per shard, so with two threads it must equal, bit for bit, the sum of the
+two half-batch gradients computed unsharded, which the row split does not give."""
 import pytest
 import torch
 from helpers import ST, assert_bits_equal, assert_close, make_active, make_mask, randn, ref, ref_ticket
@@ -29,9 +30,8 @@ IDS = ["B{}-I{}-O{}-s{}-{}".format(B, I, O, s, str(d)[6:]) for B, I, O, s, d, _ 
 
 @pytest.fixture
 def sharding():
-    """Two threads, every op on the pool; yields set(on) to switch shards; restores all."""
-    if ops._C.cpu_isa() != "avx512":
-        pytest.skip("panel widths here are those of the AVX-512 kernels")
+    """Two threads, every op on the pool; yields set(on) to switch shards; restores all.
+    (The cases shard the same way with AVX2's and SSE's panel widths.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     prev_work = runtime.set_serial_work(0)
@@ -85,6 +85,41 @@ def test_kept_weight_grad_is_sum_of_shards(B, I, O, sparsity, dtype, half, froze
                  ref.reference_sddmm(gy.abs(), x.abs(), t.crow, t.col, None), what="sddmm")
 
 
+@pytest.mark.parametrize("layout", ["row-slice", "expanded"])
+def test_kept_weight_grad_strided_operands(layout, sharding, gen):
+    """x and gy with stride(0) != their width (rows of a wider buffer) or 0 (one row
+    expanded over the batch): each shard packs its rows from the right place."""
+    B, I, O, half = 256, 300, 200, 128
+    t, x, gy, _ = _case(B, I, O, 0.9, torch.float32, gen)
+    if layout == "row-slice":
+        x, gy = torch.cat([x, x[:, :7]], 1)[:, :I], torch.cat([gy, gy[:, :5]], 1)[:, :O]
+    else:
+        x, gy = x[:1].expand(B, I), gy[:1].expand(B, O)
+    sharding(True)
+    got = ST.sddmm(gy, x, t.crow, t.col, None)
+    gx = ST.spmm_t(gy, t.values, t.ccol, t.row, t.perm)
+    sharding(False)
+    halves = [ST.sddmm(gy[s].contiguous(), x[s].contiguous(), t.crow, t.col, None) for s in (slice(0, half), slice(half, B))]
+    assert_bits_equal(got, halves[0] + halves[1], "sddmm against the sum of its half batches")
+    assert_bits_equal(gx, ST.spmm_t(gy.contiguous(), t.values, t.ccol, t.row, t.perm), "spmm_t")
+
+
+def test_three_shards(sharding, gen):
+    """Three threads, three panels: the partial results are added in shard order."""
+    torch.set_num_threads(3)  # the fixture restores the caller's count
+    B, I, O = 384, 300, 200
+    t, x, gy, _ = _case(B, I, O, 0.9, torch.float32, gen)
+    tl = (t.values, t.crow, t.col, t.ccol, t.row, t.perm)
+    sharding(True)
+    got = ST.sddmm(gy, x, t.crow, t.col, None)
+    gx, gv, _ = ST.sparse_linear_backward(gy, None, x, *tl, None, True)
+    sharding(False)
+    parts = [ST.sddmm(gy[b:b + 128], x[b:b + 128], t.crow, t.col, None) for b in (0, 128, 256)]
+    assert_bits_equal(got, parts[0] + parts[1] + parts[2], "sddmm against its three shards")
+    assert_bits_equal(gv, got, "fused backward's kept-weight gradient")
+    assert_bits_equal(gx, ST.spmm_t(gy, t.values, t.ccol, t.row, t.perm), "gx")
+
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("B,I,O,sparsity,dtype,half", CASES, ids=IDS)
@@ -110,8 +145,11 @@ def test_fused_backward(B, I, O, sparsity, dtype, half, relu, input_grad, shardi
 
 def test_not_sharded_where_it_does_not_pay(sharding, gen):
     """One panel (B=128), an odd panel count (B=300: 128+128+44) and a ticket over 1 MB
-    (256x1024x1024 at 50%) keep the row split: their kept-weight gradient is the unsharded
-    one, bit for bit, with shards switched on."""
+    (256x1024x1024 at 50% with a third of the rows and columns emptied: ~1.9 MB) keep the
+    row split: their kept-weight gradient is the unsharded one, bit for bit, with shards
+    switched on."""
+    if ops._C.cpu_isa() != "avx512":
+        pytest.skip("the panel counts here are those of AVX-512's 128-row float32 panels")
     for B, I, O, s in ((128, 300, 200, 0.5), (300, 300, 200, 0.5), (256, 1024, 1024, 0.5)):
         t, x, gy, _ = _case(B, I, O, s, torch.float32, gen)
         sharding(True)
