@@ -83,6 +83,8 @@ class MaskedSGD(MaskedOptimizer):
                 bufs.append(buf)
             else:
                 fresh.append(False)
+        if fast and _ops.has_torch_function(grads):  # a gradient that overrides __torch_function__
+            fast = False
         if params:
             (_masked_sgd_call if fast else _masked_sgd_)(params, grads, bufs, keeps, actives, row_ptrs, fresh,
                                                          *_hyper(group, momentum))
@@ -134,6 +136,8 @@ class MaskedSGD(MaskedOptimizer):
                     or (token_fn is not None and token_fn() is not token)):
                 return False
             grads.append(g)
+        if _ops.has_torch_function(grads):  # the full path then steps through torch.ops
+            return False
         params, bufs, keeps, actives, row_ptrs, fresh = c[6]
         _masked_sgd_call(params, grads, bufs, keeps, actives, row_ptrs, fresh, *_hyper(group, momentum))
         return True
