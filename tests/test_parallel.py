@@ -85,6 +85,27 @@ def test_row_masked_grad_weight_inline_equals_pool(B, I, O, dtype, both_ways, ge
                  ref.reference_row_masked_grad_weight(gy.abs(), x.abs(), None), what="gW")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n_active", [0, 1, 5, 6, 7, 13, 150])
+def test_row_masked_grad_weight_row_shares(threads, n_active, both_ways, gen):
+    """On the pool the threads split the rows (shares of whole 6-row tiles, and of the
+    frozen rows): fewer active rows than threads, shares ending mid-tile, all frozen."""
+    B, I, O = 37, 70, 150
+    gy, x = randn(B, O, gen=gen), randn(B, I, gen=gen)
+    active = torch.zeros(O, dtype=torch.bool)
+    active[torch.randperm(O, generator=gen)[:n_active]] = True
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = both_ways(lambda: ST.row_masked_grad_weight(gy, x, active))
+    finally:
+        torch.set_num_threads(prev)
+    _identical(a, b, "row_masked_grad_weight")
+    assert_close(a, ref.reference_row_masked_grad_weight(gy, x, active),
+                 ref.reference_row_masked_grad_weight(gy.abs(), x.abs(), None), what="gW")
+    assert not a[~active].any()
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_masked_sgd_inline_equals_pool(dtype, both_ways, gen):
     # a LeNet-sized parameter list: 2 x 32K-element jobs for the largest, one each for the rest
