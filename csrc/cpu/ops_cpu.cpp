@@ -224,8 +224,10 @@ Tensor pack_remembered(const Tensor& x, int64_t pw, int64_t work) {
   return P;
 }
 
-// Row ranges with roughly equal work (entries plus a per-row cost), for parallel_for.
-std::vector<int64_t> balanced_rows(const int32_t* ptr, int64_t R, int64_t row_cost, int64_t chunks) {
+// Row ranges with roughly equal work (entries plus a per-row cost), for parallel_for;
+// inner bounds rounded to a multiple of `align` rows.
+std::vector<int64_t> balanced_rows(const int32_t* ptr, int64_t R, int64_t row_cost, int64_t chunks,
+                                   int64_t align = 1) {
   std::vector<int64_t> bounds{0};
   const int64_t total = static_cast<int64_t>(ptr[R]) + R * row_cost;
   chunks = std::max<int64_t>(1, std::min(chunks, R));
@@ -238,7 +240,7 @@ std::vector<int64_t> balanced_rows(const int32_t* ptr, int64_t R, int64_t row_co
       const int64_t mid = (lo + hi) / 2;
       if (static_cast<int64_t>(ptr[mid]) + mid * row_cost < target) lo = mid + 1; else hi = mid;
     }
-    r = lo;
+    r = align > 1 ? (lo + align / 2) / align * align : lo;
     if (r > bounds.back() && r < R) bounds.push_back(r);
   }
   bounds.push_back(R);
@@ -289,7 +291,12 @@ void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, 
   const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
   a.k_block = k_block;
-  const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks());
+  // Each thread writes its rows' columns of every batch entry of the row-major output; a
+  // bound inside a cache line made the threads share that line in every batch entry (false
+  // sharing), so bounds fall on whole cache lines of the output. LeNet-300-100 drop-in
+  // step at 95% (fc1 on the pool), in-process A/B: 4.7-8.7 us less per step; 90%: 0.7-1.6.
+  const int64_t align = a.ldo_r == 1 ? 64 / static_cast<int64_t>(val.element_size()) : 1;
+  const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks(), align);
   const int64_t work = static_cast<int64_t>(a.ptr[R]) * B;
   parallel_for_work(0, static_cast<int64_t>(bounds.size()) - 1, 1, work, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) fn(a, bounds[c], bounds[c + 1]);
