@@ -36,6 +36,7 @@ def test_ops_under_isa(isa):
                            env=env, capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == isa, check.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        os.path.join(HERE, "test_bitmap.py"), os.path.join(HERE, "test_ops.py")],
+                        os.path.join(HERE, "test_bitmap.py"), os.path.join(HERE, "test_ops.py"),
+                        os.path.join(HERE, "test_parallel.py"), os.path.join(HERE, "test_batch_shards.py")],
                        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])

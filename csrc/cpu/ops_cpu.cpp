@@ -291,11 +291,15 @@ void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, 
   const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
   a.k_block = k_block;
-  // Each thread writes its rows' columns of every batch entry of the row-major output; a
-  // bound inside a cache line made the threads share that line in every batch entry (false
-  // sharing), so bounds fall on whole cache lines of the output. LeNet-300-100 drop-in
-  // step at 95% (fc1 on the pool), in-process A/B: 4.7-8.7 us less per step; 90%: 0.7-1.6.
-  const int64_t align = a.ldo_r == 1 ? 64 / static_cast<int64_t>(val.element_size()) : 1;
+  // Each thread writes its rows' columns of every batch entry of the row-major output, so
+  // a bound inside a cache line has both threads write that line (false sharing). Bounds
+  // fall on multiples of a line's worth of rows: on a line boundary in every batch entry
+  // when R is a multiple of that, in every fourth one for R = 300 (1200-byte rows). Only
+  // where every chunk keeps at least that many rows (n_chunks of them). LeNet-300-100
+  // drop-in step at 95% (fc1 on the pool), in-process A/B: 4.7-8.7 us less per step of
+  // ~430 (in a process where pooled ops ran slow); 90%: 0.7-1.6 us.
+  const int64_t line_rows = 64 / static_cast<int64_t>(val.element_size());
+  const int64_t align = a.ldo_r == 1 && R >= line_rows * n_chunks() ? line_rows : 1;
   const auto bounds = balanced_rows(a.ptr, R, 8 * n_panels, n_chunks(), align);
   const int64_t work = static_cast<int64_t>(a.ptr[R]) * B;
   parallel_for_work(0, static_cast<int64_t>(bounds.size()) - 1, 1, work, [&](int64_t c0, int64_t c1) {
