@@ -528,9 +528,11 @@ def test_step_after_state_made_under_inference_mode_writes_nothing(opt_cls, kw, 
         assert torch.equal(p.detach(), b)
 
 
-def test_masked_sgd_defers_to_torch_function_of_its_params(monkeypatch):
-    """With a parameter whose class overrides __torch_function__, MaskedSGD calls
-    torch.ops (which honours it), not its C++ entry, on both the full and the repeated step."""
+@pytest.mark.parametrize("subclassed", ["param", "grad"])
+def test_masked_sgd_defers_to_torch_function(subclassed, monkeypatch):
+    """With a parameter, or only the gradients of a plain parameter, whose class overrides
+    __torch_function__, MaskedSGD calls torch.ops (which honours it), not its C++ entry, on
+    both the full and the repeated step."""
     import sparseticket.optim.sgd as sgd_module
     calls = []
 
@@ -544,10 +546,14 @@ def test_masked_sgd_defers_to_torch_function_of_its_params(monkeypatch):
     if sgd_module._masked_sgd_call is not None:
         real = sgd_module._masked_sgd_call
         monkeypatch.setattr(sgd_module, "_masked_sgd_call", lambda *a: (entry.append(1), real(*a))[1])
-    p = torch.ones(5, dtype=F64).as_subclass(Sub).requires_grad_(True)
+    p = torch.ones(5, dtype=F64)
+    if subclassed == "param":
+        p = p.as_subclass(Sub)
+    p.requires_grad_(True)
     opt = MaskedSGD([p], lr=0.5, momentum=0.9)
     for _ in range(3):
-        p.grad = torch.ones(5, dtype=F64)
+        g = torch.ones(5, dtype=F64)
+        p.grad = g.as_subclass(Sub) if subclassed == "grad" else g
         calls.clear()
         opt.step()
         assert any("masked_sgd_" in c for c in calls), calls
@@ -559,36 +565,3 @@ def test_masked_sgd_defers_to_torch_function_of_its_params(monkeypatch):
         ref.grad = torch.ones(5, dtype=F64)
         ropt.step()
     torch.testing.assert_close(torch.Tensor(p.detach()), ref.detach(), rtol=0, atol=0)
-
-
-def test_masked_sgd_defers_to_torch_function_of_its_grads(monkeypatch):
-    """Plain parameters whose gradients override __torch_function__: the full and the
-    repeated step both go through torch.ops, so the gradient's class sees the op."""
-    import sparseticket.optim.sgd as sgd_module
-    calls = []
-
-    class Sub(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            calls.append(str(func))
-            return super().__torch_function__(func, types, args, kwargs or {})
-
-    entry = []
-    if sgd_module._masked_sgd_call is not None:
-        real = sgd_module._masked_sgd_call
-        monkeypatch.setattr(sgd_module, "_masked_sgd_call", lambda *a: (entry.append(1), real(*a))[1])
-    p = torch.ones(5, dtype=F64, requires_grad=True)
-    opt = MaskedSGD([p], lr=0.5, momentum=0.9)
-    g = torch.ones(5, dtype=F64).as_subclass(Sub)
-    for _ in range(3):
-        p.grad = g
-        calls.clear()
-        opt.step()
-        assert any("masked_sgd_" in c for c in calls), calls
-    assert entry == []
-    ref = torch.ones(5, dtype=F64, requires_grad=True)
-    ropt = torch.optim.SGD([ref], lr=0.5, momentum=0.9)
-    for _ in range(3):
-        ref.grad = torch.ones(5, dtype=F64)
-        ropt.step()
-    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=0)

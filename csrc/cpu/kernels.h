@@ -90,11 +90,10 @@ struct BitmapArgs {
 };
 
 // Neuron-skipping weight gradient: out[rows[j], c] = sum_b gyt[j * ldg + b] * x[b * ldx + c]
-// for the k active rows, out[frozen[i], c] = 0, each element written once. The kernel
-// takes a range of columns (a caller that splits columns does so at multiples of
-// kRowGemmCols, a whole number of tiles for every ISA and dtype; only the last range may
-// end mid-tile). ops_cpu.cpp splits rows instead: each thread gets its own rows, frozen
-// rows and gyt rows (from a multiple of kRowGemmShareRows, the AVX-512 tile), all columns.
+// for the k active rows, out[frozen[i], c] = 0, each element written once, over a range of
+// columns. ops_cpu.cpp gives every call all columns and splits rows between threads: each
+// gets its own rows, frozen rows and gyt rows (from a multiple of kRowGemmShareRows, the
+// AVX-512 tile).
 // A partial row tile reads the row after the call's last (gyt's zero row, or the next
 // share's first row) into scratch, never into out.
 struct RowGemmArgs {
@@ -111,7 +110,6 @@ struct RowGemmArgs {
   void* out;                // [O][ldo]
   int64_t ldo;
 };
-constexpr int64_t kRowGemmCols = 64;
 constexpr int64_t kRowGemmShareRows = 6;
 
 using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);

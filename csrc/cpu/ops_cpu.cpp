@@ -268,29 +268,40 @@ Tensor gather(const Tensor& vals, const Tensor& perm) {
 
 // out[b, r] (row-major [B, R]) = bias[r] + sum over row r of ptr/idx/perm/val x P, the
 // panel visited in column blocks of k_block rows (0: unblocked; see spmm_k_block).
-void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, const Tensor& idx,
-              const c10::optional<Tensor>& perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t B,
-              const Tensor& out, bool relu = false) {
-  const int64_t R = ptr.numel() - 1;
-  if (R == 0 || B == 0) return;
+SpmmArgs spmm_args(const Tensor& packed, int64_t k_block, const Tensor& ptr, const Tensor& idx, const int32_t* perm,
+                   const Tensor& val, const c10::optional<Tensor>& bias, int64_t B, const Tensor& out, bool relu) {
   SpmmArgs a{};
   a.ptr = ptr.data_ptr<int32_t>();
   a.idx = idx.data_ptr<int32_t>();
-  a.perm = perm ? perm->data_ptr<int32_t>() : nullptr;
+  a.perm = perm;
   a.val = val.data_ptr();
   a.bias = bias ? bias->data_ptr() : nullptr;
   a.packed = packed.data_ptr();
   a.panel_width = packed.size(2);
   a.K = packed.size(1);
   a.B = B;
+  a.k_block = k_block;
   a.out = out.data_ptr();
   a.ldo_b = out.stride(0);
   a.ldo_r = out.stride(1);
   a.relu = relu;
+  return a;
+}
+
+SpmmFn spmm_fn(const Tensor& val, int nv) {
   const KernelTable& kt = kernel_table();
-  const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
+  return val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
+}
+
+void run_spmm(const Tensor& packed, int nv, int64_t k_block, const Tensor& ptr, const Tensor& idx,
+              const c10::optional<Tensor>& perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t B,
+              const Tensor& out, bool relu = false) {
+  const int64_t R = ptr.numel() - 1;
+  if (R == 0 || B == 0) return;
+  const SpmmArgs a = spmm_args(packed, k_block, ptr, idx, perm ? perm->data_ptr<int32_t>() : nullptr, val, bias, B,
+                               out, relu);
+  const SpmmFn fn = spmm_fn(val, nv);
   const int64_t n_panels = (B + a.panel_width - 1) / a.panel_width;
-  a.k_block = k_block;
   // Each thread writes its rows' columns of every batch entry of the row-major output, so
   // a bound inside a cache line has both threads write that line (false sharing). Bounds
   // fall on multiples of a line's worth of rows: on a line boundary in every batch entry
@@ -353,43 +364,16 @@ BatchShards batch_shards(int64_t B, int64_t pw, int64_t work, int64_t ticket_byt
   return sh;
 }
 
-// Rows [b0, b0 + nb) of x packed as panels of pw columns, on the calling thread.
-Tensor pack_shard(const Tensor& x, int64_t b0, int64_t nb, int64_t pw) {
-  const int64_t K = x.size(1), n_panels = (nb + pw - 1) / pw, es = x.element_size();
-  Tensor P = at::empty({n_panels, K, pw}, x.options());
-  const PackFn fn = x.scalar_type() == at::kFloat ? kernel_table().pack_f32 : kernel_table().pack_f64;
-  const char* X = static_cast<const char*>(x.data_ptr()) + b0 * x.stride(0) * es;
-  char* dst = static_cast<char*>(P.data_ptr());
-  for (int64_t p = 0; p < n_panels; ++p)
-    for (int64_t k0 = 0; k0 < K; k0 += 64)
-      fn(X + p * pw * x.stride(0) * es, x.stride(0), x.stride(1), dst + p * K * pw * es, pw,
-         std::min(pw, nb - p * pw), k0, std::min(K, k0 + 64));
-  return P;
-}
+// Rows [b0, b0 + nb) of x packed as panels of pw columns, on the calling thread (pack with
+// no work of its own: inline, or inline anyway inside the shards' parallel region).
+Tensor pack_shard(const Tensor& x, int64_t b0, int64_t nb, int64_t pw) { return pack(x.narrow(0, b0, nb), pw, 0); }
 
 // run_spmm for one shard (nb batch rows packed in P, written to out's nb rows), on the
 // calling thread
 void run_spmm_shard(const Tensor& P, int nv, int64_t k_block, const Tensor& ptr, const Tensor& idx,
                     const int32_t* perm, const Tensor& val, const c10::optional<Tensor>& bias, int64_t nb,
                     const Tensor& out, bool relu = false) {
-  SpmmArgs a{};
-  a.ptr = ptr.data_ptr<int32_t>();
-  a.idx = idx.data_ptr<int32_t>();
-  a.perm = perm;
-  a.val = val.data_ptr();
-  a.bias = bias ? bias->data_ptr() : nullptr;
-  a.packed = P.data_ptr();
-  a.panel_width = P.size(2);
-  a.K = P.size(1);
-  a.B = nb;
-  a.k_block = k_block;
-  a.out = out.data_ptr();
-  a.ldo_b = out.stride(0);
-  a.ldo_r = out.stride(1);
-  a.relu = relu;
-  const KernelTable& kt = kernel_table();
-  const SpmmFn fn = val.scalar_type() == at::kFloat ? kt.spmm_f32[panel_index(nv)] : kt.spmm_f64[panel_index(nv)];
-  fn(a, 0, ptr.numel() - 1);
+  spmm_fn(val, nv)(spmm_args(P, k_block, ptr, idx, perm, val, bias, nb, out, relu), 0, ptr.numel() - 1);
 }
 
 // ----------------------------------------------------------------------------- ops
