@@ -210,6 +210,28 @@ def test_neq_conv2d_frozen_channels(groups, cout, gen):
                          torch.randn(2, 4, 7, 6, dtype=F64, generator=gen), active)
 
 
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "3d", "empty_batch", "no_channels"])
+def test_select_channels_is_index_select(layout, gen):
+    """The NEq conv's gather of active channels (rows of the [N*C, rest] view for a
+    contiguous tensor) equals index_select along dim 1 for every layout."""
+    from sparseticket.nn.conv import _select_channels
+    t = torch.randn(3, 6, 5, 4, dtype=F64, generator=gen)
+    idx = torch.tensor([0, 2, 3, 5])
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        t = t[:, :, 1:]
+    elif layout == "3d":
+        t = t.reshape(3, 6, 20)
+    elif layout == "empty_batch":
+        t = t[:0]
+    elif layout == "no_channels":
+        idx = idx[:0]
+    got = _select_channels(t, idx)
+    assert torch.equal(got, t.index_select(1, idx))
+    assert got.shape == (t.shape[0], idx.numel(), *t.shape[2:])
 def test_all_frozen_and_all_pruned(gen):
     conv = _conv({})
     s = stnn.SparseConv2d.from_dense(conv, torch.zeros_like(conv.weight, dtype=torch.bool), mode="sparse")
