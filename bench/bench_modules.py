@@ -37,11 +37,18 @@ and forward+backward are timed interleaved (6 contenders, one run) and the backw
 their difference of medians (rows ``dense_backward`` / ``neq_backward``, no IQR). The
 executed / dense weight-gradient FLOPs of one forward+backward come from
 ``sparseticket.flops.FlopCounter``. Target: backward at least 1.3x faster, weight-gradient
-FLOPs halved. The bound: a third model, ``nowgrad``, is the dense one with every weight's
+FLOPs halved. The NEq model runs inside ``sparseticket.neq.cut_frozen_outputs``, as a
+training epoch can: the first layer is fed data, so the gradient at its frozen output
+channels is never read, and the layer after it (Conv-4's conv2, an NEqConv2d) computes
+its input gradient for the first layer's active channels only (column ``paths`` shows
+``cut=conv2<-conv1``; LeNet has no such pair, its second layer being a Linear). The
+parameter gradients are checked against the dense ones as before. The bound: a third
+model, ``nowgrad``, is the dense one with every weight's
 requires_grad off, and every conv bias's (no weight gradient; input gradients and Linear
 bias gradients as before); a backward that skips exactly half of the weight gradient and
 nothing else takes at least (dense + nowgrad) / 2, so row ``nowgrad_backward``'s ratio
-column holds dense / that: the largest NEq speedup this model allows at half frozen. Conv
+column holds dense / that: the largest NEq speedup that skipping weight-gradient rows alone
+allows at half frozen (the cut above saves input-gradient work on top of it). Conv
 biases are off because oneDNN computes a conv's bias gradient with its weight gradient:
 with only the weight frozen, torch's conv backward costs as much as the full one (46 vs
 46 ms at 64->64 @28, batch 64; 23 ms with both frozen). So that the backward still reaches
@@ -82,6 +89,7 @@ if __name__ == "__main__":
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import csv  # noqa: E402
@@ -541,7 +549,15 @@ def check_neq(dense: nn.Module, neq: nn.Module, x, y, rtol: float) -> Optional[s
 
 
 def bench_neq(ctx, model_name: str):
+    # the NEq model runs inside neq.cut_frozen_outputs (as a training epoch would): its
+    # second layer's input gradient skips the first layer's frozen channels
+    with contextlib.ExitStack() as stack:
+        _bench_neq(ctx, model_name, stack)
+
+
+def _bench_neq(ctx, model_name: str, stack: contextlib.ExitStack):
     import sparseticket.nn as stnn
+    from sparseticket.neq import cut_frozen_outputs
     args = ctx.args
     batch = args.batch or MODEL_BATCH.get(model_name, 64)
     dense = build_model(model_name, args.seed)
@@ -549,6 +565,7 @@ def bench_neq(ctx, model_name: str):
     t0 = time.perf_counter()
     try:
         neq = neq_model(dense, args.seed, args.neq_skip_output)
+        cut = stack.enter_context(cut_frozen_outputs(neq))
         neq_status = check_neq(dense, neq, x, y, args.rtol)
     except Exception as e:
         neq, neq_status = None, _err(e)
@@ -568,6 +585,8 @@ def bench_neq(ctx, model_name: str):
         return run
 
     frozen = "" if neq is None else " ".join(f"{n}:{m.frozen_fraction:g}" for n, m in stnn.neq_modules(neq))
+    if neq is not None and cut is not None:
+        frozen += f" cut={cut[1]}<-{cut[0]}"
     nothing = lambda: None  # noqa: E731
     # the bound: no weight gradient at all (see the module docstring for the biases and
     # the input). A backward that keeps the input gradient full and computes half of the

@@ -21,7 +21,9 @@ What is counted (a multiply-add is 2 FLOPs, as in ``torch.utils.flop_counter``):
                                             the dense path (``layer.last_path``)
   grad_input                2·R·O·K         the same as forward, when the input
                                             requires grad (never for the first layer
-                                            fed plain data)
+                                            fed plain data); times the fraction of
+                                            input channels computed under
+                                            ``neq.cut_frozen_outputs``
   grad_weight               2·R·O·K         sparse path: 2·R·nnz over active rows
                                             (SDDMM); dense path: 2·R·K·active rows
   ========================  ==============  =========================================
@@ -208,6 +210,9 @@ def _record_call(c: "FlopCounter", name: str, kind: str, module: nn.Module, args
     w = _weight_param(module)
     w_grad = w is not None and w.requires_grad
     exec_gx = executed if x.requires_grad else 0
+    cut = module.__dict__.get("last_input_cut")  # NEqConv2d under neq.cut_frozen_outputs: channels computed
+    if cut is not None:
+        exec_gx = int(round(exec_gx * cut))
     exec_gw = (2 * R * nnz_active if sparse else 2 * R * K * n_active) if w_grad else 0
     # the dense model trains this weight if it requires grad, or if NEq froze the whole layer
     # (freeze_prefix turns requires_grad off for those)

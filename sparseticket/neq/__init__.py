@@ -7,7 +7,7 @@ authors' public code). docs/NEQ.md states both and how they differ.
 """
 from . import rules
 from .config import NEqConfig
-from .prefix import freeze_prefix, frozen_prefix, fully_frozen, is_neq_capable
+from .prefix import cut_frozen_outputs, freeze_prefix, frontier_cut, frozen_prefix, fully_frozen, is_neq_capable
 from .tracker import NEqTracker
 
-__all__ = ["NEqConfig", "NEqTracker", "freeze_prefix", "frozen_prefix", "fully_frozen", "is_neq_capable", "rules"]
+__all__ = ["NEqConfig", "NEqTracker", "cut_frozen_outputs", "freeze_prefix", "frontier_cut", "frozen_prefix", "fully_frozen", "is_neq_capable", "rules"]

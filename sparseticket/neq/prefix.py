@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def is_neq_capable(module: nn.Module) -> bool:
@@ -100,3 +100,92 @@ def freeze_prefix(model: nn.Module, prefix: Sequence[tuple[str, nn.Module]] | No
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------- the frontier layer's frozen outputs
+
+
+def frontier_cut(model: nn.Module, order: Sequence[str] | None = None) -> tuple[str, str] | None:
+    """(source, consumer): the layer whose frozen output channels ``cut_frozen_outputs`` can
+    cut, and the layer after it whose input gradient is then computed for the source's
+    active channels only; None when there is no such pair.
+
+    The source is the first NEq-capable layer (in ``order``, else registration order) that
+    is not fully frozen, when it has frozen neurons; the consumer is the next NEq-capable
+    layer, an NEqConv2d with groups=1 whose input channels are the source's output
+    channels; and no module registered between the two holds a parameter that requires
+    grad (a BatchNorm there would need the gradient at every channel).
+    """
+    from ..nn import NEqConv2d  # noqa: PLC0415  (the nn package imports this module's siblings)
+
+    if order is None:
+        candidates = [(n, m) for n, m in model.named_modules() if is_neq_capable(m)]
+    else:
+        lookup = dict(model.named_modules())
+        unknown = [n for n in order if n not in lookup]
+        if unknown:
+            raise ValueError(f"frontier_cut: no module named {unknown[0]!r} in the model")
+        candidates = [(n, lookup[n]) for n in order]
+    i = len(frozen_prefix(model, [n for n, _ in candidates]))
+    if i + 1 >= len(candidates):
+        return None
+    (src_name, src), (dst_name, dst) = candidates[i], candidates[i + 1]
+    active = getattr(src, "active", None)
+    out_channels = getattr(src, "out_channels", None)
+    if active is None or bool(active.all()) or out_channels is None:
+        return None
+    if type(dst) is not NEqConv2d or dst.groups != 1 or dst.in_channels != out_channels:
+        return None
+    names = [n for n, _ in model.named_modules()]
+    a, b = names.index(src_name), names.index(dst_name)
+    for name, module in list(model.named_modules())[min(a, b) + 1:max(a, b)]:
+        if name.startswith(src_name + ".") or name.startswith(dst_name + "."):
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            return None
+    return src_name, dst_name
+
+
+def _record_input_grad(module: nn.Module, args) -> None:
+    x = args[0] if args else None
+    module.__dict__["_st_fed_no_grad"] = isinstance(x, Tensor) and not x.requires_grad
+
+
+@contextmanager
+def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> Iterator[tuple[str, str] | None]:
+    """Within the block, the layer after the first partially frozen one computes its input
+    gradient for that layer's active channels only (``frontier_cut`` says which pair).
+
+    When the source layer's input needs no gradient (plain data, or the output of a
+    prefix cut by ``freeze_prefix``), the gradient at its output is read by its own
+    backward alone, which uses only its active channels: the frozen channels' share is
+    never read. The consumer (an NEqConv2d) then runs its input gradient on its weight's
+    needed input channels and writes 0 at the others; parameter gradients are those of
+    the full backward. A forward whose source input does require grad (checked on every
+    forward) runs the full input gradient. In Conv-4 with half of every layer frozen this
+    halves conv2's input gradient. What it changes: the gradient of the activations
+    between the two layers (seen by a hook or ``torch.autograd.grad``) is 0 at the
+    source's frozen channels. Use it as ``freeze_prefix``, around a training epoch after
+    the tracker set the masks::
+
+        with freeze_prefix(model), cut_frozen_outputs(model):
+            for x, y in loader: ...
+
+    Yields the (source, consumer) names, or None when the model has no such pair (then
+    nothing changes).
+    """
+    pair = frontier_cut(model, order)
+    if pair is None:
+        yield None
+        return
+    modules = dict(model.named_modules())
+    src, dst = modules[pair[0]], modules[pair[1]]
+    handle = src.register_forward_pre_hook(_record_input_grad)
+    dst.__dict__["_st_input_cut"] = src
+    try:
+        yield pair
+    finally:
+        handle.remove()
+        dst.__dict__.pop("_st_input_cut", None)
+        dst.__dict__.pop("last_input_cut", None)
+        src.__dict__.pop("_st_fed_no_grad", None)

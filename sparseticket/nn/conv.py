@@ -254,15 +254,35 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         active = self._buffers["active"]
-        if active is None:
+        needed = self._needed_inputs(x)
+        if active is None and needed is None:
             return super().forward(x)
+        if active is None:
+            active = torch.ones(self.out_channels, dtype=torch.bool, device=x.device)
         pre, pad_mode, pad = _padding_plan(self.padding, self.padding_mode, self.kernel_size, self.dilation)
         if pre is not None:
             x = F.pad(x, pre, mode=pad_mode)
         unbatched = x.dim() == 3
         y = neq_conv2d(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, active, self.stride, pad,
-                       self.dilation, self.groups)
+                       self.dilation, self.groups, needed)
         return y.squeeze(0) if unbatched else y
+
+    def _needed_inputs(self, x: Tensor) -> Optional[Tensor]:
+        """The input channels whose gradient anything uses, under
+        ``sparseticket.neq.cut_frozen_outputs`` (which sets ``_st_input_cut`` to the layer
+        feeding this one): the source's active channels, when the source's input needed no
+        gradient in this forward. None (every channel) otherwise. Recorded in
+        ``last_input_cut`` (the fraction of input channels whose gradient is computed, or
+        None) for the FLOP counter."""
+        d = self.__dict__
+        src = d.get("_st_input_cut")
+        needed = None
+        if src is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            a = src._buffers.get("active")
+            if a is not None and src.__dict__.get("_st_fed_no_grad") and a.numel() == x.shape[-3] and not bool(a.all()):
+                needed = a
+        d["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
+        return needed
 
 
 # ----------------------------------------------------------------------------- im2col
@@ -395,33 +415,59 @@ class _Im2ColNHWC(torch.autograd.Function):
 
 
 def neq_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor, stride, padding, dilation,
-               groups: int) -> Tensor:
-    """F.conv2d whose weight/bias gradients are computed only for ``active`` output channels."""
-    return _NEqConv2dFn.apply(x, weight, bias, active, tuple(stride), tuple(padding), tuple(dilation), groups)
+               groups: int, needed: Optional[Tensor] = None) -> Tensor:
+    """F.conv2d whose weight/bias gradients are computed only for ``active`` output channels,
+    and whose input gradient only for ``needed`` input channels (None: all; the others get
+    0). ``needed`` is for groups == 1 (ignored otherwise)."""
+    if groups != 1:
+        needed = None
+    return _NEqConv2dFn.apply(x, weight, bias, active, tuple(stride), tuple(padding), tuple(dilation), groups,
+                              needed)
 
 
 class _NEqConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, active, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight, active)
+    def forward(ctx, x, weight, bias, active, stride, padding, dilation, groups, needed):
+        ctx.save_for_backward(x, weight, active, needed)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, active = ctx.saved_tensors
+        x, weight, active, needed = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         gx = gw = gb = None
-        if need_x and need_w and bool(active.all()):  # nothing frozen: one call, as nn.Conv2d
+        if need_x and need_w and needed is None and bool(active.all()):  # nothing frozen: one call, as nn.Conv2d
             gx, gw, gb = _conv_backward(gy, x, weight, stride, padding, dilation, groups, (True, True, need_b))
-            return gx, gw, gb, None, None, None, None, None
-        if need_x:  # frozen channels still pass gradient to earlier layers
+            return gx, gw, gb, None, None, None, None, None, None
+        if need_x and needed is not None:
+            gx = _needed_input_grad(gy, x, weight, needed, stride, padding, dilation)
+        elif need_x:  # frozen channels still pass gradient to earlier layers
             gx = _conv_backward(gy, x, weight, stride, padding, dilation, groups, (True, False, False))[0]
         if need_w or need_b:
             gw, gb = _active_conv_grads(x, weight, gy, active, stride, padding, dilation, groups, need_w, need_b)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _needed_input_grad(gy, x, weight, needed, stride, padding, dilation) -> Tensor:
+    """The input gradient of a groups == 1 conv at the ``needed`` input channels, 0 at the
+    others: one oneDNN call on the weight's needed input channels, then a scatter of the
+    channel planes. The input gradient reads only x's shape, so a same-shaped stand-in
+    (allocated, never written or read) replaces the gather of x's channels."""
+    N, C = x.shape[0], x.shape[1]
+    idx = needed.nonzero().squeeze(1)
+    n = idx.numel()
+    gx = x.new_zeros(x.shape)
+    if n == 0 or N == 0:
+        return gx
+    stand_in = x.new_empty((N, n) + tuple(x.shape[2:]))
+    part = _conv_backward(gy, stand_in, weight.index_select(1, idx), stride, padding, dilation, 1,
+                          (True, False, False))[0]
+    rows = (torch.arange(N, device=x.device).mul_(C).view(N, 1) + idx.view(1, -1)).reshape(-1)
+    gx.view(N * C, -1).index_copy_(0, rows, part.reshape(N * n, -1))
+    return gx
 
 
 def _conv_backward(gy, x, weight, stride, padding, dilation, groups, mask):
