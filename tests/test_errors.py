@@ -486,3 +486,25 @@ def test_out_of_range_index_found_in_a_long_ticket(pos):
     col[pos] = -2
     with pytest.raises(RuntimeError, match="col has index -2 but x's feature dimension"):
         torch.ops.sparseticket.spmm(x, t.values, t.crow, col, None)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last", "ends"])
+def test_decreasing_row_pointers_raise(where):
+    """The row-pointer check (vectorised per ISA: it counts the decreases, then finds the
+    first) names the first decrease wherever it is in a long crow, and the ends."""
+    if BACKEND != "c++":
+        pytest.skip("the compiled kernels' check")
+    I, O = 50, 1000
+    mask = torch.rand(O, I, generator=torch.Generator().manual_seed(1)) < 0.1
+    t = Ticket.from_dense(torch.randn(O, I) * mask, mask)
+    x = torch.randn(3, I)
+    crow = t.crow.clone()
+    if where == "ends":
+        crow[-1] += 1
+        with pytest.raises(RuntimeError, match=r"crow must start at 0 and end at nnz="):
+            torch.ops.sparseticket.spmm(x, t.values, crow, t.col, None)
+        return
+    r = {"first": 1, "middle": 517, "last": O - 1}[where]  # crow[r] made larger than crow[r + 1]
+    crow[r] = crow[r + 1] + 1
+    with pytest.raises(RuntimeError, match=rf"crow must be non-decreasing, but crow\[{r + 1}\]=\d+ < crow\[{r}\]="):
+        torch.ops.sparseticket.spmm(x, t.values, crow, t.col, None)

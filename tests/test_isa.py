@@ -3,7 +3,9 @@
 The compiled kernels exist per ISA (AVX-512, AVX2, portable) and the dispatcher takes the
 best one, so a run of the suite exercises only one of them; an AVX2 code path that exists
 only for machines without AVX-512 (bitmap expand/compress, register transposes) would
-otherwise never run on an AVX-512 machine. SPARSETICKET_ISA is read once per process,
+otherwise never run on an AVX-512 machine; nor would the index and row-pointer checks and
+the ReLU/bias-gradient pass, which are per ISA too (test_errors, test_fused_relu).
+SPARSETICKET_ISA is read once per process,
 hence the subprocess. (The convolution kernels have their own ISA test in
 test_sparse_conv.py.)
 """
@@ -37,6 +39,7 @@ def test_ops_under_isa(isa):
     assert check.stdout.strip() == isa, check.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         os.path.join(HERE, "test_bitmap.py"), os.path.join(HERE, "test_ops.py"),
-                        os.path.join(HERE, "test_parallel.py"), os.path.join(HERE, "test_batch_shards.py")],
+                        os.path.join(HERE, "test_parallel.py"), os.path.join(HERE, "test_batch_shards.py"),
+                        os.path.join(HERE, "test_errors.py"), os.path.join(HERE, "test_fused_relu.py")],
                        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])

@@ -122,6 +122,17 @@ using AdamWFn = void (*)(const AdamWArgs&, int64_t begin, int64_t end);
 using PackFn = void (*)(const void* X, int64_t sb, int64_t sk, void* dst, int64_t pw, int64_t nb, int64_t k0,
                         int64_t k1);
 
+// (min, max) of ix[0, n), n >= 1: the range check of every op's index arrays (checks.h),
+// per ISA (the baseline build's SSE2 had no packed 32-bit min/max: ~1.2 cycles per index)
+using IndexRangeFn = void (*)(const int32_t* ix, int64_t n, int32_t* lo, int32_t* hi);
+// How many r < R have p[r + 1] < p[r] (the row-pointer check, checks.h; 0 for valid ones)
+using DecreasesFn = int64_t (*)(const int32_t* p, int64_t R);
+
+// ReLU's backward and the bias gradient of a small row-major [B, O] gy in one pass:
+// out = gy where y > 0 else 0 (gy as is, out unused, when y is null), sum[o] += out[b][o]
+// over b (ops_cpu.cpp, relu_grad_and_bias_grad)
+using ReluGradFn = void (*)(const void* gy, const void* y, void* out, void* sum, int64_t B, int64_t O);
+
 // Panel widths, in vectors, for which spmm is instantiated.
 constexpr int kPanelChoices = 4;  // 1, 2, 4, 8 vectors
 
@@ -144,6 +155,10 @@ struct KernelTable {
   BitmapFn compress_f64;
   RowGemmFn rowgemm_f32;
   RowGemmFn rowgemm_f64;
+  IndexRangeFn index_range;
+  DecreasesFn decreases;
+  ReluGradFn relu_grad_f32;
+  ReluGradFn relu_grad_f64;
 };
 
 namespace avx512 { KernelTable make_table(); }

@@ -1112,8 +1112,58 @@ void rowgemm_kernel(const RowGemmArgs& a, int64_t c_begin, int64_t c_end) {
 
 }  // namespace
 
+// (kernels.h, ReluGradFn) `omp simd` makes the select a blend, not a branch (ReLU signs
+// are a coin flip: a branch mispredicts on half the entries). In the baseline glue it
+// compiled to SSE2; here to the ISA's vectors.
+template <typename T>
+void relu_grad_rows(const void* gv, const void* yv, void* outv, void* sumv, int64_t B, int64_t O) {
+  const T* __restrict G = static_cast<const T*>(gv);
+  const T* __restrict Y = static_cast<const T*>(yv);
+  T* __restrict out = static_cast<T*>(outv);
+  T* __restrict sum = static_cast<T*>(sumv);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict grow = G + b * O;
+    if (Y) {
+      const T* __restrict yrow = Y + b * O;
+      T* __restrict orow = out + b * O;
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) {
+        const T g = grow[o];  // loaded unconditionally: a conditional load does not vectorise on SSE2
+        const T v = yrow[o] <= 0 ? T(0) : g;  // a NaN y passes gy, as threshold_backward
+        orow[o] = v;
+        sum[o] += v;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) sum[o] += grow[o];
+    }
+  }
+}
+
+void index_range(const int32_t* __restrict ix, int64_t n, int32_t* lo_out, int32_t* hi_out) {
+  int32_t lo = ix[0], hi = ix[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t i = 0; i < n; ++i) {
+    lo = ix[i] < lo ? ix[i] : lo;
+    hi = ix[i] > hi ? ix[i] : hi;
+  }
+  *lo_out = lo;
+  *hi_out = hi;
+}
+
+int64_t decreases(const int32_t* __restrict p, int64_t R) {
+  int32_t bad = 0;  // counted, not searched: the loop vectorises; the caller finds the first one
+#pragma omp simd reduction(+ : bad)
+  for (int64_t r = 0; r < R; ++r) bad += p[r + 1] < p[r] ? 1 : 0;
+  return bad;
+}
+
 KernelTable make_table() {
   KernelTable t{};
+  t.index_range = &index_range;
+  t.decreases = &decreases;
+  t.relu_grad_f32 = &relu_grad_rows<float>;
+  t.relu_grad_f64 = &relu_grad_rows<double>;
   t.expand_f32 = expand_rows<float>;
   t.expand_f64 = expand_rows<double>;
   t.compress_f32 = compress_rows<float>;

@@ -806,31 +806,6 @@ Tensor sparse_linear_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
   return spmm_impl(x, values, crow, col, bias, true);
 }
 
-// out = gy where y > 0 else 0 (y null: out is gy, not written) and sum += its rows, for
-// row-major [B, O]. Out of line with `omp simd` so that the select compiles to a blend,
-// not a branch (ReLU signs are a coin flip: a branch mispredicts on half the entries).
-template <typename T>
-void relu_grad_rows(const T* __restrict__ G, const T* __restrict__ Y, T* __restrict__ out, T* __restrict__ sum,
-                    int64_t B, int64_t O) {
-  for (int64_t b = 0; b < B; ++b) {
-    const T* grow = G + b * O;
-    if (Y) {
-      const T* yrow = Y + b * O;
-      T* orow = out + b * O;
-#pragma omp simd
-      for (int64_t o = 0; o < O; ++o) {
-        const T gv = grow[o];  // loaded unconditionally: a conditional load does not vectorise on SSE2
-        const T v = yrow[o] <= 0 ? T(0) : gv;  // a NaN y passes gy, as threshold_backward
-        orow[o] = v;
-        sum[o] += v;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t o = 0; o < O; ++o) sum[o] += grow[o];
-    }
-  }
-}
-
 // (g, gb): g = gy where y > 0, else 0 (ReLU's backward, as threshold_backward; gy as is
 // when y is undefined), and gb[o] = sum over the batch of g[:, o], 0 for frozen rows.
 // Small row-major layers take one plain loop for both, where threshold_backward's and
@@ -849,11 +824,8 @@ std::pair<Tensor, Tensor> relu_grad_and_bias_grad(const Tensor& gy, const Tensor
   } else {
     g = y.defined() ? at::empty({B, O}, gy.options()) : gy;
     gb = at::zeros({O}, gy.options());
-    AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparseticket_relu_bias_grad", [&] {
-      const scalar_t* G = gy.data_ptr<scalar_t>();
-      relu_grad_rows(G, y.defined() ? y.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
-                     gb.data_ptr<scalar_t>(), B, O);
-    });
+    const ReluGradFn fn = gy.scalar_type() == at::kFloat ? kernel_table().relu_grad_f32 : kernel_table().relu_grad_f64;
+    fn(gy.data_ptr(), y.defined() ? y.data_ptr() : nullptr, g.data_ptr(), gb.data_ptr(), B, O);
   }
   if (active) {
     const bool* keep = active->data_ptr<bool>();
