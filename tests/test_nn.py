@@ -211,7 +211,6 @@ def test_neq_conv2d_frozen_channels(groups, cout, gen):
 
 
 
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "3d", "empty_batch", "no_channels"])
 def test_select_channels_is_index_select(layout, gen):
     """The NEq conv's gather of active channels (rows of the [N*C, rest] view for a
@@ -232,6 +231,8 @@ def test_select_channels_is_index_select(layout, gen):
     got = _select_channels(t, idx)
     assert torch.equal(got, t.index_select(1, idx))
     assert got.shape == (t.shape[0], idx.numel(), *t.shape[2:])
+
+
 def test_all_frozen_and_all_pruned(gen):
     conv = _conv({})
     s = stnn.SparseConv2d.from_dense(conv, torch.zeros_like(conv.weight, dtype=torch.bool), mode="sparse")

@@ -10,4 +10,5 @@ from .config import NEqConfig
 from .prefix import cut_frozen_outputs, freeze_prefix, frontier_cut, frozen_prefix, fully_frozen, is_neq_capable
 from .tracker import NEqTracker
 
-__all__ = ["NEqConfig", "NEqTracker", "cut_frozen_outputs", "freeze_prefix", "frontier_cut", "frozen_prefix", "fully_frozen", "is_neq_capable", "rules"]
+__all__ = ["NEqConfig", "NEqTracker", "cut_frozen_outputs", "freeze_prefix", "frontier_cut", "frozen_prefix",
+           "fully_frozen", "is_neq_capable", "rules"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from torch import Tensor, nn
+from torch import nn
 
 
 def is_neq_capable(module: nn.Module) -> bool:
@@ -106,17 +106,17 @@ def freeze_prefix(model: nn.Module, prefix: Sequence[tuple[str, nn.Module]] | No
 
 
 def frontier_cut(model: nn.Module, order: Sequence[str] | None = None) -> tuple[str, str] | None:
-    """(source, consumer): the layer whose frozen output channels ``cut_frozen_outputs`` can
-    cut, and the layer after it whose input gradient is then computed for the source's
-    active channels only; None when there is no such pair.
+    """(source, consumer): the layer whose frozen output channels ``cut_frozen_outputs``
+    can cut, and the layer after it that then computes its input gradient for the
+    source's active channels only; None when the model has no such pair.
 
-    The source is the first NEq-capable layer (in ``order``, else registration order) that
-    is not fully frozen, when it has frozen neurons; the consumer is the next NEq-capable
-    layer, an NEqConv2d with groups=1 whose input channels are the source's output
-    channels; and no module registered between the two holds a parameter that requires
-    grad (a BatchNorm there would need the gradient at every channel).
+    The source is the first NEq-capable layer (in ``order``, else registration order)
+    that is not fully frozen, when it is a conv layer with frozen neurons; the consumer is
+    the next NEq-capable layer, when it is an NEqConv2d with groups=1 and as many input
+    channels as the source has outputs. Whether a forward is cut is decided at that
+    forward, from the autograd graph (see ``cut_frozen_outputs``).
     """
-    from ..nn import NEqConv2d  # noqa: PLC0415  (the nn package imports this module's siblings)
+    from ..nn import NEqConv2d  # noqa: PLC0415  (sparseticket.nn is optional for this package)
 
     if order is None:
         candidates = [(n, m) for n, m in model.named_modules() if is_neq_capable(m)]
@@ -136,19 +136,7 @@ def frontier_cut(model: nn.Module, order: Sequence[str] | None = None) -> tuple[
         return None
     if type(dst) is not NEqConv2d or dst.groups != 1 or dst.in_channels != out_channels:
         return None
-    names = [n for n, _ in model.named_modules()]
-    a, b = names.index(src_name), names.index(dst_name)
-    for name, module in list(model.named_modules())[min(a, b) + 1:max(a, b)]:
-        if name.startswith(src_name + ".") or name.startswith(dst_name + "."):
-            continue
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            return None
     return src_name, dst_name
-
-
-def _record_input_grad(module: nn.Module, args) -> None:
-    x = args[0] if args else None
-    module.__dict__["_st_fed_no_grad"] = isinstance(x, Tensor) and not x.requires_grad
 
 
 @contextmanager
@@ -160,32 +148,50 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
     prefix cut by ``freeze_prefix``), the gradient at its output is read by its own
     backward alone, which uses only its active channels: the frozen channels' share is
     never read. The consumer (an NEqConv2d) then runs its input gradient on its weight's
-    needed input channels and writes 0 at the others; parameter gradients are those of
-    the full backward. A forward whose source input does require grad (checked on every
-    forward) runs the full input gradient. In Conv-4 with half of every layer frozen this
-    halves conv2's input gradient. What it changes: the gradient of the activations
-    between the two layers (seen by a hook or ``torch.autograd.grad``) is 0 at the
-    source's frozen channels. Use it as ``freeze_prefix``, around a training epoch after
-    the tracker set the masks::
+    columns for the active channels and writes 0 at the others. Each consumer forward is
+    cut only when the autograd graph proves it safe: its input must come from the
+    source's output of the same forward through channel-wise, parameter-free steps
+    (ReLU and other elementwise activations, 2-D pooling, dropout, multiplying by a
+    constant), and that output must have been computed from the source's parameters and
+    an input that needs no gradient. Anything else on the way (a BatchNorm or PReLU with
+    weights, another branch added in, an op that mixes channels, a reshape) or a source
+    fed a tensor that requires grad: that forward runs the full input gradient. Under
+    ``torch.compile`` nothing is cut.
+
+    Parameter gradients are those of the full backward, up to rounding (the input
+    gradient runs on fewer channels, which can change oneDNN's summation order). What
+    changes: the gradient of the activations between the two layers, seen by a hook or
+    ``torch.autograd.grad``, is 0 at the source's frozen channels. In Conv-4 with half of
+    every layer frozen this halves conv2's input gradient. Use it as ``freeze_prefix``,
+    around a training epoch after the tracker set the masks::
 
         with freeze_prefix(model), cut_frozen_outputs(model):
             for x, y in loader: ...
 
     Yields the (source, consumer) names, or None when the model has no such pair (then
-    nothing changes).
+    nothing changes). The link lives outside the modules, keyed by the live consumer: a
+    copy of the model made inside the block is not cut. Contexts nest.
     """
+    from ..nn.conv import _INPUT_CUTS  # noqa: PLC0415
+
     pair = frontier_cut(model, order)
     if pair is None:
         yield None
         return
     modules = dict(model.named_modules())
     src, dst = modules[pair[0]], modules[pair[1]]
-    handle = src.register_forward_pre_hook(_record_input_grad)
-    dst.__dict__["_st_input_cut"] = src
+    stack = _INPUT_CUTS.setdefault(dst, [])
+    stack.append(src)
     try:
         yield pair
     finally:
-        handle.remove()
-        dst.__dict__.pop("_st_input_cut", None)
-        dst.__dict__.pop("last_input_cut", None)
-        src.__dict__.pop("_st_fed_no_grad", None)
+        stack = _INPUT_CUTS.get(dst)
+        if stack:
+            # this context's entry: the innermost one when contexts exit in order
+            for k in range(len(stack) - 1, -1, -1):
+                if stack[k] is src:
+                    del stack[k]
+                    break
+        if not stack:
+            _INPUT_CUTS.pop(dst, None)
+            dst.__dict__.pop("last_input_cut", None)

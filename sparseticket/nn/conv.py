@@ -2,6 +2,7 @@
 dense conv) and NEqConv2d."""
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -268,21 +269,72 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         return y.squeeze(0) if unbatched else y
 
     def _needed_inputs(self, x: Tensor) -> Optional[Tensor]:
-        """The input channels whose gradient anything uses, under
-        ``sparseticket.neq.cut_frozen_outputs`` (which sets ``_st_input_cut`` to the layer
-        feeding this one): the source's active channels, when the source's input needed no
-        gradient in this forward. None (every channel) otherwise. Recorded in
-        ``last_input_cut`` (the fraction of input channels whose gradient is computed, or
-        None) for the FLOP counter."""
-        d = self.__dict__
-        src = d.get("_st_input_cut")
+        """The input channels whose gradient anything reads, under
+        ``sparseticket.neq.cut_frozen_outputs``: the source layer's active channels when
+        this forward's input is the source's output of this forward, reached through
+        channel-wise, parameter-free steps only, and the source's own input needed no
+        gradient (``_cut_source_reached``). None (every channel) otherwise. Recorded in
+        ``last_input_cut`` (the fraction of input channels whose gradient is computed,
+        or None) for the FLOP counter."""
         needed = None
-        if src is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        stack = _INPUT_CUTS.get(self)
+        if stack and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            src = stack[-1]
             a = src._buffers.get("active")
-            if a is not None and src.__dict__.get("_st_fed_no_grad") and a.numel() == x.shape[-3] and not bool(a.all()):
+            # (the width test is a guard: the walk only accepts steps that keep the channels)
+            if (a is not None and a.dim() == 1 and x.dim() >= 3 and a.numel() == x.shape[-3]
+                    and _cut_source_reached(x, src) and not bool(a.all())):
                 needed = a
-        d["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
+        self.__dict__["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
         return needed
+
+
+#: NEqConv2d (consumer) -> the source layers it is cut against, innermost last; set by
+#: sparseticket.neq.cut_frozen_outputs. Keyed by the live module, so a copy made inside
+#: the block (deepcopy, pickling) is not cut.
+_INPUT_CUTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+#: Autograd nodes that may stand between a cut's source and its consumer: each maps
+#: channel c of its one differentiable input to channel c of its output (elementwise ops,
+#: 2-D pooling, dropout's mask multiply) and holds no parameter (a node with a second
+#: differentiable input, e.g. a BatchNorm's or PReLU's weight or another branch, has two
+#: next functions and stops the walk).
+_CHANNELWISE_NODES = frozenset({
+    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1", "LeakyReluBackward0",
+    "LeakyReluBackward1", "EluBackward0", "EluBackward1", "GeluBackward0", "SiluBackward0", "SigmoidBackward0",
+    "TanhBackward0", "HardtanhBackward0", "HardtanhBackward1", "Relu6Backward0", "HardswishBackward0",
+    "MishBackward0", "SoftplusBackward0", "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0",
+    "AdaptiveAvgPool2DBackward0", "AdaptiveMaxPool2DBackward0", "NativeDropoutBackward0", "MulBackward0",
+    "DivBackward0", "AddBackward0", "SubBackward0", "CloneBackward0",
+    "GeneratedBackwardFor_sparseticket_max_pool2x2_defaultBackward",
+})
+
+
+def _cut_source_reached(x: Tensor, src: nn.Module, max_steps: int = 16) -> bool:
+    """Whether ``x``'s autograd graph leads, through channel-wise single-input nodes
+    (_CHANNELWISE_NODES), to a node of ``src``'s forward whose only differentiable inputs
+    are ``src``'s own parameters, its weight among them: the source's output of this
+    forward, computed from an input that needs no gradient. Anything else (another
+    branch, a parameter on the way, an op that mixes channels, a source fed a tensor
+    that requires grad) is False."""
+    weight = src._parameters.get("weight_values")
+    if weight is None:
+        weight = src._parameters.get("weight")
+    if weight is None:
+        return False
+    own = {id(p) for p in src._parameters.values() if p is not None}
+    node = x.grad_fn
+    for _ in range(max_steps):
+        if node is None:
+            return False
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        ids = [id(getattr(f, "variable", None)) for f in nxt if type(f).__name__ == "AccumulateGrad"]
+        if nxt and len(ids) == len(nxt):  # fed by leaves only: the source's forward, or not ours
+            return id(weight) in ids and all(i in own for i in ids)
+        if len(nxt) != 1 or type(node).__name__ not in _CHANNELWISE_NODES:
+            return False
+        node = nxt[0]
+    return False
 
 
 # ----------------------------------------------------------------------------- im2col
