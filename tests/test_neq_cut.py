@@ -147,7 +147,7 @@ def _half_active(model: nn.Module, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, m in stnn.neq_modules(model):
-        n = m.weight.shape[0]
+        n = m.out_channels if hasattr(m, "out_channels") else m.out_features
         a = torch.zeros(n, dtype=torch.bool)
         a[torch.randperm(n, generator=g)[: n // 2]] = True
         m.set_active(a)
@@ -386,3 +386,54 @@ def test_flop_counter_reports_the_computed_input_gradient():
     assert f["executed"] == f["dense"] > 0
     assert c["dense"] == f["dense"] and c["executed"] == f["executed"] // 2
     assert cut.layer("conv3")["grad_input"] == full.layer("conv3")["grad_input"]
+
+
+class Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.relu1(self.conv1(x)))
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True])
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_sparse_conv2d_source(fuse_relu, mode):
+    """A SparseConv2d source (sparse kernels, with or without the fused ReLU, or its dense
+    path): the sparse kernels' node is a source, so those forwards are cut; the dense
+    path's weight comes from the ticket through another node, so it is not (both exact)."""
+    torch.manual_seed(0)
+    model = Seq().to(F64)
+    stnn.sparsify(model, amount=0.5, filter=lambda n, m: n == "conv1", mode=mode, fuse_relu=fuse_relu)
+    stnn.enable_neq(model)
+    _half_active(model)
+    x = _x()
+    plain = _run(model, x)
+    with cut_frozen_outputs(model) as pair:
+        assert pair == ("conv1", "conv2")
+        cut = _run(model, x)
+        assert model.conv2.last_input_cut == (pytest.approx(0.5) if mode == "sparse" else None)
+    _assert_same(plain, cut)
+
+
+def test_a_plain_conv_sharing_the_source_weight_is_not_a_source():
+    """The walk ends at a node fed by the source's parameters alone; a plain conv applying
+    the same Parameter (it computes every row's weight gradient) must not pass for it."""
+    _, neq, _ = _neq(Seq())
+    w = neq.conv1.weight
+
+    def forward(x):
+        return neq.conv2(torch.relu(F.conv2d(x, w, None, padding=1)))
+
+    x = _x()
+    neq.zero_grad(set_to_none=True)
+    forward(x).square().sum().backward()
+    ref = w.grad.clone()
+    with cut_frozen_outputs(neq):
+        neq.zero_grad(set_to_none=True)
+        forward(x).square().sum().backward()
+        assert neq.conv2.last_input_cut is None
+    torch.testing.assert_close(w.grad, ref, **TOL)

@@ -310,11 +310,17 @@ _CHANNELWISE_NODES = frozenset({
 })
 
 
+#: The nodes of the NEq-aware ops a cut's source runs (their backward reads the output
+#: gradient at active channels only): SparseConv2d's C++ ops, NEqConv2d's Function. A
+#: plain conv node (a layer computing every row's weight gradient) is not a source.
+_SOURCE_NODES = frozenset({"CppFunction", "_NEqConv2dFnBackward"})
+
+
 def _cut_source_reached(x: Tensor, src: nn.Module, max_steps: int = 16) -> bool:
     """Whether ``x``'s autograd graph leads, through channel-wise single-input nodes
-    (_CHANNELWISE_NODES), to a node of ``src``'s forward whose only differentiable inputs
-    are ``src``'s own parameters, its weight among them: the source's output of this
-    forward, computed from an input that needs no gradient. Anything else (another
+    (_CHANNELWISE_NODES), to a node of an NEq-aware op (_SOURCE_NODES) whose only
+    differentiable inputs are ``src``'s own parameters, its weight among them: the
+    source's output of this forward, computed from an input that needs no gradient. Anything else (another
     branch, a parameter on the way, an op that mixes channels, a source fed a tensor
     that requires grad) is False."""
     weight = src._parameters.get("weight_values")
@@ -330,7 +336,7 @@ def _cut_source_reached(x: Tensor, src: nn.Module, max_steps: int = 16) -> bool:
         nxt = [f for f, _ in node.next_functions if f is not None]
         ids = [id(getattr(f, "variable", None)) for f in nxt if type(f).__name__ == "AccumulateGrad"]
         if nxt and len(ids) == len(nxt):  # fed by leaves only: the source's forward, or not ours
-            return id(weight) in ids and all(i in own for i in ids)
+            return (type(node).__name__ in _SOURCE_NODES and id(weight) in ids and all(i in own for i in ids))
         if len(nxt) != 1 or type(node).__name__ not in _CHANNELWISE_NODES:
             return False
         node = nxt[0]
