@@ -41,7 +41,8 @@ FLOPs halved. The NEq model runs inside ``sparseticket.neq.cut_frozen_outputs``,
 training epoch can: the first layer is fed data, so the gradient at its frozen output
 channels is never read, and the layer after it (Conv-4's conv2, an NEqConv2d) computes
 its input gradient for the first layer's active channels only (column ``paths`` shows
-``cut=conv2<-conv1``; LeNet has no such pair, its second layer being a Linear). The
+``cut=conv2<-conv1:0.5``, the fraction of conv2's input gradient computed in the checked step;
+LeNet has no such pair, its second layer being a Linear). The
 parameter gradients are checked against the dense ones as before. The bound: a third
 model, ``nowgrad``, is the dense one with every weight's
 requires_grad off, and every conv bias's (no weight gradient; input gradients and Linear
@@ -585,8 +586,9 @@ def _bench_neq(ctx, model_name: str, stack: contextlib.ExitStack):
         return run
 
     frozen = "" if neq is None else " ".join(f"{n}:{m.frozen_fraction:g}" for n, m in stnn.neq_modules(neq))
-    if neq is not None and cut is not None:
-        frozen += f" cut={cut[1]}<-{cut[0]}"
+    if neq is not None and cut is not None:  # the fraction the consumer computed in check_neq's step
+        done = getattr(dict(neq.named_modules())[cut[1]], "last_input_cut", None)
+        frozen += f" cut={cut[1]}<-{cut[0]}:{'none' if done is None else f'{done:g}'}"
     nothing = lambda: None  # noqa: E731
     # the bound: no weight gradient at all (see the module docstring for the biases and
     # the input). A backward that keeps the input gradient full and computes half of the

@@ -4,15 +4,19 @@ computes its input gradient for that layer's active channels only.
 Every parameter gradient (and the gradient of any input that requires it) must equal the
 full backward's; the activation gradient between the two layers is 0 at the source's
 frozen channels and unchanged at the others. A forward is cut only when the autograd
-graph shows the consumer reads this forward's source output through channel-wise,
-parameter-free steps and the source's input needs no gradient: the models below that
-break one of those conditions (a BatchNorm or PReLU registered elsewhere, a learnable
-scale, another branch, ops that mix channels, weight tying, a source called twice,
-checkpointing, a direct call of the consumer) must not be cut, and their gradients must
-stay exact. The FLOP counter reports the consumer's input gradient as computed.
+graph shows the consumer reads the source module's last call (with the mask that call
+used) through channel-wise, parameter-free steps, and that call's input needed no
+gradient: the models below that break one of those conditions (a BatchNorm or PReLU
+registered elsewhere, a learnable scale, another branch, ops that mix channels, weight
+tying, a source called twice, another NEq op on the source's Parameters, a Parameter fed
+to the source, a direct call of the consumer) must not be cut, and their gradients must
+stay exact; so must checkpointing with the context or the masks changed before
+backward, a mask changed between the two layers' forwards, and a penalty on the
+activation gradient. The FLOP counter reports the consumer's input gradient as computed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -24,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 import sparseticket.nn as stnn
 from sparseticket.flops import FlopCounter
 from sparseticket.neq import cut_frozen_outputs, freeze_prefix, frontier_cut
+from sparseticket.nn.conv import neq_conv2d
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -403,8 +408,7 @@ class Seq(nn.Module):
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_sparse_conv2d_source(fuse_relu, mode):
     """A SparseConv2d source (sparse kernels, with or without the fused ReLU, or its dense
-    path): the sparse kernels' node is a source, so those forwards are cut; the dense
-    path's weight comes from the ticket through another node, so it is not (both exact)."""
+    path): both record their NEq-aware op's call, so both are cut, and stay exact."""
     torch.manual_seed(0)
     model = Seq().to(F64)
     stnn.sparsify(model, amount=0.5, filter=lambda n, m: n == "conv1", mode=mode, fuse_relu=fuse_relu)
@@ -415,7 +419,7 @@ def test_sparse_conv2d_source(fuse_relu, mode):
     with cut_frozen_outputs(model) as pair:
         assert pair == ("conv1", "conv2")
         cut = _run(model, x)
-        assert model.conv2.last_input_cut == (pytest.approx(0.5) if mode == "sparse" else None)
+        assert model.conv2.last_input_cut == pytest.approx(0.5)
     _assert_same(plain, cut)
 
 
@@ -437,3 +441,176 @@ def test_a_plain_conv_sharing_the_source_weight_is_not_a_source():
         forward(x).square().sum().backward()
         assert neq.conv2.last_input_cut is None
     torch.testing.assert_close(w.grad, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------- the source's own call
+
+
+def test_the_mask_is_the_one_the_source_call_used():
+    """set_active on the source between its forward and the consumer's (a forward hook,
+    a scheduler): the cut uses the mask the source's call ran with, not the new one."""
+    _, neq, actives = _neq(Net())
+    new_mask = actives["conv1"].roll(1)
+    handle = neq.conv1.register_forward_hook(lambda m, i, o: m.set_active(new_mask))
+    x = _x()
+
+    def step():
+        neq.conv1.set_active(actives["conv1"])
+        return _run(neq, x)
+
+    plain = step()
+    with cut_frozen_outputs(neq):
+        cut = step()
+        assert neq.conv2.last_input_cut == pytest.approx(0.5)
+    handle.remove()
+    _assert_same(plain, cut)
+
+
+class Twin(nn.Module):
+    """conv2 reads a second NEq call on conv1's Parameters, run with another mask:
+    ``functional`` an all-active neq_conv2d, else an NEqConv2d sharing the Parameters."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.functional = functional
+
+    def forward(self, x):
+        c1 = self.conv1
+        hx = F.relu(c1(x))  # the source's call, recorded first
+        if self.functional:
+            ones = torch.ones(6, dtype=torch.bool)
+            h = neq_conv2d(x, c1.weight, c1.bias, ones, (1, 1), (1, 1), (1, 1), 1)
+        else:
+            h = self.twin(x)
+        return self.conv2(hx).mean() + self.conv2(F.relu(h))
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_other_calls_on_the_source_parameters_are_not_sources(functional):
+    """Only the source module's own last call counts; an NEq op applying its Parameters
+    with another mask reads the gradient at channels the source froze."""
+    _, neq, actives = _neq(Twin(functional))
+    if not functional:
+        twin = stnn.NEqConv2d(2, 6, 3, padding=1).to(F64)
+        twin.weight, twin.bias = neq.conv1.weight, neq.conv1.bias
+        twin.set_active(~actives["conv1"])
+        object.__setattr__(neq, "twin", twin)  # not a submodule: frontier_cut sees conv1, conv2
+    x = _x()
+    plain = _run(neq, x)
+    with cut_frozen_outputs(neq) as pair:
+        assert pair == ("conv1", "conv2")
+        cut = _run(neq, x)
+        assert neq.conv2.last_input_cut is None  # the second consumer call
+    _assert_same(plain, cut)
+
+
+class LearnedInput(nn.Module):
+    """conv1 applied to a Parameter registered on conv1 itself"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(self.conv1.const + x)))
+
+
+def test_a_source_fed_its_own_parameter_is_not_cut():
+    model = LearnedInput()
+    model.conv1.const = nn.Parameter(torch.randn(1, 2, 8, 8))
+    _, neq, _ = _neq(model)
+    x = _x()
+    plain = _run(neq, x)
+    with cut_frozen_outputs(neq):
+        cut = _run(neq, x)
+        assert neq.conv2.last_input_cut is None
+    assert "conv1.const" in plain
+    _assert_same(plain, cut)
+
+
+# ----------------------------------------------------------------------------- checkpointing, double backward, hooks
+
+
+class SourceCheckpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        h = checkpoint(lambda t: F.relu(self.conv1(t)), x, use_reentrant=False)
+        return self.conv2(h)
+
+
+@pytest.mark.parametrize("model", ["consumer_reentrant", "consumer_nonreentrant", "source_nonreentrant"])
+@pytest.mark.parametrize("between", ["exit_context", "change_mask"])
+def test_checkpointing_with_state_changes_before_backward(model, between):
+    """The forward inside the block, then (exit_context) backward after leaving it, the
+    idiom torch.autocast teaches, or (change_mask) set_active on the source before
+    backward: the recomputation must save what the forward saved and agree with the
+    source's mask. Nothing is cut under checkpointing."""
+    make = {"consumer_reentrant": lambda: Checkpointed(True), "consumer_nonreentrant": lambda: Checkpointed(False),
+            "source_nonreentrant": SourceCheckpointed}[model]
+    _, neq, actives = _neq(make())
+    x = _x()
+
+    def step(cut: bool):
+        neq.conv1.set_active(actives["conv1"])
+        neq.zero_grad(set_to_none=True)
+        with cut_frozen_outputs(neq) if cut else contextlib.nullcontext():
+            loss = neq(x).square().sum()
+            if cut:
+                assert neq.conv2.last_input_cut is None
+            if between == "change_mask":
+                neq.conv1.set_active(actives["conv1"].roll(1))
+                loss.backward()
+        if between == "exit_context":
+            loss.backward()
+        return {n: p.grad.clone() for n, p in neq.named_parameters()}
+
+    _assert_same(step(False), step(True))
+
+
+def test_a_penalty_on_the_activation_gradient_is_exact():
+    """autograd.grad(..., create_graph=True) of the activations between the two layers,
+    used in the loss: the double-backward pass reads every channel, so a backward that
+    builds a graph computes the full input gradient."""
+    _, neq, _ = _neq(Net())
+    x = _x()
+
+    def step():
+        neq.zero_grad(set_to_none=True)
+        loss = neq(x).square().sum()
+        g = torch.autograd.grad(loss, neq.mid, create_graph=True)[0]
+        (loss + 0.1 * g.square().sum()).backward()
+        return {n: p.grad.clone() for n, p in neq.named_parameters()}
+
+    plain = step()
+    with cut_frozen_outputs(neq):
+        cut = step()
+    _assert_same(plain, cut)
+
+
+def test_a_hook_on_the_activation_sees_zeros_at_frozen_channels():
+    """The documented limit: a tensor hook between the two layers sees the cut gradient (0
+    at the source's frozen channels, exact at the active ones); a hook that rewrites it
+    from other channels would change the source's gradients (docs/NEQ.md)."""
+    _, neq, actives = _neq(Seq())
+    a = actives["conv1"]
+    seen = []
+
+    def forward(x):
+        h = neq.relu1(neq.conv1(x))
+        h.register_hook(lambda g: seen.append(g.clone()))
+        return neq.conv2(h)
+
+    x = _x()
+    forward(x).square().sum().backward()
+    with cut_frozen_outputs(neq):
+        forward(x).square().sum().backward()
+    full, cut = seen
+    assert bool((full[:, ~a] != 0).any()) and bool((cut[:, ~a] == 0).all())
+    torch.testing.assert_close(cut[:, a], full[:, a], **TOL)

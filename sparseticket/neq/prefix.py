@@ -148,22 +148,28 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
     prefix cut by ``freeze_prefix``), the gradient at its output is read by its own
     backward alone, which uses only its active channels: the frozen channels' share is
     never read. The consumer (an NEqConv2d) then runs its input gradient on its weight's
-    columns for the active channels and writes 0 at the others. Each consumer forward is
-    cut only when the autograd graph proves it safe: its input must come from the
-    source's output of the same forward through channel-wise, parameter-free steps
+    columns for the active channels and writes 0 at the others.
+
+    While the block is open the source records its last call (its NEq-aware op's
+    autograd node and the mask that call ran with), and a consumer forward is cut only
+    when its input is that call's output through channel-wise, parameter-free steps
     (ReLU and other elementwise activations, 2-D pooling, dropout, multiplying by a
-    constant), and that output must have been computed from the source's parameters and
-    an input that needs no gradient. Anything else on the way (a BatchNorm or PReLU with
-    weights, another branch added in, an op that mixes channels, a reshape) or a source
-    fed a tensor that requires grad: that forward runs the full input gradient. Under
-    ``torch.compile`` nothing is cut.
+    constant) and that call's input needed no gradient. The channels skipped are the
+    ones frozen in that call. Anything else on the way (a BatchNorm or PReLU with
+    weights, another branch added in, an op that mixes channels, a reshape), another op
+    on the source's Parameters, or a source fed a tensor that requires grad: that
+    forward runs the full input gradient. Nothing is cut under activation checkpointing
+    or saved-tensor hooks, in a recomputation, or under ``torch.compile``, and a backward
+    with ``create_graph=True`` computes the full input gradient.
 
     Parameter gradients are those of the full backward, up to rounding (the input
     gradient runs on fewer channels, which can change oneDNN's summation order). What
-    changes: the gradient of the activations between the two layers, seen by a hook or
-    ``torch.autograd.grad``, is 0 at the source's frozen channels. In Conv-4 with half of
-    every layer frozen this halves conv2's input gradient. Use it as ``freeze_prefix``,
-    around a training epoch after the tracker set the masks::
+    changes: the gradient of the activations between the two layers is 0 at the
+    source's frozen channels. Nothing may rewrite it from other channels and feed it back
+    (a hook normalising it, a legacy module backward hook): the forward cannot see such
+    hooks, and they would change the source's gradients (docs/NEQ.md). In Conv-4 with
+    half of every layer frozen this halves conv2's input gradient. Use it as
+    ``freeze_prefix``, around a training epoch after the tracker set the masks::
 
         with freeze_prefix(model), cut_frozen_outputs(model):
             for x, y in loader: ...
@@ -172,7 +178,7 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
     nothing changes). The link lives outside the modules, keyed by the live consumer: a
     copy of the model made inside the block is not cut. Contexts nest.
     """
-    from ..nn.conv import _INPUT_CUTS  # noqa: PLC0415
+    from ..nn.conv import _CUT_SOURCES, _INPUT_CUTS, _SourceRecord  # noqa: PLC0415
 
     pair = frontier_cut(model, order)
     if pair is None:
@@ -180,8 +186,11 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
         return
     modules = dict(model.named_modules())
     src, dst = modules[pair[0]], modules[pair[1]]
-    stack = _INPUT_CUTS.setdefault(dst, [])
-    stack.append(src)
+    _INPUT_CUTS.setdefault(dst, []).append(src)
+    rec = _CUT_SOURCES.get(src)
+    if rec is None:
+        rec = _CUT_SOURCES[src] = _SourceRecord()
+    rec.users += 1
     try:
         yield pair
     finally:
@@ -195,3 +204,6 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
         if not stack:
             _INPUT_CUTS.pop(dst, None)
             dst.__dict__.pop("last_input_cut", None)
+        rec.users -= 1
+        if rec.users <= 0 and _CUT_SOURCES.get(src) is rec:
+            del _CUT_SOURCES[src]  # and with it the last call's node

@@ -155,8 +155,10 @@ class SparseConv2d(TicketModule):
         b = self._buffers
         if self.groups == 1:
             op = _sparse_conv2d if self.activation is None else _sparse_conv2d_relu
-            return op(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
-                      self.kernel_size, self.stride, self._pad, self.dilation)
+            y = op(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
+                   self.kernel_size, self.stride, self._pad, self.dilation)
+            _record_source_call(self, y, b["active"])
+            return y
         y = self._run_grouped(x, values, bias)
         return y if self.activation is None else torch.relu(y)
 
@@ -197,6 +199,7 @@ class SparseConv2d(TicketModule):
             y = F.conv2d(x, w, bias, self.stride, self._pad, self.dilation, self.groups)
         else:
             y = neq_conv2d(x, w, bias, active, self.stride, self._pad, self.dilation, self.groups)
+            _record_source_call(self, y, active)
         return y if self.activation is None else torch.relu(y)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -266,33 +269,87 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         unbatched = x.dim() == 3
         y = neq_conv2d(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, active, self.stride, pad,
                        self.dilation, self.groups, needed)
+        _record_source_call(self, y, self._buffers["active"])
         return y.squeeze(0) if unbatched else y
 
     def _needed_inputs(self, x: Tensor) -> Optional[Tensor]:
         """The input channels whose gradient anything reads, under
-        ``sparseticket.neq.cut_frozen_outputs``: the source layer's active channels when
-        this forward's input is the source's output of this forward, reached through
-        channel-wise, parameter-free steps only, and the source's own input needed no
-        gradient (``_cut_source_reached``). None (every channel) otherwise. Recorded in
-        ``last_input_cut`` (the fraction of input channels whose gradient is computed,
-        or None) for the FLOP counter."""
+        ``sparseticket.neq.cut_frozen_outputs``: the active channels of the source layer's
+        call that produced this forward's input, when ``_reaches_source_call`` proves the
+        input is that call's output through channel-wise steps and the call's own input
+        needed no gradient. None (every channel) otherwise. Recorded in ``last_input_cut``
+        (the fraction of input channels whose gradient is computed, or None) for the FLOP
+        counter."""
         needed = None
         stack = _INPUT_CUTS.get(self)
-        if stack and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            src = stack[-1]
-            a = src._buffers.get("active")
+        if stack and _cut_allowed():
+            rec = _CUT_SOURCES.get(stack[-1])
+            a = None if rec is None else rec.active
             # (the width test is a guard: the walk only accepts steps that keep the channels)
-            if (a is not None and a.dim() == 1 and x.dim() >= 3 and a.numel() == x.shape[-3]
-                    and _cut_source_reached(x, src) and not bool(a.all())):
+            if (a is not None and x.dim() >= 3 and a.numel() == x.shape[-3] and not bool(a.all())
+                    and _reaches_source_call(x, rec.node)):
                 needed = a
         self.__dict__["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
         return needed
 
 
+# ----------------------------------------------------------------------------- cut_frozen_outputs bookkeeping
+#
+# A consumer's input gradient may skip the source's frozen channels only when nothing reads
+# the gradient there. The source call's own backward (an NEq-aware op) reads its output
+# gradient at the channels active *in that call* only, and its input gradient is not
+# needed when the call's input requires no grad. So the consumer must find, in its
+# input's autograd graph, the very node of the source's call, with the mask that call
+# used; nothing about the source module's current state (its mask now, who else uses its
+# parameters) is trusted.
+
+
+class _SourceRecord:
+    """The last call of a cut's source: its output's autograd node (kept alive here, so
+    the node's Python object, compared by identity, stays the same) and the ``active``
+    tensor it ran with. ``users``: how many open contexts registered the module."""
+
+    __slots__ = ("users", "node", "active")
+
+    def __init__(self):
+        self.users, self.node, self.active = 0, None, None
+
+
+#: source module -> _SourceRecord; set by sparseticket.neq.cut_frozen_outputs, filled by
+#: the source's forward (_record_source_call). Keyed by the live module: copies are not sources.
+_CUT_SOURCES: "weakref.WeakKeyDictionary[nn.Module, _SourceRecord]" = weakref.WeakKeyDictionary()
+
 #: NEqConv2d (consumer) -> the source layers it is cut against, innermost last; set by
 #: sparseticket.neq.cut_frozen_outputs. Keyed by the live module, so a copy made inside
 #: the block (deepcopy, pickling) is not cut.
 _INPUT_CUTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _cut_allowed() -> bool:
+    """False where a forward's graph may be rebuilt later from state that can change: inside
+    a backward (a checkpoint's recomputation) and under saved-tensor hooks (non-reentrant
+    checkpointing, offloading), where a source's saved mask could be recomputed from a
+    newer one. Then nothing is recorded or cut, in the forward and in any recomputation
+    alike, so both save the same tensors. Also off without grad and under torch.compile."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if torch._C._current_graph_task_id() != -1:
+        return False
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(True) is None
+
+
+def _record_source_call(module: nn.Module, y: Tensor, active: Optional[Tensor]) -> None:
+    """Called by SparseConv2d / NEqConv2d with the output of their NEq-aware op and the mask
+    it ran with; a dictionary lookup unless ``module`` is a registered source."""
+    rec = _CUT_SOURCES.get(module)
+    if rec is None:
+        return
+    if active is not None and y.grad_fn is not None and _cut_allowed():
+        rec.node, rec.active = y.grad_fn, active
+    else:
+        rec.node = rec.active = None
+
 
 #: Autograd nodes that may stand between a cut's source and its consumer: each maps
 #: channel c of its one differentiable input to channel c of its output (elementwise ops,
@@ -310,33 +367,19 @@ _CHANNELWISE_NODES = frozenset({
 })
 
 
-#: The nodes of the NEq-aware ops a cut's source runs (their backward reads the output
-#: gradient at active channels only): SparseConv2d's C++ ops, NEqConv2d's Function. A
-#: plain conv node (a layer computing every row's weight gradient) is not a source.
-_SOURCE_NODES = frozenset({"CppFunction", "_NEqConv2dFnBackward"})
-
-
-def _cut_source_reached(x: Tensor, src: nn.Module, max_steps: int = 16) -> bool:
+def _reaches_source_call(x: Tensor, source_node, max_steps: int = 16) -> bool:
     """Whether ``x``'s autograd graph leads, through channel-wise single-input nodes
-    (_CHANNELWISE_NODES), to a node of an NEq-aware op (_SOURCE_NODES) whose only
-    differentiable inputs are ``src``'s own parameters, its weight among them: the
-    source's output of this forward, computed from an input that needs no gradient. Anything else (another
-    branch, a parameter on the way, an op that mixes channels, a source fed a tensor
-    that requires grad) is False."""
-    weight = src._parameters.get("weight_values")
-    if weight is None:
-        weight = src._parameters.get("weight")
-    if weight is None:
-        return False
-    own = {id(p) for p in src._parameters.values() if p is not None}
+    (_CHANNELWISE_NODES), to ``source_node`` (the recorded call of the source, compared by
+    identity), and that call's input (its first edge) needed no gradient. Anything else
+    (another branch, a parameter on the way, an op that mixes channels, another call of
+    the source or of an op sharing its parameters) is False."""
     node = x.grad_fn
     for _ in range(max_steps):
         if node is None:
             return False
+        if node is source_node:
+            return node.next_functions[0][0] is None
         nxt = [f for f, _ in node.next_functions if f is not None]
-        ids = [id(getattr(f, "variable", None)) for f in nxt if type(f).__name__ == "AccumulateGrad"]
-        if nxt and len(ids) == len(nxt):  # fed by leaves only: the source's forward, or not ours
-            return (type(node).__name__ in _SOURCE_NODES and id(weight) in ids and all(i in own for i in ids))
         if len(nxt) != 1 or type(node).__name__ not in _CHANNELWISE_NODES:
             return False
         node = nxt[0]
@@ -497,6 +540,10 @@ class _NEqConv2dFn(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         gx = gw = gb = None
+        if torch.is_grad_enabled():
+            # create_graph=True: the input gradient may itself be differentiated (e.g. a
+            # penalty on the activation gradient), which reads the frozen channels too
+            needed = None
         if need_x and need_w and needed is None and bool(active.all()):  # nothing frozen: one call, as nn.Conv2d
             gx, gw, gb = _conv_backward(gy, x, weight, stride, padding, dilation, groups, (True, True, need_b))
             return gx, gw, gb, None, None, None, None, None, None
