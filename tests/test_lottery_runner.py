@@ -250,6 +250,33 @@ def test_neq_inside_levels(tmp_path):
         assert any(r["neq_frozen"] > 0 for r in rows), baseline
 
 
+@pytest.mark.parametrize("eps", [0.5, 50.0])
+def test_neq_frozen_prefix_gets_no_backward_and_trains_the_same(tmp_path, monkeypatch, eps):
+    """The accelerated NEq run cuts the backward at the fully frozen prefix (and, with an
+    NEqConv2d after the first partial layer, its frozen outputs); the parameters it trains
+    are bit-identical to the run without the cuts. eps=50 freezes every layer, so no
+    parameter requires grad in the later epochs."""
+    import contextlib
+    seen = []
+    real = R.freeze_prefix
+
+    @contextlib.contextmanager
+    def recording(model, **kw):
+        with real(model, **kw) as prefix:
+            seen.append(len(prefix))
+            yield prefix
+
+    monkeypatch.setattr(R, "freeze_prefix", recording)
+    hp = dict(neq=True, neq_eps=eps, epochs=3, levels=1)
+    cut = R.IMPRun(_hp(tmp_path / "cut", **hp))
+    cut.run()
+    assert max(seen) >= 1
+    monkeypatch.setattr(R, "_neq_cuts", lambda *a, **k: contextlib.ExitStack())
+    full = R.IMPRun(_hp(tmp_path / "full", **hp))
+    full.run()
+    _same(_finals(cut.dir), _finals(full.dir))
+
+
 def test_pin_modes_reuses_the_previous_levels_measurement(monkeypatch):
     """A layer sparse at the previous level stays sparse, one whose scaled sparse time is
     still clearly slower stays dense, and neither is measured again; the rest is measured."""

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,7 +36,7 @@ from .. import nn as stnn
 from .. import runtime
 from ..nn import _mode
 from ..flops import FlopCounter
-from ..neq import NEqConfig, NEqTracker
+from ..neq import NEqConfig, NEqTracker, cut_frozen_outputs, freeze_prefix
 from ..optim import MaskedAdamW, MaskedSGD
 from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
 from . import results as res
@@ -440,40 +441,42 @@ class IMPRun:
             if tracker is not None or epoch_counts is None:
                 epoch_counts = {}
             sampled = epoch_counts
-            for b in range(step - epoch * S, S):
-                if capture_k and step == rewind_k:
-                    self._save_iter_rewind(model)
-                idx = perm[b * bs:(b + 1) * bs]
-                x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
-                maybe_cold = not _momentum_ready(opt)
-                buffers = _momentum_buffers(opt) if maybe_cold else 0
-                count = maybe_cold or idx.numel() not in sampled
-                if count:
-                    counter.reset()
-                    counter.start()
-                if fast is not None:
-                    loss = fast(x, y)
-                else:
-                    loss = F.cross_entropy(model(x), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                if masker is not None:
-                    masker.before_step()
-                opt.step()
-                if masker is not None:
-                    masker.after_step()
-                cold = maybe_cold and _momentum_buffers(opt) != buffers
-                if count:
-                    counter.stop()
-                    if cold:
-                        once.append(counter.totals())
+            with _neq_cuts(model, tracker if self.sparse else None, prefix=hp.train.optimizer == "sgd"):
+                for b in range(step - epoch * S, S):
+                    if capture_k and step == rewind_k:
+                        self._save_iter_rewind(model)
+                    idx = perm[b * bs:(b + 1) * bs]
+                    x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
+                    maybe_cold = not _momentum_ready(opt)
+                    buffers = _momentum_buffers(opt) if maybe_cold else 0
+                    count = maybe_cold or idx.numel() not in sampled
+                    if count:
+                        counter.reset()
+                        counter.start()
+                    if fast is not None:
+                        loss = fast(x, y)
                     else:
-                        sampled[idx.numel()] = counter.totals()
-                if not cold:
-                    sizes[idx.numel()] = sizes.get(idx.numel(), 0) + 1
-                step += 1
-                losses.append(loss.detach())
-                bar.update(1)
+                        loss = F.cross_entropy(model(x), y)
+                        opt.zero_grad(set_to_none=True)
+                        if loss.requires_grad:  # not when freeze_prefix froze every layer
+                            loss.backward()
+                    if masker is not None:
+                        masker.before_step()
+                    opt.step()
+                    if masker is not None:
+                        masker.after_step()
+                    cold = maybe_cold and _momentum_buffers(opt) != buffers
+                    if count:
+                        counter.stop()
+                        if cold:
+                            once.append(counter.totals())
+                        else:
+                            sampled[idx.numel()] = counter.totals()
+                    if not cold:
+                        sizes[idx.numel()] = sizes.get(idx.numel(), 0) + 1
+                    step += 1
+                    losses.append(loss.detach())
+                    bar.update(1)
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             frozen = None
@@ -750,6 +753,24 @@ class _DenseMasker:
                 torch._foreach_mul_(self.weights, self.masks)
         if self._restore is not None:
             self._restore()
+
+
+def _neq_cuts(model: nn.Module, tracker: Optional[NEqTracker], prefix: bool) -> ExitStack:
+    """For an epoch of the accelerated run with NEq: the fully frozen prefix gets no
+    backward (``freeze_prefix``; only when ``prefix``) and the layer after the first
+    partially frozen one skips the input gradient at its frozen outputs
+    (``cut_frozen_outputs``, NEqConv2d consumers only). Parameter gradients are those of
+    the full backward, so the run trains as without them. ``prefix`` is for SGD: the
+    prefix's parameters then get no step at all, which MaskedSGD's frozen rows equal,
+    while AdamW's per-tensor step count would stop advancing for them. The dense baseline
+    runs NEq the way dense code does (full backward)."""
+    stack = ExitStack()
+    if tracker is not None:
+        order = list(tracker.execution_order) or None
+        if prefix:
+            stack.enter_context(freeze_prefix(model, order=order))
+        stack.enter_context(cut_frozen_outputs(model, order=order))
+    return stack
 
 
 class _DenseNEq:

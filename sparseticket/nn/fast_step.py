@@ -133,7 +133,8 @@ class MLPStep:
             loss = F.cross_entropy(self.model(x), y)
             for p in self.model.parameters():
                 p.grad = None
-            loss.backward()
+            if loss.requires_grad:  # (no parameter requiring grad: no gradient to compute)
+                loss.backward()
             return loss.detach()
         with torch.no_grad():
             return self._step(x, y)
