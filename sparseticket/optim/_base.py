@@ -204,6 +204,8 @@ class MaskedOptimizer(Optimizer):
 
 
 def _float(x, name: str) -> float:
+    if type(x) is float:  # the common case, first: every step reads several hyperparameters
+        return x
     if isinstance(x, Tensor):
         if x.numel() != 1:
             raise ValueError(f"sparseticket: {name} must be a scalar, got shape {tuple(x.shape)}")
