@@ -284,11 +284,11 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         stack = _INPUT_CUTS.get(self)
         if stack and _cut_allowed():
             rec = _CUT_SOURCES.get(stack[-1])
-            a = None if rec is None else rec.active
+            call = None if rec is None else rec.call  # one read: (node, mask) stay a pair
             # (the width test is a guard: the walk only accepts steps that keep the channels)
-            if (a is not None and x.dim() >= 3 and a.numel() == x.shape[-3] and not bool(a.all())
-                    and _reaches_source_call(x, rec.node)):
-                needed = a
+            if (call is not None and x.dim() >= 3 and call[1].numel() == x.shape[-3]
+                    and not bool(call[1].all()) and _reaches_source_call(x, call[0])):
+                needed = call[1]
         self.__dict__["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
         return needed
 
@@ -305,14 +305,15 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
 
 
 class _SourceRecord:
-    """The last call of a cut's source: its output's autograd node (kept alive here, so
-    the node's Python object, compared by identity, stays the same) and the ``active``
-    tensor it ran with. ``users``: how many open contexts registered the module."""
+    """``call``: the last call of a cut's source, as (its output's autograd node, the
+    ``active`` tensor it ran with), or None; one tuple, replaced whole, so a reader never
+    pairs one call's node with another's mask. Holding the node keeps its Python object,
+    compared by identity, the same. ``users``: how many open contexts registered the module."""
 
-    __slots__ = ("users", "node", "active")
+    __slots__ = ("users", "call")
 
     def __init__(self):
-        self.users, self.node, self.active = 0, None, None
+        self.users, self.call = 0, None
 
 
 #: source module -> _SourceRecord; set by sparseticket.neq.cut_frozen_outputs, filled by
@@ -346,9 +347,9 @@ def _record_source_call(module: nn.Module, y: Tensor, active: Optional[Tensor]) 
     if rec is None:
         return
     if active is not None and y.grad_fn is not None and _cut_allowed():
-        rec.node, rec.active = y.grad_fn, active
+        rec.call = (y.grad_fn, active)
     else:
-        rec.node = rec.active = None
+        rec.call = None
 
 
 #: Autograd nodes that may stand between a cut's source and its consumer: each maps
