@@ -614,3 +614,24 @@ def test_a_hook_on_the_activation_sees_zeros_at_frozen_channels():
     full, cut = seen
     assert bool((full[:, ~a] != 0).any()) and bool((cut[:, ~a] == 0).all())
     torch.testing.assert_close(cut[:, a], full[:, a], **TOL)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_sparse_conv2d_consumer_cuts_on_its_dense_path(mode, fuse_relu):
+    """A SparseConv2d consumer (an IMP ticket at a density where oneDNN wins) computes its
+    input gradient for the source's active channels on its dense path; its sparse
+    kernels compute every channel. Exact either way."""
+    torch.manual_seed(0)
+    model = Net().to(F64)
+    stnn.sparsify(model, amount=0.4, filter=lambda n, m: n in ("conv2", "conv3"), mode=mode, fuse_relu=fuse_relu)
+    stnn.enable_neq(model)
+    _half_active(model)
+    x = _x()
+    plain = _run(model, x)
+    with cut_frozen_outputs(model) as pair:
+        assert pair == ("conv1", "conv2")
+        cut = _run(model, x)
+        assert model.conv2.last_input_cut == (pytest.approx(0.5) if mode == "dense" else None)
+    assert "last_input_cut" not in model.conv2.__dict__
+    _assert_same(plain, cut)

@@ -112,11 +112,12 @@ def frontier_cut(model: nn.Module, order: Sequence[str] | None = None) -> tuple[
 
     The source is the first NEq-capable layer (in ``order``, else registration order)
     that is not fully frozen, when it is a conv layer with frozen neurons; the consumer is
-    the next NEq-capable layer, when it is an NEqConv2d with groups=1 and as many input
-    channels as the source has outputs. Whether a forward is cut is decided at that
+    the next NEq-capable layer, when it is an NEqConv2d or a SparseConv2d (which cuts on
+    its dense path only) with groups=1 and as many input channels as the source has
+    outputs. Whether a forward is cut is decided at that
     forward, from the autograd graph (see ``cut_frozen_outputs``).
     """
-    from ..nn import NEqConv2d  # noqa: PLC0415  (sparseticket.nn is optional for this package)
+    from ..nn import NEqConv2d, SparseConv2d  # noqa: PLC0415  (sparseticket.nn is optional for this package)
 
     if order is None:
         candidates = [(n, m) for n, m in model.named_modules() if is_neq_capable(m)]
@@ -134,7 +135,7 @@ def frontier_cut(model: nn.Module, order: Sequence[str] | None = None) -> tuple[
     out_channels = getattr(src, "out_channels", None)
     if active is None or bool(active.all()) or out_channels is None:
         return None
-    if type(dst) is not NEqConv2d or dst.groups != 1 or dst.in_channels != out_channels:
+    if type(dst) not in (NEqConv2d, SparseConv2d) or dst.groups != 1 or dst.in_channels != out_channels:
         return None
     return src_name, dst_name
 
@@ -147,8 +148,9 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
     When the source layer's input needs no gradient (plain data, or the output of a
     prefix cut by ``freeze_prefix``), the gradient at its output is read by its own
     backward alone, which uses only its active channels: the frozen channels' share is
-    never read. The consumer (an NEqConv2d) then runs its input gradient on its weight's
-    columns for the active channels and writes 0 at the others.
+    never read. The consumer (an NEqConv2d, or a SparseConv2d on its dense path) runs its
+    input gradient on its weight's columns for the active channels and writes 0 at the
+    others.
 
     While the block is open the source records its last call (its NEq-aware op's
     autograd node and the mask that call ran with), and a consumer forward is cut only

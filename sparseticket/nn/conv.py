@@ -192,17 +192,21 @@ class SparseConv2d(TicketModule):
         w = TicketToDense.apply(values, b["flat"], O, K)
         return w.view(self._weight_shape())
 
-    def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def _run_dense(self, x: Tensor, values: Tensor, bias: Optional[Tensor], needed: Optional[Tensor] = None) -> Tensor:
+        """oneDNN's conv on the ticket's dense weight; ``needed``: the input channels whose
+        gradient is computed (cut_frozen_outputs; None: all)."""
         w = self._dense_weight_of(values)
         active = self._buffers["active"]
-        if active is None:
+        if active is None and needed is None:
             y = F.conv2d(x, w, bias, self.stride, self._pad, self.dilation, self.groups)
         else:
-            y = neq_conv2d(x, w, bias, active, self.stride, self._pad, self.dilation, self.groups)
+            ran = active if active is not None else torch.ones(self.out_channels, dtype=torch.bool, device=x.device)
+            y = neq_conv2d(x, w, bias, ran, self.stride, self._pad, self.dilation, self.groups, needed)
             _record_source_call(self, y, active)
         return y if self.activation is None else torch.relu(y)
 
     def forward(self, x: Tensor) -> Tensor:
+        given = x
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -219,8 +223,15 @@ class SparseConv2d(TicketModule):
             raise ValueError(f"sparseticket: {where(self)}: input of spatial size {tuple(x.shape[2:])} (after "
                              f"padding) is smaller than the dilated kernel")
         path = self._path(x)
-        run = self._run_sparse if path == "sparse" else self._run_dense
-        y = run(x, self.weight_values, self.bias).contiguous(memory_format=fmt)  # a no-op when it already is
+        if path == "sparse":
+            y = self._run_sparse(x, self.weight_values, self.bias)
+            if self in _INPUT_CUTS:  # a cut's consumer: only the dense path cuts
+                self.__dict__["last_input_cut"] = None
+        else:
+            # the cut is decided on the input as the caller gave it (before padding)
+            needed = _input_cut(self, given) if self.groups == 1 and self in _INPUT_CUTS else None
+            y = self._run_dense(x, self.weight_values, self.bias, needed)
+        y = y.contiguous(memory_format=fmt)  # a no-op when it already is
         return y.squeeze(0) if unbatched else y
 
     def _key(self, x: Tensor) -> tuple:
@@ -258,7 +269,7 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         active = self._buffers["active"]
-        needed = self._needed_inputs(x)
+        needed = _input_cut(self, x)
         if active is None and needed is None:
             return super().forward(x)
         if active is None:
@@ -271,27 +282,6 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
                        self.dilation, self.groups, needed)
         _record_source_call(self, y, self._buffers["active"])
         return y.squeeze(0) if unbatched else y
-
-    def _needed_inputs(self, x: Tensor) -> Optional[Tensor]:
-        """The input channels whose gradient anything reads, under
-        ``sparseticket.neq.cut_frozen_outputs``: the active channels of the source layer's
-        call that produced this forward's input, when ``_reaches_source_call`` proves the
-        input is that call's output through channel-wise steps and the call's own input
-        needed no gradient. None (every channel) otherwise. Recorded in ``last_input_cut``
-        (the fraction of input channels whose gradient is computed, or None) for the FLOP
-        counter."""
-        needed = None
-        stack = _INPUT_CUTS.get(self)
-        if stack and _cut_allowed():
-            rec = _CUT_SOURCES.get(stack[-1])
-            call = None if rec is None else rec.call  # one read: (node, mask) stay a pair
-            # (the width test is a guard: the walk only accepts steps that keep the channels)
-            if (call is not None and x.dim() >= 3 and call[1].numel() == x.shape[-3]
-                    and not bool(call[1].all()) and _reaches_source_call(x, call[0])):
-                needed = call[1]
-        self.__dict__["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
-        return needed
-
 
 # ----------------------------------------------------------------------------- cut_frozen_outputs bookkeeping
 #
@@ -324,6 +314,27 @@ _CUT_SOURCES: "weakref.WeakKeyDictionary[nn.Module, _SourceRecord]" = weakref.We
 #: sparseticket.neq.cut_frozen_outputs. Keyed by the live module, so a copy made inside
 #: the block (deepcopy, pickling) is not cut.
 _INPUT_CUTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _input_cut(consumer: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """The input channels of ``consumer`` (an NEqConv2d, or a SparseConv2d on its dense
+    path) whose gradient anything reads, under ``sparseticket.neq.cut_frozen_outputs``:
+    the active channels of the source layer's call that produced ``x`` (the consumer's
+    input as its forward got it), when ``_reaches_source_call`` proves ``x`` is that call's
+    output through channel-wise steps and the call's own input needed no gradient. None
+    (every channel) otherwise. Recorded in ``last_input_cut`` (the fraction of input
+    channels whose gradient is computed, or None) for the FLOP counter."""
+    needed = None
+    stack = _INPUT_CUTS.get(consumer)
+    if stack and _cut_allowed():
+        rec = _CUT_SOURCES.get(stack[-1])
+        call = None if rec is None else rec.call  # one read: (node, mask) stay a pair
+        # (the width test is a guard: the walk only accepts steps that keep the channels)
+        if (call is not None and x.dim() >= 3 and call[1].numel() == x.shape[-3]
+                and not bool(call[1].all()) and _reaches_source_call(x, call[0])):
+            needed = call[1]
+    consumer.__dict__["last_input_cut"] = None if needed is None else int(needed.sum()) / needed.numel()
+    return needed
 
 
 def _cut_allowed() -> bool:
