@@ -210,7 +210,7 @@ def _record_call(c: "FlopCounter", name: str, kind: str, module: nn.Module, args
     w = _weight_param(module)
     w_grad = w is not None and w.requires_grad
     exec_gx = executed if x.requires_grad else 0
-    cut = module.__dict__.get("last_input_cut")  # NEqConv2d under neq.cut_frozen_outputs: channels computed
+    cut = module.__dict__.get("last_input_cut")  # a consumer under neq.cut_frozen_outputs: channels computed
     if cut is not None:
         exec_gx = int(round(exec_gx * cut))
     exec_gw = (2 * R * nnz_active if sparse else 2 * R * K * n_active) if w_grad else 0

@@ -15,19 +15,27 @@ CSV_COLUMNS = ("run", "baseline", "control", "transfer", "level", "remaining", "
                "ticket_bytes", "memory_bytes", "dense_bytes", "ticket_file_bytes", "flops_dense", "flops_executed")
 
 
+def replace_synced(tmp, path) -> None:
+    """fsync the finished temporary file ``tmp``, then rename it to ``path``: a reader (or a
+    run resumed after a crash) sees the old file or the new one, never a torn one."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_rows(rows: List[dict], stem: Path) -> None:
     """``stem``.json (everything) and ``stem``.csv (the scalar columns), each written atomically."""
     stem = Path(stem)
     tmp = stem.with_name(stem.name + ".json.tmp")
     tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, stem.with_suffix(".json"))
+    replace_synced(tmp, stem.with_suffix(".json"))
     tmp = stem.with_name(stem.name + ".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in CSV_COLUMNS})
-    os.replace(tmp, stem.with_suffix(".csv"))
+    replace_synced(tmp, stem.with_suffix(".csv"))
 
 
 def read_rows(run_dir: Path) -> List[dict]:
@@ -135,12 +143,14 @@ def plot_accuracy(series: Dict[str, Sequence[dict]], path: Path, title: str = ""
 
 
 def _save(plt, fig, ax, title: str, path: Path) -> Path:
-    """Legend and title, then the figure to ``path`` (PNG) and closed."""
+    """Legend and title, then the figure to ``path`` (PNG, written atomically) and closed."""
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = Path(str(path) + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    replace_synced(tmp, path)
     return path
 
 

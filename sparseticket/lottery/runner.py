@@ -11,7 +11,7 @@ Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
     level_00/metrics.json    written last: the level is done
     results.json/.csv, *.png
 
-Every file is written to a temporary name and renamed, so a run killed at any point
+Every file is written to a temporary name, fsynced and renamed, so a run killed at any point
 resumes from the last finished epoch; the data order of an epoch depends only on
 (data_seed, epoch) and each layer's sparse/dense kernel choice is stored with the level,
 so a resumed run computes exactly what an uninterrupted one does.
@@ -555,7 +555,7 @@ class IMPRun:
             path = ldir / "ticket.safetensors"
             try:
                 stnn.save_safetensors(model, str(path) + ".tmp", metadata={"level": str(plan.level)})
-                os.replace(str(path) + ".tmp", path)
+                res.replace_synced(str(path) + ".tmp", path)
                 row["ticket_file_bytes"] = path.stat().st_size
             except ImportError:
                 row["ticket_file_bytes"] = None

@@ -155,8 +155,8 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
     While the block is open the source records its last call (its NEq-aware op's
     autograd node and the mask that call ran with), and a consumer forward is cut only
     when its input is that call's output through channel-wise, parameter-free steps
-    (ReLU and other elementwise activations, 2-D pooling, dropout, multiplying by a
-    constant) and that call's input needed no gradient. The channels skipped are the
+    (ReLU and other elementwise activations, 2-D pooling, dropout, a multiply, divide, add
+    or subtract by a tensor that needs no gradient) and that call's input needed no gradient. The channels skipped are the
     ones frozen in that call. Anything else on the way (a BatchNorm or PReLU with
     weights, another branch added in, an op that mixes channels, a reshape), another op
     on the source's Parameters, or a source fed a tensor that requires grad: that
@@ -177,7 +177,7 @@ def cut_frozen_outputs(model: nn.Module, order: Sequence[str] | None = None) -> 
             for x, y in loader: ...
 
     Yields the (source, consumer) names, or None when the model has no such pair (then
-    nothing changes). The link lives outside the modules, keyed by the live consumer: a
+    nothing changes). The links live outside the modules, keyed by the live consumer and source: a
     copy of the model made inside the block is not cut. Contexts nest.
     """
     from ..nn.conv import _CUT_SOURCES, _INPUT_CUTS, _SourceRecord  # noqa: PLC0415
