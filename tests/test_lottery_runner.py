@@ -60,6 +60,10 @@ def test_imp_levels_files_and_rerun(tmp_path):
     for f in ("results.json", "results.csv", "hparams.json", "rewind.pt", "accuracy.png",
               "level_02/ticket.safetensors", "level_02/checkpoint.pt"):
         assert (run.dir / f).exists(), f
+    # every file goes through a temporary name and a rename: none is left behind, and the
+    # plot is a whole PNG
+    assert not list(run.dir.rglob("*.tmp"))
+    assert (run.dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m2 = Mask(masks["level_02"])   # fp32 values + int32 columns + int32 row pointers (+ biases)
     shapes = {"fc1": (300, 64), "fc2": (100, 300), "fc3": (10, 100)}
     # FLOPs read from the layers: forward executed = 2 * samples * kept weights
