@@ -621,9 +621,19 @@ Tensor sparse_conv2d_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
 // 26.6, 0.7 23.8 -> 22.5, but 0.2 17.6 -> 19.1 and 0.1 11.3 -> 12.1 (a list is kw
 // sub-lists, so more groups run short and gy is copied kw times per list); at 14x14
 // (64->128, 128->128) within +-3% at every density. Hence the band below, where x's loads
-// rather than its trips from L2 are what a sparse dot product waits for.
+// rather than its trips from L2 are what a sparse dot product waits for. Those figures are
+// from an AMD Zen 4. On an Intel Xeon (48 KB L1, 2 MB L2, session 18; same method, ms,
+// dots -> dots_shifted) the shifted kernel also wins below 0.25: 128->128@14 at 0.15 13.0
+// -> 9.7, 0.10 9.4 -> 7.2, 0.08 7.9 -> 6.1; 64->128@14 at 0.15 6.3 -> 5.1, 0.10 4.3 -> 4.0,
+// 0.08 3.5 -> 3.6, 0.05 2.4 -> 3.0; 64->64@28 at 0.2 13.7 -> 12.6, 0.10 8.2 -> 7.8, 0.05
+// 4.9 -> 5.2. So on Intel CPUs the band starts at kGyShiftedMinDensityIntel.
 // SPARSETICKET_CONV_GW_SHIFTED=0/1 forces it off/on (A/B sweeps, tests).
-constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMaxDensity = 0.75;
+constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMinDensityIntel = 0.09, kGyShiftedMaxDensity = 0.75;
+
+double gy_shifted_min_density() {
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel ? kGyShiftedMinDensityIntel : kGyShiftedMinDensity;
+}
 
 bool use_gy_shifted(const Geom& g, int64_t nnz) {
   if (g.sw != 1 || g.kw == 1) return false;  // (kw = 1: no column shift to move)
@@ -633,7 +643,7 @@ bool use_gy_shifted(const Geom& g, int64_t nnz) {
   }();
   if (forced >= 0) return forced > 0;
   const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
-  return dense > 0 && nnz >= kGyShiftedMinDensity * dense && nnz < kGyShiftedMaxDensity * dense;
+  return dense > 0 && nnz >= gy_shifted_min_density() * dense && nnz < kGyShiftedMaxDensity * dense;
 }
 
 // dots_shifted's x (stride 1 along columns): [C][rows][cols], cols the padded row
