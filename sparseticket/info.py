@@ -36,6 +36,9 @@ def report() -> str:
     if ops._C is not None:
         lines.append(f"compiled CPU kernels: live, ISA in use: {ops._C.cpu_isa()} "
                      f"({ops._C.cpu_vector_bytes() * 8}-bit vectors; force with SPARSETICKET_ISA=avx512|avx2|base)")
+        if hasattr(ops._C, "cpu_conv_tuning"):
+            lines.append(f"direct conv layout thresholds: {ops._C.cpu_conv_tuning()} "
+                         "(measured per CPU vendor, csrc/cpu/ops_conv.cpp)")
         lines.append(f"compiled CUDA kernels: {'built' if ops._C.with_cuda() else 'not built (torch is not a CUDA build)'}")
         if ops.STALE_OPS:
             lines.append(f"  STALE build: no compiled kernel for {', '.join(ops.STALE_OPS)} (reference used); rebuild "

@@ -552,3 +552,23 @@ def test_plan_cache_module_mask_change_and_state_dict(gen):
     assert torch.equal(fresh.mask(), a.mask())
     close(fresh(x), a(x), torch.float32, "loaded module")
     _check_module(fresh, x, gy, "loaded module")
+
+
+def test_conv_tuning_follows_cpu_vendor():
+    """The conv layout thresholds (csrc/cpu/ops_conv.cpp) are picked by CPU vendor: the
+    Intel table on GenuineIntel, the Zen 4 one elsewhere; `python -m sparseticket.info`
+    names the one in use."""
+    from sparseticket import info
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        vendor = None
+    if vendor is None:
+        pytest.skip("no vendor_id in /proc/cpuinfo")
+    want = "intel" if vendor == "GenuineIntel" else "zen4"
+    assert _C.cpu_conv_tuning() == want
+    assert f"direct conv layout thresholds: {want}" in info.report()

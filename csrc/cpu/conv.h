@@ -115,5 +115,9 @@ namespace base { ConvKernelTable make_conv_table(); }
 // The table for the ISA kernel_table() picked (same CPU check, same SPARSETICKET_ISA).
 const ConvKernelTable& conv_kernel_table();
 
+// Which measured thresholds pick the conv layouts (ops_conv.cpp): "intel" on Intel CPUs,
+// "zen4" (measured on an AMD Zen 4) on every other CPU.
+const char* conv_tuning();
+
 }  // namespace cpu
 }  // namespace sparseticket

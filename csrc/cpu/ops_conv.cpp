@@ -983,6 +983,8 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
 
 }  // namespace
 
+const char* conv_tuning() { return cpu_is_intel() ? "intel" : "zen4"; }
+
 TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
   m.impl("sparse_conv2d_relu", &sparse_conv2d_relu_cpu);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "conv.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -1420,6 +1421,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(sparseticket::cpu::kernel_table().isa); },
         "ISA of the CPU kernel table in use: avx512, avx2 or base");
   m.def("cpu_vector_bytes", [] { return sparseticket::cpu::kernel_table().vector_bytes; });
+  m.def("cpu_conv_tuning", [] { return std::string(sparseticket::cpu::conv_tuning()); },
+        "Which measured thresholds pick the direct conv's layouts: intel or zen4 (csrc/cpu/ops_conv.cpp)");
   m.def("set_serial_work", [](int64_t w) { return sparseticket::cpu::set_serial_work(w); },
         "Sets the work (multiply-adds) below which a CPU op runs on the calling thread; returns the previous value.");
   m.def("set_batch_shards", [](bool on) { return sparseticket::cpu::batch_shards_setting().exchange(on); },
