@@ -281,6 +281,31 @@ def test_neq_frozen_prefix_gets_no_backward_and_trains_the_same(tmp_path, monkey
     _same(_finals(cut.dir), _finals(full.dir))
 
 
+def test_neq_frozen_output_cut_fires_in_a_conv_run_and_trains_the_same(tmp_path, monkeypatch):
+    """Conv-2 on digits with NEq: the layer after the first partially frozen conv computes
+    its input gradient for the source's active channels only (cut_frozen_outputs), and the
+    run's final weights are bit-identical to the run without the cuts."""
+    import contextlib
+    import sparseticket.nn.conv as C
+    cuts = []
+    real = C._input_cut
+
+    def spy(consumer, x):
+        needed = real(consumer, x)
+        cuts.append(needed is not None)
+        return needed
+
+    monkeypatch.setattr(C, "_input_cut", spy)
+    hp = dict(model="conv2", neq=True, neq_eps=0.02, epochs=4, levels=1, batch_size=120)
+    cut = R.IMPRun(_hp(tmp_path / "cut", **hp))
+    cut.run()
+    assert sum(cuts) > 0
+    monkeypatch.setattr(R, "_neq_cuts", lambda *a, **k: contextlib.ExitStack())
+    full = R.IMPRun(_hp(tmp_path / "full", **hp))
+    full.run()
+    _same(_finals(cut.dir), _finals(full.dir))
+
+
 def test_pin_modes_reuses_the_previous_levels_measurement(monkeypatch):
     """A layer sparse at the previous level stays sparse, one whose scaled sparse time is
     still clearly slower stays dense, and neither is measured again; the rest is measured."""

@@ -555,3 +555,35 @@ def test_with_sparseticket_nn_modules_and_masked_sgd():
         assert tracker.frozen_fraction()["total"] == (2 + 8 + 2) / 23          # round(0.5·O) per layer
         assert all(torch.equal(m.active.cpu(), ~tracker.frozen()[n]) for n, m in tracker.layers.items()
                    for m in [m.module])
+
+
+def test_freeze_prefix_keeps_a_parameter_tied_to_a_later_layer():
+    """conv2 (active) holds conv1's weight (fully frozen): freezing that Parameter would take
+    conv2's share of its gradient away; it stays trainable and its gradient is unchanged."""
+    import sparseticket.nn as stnn
+
+    class TiedConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.conv2.weight = self.conv1.weight
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.conv1(x)))
+
+    torch.manual_seed(0)
+    m = stnn.enable_neq(TiedConvs().double())
+    m.conv1.set_active(torch.zeros(4, dtype=torch.bool))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    m(x).square().sum().backward()
+    ref = m.conv1.weight.grad.clone()
+    assert ref.abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+    with freeze_prefix(m) as prefix:
+        assert [n for n, _ in prefix] == ["conv1"]
+        assert m.conv1.weight.requires_grad                      # tied: left alone
+        assert not m.conv1.bias.requires_grad                    # conv1's own: frozen
+        m(x).square().sum().backward()
+    torch.testing.assert_close(m.conv1.weight.grad, ref, rtol=0, atol=0)
+    assert m.conv1.bias.grad is None

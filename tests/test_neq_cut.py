@@ -635,3 +635,84 @@ def test_sparse_conv2d_consumer_cuts_on_its_dense_path(mode, fuse_relu):
         assert model.conv2.last_input_cut == (pytest.approx(0.5) if mode == "dense" else None)
     assert "last_input_cut" not in model.conv2.__dict__
     _assert_same(plain, cut)
+
+
+# ----------------------------------------------------------------------------- review 4 (session 18)
+
+
+@pytest.mark.parametrize("source", ["neq", "sparse"])
+def test_a_mask_swapped_during_the_source_call_is_not_paired_with_it(source):
+    """set_active landing between the source's op and its record (another thread; here a
+    TorchFunctionMode reacting to the op): the record keeps the mask the op ran with."""
+    from torch.overrides import TorchFunctionMode
+
+    _, neq, actives = _neq(Net())
+    if source == "sparse":
+        neq = stnn.sparsify(neq, masks={"conv1": torch.rand(6, 2, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.7},
+                            mode="sparse", filter=lambda name, m: name == "conv1")
+        neq.conv1.set_active(actives["conv1"])
+    swapped = ~actives["conv1"]
+
+    class Swap(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not swap_done and (func is torch.conv2d or "sparse_conv2d" in str(func)):
+                swap_done.append(True)  # (the first conv of the forward is conv1's)
+                neq.conv1.set_active(swapped)
+            return out
+
+    x = _x()
+
+    def step(cut):
+        neq.conv1.set_active(actives["conv1"])
+        swap_done.clear()
+        with cut_frozen_outputs(neq) if cut else contextlib.nullcontext():
+            neq.zero_grad(set_to_none=True)
+            with Swap():
+                out = neq(x)
+            assert swap_done
+            out.square().sum().backward()
+            if cut:
+                assert neq.conv2.last_input_cut == pytest.approx(0.5)
+        return {n: p.grad.clone() for n, p in neq.named_parameters() if p.grad is not None}
+
+    swap_done: list = []
+    plain, cut = step(False), step(True)
+    assert plain["conv1.weight" if source == "neq" else "conv1.weight_values"].abs().sum() > 0
+    _assert_same(plain, cut)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace is deprecated, still in use
+def test_jit_trace_inside_the_context_records_no_cut():
+    """A trace made inside the block must not keep that call's cut as a constant: the
+    traced module, later fed an input that requires grad, gives the exact input gradient."""
+    _, neq, _ = _neq(Net())
+    x = _x()
+    with cut_frozen_outputs(neq):
+        traced = torch.jit.trace(neq, (x,), check_trace=False)
+        assert neq.conv2.last_input_cut is None
+    xr = x.clone().requires_grad_(True)
+    neq(xr).square().sum().backward()
+    want = xr.grad.clone()
+    xr.grad = None
+    traced(xr).square().sum().backward()
+    torch.testing.assert_close(xr.grad, want, **TOL)
+
+
+def test_batched_grads_inside_the_context():
+    """autograd.grad(..., is_grads_batched=True) (vmap over the backward) runs inside the
+    block and gives the per-sample rows it gives outside."""
+    _, neq, _ = _neq(Net())
+    x = _x()
+    params = [p for p in neq.parameters()]
+
+    def rows():
+        out = neq(x).sum(1)
+        return torch.autograd.grad(out, params, torch.eye(out.shape[0], dtype=out.dtype), is_grads_batched=True)
+
+    want = rows()
+    with cut_frozen_outputs(neq):
+        got = rows()
+        assert neq.conv2.last_input_cut == pytest.approx(0.5)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, **TOL)

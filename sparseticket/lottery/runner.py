@@ -759,7 +759,8 @@ def _neq_cuts(model: nn.Module, tracker: Optional[NEqTracker], prefix: bool) -> 
     """For an epoch of the accelerated run with NEq: the fully frozen prefix gets no
     backward (``freeze_prefix``; only when ``prefix``) and the layer after the first
     partially frozen one skips the input gradient at its frozen outputs
-    (``cut_frozen_outputs``, NEqConv2d consumers only). Parameter gradients are those of
+    (``cut_frozen_outputs``: an NEqConv2d consumer, or a SparseConv2d one on its dense
+    path; see ``frontier_cut``). Parameter gradients are those of
     the full backward, so the run trains as without them. ``prefix`` is for SGD: the
     prefix's parameters then get no step at all, which MaskedSGD's frozen rows equal,
     while AdamW's per-tensor step count would stop advancing for them. The dense baseline

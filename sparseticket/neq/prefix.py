@@ -56,21 +56,28 @@ def frozen_prefix(model: nn.Module, order: Sequence[str] | None = None) -> list[
 
 
 def _prefix_parameters(model: nn.Module, prefix: Sequence[tuple[str, nn.Module]], include_between: bool):
+    """The parameters ``freeze_prefix`` freezes: those of the prefix's modules (and, with
+    ``include_between``, of every module registered before the prefix's end), less any
+    parameter that a module outside that set also holds (tied weights): that module's use
+    still needs its gradient."""
     if not prefix:
         return []
     if not include_between:
-        return [p for _, m in prefix for p in m.parameters()]
-    # Every parameter registered before the end of the last prefix module (e.g. the
-    # BatchNorm between two frozen convs): these would otherwise keep the backward alive.
-    last = prefix[-1][0]
-    params, seen_last = [], False
-    for name, module in model.named_modules():
-        if seen_last and not (name.startswith(last + ".") or last == ""):
-            break
-        params.extend(module.parameters(recurse=False))
-        if name == last:
-            seen_last = True
-    return params
+        owners = {id(sub): sub for _, m in prefix for sub in m.modules()}
+    else:
+        # Every module registered before the end of the last prefix module (e.g. the
+        # BatchNorm between two frozen convs): its parameters would otherwise keep the
+        # backward alive.
+        last = prefix[-1][0]
+        owners, seen_last = {}, False
+        for name, module in model.named_modules():
+            if seen_last and not (name.startswith(last + ".") or last == ""):
+                break
+            owners[id(module)] = module
+            if name == last:
+                seen_last = True
+    elsewhere = {id(p) for m in model.modules() if id(m) not in owners for p in m.parameters(recurse=False)}
+    return [p for m in owners.values() for p in m.parameters(recurse=False) if id(p) not in elsewhere]
 
 
 @contextmanager
@@ -87,7 +94,9 @@ def freeze_prefix(model: nn.Module, prefix: Sequence[tuple[str, nn.Module]] | No
     or momentum step); ``requires_grad`` is restored on exit. ``include_between=True`` also
     freezes parameters of other modules registered inside the prefix (e.g. a BatchNorm
     between two frozen convs), which changes training (they stop learning) but is needed
-    for the cut when such modules exist. Yields the prefix as (name, module) pairs.
+    for the cut when such modules exist. A parameter that a module outside the prefix also
+    holds (tied weights) is left alone, so that module's use of it keeps its gradient.
+    Yields the prefix as (name, module) pairs.
     """
     prefix = list(frozen_prefix(model, order) if prefix is None else prefix)
     params = list({id(p): p for p in _prefix_parameters(model, prefix, include_between)}.values())

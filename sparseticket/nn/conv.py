@@ -155,9 +155,10 @@ class SparseConv2d(TicketModule):
         b = self._buffers
         if self.groups == 1:
             op = _sparse_conv2d if self.activation is None else _sparse_conv2d_relu
-            y = op(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, b["active"],
+            active = b["active"]  # read once: the op and the record get the same mask
+            y = op(x, values, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], bias, active,
                    self.kernel_size, self.stride, self._pad, self.dilation)
-            _record_source_call(self, y, b["active"])
+            _record_source_call(self, y, active)
             return y
         y = self._run_grouped(x, values, bias)
         return y if self.activation is None else torch.relu(y)
@@ -268,10 +269,11 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         return self.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        active = self._buffers["active"]
+        frozen = self._buffers["active"]  # read once: the op and the record get the same mask
         needed = _input_cut(self, x)
-        if active is None and needed is None:
+        if frozen is None and needed is None:
             return super().forward(x)
+        active = frozen
         if active is None:
             active = torch.ones(self.out_channels, dtype=torch.bool, device=x.device)
         pre, pad_mode, pad = _padding_plan(self.padding, self.padding_mode, self.kernel_size, self.dilation)
@@ -280,7 +282,7 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         unbatched = x.dim() == 3
         y = neq_conv2d(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, active, self.stride, pad,
                        self.dilation, self.groups, needed)
-        _record_source_call(self, y, self._buffers["active"])
+        _record_source_call(self, y, frozen)
         return y.squeeze(0) if unbatched else y
 
 # ----------------------------------------------------------------------------- cut_frozen_outputs bookkeeping
@@ -310,7 +312,8 @@ class _SourceRecord:
 #: the source's forward (_record_source_call). Keyed by the live module: copies are not sources.
 _CUT_SOURCES: "weakref.WeakKeyDictionary[nn.Module, _SourceRecord]" = weakref.WeakKeyDictionary()
 
-#: NEqConv2d (consumer) -> the source layers it is cut against, innermost last; set by
+#: consumer (an NEqConv2d, or a SparseConv2d, which cuts on its dense path) -> the source
+#: layers it is cut against, innermost last; set by
 #: sparseticket.neq.cut_frozen_outputs. Keyed by the live module, so a copy made inside
 #: the block (deepcopy, pickling) is not cut.
 _INPUT_CUTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
@@ -342,8 +345,9 @@ def _cut_allowed() -> bool:
     a backward (a checkpoint's recomputation) and under saved-tensor hooks (non-reentrant
     checkpointing, offloading), where a source's saved mask could be recomputed from a
     newer one. Then nothing is recorded or cut, in the forward and in any recomputation
-    alike, so both save the same tensors. Also off without grad and under torch.compile."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    alike, so both save the same tensors. Also off without grad, under torch.compile and
+    while torch.jit.trace records (a trace would keep one call's cut as a constant)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._current_graph_task_id() != -1:
         return False
@@ -576,7 +580,7 @@ def _needed_input_grad(gy, x, weight, needed, stride, padding, dilation) -> Tens
     N, C = x.shape[0], x.shape[1]
     idx = needed.nonzero().squeeze(1)
     n = idx.numel()
-    gx = x.new_zeros(x.shape)
+    gx = gy.new_zeros(x.shape)  # from gy: under vmap (is_grads_batched) gy is the batched one
     if n == 0 or N == 0:
         return gx
     stand_in = x.new_empty((N, n) + tuple(x.shape[2:]))
