@@ -121,12 +121,13 @@ struct InputLayout {
 };
 
 // The figures above InputLayout are from an AMD Zen 4. On an Intel Xeon (48 KB L1, 2 MB
-// L2, session 18; same method, forward / input gradient, ms) the copies also pay for
-// planes two vectors wide: 64->64@28 at density 0.5 18.9 -> 15.3 / 20.2 -> 15.5, 0.33
-// 14.7 -> 12.7 / 15.0 -> 13.1, 0.13 10.6 -> 8.3 / 8.5 -> 8.5, 0.05 5.4 -> 5.1 / 5.1 ->
-// 5.5; 128->128@14 at 0.13 7.1 -> 6.3 / 7.3 -> 6.3, 0.05 3.9 -> 3.7 / 4.1 -> 3.7;
-// 64->128@14 at 0.13 3.6 -> 3.7 / 3.9 -> 4.0, 0.10 2.9 -> 3.0 / 3.2 -> 3.4. Hence, on
-// Intel CPUs, any width from kShiftedMinDensityIntel.
+// L2, session 18; same method, four alternating processes, bench/results/conv_shifted.csv,
+// unshifted -> shifted, ms, forward / input gradient) the copies also pay for planes two
+// vectors wide: 64->64@28 at density 0.5 21.8, 20.7 -> 20.5, 17.9 / 24.1, 21.9 -> 20.8,
+// 18.7; 0.33 2-5% faster; 0.13 and 0.10 forward 4-14% faster, input gradient even; 0.2
+// forward even, input gradient 5-10% slower. One-vector planes gain from 0.12:
+// 128->128@14 at 0.13 8.3, 8.2 -> 7.9, 7.0 / 8.8, 8.2 -> 7.9, 7.0. Hence, on Intel CPUs,
+// any width from kShiftedMinDensityIntel.
 constexpr double kShiftedMinDensity = 0.15, kShiftedMinDensityIntel = 0.12;
 constexpr double kDotGroupMinDensity = 0.65;  // see sparse_conv2d_grad_weight_cpu
 
@@ -638,19 +639,18 @@ Tensor sparse_conv2d_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
 // sub-lists, so more groups run short and gy is copied kw times per list); at 14x14
 // (64->128, 128->128) within +-3% at every density. Hence the band below, where x's loads
 // rather than its trips from L2 are what a sparse dot product waits for. Those figures are
-// from an AMD Zen 4. On an Intel Xeon (48 KB L1, 2 MB L2, session 18; same method, ms,
-// dots -> dots_shifted) the shifted kernel also wins below 0.25: 128->128@14 at 0.15 13.0
-// -> 9.7, 0.10 9.4 -> 7.2, 0.08 7.9 -> 6.1; 64->128@14 at 0.15 6.3 -> 5.1, 0.10 4.3 -> 4.0,
-// 0.08 3.5 -> 3.6, 0.05 2.4 -> 3.0; 64->64@28 at 0.2 13.7 -> 12.6, 0.10 8.2 -> 7.8, 0.05
-// 4.9 -> 5.2. So on Intel CPUs the band starts at kGyShiftedMinDensityIntel.
+// from an AMD Zen 4. On an Intel Xeon (48 KB L1, 2 MB L2, session 18; same method, four
+// alternating processes, bench/results/conv_gw_shifted.csv, dots / dots_shifted time) the
+// shifted kernel also wins on planes one vector wide at low density: 128->128@14 at
+// density 0.13 / 0.10 / 0.08 / 0.05 1.04-1.08 / 1.27-1.29 / 1.21-1.30 / 1.15, 64->128@14
+// 0.91-1.0 / 1.07-1.09 / 0.98-0.99 / 0.76-0.80; not at 28x28 (0.81-1.05 at 0.05-0.2).
+// Hence, on Intel CPUs, the extra band [kGyShiftedMinDensityIntel, kGyShiftedMinDensity)
+// for one-vector rows.
 // SPARSETICKET_CONV_GW_SHIFTED=0/1 forces it off/on (A/B sweeps, tests).
-constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMinDensityIntel = 0.09, kGyShiftedMaxDensity = 0.75;
+constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMinDensityIntel = 0.08, kGyShiftedMaxDensity = 0.75;
 
-double gy_shifted_min_density() {
-  return cpu_is_intel() ? kGyShiftedMinDensityIntel : kGyShiftedMinDensity;
-}
-
-bool use_gy_shifted(const Geom& g, int64_t nnz) {
+// lanes: vector lanes of the element type (one-vector rows: OW + (kw - 1) * dw <= lanes)
+bool use_gy_shifted(const Geom& g, int64_t nnz, int64_t lanes) {
   if (g.sw != 1 || g.kw == 1) return false;  // (kw = 1: no column shift to move)
   static const int forced = [] {
     const char* s = std::getenv("SPARSETICKET_CONV_GW_SHIFTED");
@@ -658,7 +658,10 @@ bool use_gy_shifted(const Geom& g, int64_t nnz) {
   }();
   if (forced >= 0) return forced > 0;
   const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
-  return dense > 0 && nnz >= gy_shifted_min_density() * dense && nnz < kGyShiftedMaxDensity * dense;
+  if (dense <= 0 || nnz >= kGyShiftedMaxDensity * dense) return false;
+  if (nnz >= kGyShiftedMinDensity * dense) return true;
+  const bool one_vector_rows = g.OW + (g.kw - 1) * g.dw <= lanes;
+  return cpu_is_intel() && one_vector_rows && nnz >= kGyShiftedMinDensityIntel * dense;
 }
 
 // dots_shifted's x (stride 1 along columns): [C][rows][cols], cols the padded row
@@ -715,9 +718,9 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
   Tensor active;
   if (active_) active = contiguous_1d(*active_);
   const bool f64 = x.scalar_type() == at::kDouble;
-  const bool shifted = use_gy_shifted(g, nnz);
   const ConvKernelTable& kt = conv_kernel_table();
   const int64_t lanes = kt.vector_bytes / static_cast<int64_t>(x.element_size());
+  const bool shifted = use_gy_shifted(g, nnz, lanes);
   const auto layout = shifted ? banded_aligned_layout(g, lanes, x.element_size())
                               : banded_layout(g, choose_tile(g.OH, g.OW, f64), 1, nnz, x.element_size());
   const InputLayout& L = layout.first;
