@@ -587,3 +587,33 @@ def test_freeze_prefix_keeps_a_parameter_tied_to_a_later_layer():
         m(x).square().sum().backward()
     torch.testing.assert_close(m.conv1.weight.grad, ref, rtol=0, atol=0)
     assert m.conv1.bias.grad is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_neq_conv2d_with_frozen_channels_under_cpu_autocast(bias):
+    """Frozen channels (the neuron-skipping Function) under torch.autocast('cpu', bfloat16):
+    the output is nn.Conv2d's under autocast, bit for bit; the active rows get autocast's
+    weight gradient, the frozen ones 0; parameters' gradients keep their dtype."""
+    import sparseticket.nn as stnn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1, bias=bias)
+    neq = stnn.enable_neq(nn.Sequential(copy.deepcopy(conv)))[0]
+    active = torch.tensor([True, False, True, True, False, False])
+    neq.set_active(active)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = conv(x), neq(x2)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    g = torch.randn(y.shape)
+    y_ref.float().backward(g)
+    y.float().backward(g)
+    assert neq.weight.grad.dtype == torch.float32 and x2.grad.dtype == torch.float32
+    torch.testing.assert_close(neq.weight.grad[active], conv.weight.grad[active], rtol=2e-2, atol=2e-2)
+    assert neq.weight.grad[~active].abs().sum() == 0
+    torch.testing.assert_close(x2.grad, x.grad, rtol=2e-2, atol=2e-2)
+    if bias:
+        torch.testing.assert_close(neq.bias.grad[active], conv.bias.grad[active], rtol=2e-2, atol=2e-2)
+        assert neq.bias.grad[~active].abs().sum() == 0

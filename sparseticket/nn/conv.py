@@ -538,8 +538,18 @@ def neq_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor
     0). ``needed`` is for groups == 1 (ignored otherwise)."""
     if groups != 1:
         needed = None
-    return _NEqConv2dFn.apply(x, weight, bias, active, tuple(stride), tuple(padding), tuple(dilation), groups,
-                              needed)
+    conf = (tuple(stride), tuple(padding), tuple(dilation), groups, needed)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # as autocast runs F.conv2d: the operands cast to its dtype outside the Function (so
+        # the casts are autograd nodes and the parameters get gradients of their own dtype),
+        # the conv and its backward in that dtype
+        dt = torch.get_autocast_dtype(device)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        with torch.autocast(device, enabled=False):
+            return _NEqConv2dFn.apply(x, weight, bias, active, *conf)
+    return _NEqConv2dFn.apply(x, weight, bias, active, *conf)
 
 
 class _NEqConv2dFn(torch.autograd.Function):
