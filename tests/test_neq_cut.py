@@ -652,6 +652,7 @@ def test_a_mask_swapped_during_the_source_call_is_not_paired_with_it(source):
                             mode="sparse", filter=lambda name, m: name == "conv1")
         neq.conv1.set_active(actives["conv1"])
     swapped = ~actives["conv1"]
+    swap_done: list = []
 
     class Swap(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -676,7 +677,6 @@ def test_a_mask_swapped_during_the_source_call_is_not_paired_with_it(source):
                 assert neq.conv2.last_input_cut == pytest.approx(0.5)
         return {n: p.grad.clone() for n, p in neq.named_parameters() if p.grad is not None}
 
-    swap_done: list = []
     plain, cut = step(False), step(True)
     assert plain["conv1.weight" if source == "neq" else "conv1.weight_values"].abs().sum() > 0
     _assert_same(plain, cut)
@@ -704,7 +704,7 @@ def test_batched_grads_inside_the_context():
     block and gives the per-sample rows it gives outside."""
     _, neq, _ = _neq(Net())
     x = _x()
-    params = [p for p in neq.parameters()]
+    params = list(neq.parameters())
 
     def rows():
         out = neq(x).sum(1)

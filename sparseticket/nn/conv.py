@@ -269,11 +269,11 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         return self.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        frozen = self._buffers["active"]  # read once: the op and the record get the same mask
+        mask = self._buffers["active"]  # read once: the op and the record get the same mask
         needed = _input_cut(self, x)
-        if frozen is None and needed is None:
+        if mask is None and needed is None:
             return super().forward(x)
-        active = frozen
+        active = mask
         if active is None:
             active = torch.ones(self.out_channels, dtype=torch.bool, device=x.device)
         pre, pad_mode, pad = _padding_plan(self.padding, self.padding_mode, self.kernel_size, self.dilation)
@@ -282,7 +282,7 @@ class NEqConv2d(DenseNEqBase, nn.Conv2d):
         unbatched = x.dim() == 3
         y = neq_conv2d(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, active, self.stride, pad,
                        self.dilation, self.groups, needed)
-        _record_source_call(self, y, frozen)
+        _record_source_call(self, y, mask)
         return y.squeeze(0) if unbatched else y
 
 # ----------------------------------------------------------------------------- cut_frozen_outputs bookkeeping
