@@ -151,6 +151,24 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill
     _same(_finals(a), _finals(b))
 
 
+def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(reference_run):
+    """The per-epoch checkpoint holds a ticket's values, not its index buffers (the level's
+    mask.pt determines them); loading it into a model built from another mask fails."""
+    run = R.IMPRun(_hp(reference_run[0]))
+    state = torch.load(run.dir / "level_01" / "checkpoint.pt", weights_only=False)["model"]
+    assert "fc1.weight_values" in state
+    assert not [k for k in state if k.rsplit(".", 1)[-1] in R._TICKET_INDEX_BUFFERS]
+    mask = Mask(torch.load(run.dir / "level_01" / "mask.pt"))
+    plan = run._imp_plan(1)
+    model = run.build(plan)
+    R._load_checkpoint_model(model, state)
+    assert torch.equal(model.fc1.weight_values.detach(), state["fc1.weight_values"])
+    assert torch.equal(model.fc1.mask(), mask["fc1"])
+    sparser = run.build(run._imp_plan(2))  # level 2's mask keeps fewer weights than level 1's values
+    with pytest.raises(RuntimeError, match="'fc1'.*inconsistent ticket"):
+        R._load_checkpoint_model(sparser, state)
+
+
 def test_sigkill_then_resume(tmp_path):
     """A real SIGKILL in the middle of level 1; the rerun ends where an uninterrupted run does."""
     args = ["--dataset", "digits", "--epochs", "3", "--levels", "2", "--kernels", "sparse", "--progress", "false",
