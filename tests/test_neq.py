@@ -617,3 +617,73 @@ def test_neq_conv2d_with_frozen_channels_under_cpu_autocast(bias):
     if bias:
         torch.testing.assert_close(neq.bias.grad[active], conv.bias.grad[active], rtol=2e-2, atol=2e-2)
         assert neq.bias.grad[~active].abs().sum() == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2d", "3d"])
+def test_neq_linear_with_frozen_rows_under_cpu_autocast(bias, lead):
+    """DenseNEqLinear with frozen rows under torch.autocast('cpu', bfloat16) (the kernels are
+    fp32/fp64, so the reduced-precision Function serves it): the output is nn.Linear's under
+    autocast, bit for bit; active rows get autocast's weight gradient, frozen ones exactly
+    0; the parameters' gradients keep their dtype."""
+    import sparseticket.nn as stnn
+
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 6, bias=bias)
+    neq = stnn.enable_neq(nn.Sequential(copy.deepcopy(lin)))[0]
+    active = torch.tensor([True, False, True, True, False, False])
+    neq.set_active(active)
+    x = torch.randn(*lead, 7, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = lin(x), neq(x2)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    g = torch.randn(y.shape)
+    y_ref.float().backward(g)
+    y.float().backward(g)
+    assert neq.weight.grad.dtype == torch.float32 and x2.grad.dtype == torch.float32
+    torch.testing.assert_close(neq.weight.grad[active], lin.weight.grad[active], rtol=2e-2, atol=2e-2)
+    assert neq.weight.grad[~active].abs().sum() == 0
+    torch.testing.assert_close(x2.grad, x.grad, rtol=0, atol=0)
+    if bias:
+        torch.testing.assert_close(neq.bias.grad[active], lin.bias.grad[active], rtol=2e-2, atol=2e-2)
+        assert neq.bias.grad[~active].abs().sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_ticket_layers_run_in_their_dtype_under_cpu_autocast(mode, frozen):
+    """Under autocast a SparseLinear / SparseConv2d takes a bf16 input (from a plain layer
+    autocast ran before it), casts it to its weights' fp32 and runs either path at fp32:
+    the output, and every gradient, equals the same model's without autocast fed that
+    bf16-rounded input."""
+    import sparseticket.nn as stnn
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 12), nn.ReLU(),
+                         nn.Linear(12, 4))
+    stnn.sparsify(body, amount=0.5)
+    if frozen:
+        stnn.enable_neq(body)
+        body[0].set_active(torch.arange(8) >= 3)
+        body[3].set_active(torch.arange(12) % 2 == 0)
+    for m in body.modules():
+        if isinstance(m, stnn.TicketModule):
+            m.mode = mode
+    head = nn.Conv2d(3, 3, 1)  # a plain layer: autocast runs it in bf16
+    ref_body = copy.deepcopy(body)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = head(x)
+        assert h.dtype == torch.bfloat16
+        y = body(h)
+    assert y.dtype == torch.float32
+    y_ref = ref_body(h.detach().float())
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    y_ref.backward(g)
+    for (n, p), q in zip(body.named_parameters(), ref_body.parameters()):
+        assert p.grad.dtype == torch.float32, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)

@@ -19,6 +19,17 @@ FLOATS = (torch.float32, torch.float64)
 # ----------------------------------------------------------------------------- validation
 
 
+def autocast_device(x: Tensor) -> Optional[str]:
+    """The device type whose autocast is on for ``x``, or None.
+
+    sparseticket's kernels are fp32 / fp64, so under autocast a ticket layer runs as the
+    ops on autocast's fp32 list do: its input is cast to the weights' dtype and both of its
+    paths (sparse kernels, dense fallback) run at that precision with autocast off; the
+    output then has the weights' dtype whichever path ran."""
+    d = x.device.type
+    return d if torch.is_autocast_enabled(d) else None
+
+
 def where(module: nn.Module, name: Optional[str] = None) -> str:
     """'layer 'fc1' (SparseLinear 784->300)' for error messages."""
     name = name if name is not None else getattr(module, "_st_name", None)

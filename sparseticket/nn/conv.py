@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from . import _mode
-from ._common import TicketModule, TicketToDense, where
+from ._common import TicketModule, TicketToDense, autocast_device, where
 from .linear import DenseNEqBase, _init_neq, _random_mask, _weight_and_mask
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
@@ -207,6 +207,10 @@ class SparseConv2d(TicketModule):
         return y if self.activation is None else torch.relu(y)
 
     def forward(self, x: Tensor) -> Tensor:
+        amp = autocast_device(x)
+        if amp is not None and x.is_floating_point():
+            with torch.autocast(amp, enabled=False):
+                return self.forward(x.to(self.weight_values.dtype))
         given = x
         unbatched = x.dim() == 3
         if unbatched:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops as _ops
 from . import _mode
-from ._common import NEqMixin, TicketModule, check_active, check_weight_dtype, where
+from ._common import NEqMixin, TicketModule, autocast_device, check_active, check_weight_dtype, where
 from ._registry import register_module_params
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
@@ -113,6 +113,10 @@ class SparseLinear(TicketModule):
 
     def forward(self, x: Tensor) -> Tensor:
         values, bias = self._parameters["weight_values"], self._parameters["bias"]
+        amp = autocast_device(x)
+        if amp is not None and x.is_floating_point():
+            with torch.autocast(amp, enabled=False):
+                return self.forward(x.to(values.dtype))
         if x.shape[-1] != self.in_features or x.dtype != values.dtype:
             raise ValueError(f"sparseticket: {where(self)}: input has shape {tuple(x.shape)} and dtype {x.dtype}; "
                              f"expected [..., {self.in_features}] of {values.dtype}")
@@ -174,14 +178,56 @@ class DenseNEqLinear(DenseNEqBase, nn.Linear):
         active = self._buffers["active"]
         if active is None:
             return F.linear(x, self.weight, self.bias)
+        amp = autocast_device(x)
+        if amp is not None:
+            # as autocast runs F.linear: the operands cast to its dtype outside the op (the
+            # casts are autograd nodes, so the parameters get gradients of their own
+            # dtype), the product and its backward in that dtype
+            dt = torch.get_autocast_dtype(amp)
+            w, b = self.weight.to(dt), None if self.bias is None else self.bias.to(dt)
+            with torch.autocast(amp, enabled=False):
+                return self._neq_forward(x.to(dt), w, b, active)
+        return self._neq_forward(x, self.weight, self.bias, active)
+
+    def _neq_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor) -> Tensor:
+        if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+            if weight.dtype != x.dtype:
+                raise ValueError(f"sparseticket: {where(self)}: input has dtype {x.dtype}, weight {weight.dtype}")
+            return _ReducedPrecisionNEqLinear.apply(x, weight, bias, active)
         if x.dim() == 2:  # (self.weight, not _parameters: torch.nn.utils.prune sets it as an attribute)
-            return _neq_linear(x, self.weight, self.bias, active)
+            return _neq_linear(x, weight, bias, active)
         lead = x.shape[:-1]
-        y = _neq_linear(x.reshape(lead.numel(), x.shape[-1]), self.weight, self.bias, active)
+        y = _neq_linear(x.reshape(lead.numel(), x.shape[-1]), weight, bias, active)
         return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
 
     def _n_out(self) -> int:
         return self.out_features
+
+
+class _ReducedPrecisionNEqLinear(torch.autograd.Function):
+    """neq_linear for the dtypes its kernels lack (bf16 / fp16, as under autocast): the same
+    gradients (none for frozen rows: their weight and bias gradients are zero) from dense
+    products in that dtype, with no rows skipped."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, active):
+        ctx.save_for_backward(x, weight, active)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, active = ctx.saved_tensors
+        gx = gw = gb = None
+        lead = gy.shape[:-1].numel()
+        g2 = gy.reshape(lead, gy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = gy @ weight  # frozen neurons still pass gradient to earlier layers
+        if ctx.needs_input_grad[1]:
+            gw = torch.where(active[:, None], g2.t() @ x.reshape(lead, x.shape[-1]), 0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = torch.where(active, g2.sum(0), 0)
+        return gx, gw, gb, None
 
 
 # ----------------------------------------------------------------------------- helpers
