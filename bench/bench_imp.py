@@ -3,6 +3,7 @@
 effect against its random-reinit control, and kill/resume.
 
     python bench/bench_imp.py speed --model lenet_300_100 --levels 15            # vs --baseline dense
+    python bench/bench_imp.py speed --seed 1 --control-threads 1                  # + rounding control
     python bench/bench_imp.py speed --model conv4 --levels 10 --batch-size 64 --epochs 2
     python bench/bench_imp.py lottery --seeds 0,1,2                               # tickets vs random reinit
     python bench/bench_imp.py kill --kills 5                                      # SIGKILL at random points
@@ -12,7 +13,10 @@ each in a fresh folder (nothing reused), in one process with their levels interl
 (sparse level 0, dense level 0, dense level 1, sparse level 1, ...: the order flips at
 every level and repeat); a contender's total is the time spent in its own levels and
 between them (pruning, results). Per level it reports the median seconds of each and
-their ratio, and the accuracy difference. CSV:
+their ratio, and the accuracy difference. With --control-threads the dense baseline runs
+once more, untimed, at another thread count: the same experiment with other summation
+orders, whose accuracy difference to the timed dense run (in imp.runs.json) is the size
+of a difference that rounding alone makes. CSV:
 bench/results/imp.csv (+ imp.runs.json with the machine and the command).
 """
 from __future__ import annotations
@@ -55,7 +59,8 @@ def _hp(a, out, **changes):
     from sparseticket.lottery.hparams import IMPHparams, add_arguments, from_args
     p = argparse.ArgumentParser()
     add_arguments(p)
-    hp = from_args(p.parse_args(_imp_args(a) + ["--out", str(out)]))
+    seed = [] if a.what != "speed" else ["--init-seed", str(a.seed), "--data-seed", str(a.seed)]
+    hp = from_args(p.parse_args(_imp_args(a) + seed + ["--out", str(out)]))
     return hp.replace(**changes) if changes else hp
 
 
@@ -119,7 +124,7 @@ def speed(a) -> int:
         sa = statistics.median(r[i]["test_acc"] for r, _ in per["sparse"])
         da = statistics.median(r[i]["test_acc"] for r, _ in per["dense"])
         first = per["sparse"][0][0][i]
-        out_rows.append(dict(run_id=run_id, what="speed", model=a.model, dataset=a.dataset, seed=0, level=level,
+        out_rows.append(dict(run_id=run_id, what="speed", model=a.model, dataset=a.dataset, seed=a.seed, level=level,
                              remaining=round(first["remaining"], 3), sparse_s=round(s, 4), dense_s=round(d, 4),
                              ratio=round(d / s, 3), sparse_test_acc=sa, dense_test_acc=da,
                              acc_diff_pp=round(100 * (sa - da), 2),
@@ -127,13 +132,39 @@ def speed(a) -> int:
                              repeats=a.repeats, threads=a.threads))
     ts = statistics.median(w for _, w in per["sparse"])
     td = statistics.median(w for _, w in per["dense"])
-    out_rows.append(dict(run_id=run_id, what="speed_total", model=a.model, dataset=a.dataset, seed=0, level=-1,
+    out_rows.append(dict(run_id=run_id, what="speed_total", model=a.model, dataset=a.dataset, seed=a.seed, level=-1,
                          remaining=None, sparse_s=round(ts, 3), dense_s=round(td, 3), ratio=round(td / ts, 3),
                          acc_diff_pp=max(abs(r["acc_diff_pp"]) for r in out_rows), repeats=a.repeats,
                          threads=a.threads))
     _report(out_rows)
-    _save(a, run_id, out_rows)
+    control = _rounding_control(a, out_rows) if a.control_threads else None
+    _save(a, run_id, out_rows, rounding_control=control)
     return 0
+
+
+def _rounding_control(a, rows) -> dict:
+    """The dense baseline once more, untimed, at --control-threads threads: the same
+    experiment with other floating-point summation orders (MKL and oneDNN split their
+    sums by thread). Its accuracy difference to the timed dense run is how far two runs
+    that differ only by rounding drift apart: the yardstick for the accelerated run's."""
+    import torch
+    from sparseticket.lottery.runner import IMPRun
+    out = Path(tempfile.mkdtemp(prefix="bench_imp_control_"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(a.control_threads)
+    try:
+        ctrl = IMPRun(_hp(a, out, baseline="dense")).run()
+    finally:
+        torch.set_num_threads(before)
+        shutil.rmtree(out, ignore_errors=True)
+    dense = {r["level"]: r["dense_test_acc"] for r in rows if r["what"] == "speed"}
+    per = [[c["level"], dense[c["level"]], c["test_acc"], round(100 * (c["test_acc"] - dense[c["level"]]), 2)]
+           for c in ctrl if c["level"] in dense]
+    worst = max(abs(p[3]) for p in per)
+    print(f"rounding control (the dense baseline at {a.control_threads} thread(s) against {a.threads}): "
+          f"per-level accuracy differences {' '.join(f'{p[3]:+.1f}' for p in per)} pp; largest {worst:.2f} pp")
+    return dict(threads=a.control_threads, per_level=per, columns=["level", "dense_acc", "control_acc", "diff_pp"],
+                largest_pp=worst)
 
 
 def lottery(a) -> int:
@@ -249,10 +280,11 @@ def _report(rows):
                   f"largest accuracy difference {r['acc_diff_pp']:.2f} pp")
 
 
-def _save(a, run_id, rows):
+def _save(a, run_id, rows, **extra):
     path = Path(a.csv)
     _write_csv(rows, path)
-    update_runs_json(path, run_id, command=command_line(), system=system_info(a.threads), what=a.what)
+    update_runs_json(path, run_id, command=command_line(), system=system_info(a.threads), what=a.what,
+                     **{k: v for k, v in extra.items() if v is not None})
     print(f"run {run_id} -> {path}")
 
 
@@ -266,7 +298,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="speed: sparse/dense pairs (order alternates)")
-    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                    help="lottery: the seeds")
+    ap.add_argument("--seed", type=int, default=0, help="speed: the initial weights' and data order's seed")
+    ap.add_argument("--control-threads", type=int, default=0,
+                    help="speed: also run the dense baseline once, untimed, at this many threads (other "
+                         "summation orders) and report its accuracy difference to the timed one (0: no)")
     ap.add_argument("--plot-run", help="lottery: only redraw the figure of this run id from --csv")
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--kill-seed", type=int, default=0)
