@@ -926,6 +926,27 @@ void expand_rows(const BitmapArgs& a, int64_t r0, int64_t r1) {
 #if ST_VECTOR_BYTES == 64  // the AVX-512 translation unit (its #pragma target does not define __AVX512F__)
     constexpr int64_t L = 64 / sizeof(T);
     int64_t c = 0;
+    // whole 64-column words first: each chunk's offset into v is the running sum of the
+    // popcounts of the chunks before it in the word, all computed from the word at once,
+    // so the only serial dependency is one 64-bit popcount per word, not one per chunk
+    for (; c + 64 <= a.K; c += 64) {
+      const uint64_t word = bits[c >> 6];
+      const T* vk = v;
+#pragma GCC unroll 8
+      for (int k = 0; k < 64 / L; ++k) {
+        const uint32_t m = static_cast<uint32_t>(word >> (k * L)) & (L == 16 ? 0xFFFFu : 0xFFu);
+        const int cnt = __builtin_popcount(m);
+        if constexpr (sizeof(T) == 4) {
+          const __m512 loaded = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), vk);
+          _mm512_storeu_ps(dst + c + k * L, _mm512_maskz_expand_ps(static_cast<__mmask16>(m), loaded));
+        } else {
+          const __m512d loaded = _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << cnt) - 1u), vk);
+          _mm512_storeu_pd(dst + c + k * L, _mm512_maskz_expand_pd(static_cast<__mmask8>(m), loaded));
+        }
+        vk += cnt;
+      }
+      v += __builtin_popcountll(word);
+    }
     for (; c < a.K; c += L) {
       const int64_t n = a.K - c < L ? a.K - c : L;
       const uint32_t lanes = n == L ? (L == 16 ? 0xFFFFu : 0xFFu) : ((1u << n) - 1u);
@@ -961,7 +982,27 @@ void compress_rows(const BitmapArgs& a, int64_t r0, int64_t r1) {
     T* v = vals + a.ptr[r];
 #if ST_VECTOR_BYTES == 64  // the AVX-512 translation unit (its #pragma target does not define __AVX512F__)
     constexpr int64_t L = 64 / sizeof(T);
-    for (int64_t c = 0; c < a.K; c += L) {
+    int64_t c = 0;
+    for (; c + 64 <= a.K; c += 64) {  // whole words, as in expand_rows
+      const uint64_t word = bits[c >> 6];
+      if (!word) continue;
+      T* vk = v;
+#pragma GCC unroll 8
+      for (int k = 0; k < 64 / L; ++k) {
+        const uint32_t m = static_cast<uint32_t>(word >> (k * L)) & (L == 16 ? 0xFFFFu : 0xFFu);
+        const int cnt = __builtin_popcount(m);
+        if constexpr (sizeof(T) == 4) {
+          const __m512 x = _mm512_loadu_ps(src + c + k * L);
+          _mm512_mask_storeu_ps(vk, static_cast<__mmask16>((1u << cnt) - 1u), _mm512_maskz_compress_ps(static_cast<__mmask16>(m), x));
+        } else {
+          const __m512d x = _mm512_loadu_pd(src + c + k * L);
+          _mm512_mask_storeu_pd(vk, static_cast<__mmask8>((1u << cnt) - 1u), _mm512_maskz_compress_pd(static_cast<__mmask8>(m), x));
+        }
+        vk += cnt;
+      }
+      v += __builtin_popcountll(word);
+    }
+    for (; c < a.K; c += L) {
       const int64_t n = a.K - c < L ? a.K - c : L;
       const uint32_t lanes = n == L ? (L == 16 ? 0xFFFFu : 0xFFu) : ((1u << n) - 1u);
       const uint32_t m = static_cast<uint32_t>(bits[c >> 6] >> (c & 63)) & lanes;
