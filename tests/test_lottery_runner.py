@@ -169,6 +169,70 @@ def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(
         R._load_checkpoint_model(sparser, state)
 
 
+def _no_plain(model, skip=()):
+    return {}
+
+
+def test_dense_pinned_layers_train_as_plain_layers_bit_for_bit(tmp_path, monkeypatch):
+    """With every ticket layer pinned to its dense path (--kernels dense) the runner trains
+    them as plain layers with keep masks (_plain_dense_path): final weights, accuracies,
+    masks and the exported ticket are those of the run that keeps them as tickets, and
+    the pruned weights are exactly 0."""
+    seen = []
+    real = R._plain_dense_path
+
+    def spy(model, skip=()):
+        out = real(model, skip)
+        seen.append((sorted(out), [type(m).__name__ for m in model.modules()]))
+        return out
+
+    monkeypatch.setattr(R, "_plain_dense_path", spy)
+    rows = R.IMPRun(_hp(tmp_path / "plain", kernels="dense")).run()
+    assert [names for names, _ in seen[1:]] == [["fc1", "fc2", "fc3"]] * 2  # levels 1 and 2 (level 0 is unpruned)
+    assert all("SparseLinear" not in types and "FusedReLU" not in types for _, types in seen[1:])
+    monkeypatch.setattr(R, "_plain_dense_path", _no_plain)
+    ref = R.IMPRun(_hp(tmp_path / "ticket", kernels="dense")).run()
+    assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
+    assert [r["ticket_bytes"] for r in rows] == [r["ticket_bytes"] for r in ref]
+    a, b = R.IMPRun(_hp(tmp_path / "plain", kernels="dense")).dir, R.IMPRun(_hp(tmp_path / "ticket", kernels="dense")).dir
+    _same(_masks(a), _masks(b))
+    _same(_finals(a), _finals(b))
+    from safetensors.torch import load_file
+    _same(load_file(a / "level_02" / "ticket.safetensors"), load_file(b / "level_02" / "ticket.safetensors"))
+    final, mask = _finals(a)["level_02"], _masks(a)["level_02"]
+    for n, m in mask.items():
+        assert final[n + ".weight"][~m].abs().sum() == 0, n
+
+
+@pytest.mark.parametrize("first_format", ["plain", "ticket"])
+def test_dense_pinned_level_resumes_to_identical_result(tmp_path, monkeypatch, first_format):
+    """A level trained with plain dense-path layers, killed and resumed, ends as an
+    uninterrupted run; so does one whose checkpoint still holds those layers as tickets
+    (written before _plain_dense_path existed): it resumes them as tickets."""
+    ref = R.IMPRun(_hp(tmp_path / "ref", kernels="dense")).run()
+    real_save, calls = R.atomic_save, [0]
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        calls[0] += 1
+        if path.name == "checkpoint.pt" and path.parent.name == "level_01":
+            raise _Killed(path)
+
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    if first_format == "ticket":
+        monkeypatch.setattr(R, "_plain_dense_path", _no_plain)
+    with pytest.raises(_Killed):
+        R.IMPRun(_hp(tmp_path / "cut", kernels="dense")).run()
+    monkeypatch.undo()
+    state = torch.load(next((tmp_path / "cut").glob("*/level_01/checkpoint.pt")), weights_only=False)["model"]
+    assert ("fc1.weight_values" in state) == (first_format == "ticket")
+    rows = R.IMPRun(_hp(tmp_path / "cut", kernels="dense")).run()
+    assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
+    a, b = R.IMPRun(_hp(tmp_path / "ref", kernels="dense")).dir, R.IMPRun(_hp(tmp_path / "cut", kernels="dense")).dir
+    _same(_masks(a), _masks(b))
+    _same(_finals(a), _finals(b))
+
+
 def test_sigkill_then_resume(tmp_path):
     """A real SIGKILL in the middle of level 1; the rerun ends where an uninterrupted run does."""
     args = ["--dataset", "digits", "--epochs", "3", "--levels", "2", "--kernels", "sparse", "--progress", "false",

@@ -389,15 +389,10 @@ class IMPRun:
         if not (ldir / "mask.pt").exists():  # controls and transfers record what they trained too
             atomic_save(plan.mask.state_dict(), ldir / "mask.pt")
         model = self.build(plan)
-        opt = self.optimizer(model) if plan.train else None
         ckpt_path = ldir / "checkpoint.pt"
         state = load(ckpt_path) if ckpt_path.exists() else None
         tracker = self._neq_tracker(model, state) if plan.train else None
-        masker = None if self.sparse else _DenseMasker(model, plan.mask, tracker, opt)
         if state is not None:
-            _load_checkpoint_model(model, state["model"])
-            if opt is not None:
-                opt.load_state_dict(state["optimizer"])
             _set_modes(model, state["modes"])
             step, log, setup_s = state["step"], state["log"], state["setup_seconds"]
             evidence = state.get("mode_evidence", {})
@@ -405,8 +400,19 @@ class IMPRun:
             step, log = plan.first_step, []
             setup_s = 0.0
             evidence = _pin_modes(model, train_x[:bs], self._previous_choice(plan)) if self.sparse else {}
-            setup_s = time.perf_counter() - t_level
         modes = _modes(model)
+        # (not with NEq: its layers register their own masks, and a plain layer's keep mask with them)
+        # (a checkpoint that holds a ticket for such a layer, written before this existed, resumes it as a ticket)
+        held = {k[:-len(".weight_values")] for k in state["model"] if k.endswith(".weight_values")} if state else set()
+        plain = _plain_dense_path(model, skip=held) if self.sparse and plan.train and tracker is None else {}
+        if state is None:
+            setup_s = time.perf_counter() - t_level
+        opt = self.optimizer(model) if plan.train else None
+        masker = None if self.sparse else _DenseMasker(model, plan.mask, tracker, opt)
+        if state is not None:
+            _load_checkpoint_model(model, state["model"])
+            if opt is not None:
+                opt.load_state_dict(state["optimizer"])
         rewind_kind, rewind_k = rewind_spec(hp.prune.rewind)
         capture_k = (plan.level == 0 and rewind_kind == "iter" and rewind_k > 0 and hp.experiment.control == "none"
                      and not hp.experiment.transfer_from)
@@ -495,7 +501,7 @@ class IMPRun:
         bar.close()
 
         t_eval = time.perf_counter()
-        row = self._finish_level(plan, model, log, modes, setup_s, evidence)
+        row = self._finish_level(plan, model, log, modes, setup_s, evidence, plain)
         row["eval_seconds"] = time.perf_counter() - t_eval
         row["seconds"] = setup_s + sum(e["seconds"] for e in log) + row["eval_seconds"]
         atomic_json(row, done)
@@ -537,7 +543,7 @@ class IMPRun:
             atomic_save(state, path)
 
     def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float,
-                      evidence: dict) -> dict:
+                      evidence: dict, plain: Optional[Dict[str, Tensor]] = None) -> dict:
         ldir = self.dir / plan.name
         data, bs = self.data, self.hp.train.eval_batch_size
         train_acc = evaluate(model, data.train.x, data.train.y, bs)
@@ -551,15 +557,20 @@ class IMPRun:
                    train_seconds=sum(e["train_seconds"] for e in log), modes=modes, mode_evidence=evidence,
                    flops=_sum_flops([e["flops"] for e in log]),
                    neq_frozen=log[-1]["frozen"] if log else None)
+        # the ticket as sparseticket stores it: layers trained as plain ones (_plain_dense_path) back in compact form
+        ticket = stnn.sparsify(_copy_model(model), masks=plain, mode="dense") if plain else model
         if self.sparse:
             path = ldir / "ticket.safetensors"
             try:
-                stnn.save_safetensors(model, str(path) + ".tmp", metadata={"level": str(plan.level)})
+                stnn.save_safetensors(ticket, str(path) + ".tmp", metadata={"level": str(plan.level)})
                 res.replace_synced(str(path) + ".tmp", path)
                 row["ticket_file_bytes"] = path.stat().st_size
             except ImportError:
                 row["ticket_file_bytes"] = None
-        row.update(res.ticket_bytes(model))
+        row.update(res.ticket_bytes(ticket))
+        if plain:  # as training held them: the dense weights and their keep masks
+            row["memory_bytes"] = (res.ticket_bytes(model)["memory_bytes"]
+                                   + sum(k.numel() * k.element_size() for k in plain.values()))
         total = row["flops"].get("all", {"dense": 0.0, "executed": 0.0})
         row["flops_dense"], row["flops_executed"] = total["dense"], total["executed"]
         atomic_save(_dense_state(model), ldir / "final.pt")
@@ -597,6 +608,50 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
             correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
     model.train(was)
     return correct / max(1, x.shape[0])
+
+
+def _plain_dense_path(model: nn.Module, skip=()) -> Dict[str, Tensor]:
+    """Each SparseLinear / SparseConv2d pinned to its dense path becomes, in place, the plain
+    nn.Linear / nn.Conv2d it stands for (the masked dense weight), its keep mask registered
+    with the masked optimizers, which then keep its pruned weights at exactly 0; a fused
+    ReLU goes back to the nn.ReLU after it. The dense path runs the same products on the
+    same weight, so the level trains bit for bit as before, but without materialising the
+    weight from the ticket and compressing its gradient back at every step and every
+    evaluation batch (in situ on the Intel Xeon, LeNet-300-100's 80% level: ~725 -> ~650 us
+    a step with MLPStep and MaskedSGD; BENCHMARKS.md, session 19). Layers with frozen
+    neurons, or a fused activation not followed by its FusedReLU in an nn.Sequential, stay.
+    Layers named in ``skip`` stay too. Returns {name: keep mask} of the layers replaced."""
+    names = {id(m): n for n, m in model.named_modules()}
+    done: Dict[int, nn.Module] = {}
+    keeps: Dict[str, Tensor] = {}
+    for parent in list(model.modules()):
+        keys = list(parent._modules)
+        for i, key in enumerate(keys):
+            child = parent._modules[key]
+            if not isinstance(child, (stnn.SparseLinear, stnn.SparseConv2d)):
+                continue
+            if id(child) not in done:
+                if (_mode.resolve(child.mode) != "dense" or child._buffers.get("active") is not None
+                        or names[id(child)] in skip):
+                    continue
+                nxt = parent._modules[keys[i + 1]] if i + 1 < len(keys) else None
+                if child.activation is not None and not (isinstance(parent, nn.Sequential)
+                                                         and isinstance(nxt, stnn.FusedReLU)):
+                    continue
+                keep = child.mask()
+                dense = child.to_dense()
+                stnn.register_param(dense.weight, keep=lambda k=keep: k)
+                done[id(child)] = dense
+                keeps[names[id(child)]] = keep
+            if child.activation is not None:
+                parent._modules[keys[i + 1]] = nn.ReLU()
+            parent._modules[key] = done[id(child)]
+    return keeps
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
 
 
 # A ticket's index buffers: the level's mask.pt determines them (the level's model is
