@@ -155,10 +155,12 @@ def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(
     """The per-epoch checkpoint holds a ticket's values, not its index buffers (the level's
     mask.pt determines them); loading it into a model built from another mask fails."""
     run = R.IMPRun(_hp(reference_run[0]))
-    state = torch.load(run.dir / "level_01" / "checkpoint.pt", weights_only=False)["model"]
+    ckpt = torch.load(run.dir / "level_01" / "checkpoint.pt", weights_only=False)
+    state = ckpt["model"]
     assert "fc1.weight_values" in state
     assert not [k for k in state if k.rsplit(".", 1)[-1] in R._TICKET_INDEX_BUFFERS]
     mask = Mask(torch.load(run.dir / "level_01" / "mask.pt"))
+    assert ckpt["mask_digest"] == mask.digest()
     plan = run._imp_plan(1)
     model = run.build(plan)
     R._load_checkpoint_model(model, state)
@@ -167,6 +169,83 @@ def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(
     sparser = run.build(run._imp_plan(2))  # level 2's mask keeps fewer weights than level 1's values
     with pytest.raises(RuntimeError, match="'fc1'.*inconsistent ticket"):
         R._load_checkpoint_model(sparser, state)
+
+
+def _moved_one_weight(mask_path):
+    """Move one kept weight of fc1 to a pruned column of the same row: every count stays."""
+    m = torch.load(mask_path)
+    fc1 = m["fc1"].clone()
+    r = int((~fc1).any(1).nonzero()[0])
+    kept, pruned = int(fc1[r].nonzero()[0]), int((~fc1[r]).nonzero()[0])
+    fc1[r, kept], fc1[r, pruned] = False, True
+    m["fc1"] = fc1
+    torch.save(m, mask_path)
+
+
+def test_resume_refuses_a_mask_changed_under_its_checkpoint(tmp_path, monkeypatch):
+    """mask.pt changed after the level's first checkpoint, with every per-row count kept:
+    the values would load into other columns without complaint, so the checkpoint's mask
+    digest refuses the resume."""
+    real_save = R.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_01":
+            raise _Killed(path)
+
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        R.IMPRun(_hp(tmp_path)).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    run = R.IMPRun(_hp(tmp_path))
+    _moved_one_weight(run.dir / "level_01" / "mask.pt")
+    with pytest.raises(RuntimeError, match="checkpoint.pt was written for another mask"):
+        run.run()
+
+
+def test_level_refuses_a_recorded_mask_its_inputs_no_longer_give(tmp_path):
+    """A control level whose recorded mask.pt is not what the main run now gives fails
+    naming the file, instead of training one mask and reporting another."""
+    R.IMPRun(_hp(tmp_path, levels=1)).run()
+    ctl = R.IMPRun(_hp(tmp_path, levels=1, control="random_reinit"))
+    ctl.run()
+    (ctl.dir / "level_01" / "metrics.json").unlink()
+    _moved_one_weight(ctl.dir / "level_01" / "mask.pt")
+    with pytest.raises(RuntimeError, match="mask.pt is not the mask this level computes"):
+        ctl.run()
+
+
+def test_transfer_resumes_from_the_source_level_it_started_with(tmp_path, monkeypatch):
+    """--transfer-level -1 takes the source's latest finished level once: a transfer killed
+    while the source had one finished level, resumed after it finished another, ends as the
+    uninterrupted transfer from the first."""
+    src = R.IMPRun(_hp(tmp_path / "src"))
+    src.run()
+    later = src.dir / "level_02" / "metrics.json"
+    later.rename(later.with_suffix(".hidden"))   # the source as it was with level 1 finished
+    ref = R.IMPRun(_hp(tmp_path / "ref", transfer_from=str(src.dir), epochs=3)).run()
+    real_save = R.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt":
+            raise _Killed(path)
+
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        R.IMPRun(_hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3)).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    later.with_suffix(".hidden").rename(later)  # the source finishes level 2 meanwhile
+    cut = R.IMPRun(_hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3))
+    rows = cut.run()
+    assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
+    assert json.loads((cut.dir / "level_00" / "transfer.json").read_text())["source_level"] == "level_01"
+    a = R.IMPRun(_hp(tmp_path / "ref", transfer_from=str(src.dir), epochs=3)).dir
+    _same(_masks(a), _masks(cut.dir))
+    _same(_finals(a), _finals(cut.dir))
+    # a new transfer run from the same source now takes level 2
+    fresh = R.IMPRun(_hp(tmp_path / "new", transfer_from=str(src.dir), epochs=3)).run()
+    assert fresh[0]["remaining"] == pytest.approx(src.run()[2]["remaining"])
 
 
 def _no_plain(model, skip=()):

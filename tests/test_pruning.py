@@ -105,3 +105,19 @@ def test_hparams_cli_roundtrip_and_hash():
             from_args(p.parse_args(bad))
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         IMPHparams.from_dict({"train": {"lrr": 1}})
+
+
+def test_mask_digest_tells_masks_apart():
+    """Equal masks give equal digests (whatever the insertion order or source dtype); moving
+    one kept weight, renaming a layer or reshaping one changes it."""
+    g = torch.Generator().manual_seed(0)
+    a = {"fc1": torch.rand(30, 17, generator=g) > 0.5, "fc2": torch.rand(5, 30, generator=g) > 0.5}
+    m = Mask(a)
+    assert Mask({"fc2": a["fc2"].float(), "fc1": a["fc1"].clone()}).digest() == m.digest()
+    moved = a["fc1"].clone()
+    r = int((~moved).any(1).nonzero()[0])
+    moved[r, int(moved[r].nonzero()[0])], moved[r, int((~moved[r]).nonzero()[0])] = False, True
+    assert Mask({"fc1": moved, "fc2": a["fc2"]}).digest() != m.digest()
+    assert Mask({"fc0": a["fc1"], "fc2": a["fc2"]}).digest() != m.digest()
+    assert Mask({"fc1": a["fc1"].reshape(17, 30), "fc2": a["fc2"]}).digest() != m.digest()
+    assert Mask({}).digest() == Mask({}).digest() != m.digest()

@@ -5,7 +5,9 @@ Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
     hparams.json             what was asked (the hash covers everything but RUN_ONLY)
     rewind.pt                θ0 (and θk for late resetting): dense state dicts
     level_00/mask.pt         the level's keep masks (level 0: all ones)
-    level_00/checkpoint.pt   the last finished epoch: model, optimizer, NEq, step, timings
+    level_00/checkpoint.pt   the last finished epoch: model (index buffers left out), the
+                             mask's digest, optimizer, NEq, step, timings
+    level_00/transfer.json   transfers: the source level taken
     level_00/final.pt        trained dense-equivalent weights (the next level prunes these)
     level_00/ticket.safetensors  the compact ticket (sparse runs)
     level_00/metrics.json    written last: the level is done
@@ -295,10 +297,16 @@ class IMPRun:
         src_dir = Path(exp.transfer_from)
         if not (src_dir / "hparams.json").exists():
             raise FileNotFoundError(f"sparseticket: --transfer-from {src_dir}: not a run folder (no hparams.json)")
-        levels = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
-        if not levels:
-            raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: no finished level")
-        lname = levels[exp.transfer_level] if exp.transfer_level < 0 else f"level_{exp.transfer_level:02d}"
+        # the source level is chosen once and recorded: a resumed transfer (or one whose level
+        # is done) keeps it even if the source run has finished more levels since
+        record = self.dir / "level_00" / "transfer.json"
+        if record.exists():
+            lname = json.loads(record.read_text())["source_level"]
+        else:
+            levels = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
+            if not levels:
+                raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: no finished level")
+            lname = levels[exp.transfer_level] if exp.transfer_level < 0 else f"level_{exp.transfer_level:02d}"
         if not (src_dir / lname / "metrics.json").exists():
             raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: level {lname} is not finished")
         src_mask = Mask(load(src_dir / lname / "mask.pt"))
@@ -328,6 +336,8 @@ class IMPRun:
                 raise ValueError(f"sparseticket: transfer: layer '{n}' has shape {tuple(w.shape)} here but "
                                  f"{None if n not in src_mask else tuple(src_mask[n].shape)} in the source run")
         (self.dir / "level_00").mkdir(exist_ok=True)
+        if not record.exists():
+            atomic_json({"source": str(src_dir), "source_level": lname}, record)
         trainable = (lambda p: p.startswith(out_name + ".")) if exp.freeze_features else None
         return LevelPlan("level_00", 0, Mask(masks), start, 0, trainable=trainable)
 
@@ -386,11 +396,19 @@ class IMPRun:
         if plan.first_step > T:
             raise ValueError(f"sparseticket: rewind iteration {plan.first_step} is past the end of training ({T})")
 
+        digest = plan.mask.digest()
         if not (ldir / "mask.pt").exists():  # controls and transfers record what they trained too
             atomic_save(plan.mask.state_dict(), ldir / "mask.pt")
+        elif Mask(load(ldir / "mask.pt")).digest() != digest:
+            raise RuntimeError(f"sparseticket: {ldir / 'mask.pt'} is not the mask this level computes now from "
+                               f"its inputs (the previous level, the main run or the transfer source changed "
+                               f"since the level started); move {ldir} away to train the level again")
         model = self.build(plan)
         ckpt_path = ldir / "checkpoint.pt"
         state = load(ckpt_path) if ckpt_path.exists() else None
+        if state is not None and state.get("mask_digest", digest) != digest:  # (written before digests: unchecked)
+            raise RuntimeError(f"sparseticket: {ckpt_path} was written for another mask than {ldir / 'mask.pt'} "
+                               f"(was the mask file changed?); move {ldir} away to train the level again")
         tracker = self._neq_tracker(model, state) if plan.train else None
         if state is not None:
             _set_modes(model, state["modes"])
@@ -494,8 +512,8 @@ class IMPRun:
                          val_acc=val_acc, train_seconds=train_s, neq_seconds=neq_s, frozen=frozen,
                          flops=_sum_flops([_scale_flops(sampled, sizes)] + once), seconds=time.perf_counter() - t0)
             log.append(entry)
-            atomic_save(dict(model=_checkpoint_model(model), optimizer=opt.state_dict(), step=step, log=log,
-                             modes=modes, mode_evidence=evidence, setup_seconds=setup_s,
+            atomic_save(dict(model=_checkpoint_model(model), mask_digest=digest, optimizer=opt.state_dict(),
+                             step=step, log=log, modes=modes, mode_evidence=evidence, setup_seconds=setup_s,
                              neq=None if tracker is None else tracker.state_dict()), ckpt_path)
             log[-1]["seconds"] = time.perf_counter() - t0  # the checkpoint write is part of the run's cost
         bar.close()

@@ -80,6 +80,17 @@ class Mask(Mapping[str, Tensor]):
     def is_subset_of(self, other: "Mask") -> bool:
         return set(self) == set(other) and all(bool((self[n] & ~other[n]).sum() == 0) for n in self)
 
+    def digest(self) -> str:
+        """SHA-256 of the layer names, shapes and bits: equal digests, equal masks (for files
+        that must agree with a mask without holding it, e.g. the IMP runner's checkpoints)."""
+        import hashlib
+        h = hashlib.sha256()
+        for n in sorted(self._masks):
+            m = self._masks[n]
+            h.update(f"{n}:{tuple(m.shape)};".encode())
+            h.update(m.flatten().numpy().tobytes())
+        return h.hexdigest()
+
     def state_dict(self) -> Dict[str, Tensor]:
         return dict(self._masks)
 
