@@ -687,3 +687,64 @@ def test_ticket_layers_run_in_their_dtype_under_cpu_autocast(mode, frozen):
     for (n, p), q in zip(body.named_parameters(), ref_body.parameters()):
         assert p.grad.dtype == torch.float32, n
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_neq_layers_follow_autocasts_dtype_rules_with_frozen_neurons(kind):
+    """Autocast leaves float64 and integer tensors alone: a float64 NEq layer with frozen
+    neurons stays float64 under autocast (as nn.Linear / nn.Conv2d do, bit for bit), and an
+    operand of another dtype than the weights' raises as it does for the plain layer instead
+    of being cast to autocast's dtype."""
+    import sparseticket.nn as stnn
+
+    torch.manual_seed(0)
+    plain = nn.Linear(7, 6) if kind == "linear" else nn.Conv2d(3, 6, 3)
+    shape = (5, 7) if kind == "linear" else (2, 3, 6, 6)
+    active = torch.tensor([True, False, True, True, False, True])
+    for wdt, xdt in ((torch.float64, torch.float64), (torch.float32, torch.float64),
+                     (torch.float32, torch.int64), (torch.float64, torch.float32)):
+        ref = copy.deepcopy(plain).to(wdt)
+        neq = stnn.enable_neq(nn.Sequential(copy.deepcopy(ref)))[0]
+        neq.set_active(active)
+        x = torch.randn(shape).to(xdt) if xdt.is_floating_point else torch.randint(-3, 3, shape)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            try:
+                y_ref = ref(x)
+            except RuntimeError:
+                y_ref = None
+            if y_ref is None:
+                with pytest.raises((RuntimeError, ValueError)):
+                    neq(x)
+                continue
+            y = neq(x)
+        assert y.dtype == y_ref.dtype == torch.float64, (wdt, xdt)
+        assert torch.equal(y, y_ref), (wdt, xdt)
+    # the cases that must raise did (fp32 layer given fp64 or int64; fp64 layer given fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((RuntimeError, ValueError)):
+        copy.deepcopy(plain)(torch.randn(shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_ticket_layers_under_autocast_cast_up_reduced_precision_only(kind):
+    """Under autocast a ticket layer casts a bf16 / fp16 input up to its weights' dtype;
+    a float64 or integer input into float32 weights raises as it does without autocast."""
+    import sparseticket.nn as stnn
+
+    torch.manual_seed(0)
+    plain = nn.Linear(7, 6) if kind == "linear" else nn.Conv2d(3, 6, 3)
+    model = stnn.sparsify(nn.Sequential(plain), amount=0.5)
+    shape = (5, 7) if kind == "linear" else (2, 3, 6, 6)
+    x = torch.randn(shape)
+    want = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dt in (torch.bfloat16, torch.float16):
+            y = model(x.to(dt))
+            assert y.dtype == torch.float32
+            assert torch.equal(y, model[0].__class__.forward(model[0], x.to(dt).float()))
+        assert torch.equal(model(x), want)
+        for bad in (x.double(), x.long()):
+            with pytest.raises(ValueError, match="dtype"):
+                model(bad)
+    for bad in (x.double(), x.long()):  # the same without autocast
+        with pytest.raises(ValueError, match="dtype"):
+            model(bad)

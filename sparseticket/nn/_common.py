@@ -23,11 +23,23 @@ def autocast_device(x: Tensor) -> Optional[str]:
     """The device type whose autocast is on for ``x``, or None.
 
     sparseticket's kernels are fp32 / fp64, so under autocast a ticket layer runs as the
-    ops on autocast's fp32 list do: its input is cast to the weights' dtype and both of its
-    paths (sparse kernels, dense fallback) run at that precision with autocast off; the
-    output then has the weights' dtype whichever path ran."""
+    ops on autocast's fp32 list do: a reduced-precision input (bf16 / fp16) is cast up to
+    the weights' dtype and both of its paths (sparse kernels, dense fallback) run at that
+    precision with autocast off; the output then has the weights' dtype whichever path
+    ran. Any other input dtype must match the weights', as without autocast."""
     d = x.device.type
     return d if torch.is_autocast_enabled(d) else None
+
+
+REDUCED_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def autocast_operand(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` as autocast hands it to an op on its lower-precision list: floating tensors
+    other than float64 cast to ``dtype``, everything else (fp64, integers, None) as is."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def where(module: nn.Module, name: Optional[str] = None) -> str:

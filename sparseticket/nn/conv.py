@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from . import _mode
-from ._common import TicketModule, TicketToDense, autocast_device, where
+from ._common import REDUCED_FLOATS, TicketModule, TicketToDense, autocast_device, autocast_operand, where
 from .linear import DenseNEqBase, _init_neq, _random_mask, _weight_and_mask
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
@@ -208,9 +208,9 @@ class SparseConv2d(TicketModule):
 
     def forward(self, x: Tensor) -> Tensor:
         amp = autocast_device(x)
-        if amp is not None and x.is_floating_point():
+        if amp is not None:
             with torch.autocast(amp, enabled=False):
-                return self.forward(x.to(self.weight_values.dtype))
+                return self.forward(x.to(self.weight_values.dtype) if x.dtype in REDUCED_FLOATS else x)
         given = x
         unbatched = x.dim() == 3
         if unbatched:
@@ -547,10 +547,9 @@ def neq_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor
     if torch.is_autocast_enabled(device):
         # as autocast runs F.conv2d: the operands cast to its dtype outside the Function (so
         # the casts are autograd nodes and the parameters get gradients of their own dtype),
-        # the conv and its backward in that dtype
+        # the conv and its backward in that dtype (float64 and non-float operands as they are)
         dt = torch.get_autocast_dtype(device)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+        x, weight, bias = autocast_operand(x, dt), autocast_operand(weight, dt), autocast_operand(bias, dt)
         with torch.autocast(device, enabled=False):
             return _NEqConv2dFn.apply(x, weight, bias, active, *conf)
     return _NEqConv2dFn.apply(x, weight, bias, active, *conf)

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from .. import ops as _ops
 from . import _mode
-from ._common import NEqMixin, TicketModule, autocast_device, check_active, check_weight_dtype, where
+from ._common import (REDUCED_FLOATS, NEqMixin, TicketModule, autocast_device, autocast_operand, check_active,
+                      check_weight_dtype, where)
 from ._registry import register_module_params
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
@@ -114,9 +115,9 @@ class SparseLinear(TicketModule):
     def forward(self, x: Tensor) -> Tensor:
         values, bias = self._parameters["weight_values"], self._parameters["bias"]
         amp = autocast_device(x)
-        if amp is not None and x.is_floating_point():
+        if amp is not None:
             with torch.autocast(amp, enabled=False):
-                return self.forward(x.to(values.dtype))
+                return self.forward(x.to(values.dtype) if x.dtype in REDUCED_FLOATS else x)
         if x.shape[-1] != self.in_features or x.dtype != values.dtype:
             raise ValueError(f"sparseticket: {where(self)}: input has shape {tuple(x.shape)} and dtype {x.dtype}; "
                              f"expected [..., {self.in_features}] of {values.dtype}")
@@ -183,10 +184,11 @@ class DenseNEqLinear(DenseNEqBase, nn.Linear):
             # as autocast runs F.linear: the operands cast to its dtype outside the op (the
             # casts are autograd nodes, so the parameters get gradients of their own
             # dtype), the product and its backward in that dtype
+            # (float64 and non-float operands stay as they are, and must then match)
             dt = torch.get_autocast_dtype(amp)
-            w, b = self.weight.to(dt), None if self.bias is None else self.bias.to(dt)
             with torch.autocast(amp, enabled=False):
-                return self._neq_forward(x.to(dt), w, b, active)
+                return self._neq_forward(autocast_operand(x, dt), autocast_operand(self.weight, dt),
+                                         autocast_operand(self.bias, dt), active)
         return self._neq_forward(x, self.weight, self.bias, active)
 
     def _neq_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor) -> Tensor:
