@@ -121,3 +121,27 @@ def test_mask_digest_tells_masks_apart():
     assert Mask({"fc0": a["fc1"], "fc2": a["fc2"]}).digest() != m.digest()
     assert Mask({"fc1": a["fc1"].reshape(17, 30), "fc2": a["fc2"]}).digest() != m.digest()
     assert Mask({}).digest() == Mask({}).digest() != m.digest()
+
+
+def test_lowest_selection_equals_the_stable_sort():
+    """_drop_lowest's selection (kthvalue plus ties by position) picks exactly the first k
+    of a stable argsort: random scores, heavy ties, all equal, NaNs and -0.0, every k."""
+    from sparseticket.pruning.strategies import _lowest
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        kind = trial % 4
+        if kind == 0:
+            s = torch.rand(n, generator=g)
+        elif kind == 1:
+            s = torch.randint(0, 5, (n,), generator=g).float()
+        elif kind == 2:
+            s = torch.zeros(n)
+        else:
+            s = torch.randint(0, 3, (n,), generator=g).float()
+            s[torch.rand(n, generator=g) < 0.2] = float("nan")
+            s[0] = -0.0
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.argsort(s, stable=True)[:k]] = True
+        assert torch.equal(_lowest(s, k), want), (trial, k)
