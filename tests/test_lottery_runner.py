@@ -182,15 +182,16 @@ def _moved_one_weight(mask_path):
     torch.save(m, mask_path)
 
 
-def test_resume_refuses_a_mask_changed_under_its_checkpoint(tmp_path, monkeypatch):
-    """mask.pt changed after the level's first checkpoint, with every per-row count kept:
-    the values would load into other columns without complaint, so the checkpoint's mask
-    digest refuses the resume."""
+def test_resume_refuses_a_mask_or_checkpoint_that_do_not_belong(tmp_path, monkeypatch):
+    """Killed in level 2. mask.pt changed with every per-row count kept (the values would
+    load into other columns without complaint): the level's mask is pruned again and
+    compared, and the resume stops. A checkpoint.pt of another level (another mask) in the
+    level's folder: its mask digest stops the resume."""
     real_save = R.atomic_save
 
     def dying_save(obj, path):
         real_save(obj, path)
-        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_01":
+        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_02":
             raise _Killed(path)
 
     monkeypatch.setattr(R, "atomic_save", dying_save)
@@ -198,9 +199,16 @@ def test_resume_refuses_a_mask_changed_under_its_checkpoint(tmp_path, monkeypatc
         R.IMPRun(_hp(tmp_path)).run()
     monkeypatch.setattr(R, "atomic_save", real_save)
     run = R.IMPRun(_hp(tmp_path))
-    _moved_one_weight(run.dir / "level_01" / "mask.pt")
-    with pytest.raises(RuntimeError, match="checkpoint.pt was written for another mask"):
+    mask_path = run.dir / "level_02" / "mask.pt"
+    kept = mask_path.read_bytes()
+    _moved_one_weight(mask_path)
+    with pytest.raises(RuntimeError, match="level_02/mask.pt is not what pruning level_01's trained weights gives"):
         run.run()
+    mask_path.write_bytes(kept)
+    ckpt = run.dir / "level_02" / "checkpoint.pt"
+    ckpt.write_bytes((run.dir / "level_01" / "checkpoint.pt").read_bytes())
+    with pytest.raises(RuntimeError, match="checkpoint.pt was written for another mask"):
+        R.IMPRun(_hp(tmp_path)).run()
 
 
 def test_level_refuses_a_recorded_mask_its_inputs_no_longer_give(tmp_path):
@@ -246,6 +254,46 @@ def test_transfer_resumes_from_the_source_level_it_started_with(tmp_path, monkey
     # a new transfer run from the same source now takes level 2
     fresh = R.IMPRun(_hp(tmp_path / "new", transfer_from=str(src.dir), epochs=3)).run()
     assert fresh[0]["remaining"] == pytest.approx(src.run()[2]["remaining"])
+    # a transfer folder written before transfer.json existed: the source level is the one
+    # whose mask its level_00/mask.pt holds, not the source's latest
+    (cut.dir / "level_00" / "transfer.json").unlink()
+    (cut.dir / "level_00" / "metrics.json").unlink()
+    again = R.IMPRun(_hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3)).run()
+    assert [{k: r[k] for k in KEYS} for r in again] == [{k: r[k] for k in KEYS} for r in ref]
+    assert json.loads((cut.dir / "level_00" / "transfer.json").read_text())["source_level"] == "level_01"
+    # and one whose mask matches no finished source level says so
+    (cut.dir / "level_00" / "transfer.json").unlink()
+    (cut.dir / "level_00" / "metrics.json").unlink()
+    _moved_one_weight(cut.dir / "level_00" / "mask.pt")
+    with pytest.raises(RuntimeError, match="matches no finished level of the transfer source"):
+        R.IMPRun(_hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3)).run()
+    assert not (cut.dir / "level_00" / "transfer.json").exists()
+
+
+def test_resume_refuses_a_level_pruned_from_weights_that_changed(tmp_path, monkeypatch):
+    """Killed in level 2, then level 1's trained weights change (it was trained again):
+    level 2's recorded mask is no longer what pruning them gives, and the resume stops
+    naming the levels to move away instead of training level 2 on the stale mask."""
+    real_save = R.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_02":
+            raise _Killed(path)
+
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        R.IMPRun(_hp(tmp_path)).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    run = R.IMPRun(_hp(tmp_path))
+    final = run.dir / "level_01" / "final.pt"
+    sd = torch.load(final)
+    g = torch.Generator().manual_seed(1)
+    torch.save({k: v * torch.rand(v.shape, generator=g) if k.endswith("weight") else v for k, v in sd.items()}, final)
+    with pytest.raises(RuntimeError, match="level_02/mask.pt is not what pruning level_01's trained weights gives"):
+        run.run()
+    torch.save(sd, final)  # put back: the run resumes
+    assert [r["level"] for r in R.IMPRun(_hp(tmp_path)).run()] == [0, 1, 2]
 
 
 def _no_plain(model, skip=()):
@@ -381,6 +429,13 @@ def test_rewinding_variants_and_one_shot(tmp_path):
     with pytest.raises(RuntimeError, match="never reached"):
         run = R.IMPRun(_hp(tmp_path, rewind="iter:100000"))
         run.run()
+    # K = T, the last step: θK is level 0's trained weights, taken after its last batch
+    T = rows[0]["steps"]
+    last = R.IMPRun(_hp(tmp_path, rewind=f"iter:{T}", levels=1))
+    last.run()
+    _same(torch.load(last.dir / "rewind.pt")["iter"], torch.load(last.dir / "level_00" / "final.pt"))
+    with pytest.raises(ValueError, match="with --pretrained: level 0 is evaluated"):
+        R.IMPRun(_hp(tmp_path, rewind="iter:5", pretrained=str(tmp_path / "any.pt")))
     one = R.IMPRun(_hp(tmp_path, one_shot=True, levels=3)).run()
     assert [r["level"] for r in one] == [0, 1]
     assert one[1]["layer_remaining"]["fc3"] == pytest.approx(100 * 0.9 ** 3, abs=0.2)

@@ -176,7 +176,11 @@ class IMPHparams:
             if v is not None and not 0.0 <= v < 1.0:
                 raise ValueError(f"sparseticket: --{name.replace('_', '-')} must be in [0, 1), got {v}")
         layer_fractions(p.layer_fractions)
-        rewind_spec(p.rewind)
+        kind, k = rewind_spec(p.rewind)
+        if kind == "iter" and k > 0 and self.model.pretrained:
+            raise ValueError(f"sparseticket: --rewind {p.rewind} with --pretrained: level 0 is evaluated, not "
+                             f"trained, so it has no iteration {k} to rewind to (rewind to the pre-trained "
+                             f"weights with --rewind init)")
         milestones(t.milestones)
         if t.epochs < 1:
             raise ValueError(f"sparseticket: --epochs must be >= 1, got {t.epochs}")

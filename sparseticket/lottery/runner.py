@@ -246,14 +246,21 @@ class IMPRun:
         rewind = self._rewind()
         kind, k = rewind_spec(self.hp.prune.rewind)
         mask_path = ldir / "mask.pt"
-        if mask_path.exists():
-            mask = Mask(load(mask_path))
-        elif level == 0:
-            mask = Mask.ones_like(self.prunable(self.new_model(self.hp.model.init_seed)))
-            atomic_save(mask.state_dict(), mask_path)
+        prev = self.dir / f"level_{level - 1:02d}"
+        if level == 0:
+            mask = Mask(load(mask_path)) if mask_path.exists() else Mask.ones_like(
+                self.prunable(self.new_model(self.hp.model.init_seed)))
         else:
-            prev = self.dir / f"level_{level - 1:02d}"
+            # pruned again even when recorded (a few ms): a recorded mask that the previous
+            # level's weights no longer give (that level was trained again, or its files
+            # changed) would make this level and every later one train on a stale ticket
             mask = self._prune(load(prev / "final.pt"), Mask(load(prev / "mask.pt")), level)
+            if mask_path.exists() and Mask(load(mask_path)).digest() != mask.digest():
+                raise RuntimeError(f"sparseticket: {mask_path} is not what pruning {prev.name}'s trained weights "
+                                   f"gives now ({prev.name} was trained again or its files changed since "
+                                   f"{name} was pruned); move {name} and every later level away to continue "
+                                   f"from {prev.name}")
+        if not mask_path.exists():
             atomic_save(mask.state_dict(), mask_path)
         if level == 0:
             return LevelPlan(name, 0, mask, rewind["init"], 0, train=not self.hp.model.pretrained)
@@ -315,21 +322,33 @@ class IMPRun:
         src_dir = Path(exp.transfer_from)
         if not (src_dir / "hparams.json").exists():
             raise FileNotFoundError(f"sparseticket: --transfer-from {src_dir}: not a run folder (no hparams.json)")
+        target = self.new_model(self.hp.model.init_seed)
+        out_name = self.output_layer(target)
+        weights = self.prunable(target)
         # the source level is chosen once and recorded: a resumed transfer (or one whose level
         # is done) keeps it even if the source run has finished more levels since
-        record = self.dir / "level_00" / "transfer.json"
+        (self.dir / "level_00").mkdir(exist_ok=True)
+        record, recorded = self.dir / "level_00" / "transfer.json", self.dir / "level_00" / "mask.pt"
         if record.exists():
             lname = json.loads(record.read_text())["source_level"]
         else:
-            levels = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
-            if not levels:
+            finished = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
+            if not finished:
                 raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: no finished level")
-            lname = levels[exp.transfer_level] if exp.transfer_level < 0 else f"level_{exp.transfer_level:02d}"
+            lname = finished[exp.transfer_level] if exp.transfer_level < 0 else f"level_{exp.transfer_level:02d}"
+            if recorded.exists():
+                # a transfer started before the record existed: the source level it took is
+                # the one whose mask it recorded (the flags' choice first, if that matches)
+                want = Mask(load(recorded)).digest()
+                matches = [name for name in finished if _transfer_mask(
+                    Mask(load(src_dir / name / "mask.pt")), weights, out_name)[0].digest() == want]
+                if not matches:
+                    raise RuntimeError(f"sparseticket: {recorded} matches no finished level of the transfer source "
+                                       f"{src_dir}; move {recorded.parent} away to start the transfer again")
+                lname = lname if lname in matches else matches[-1]
         if not (src_dir / lname / "metrics.json").exists():
             raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: level {lname} is not finished")
-        src_mask = Mask(load(src_dir / lname / "mask.pt"))
-        target = self.new_model(self.hp.model.init_seed)
-        out_name = self.output_layer(target)
+        masks, new_head = _transfer_mask(Mask(load(src_dir / lname / "mask.pt")), weights, out_name)
         if exp.transfer_init == "source":
             source = load(src_dir / lname / "final.pt")
         elif exp.transfer_init == "init":
@@ -337,27 +356,17 @@ class IMPRun:
         else:
             source = target.state_dict()
         start = {k: v.clone() for k, v in target.state_dict().items()}
-        weights = self.prunable(target)
-        masks = {}
         for key, value in source.items():  # everything but a re-shaped head carries over
             if key in start and start[key].shape == value.shape:
                 start[key] = value.clone()
-        for n, w in weights.items():
-            if n in src_mask and tuple(src_mask[n].shape) == tuple(w.shape):
-                masks[n] = src_mask[n]
-            elif n == out_name:  # a new head (other number of classes): dense and freshly initialised
-                masks[n] = torch.ones(w.shape, dtype=torch.bool)
-                for key in (f"{n}.weight", f"{n}.bias"):
-                    if key in start:
-                        start[key] = target.state_dict()[key].clone()
-            else:
-                raise ValueError(f"sparseticket: transfer: layer '{n}' has shape {tuple(w.shape)} here but "
-                                 f"{None if n not in src_mask else tuple(src_mask[n].shape)} in the source run")
-        (self.dir / "level_00").mkdir(exist_ok=True)
+        if new_head:  # (another number of classes): freshly initialised
+            for key in (f"{out_name}.weight", f"{out_name}.bias"):
+                if key in start:
+                    start[key] = target.state_dict()[key].clone()
         if not record.exists():
             atomic_json({"source": str(src_dir), "source_level": lname}, record)
         trainable = (lambda p: p.startswith(out_name + ".")) if exp.freeze_features else None
-        return LevelPlan("level_00", 0, Mask(masks), start, 0, trainable=trainable)
+        return LevelPlan("level_00", 0, masks, start, 0, trainable=trainable)
 
     # ------------------------------------------------------------------ build a level's model
 
@@ -535,6 +544,8 @@ class IMPRun:
                              neq=None if tracker is None else tracker.state_dict()), ckpt_path)
             log[-1]["seconds"] = time.perf_counter() - t0  # the checkpoint write is part of the run's cost
         bar.close()
+        if capture_k and step == rewind_k:  # θK with K the last step: after the last batch
+            self._save_iter_rewind(model)
 
         t_eval = time.perf_counter()
         row = self._finish_level(plan, model, log, modes, setup_s, evidence, plain)
@@ -684,6 +695,22 @@ def _plain_dense_path(model: nn.Module, skip=()) -> Dict[str, Tensor]:
                 parent._modules[keys[i + 1]] = nn.ReLU()
             parent._modules[key] = done[id(child)]
     return keeps
+
+
+def _transfer_mask(src_mask: Mask, weights: Dict[str, Tensor], out_name: str) -> Tuple[Mask, bool]:
+    """The target's masks from a source run's: each layer's where the shapes agree, and a
+    dense one for a head of another shape; and whether there is such a new head."""
+    masks, new_head = {}, False
+    for n, w in weights.items():
+        if n in src_mask and tuple(src_mask[n].shape) == tuple(w.shape):
+            masks[n] = src_mask[n]
+        elif n == out_name:
+            masks[n] = torch.ones(w.shape, dtype=torch.bool)
+            new_head = True
+        else:
+            raise ValueError(f"sparseticket: transfer: layer '{n}' has shape {tuple(w.shape)} here but "
+                             f"{None if n not in src_mask else tuple(src_mask[n].shape)} in the source run")
+    return Mask(masks), new_head
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
