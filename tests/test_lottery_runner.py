@@ -202,8 +202,11 @@ def test_resume_refuses_a_mask_or_checkpoint_that_do_not_belong(tmp_path, monkey
     mask_path = run.dir / "level_02" / "mask.pt"
     kept = mask_path.read_bytes()
     _moved_one_weight(mask_path)
-    with pytest.raises(RuntimeError, match="level_02/mask.pt is not what pruning level_01's trained weights gives"):
+    with pytest.raises(RuntimeError, match="level_02/mask.pt is not the mask pruned for level_02"):
         run.run()
+    (run.dir / "level_02" / "pruned_from.json").unlink()  # a folder from before the record: pruned again
+    with pytest.raises(RuntimeError, match="level_02/mask.pt is not what pruning level_01's final.pt and mask.pt"):
+        R.IMPRun(_hp(tmp_path)).run()
     mask_path.write_bytes(kept)
     ckpt = run.dir / "level_02" / "checkpoint.pt"
     ckpt.write_bytes((run.dir / "level_01" / "checkpoint.pt").read_bytes())
@@ -290,7 +293,7 @@ def test_resume_refuses_a_level_pruned_from_weights_that_changed(tmp_path, monke
     sd = torch.load(final)
     g = torch.Generator().manual_seed(1)
     torch.save({k: v * torch.rand(v.shape, generator=g) if k.endswith("weight") else v for k, v in sd.items()}, final)
-    with pytest.raises(RuntimeError, match="level_02/mask.pt is not what pruning level_01's trained weights gives"):
+    with pytest.raises(RuntimeError, match="level_02 was pruned from other weights or masks of level_01"):
         run.run()
     torch.save(sd, final)  # put back: the run resumes
     assert [r["level"] for r in R.IMPRun(_hp(tmp_path)).run()] == [0, 1, 2]
@@ -573,3 +576,66 @@ def test_pin_modes_keeps_nearly_dense_layers_dense_without_measuring(monkeypatch
     assert model[0].mode == "dense" and "0" not in evidence
     assert model[2].mode in ("sparse", "dense") and "2" in evidence and len(measured) == 1
     assert model[4].mode == "sparse"
+
+
+def test_stale_inputs_are_refused_whatever_the_mask_says(tmp_path, monkeypatch):
+    """Random pruning ignores the weights, so a changed level_01/final.pt gives the same
+    level-2 mask; with lr rewinding level 2 starts from that file all the same, and the
+    resume is refused on its recorded digest."""
+    real_save = R.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_02":
+            raise _Killed(path)
+
+    cfg = dict(strategy="random", rewind="lr")
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        R.IMPRun(_hp(tmp_path, **cfg)).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    run = R.IMPRun(_hp(tmp_path, **cfg))
+    final = run.dir / "level_01" / "final.pt"
+    sd = torch.load(final)
+    torch.save({k: v * 0.5 for k, v in sd.items()}, final)
+    with pytest.raises(RuntimeError, match="level_02 was pruned from other weights or masks of level_01"):
+        run.run()
+
+
+def test_late_resetting_after_level_0_is_trained_again(tmp_path):
+    """--rewind iter:K: a level 0 trained anew (its folder moved away) writes its own θK;
+    and a folder from before θT was captured (iter:T, no 'iter' in rewind.pt) rewinds
+    level 1 to level 0's final weights, which θT is."""
+    run = R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1))
+    run.run()
+    path = run.dir / "rewind.pt"
+    state = torch.load(path)
+    fresh = {k: v.clone() for k, v in state["iter"].items()}
+    state["iter"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["iter"].items()}  # a stale θK
+    torch.save(state, path)
+    for name in ("level_00", "level_01"):
+        (run.dir / name).rename(tmp_path / f"old_{name}")
+    R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1)).run()
+    _same(torch.load(path)["iter"], fresh)
+
+    T = json.loads((tmp_path / "old_level_00" / "metrics.json").read_text())["steps"]
+    last = R.IMPRun(_hp(tmp_path / "T", rewind=f"iter:{T}", levels=1))
+    ref = last.run()
+    state = torch.load(last.dir / "rewind.pt")
+    del state["iter"]
+    torch.save(state, last.dir / "rewind.pt")
+    (last.dir / "level_01").rename(tmp_path / "T_level_01")
+    rows = R.IMPRun(_hp(tmp_path / "T", rewind=f"iter:{T}", levels=1)).run()
+    assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
+
+
+def test_cli_usage_errors_and_transfer_level_out_of_range(tmp_path, capsys):
+    from sparseticket.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["imp", "--pretrained", str(tmp_path / "x.pt"), "--rewind", "iter:5", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "sparseticket imp: error: --rewind iter:5 with --pretrained" in capsys.readouterr().err
+    src = R.IMPRun(_hp(tmp_path / "src", levels=1))
+    src.run()
+    with pytest.raises(RuntimeError, match="--transfer-level -5: the source .* has 2 finished level"):
+        R.IMPRun(_hp(tmp_path / "t", transfer_from=str(src.dir), transfer_level=-5)).run()

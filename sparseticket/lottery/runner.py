@@ -7,6 +7,7 @@ Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
     level_00/mask.pt         the level's keep masks (level 0: all ones)
     level_00/checkpoint.pt   the last finished epoch: model (index buffers left out), the
                              mask's digest, optimizer, NEq, step, timings
+    level_01/pruned_from.json  digests of the previous level's final.pt / mask.pt and of this mask
     level_00/transfer.json   transfers: the source level taken
     level_00/final.pt        trained dense-equivalent weights (the next level prunes these)
     level_00/ticket.safetensors  the compact ticket (sparse runs)
@@ -248,31 +249,58 @@ class IMPRun:
         mask_path = ldir / "mask.pt"
         prev = self.dir / f"level_{level - 1:02d}"
         if level == 0:
-            mask = Mask(load(mask_path)) if mask_path.exists() else Mask.ones_like(
-                self.prunable(self.new_model(self.hp.model.init_seed)))
+            if mask_path.exists():
+                mask = Mask(load(mask_path))
+            else:
+                mask = Mask.ones_like(self.prunable(self.new_model(self.hp.model.init_seed)))
+                atomic_save(mask.state_dict(), mask_path)
         else:
-            # pruned again even when recorded (a few ms): a recorded mask that the previous
-            # level's weights no longer give (that level was trained again, or its files
-            # changed) would make this level and every later one train on a stale ticket
-            mask = self._prune(load(prev / "final.pt"), Mask(load(prev / "mask.pt")), level)
-            if mask_path.exists() and Mask(load(mask_path)).digest() != mask.digest():
-                raise RuntimeError(f"sparseticket: {mask_path} is not what pruning {prev.name}'s trained weights "
-                                   f"gives now ({prev.name} was trained again or its files changed since "
-                                   f"{name} was pruned); move {name} and every later level away to continue "
-                                   f"from {prev.name}")
-        if not mask_path.exists():
-            atomic_save(mask.state_dict(), mask_path)
+            # A level is pruned from the previous level's final.pt and mask.pt, and with lr
+            # rewinding starts from that final.pt: if they change afterwards (that level was
+            # trained again, a file was replaced), this level and every later one would go on
+            # from stale inputs. pruned_from.json holds their digests, checked on every
+            # resume; a folder from before it is pruned again and compared instead.
+            record = ldir / "pruned_from.json"
+            trained, current = load(prev / "final.pt"), Mask(load(prev / "mask.pt"))
+            inputs = {"final": _state_digest(trained), "mask": current.digest()}
+            if mask_path.exists() and record.exists():
+                recorded = json.loads(record.read_text())
+                if {k: recorded.get(k) for k in inputs} != inputs:
+                    raise RuntimeError(self._stale(name, prev.name))
+                mask = Mask(load(mask_path))
+                if mask.digest() != recorded.get("pruned"):
+                    raise RuntimeError(f"sparseticket: {mask_path} is not the mask pruned for {name} (the file "
+                                       f"changed since); move {name} and every later level away to prune it again")
+            else:
+                mask = self._prune(trained, current, level)
+                if mask_path.exists() and Mask(load(mask_path)).digest() != mask.digest():
+                    raise RuntimeError(f"sparseticket: {mask_path} is not what pruning {prev.name}'s final.pt and "
+                                       f"mask.pt gives now (a file changed since {name} was pruned, or {prev.name} "
+                                       f"was trained again); move {name} and every later level away to continue "
+                                       f"from {prev.name}")
+                if not mask_path.exists():
+                    atomic_save(mask.state_dict(), mask_path)
+                atomic_json({**inputs, "pruned": mask.digest()}, record)
         if level == 0:
             return LevelPlan(name, 0, mask, rewind["init"], 0, train=not self.hp.model.pretrained)
         if kind == "lr":
             start = load(self.dir / f"level_{level - 1:02d}" / "final.pt")
         elif kind == "iter" and k > 0:
-            if "iter" not in rewind:
+            done0 = self.dir / "level_00" / "metrics.json"
+            if "iter" in rewind:
+                start = rewind["iter"]
+            elif done0.exists() and json.loads(done0.read_text())["steps"] == k:
+                start = load(self.dir / "level_00" / "final.pt")  # θT (a run from before it was captured)
+            else:
                 raise RuntimeError(f"sparseticket: rewinding to iteration {k}, but level 0 never reached it")
-            start = rewind["iter"]
         else:
             start = rewind["init"]
         return LevelPlan(name, level, mask, start, k if kind == "iter" else 0)
+
+    def _stale(self, name: str, prev: str) -> str:
+        return (f"sparseticket: {self.dir / name} was pruned from other weights or masks of {prev} than it "
+                f"holds now ({prev} was trained again or its final.pt / mask.pt changed since {name} was "
+                f"pruned); move {name} and every later level away to continue from {prev}")
 
     def _prune(self, trained: Dict[str, Tensor], current: Mask, level: int) -> Mask:
         p = self.hp.prune
@@ -335,6 +363,9 @@ class IMPRun:
             finished = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
             if not finished:
                 raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: no finished level")
+            if exp.transfer_level < -len(finished):
+                raise RuntimeError(f"sparseticket: --transfer-level {exp.transfer_level}: the source {src_dir} has "
+                                   f"{len(finished)} finished level(s)")
             lname = finished[exp.transfer_level] if exp.transfer_level < 0 else f"level_{exp.transfer_level:02d}"
             if recorded.exists():
                 # a transfer started before the record existed: the source level it took is
@@ -583,11 +614,12 @@ class IMPRun:
         return {n: (mode, evidence.get(n)) for n, mode in m.get("modes", {}).items()}
 
     def _save_iter_rewind(self, model: nn.Module) -> None:
+        """θK into rewind.pt whenever level 0 trains through step K: a resumed level 0 writes
+        the same weights again, a level 0 trained anew (its folder moved away) its own."""
         path = self.dir / "rewind.pt"
         state = load(path)
-        if "iter" not in state:
-            state["iter"] = _dense_state(model)
-            atomic_save(state, path)
+        state["iter"] = _dense_state(model)
+        atomic_save(state, path)
         self._rewind_state = state
 
     def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float,
@@ -695,6 +727,18 @@ def _plain_dense_path(model: nn.Module, skip=()) -> Dict[str, Tensor]:
                 parent._modules[keys[i + 1]] = nn.ReLU()
             parent._modules[key] = done[id(child)]
     return keeps
+
+
+def _state_digest(sd: Dict[str, Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values (not of its file: torch.save
+    writes a fresh serialization id each time, so equal weights saved twice differ in bytes)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _transfer_mask(src_mask: Mask, weights: Dict[str, Tensor], out_name: str) -> Tuple[Mask, bool]:
