@@ -613,6 +613,8 @@ def test_late_resetting_after_level_0_is_trained_again(tmp_path):
     fresh = {k: v.clone() for k, v in state["iter"].items()}
     state["iter"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["iter"].items()}  # a stale θK
     torch.save(state, path)
+    with pytest.raises(RuntimeError, match="rewind.pt holds another θ5 than the one level_00 wrote"):
+        R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1)).run()
     for name in ("level_00", "level_01"):
         (run.dir / name).rename(tmp_path / f"old_{name}")
     R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1)).run()

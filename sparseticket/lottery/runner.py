@@ -9,6 +9,7 @@ Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
                              mask's digest, optimizer, NEq, step, timings
     level_01/pruned_from.json  digests of the previous level's final.pt / mask.pt and of this mask
     level_00/transfer.json   transfers: the source level taken
+    level_00/theta_k.json    --rewind iter:K: the digest of the θK this level 0 wrote
     level_00/final.pt        trained dense-equivalent weights (the next level prunes these)
     level_00/ticket.safetensors  the compact ticket (sparse runs)
     level_00/metrics.json    written last: the level is done
@@ -289,6 +290,11 @@ class IMPRun:
             done0 = self.dir / "level_00" / "metrics.json"
             if "iter" in rewind:
                 start = rewind["iter"]
+                own = self.dir / "level_00" / "theta_k.json"  # (absent in folders from before it)
+                if own.exists() and json.loads(own.read_text())["iter_digest"] != _state_digest(start):
+                    raise RuntimeError(f"sparseticket: {self.dir / 'rewind.pt'} holds another θ{k} than the one "
+                                       f"level_00 wrote (a level 0 trained since in a folder moved away wrote "
+                                       f"it); move level_00 and every later level away to train them again")
             elif done0.exists() and json.loads(done0.read_text())["steps"] == k:
                 start = load(self.dir / "level_00" / "final.pt")  # θT (a run from before it was captured)
             else:
@@ -621,6 +627,9 @@ class IMPRun:
         state["iter"] = _dense_state(model)
         atomic_save(state, path)
         self._rewind_state = state
+        # which θK this level 0 wrote: the levels after it check rewind.pt against it, so a
+        # level 0 trained anew and then thrown away (its θK left in rewind.pt) is caught
+        atomic_json({"iter_digest": _state_digest(state["iter"])}, self.dir / "level_00" / "theta_k.json")
 
     def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float,
                       evidence: dict, plain: Optional[Dict[str, Tensor]] = None) -> dict:
