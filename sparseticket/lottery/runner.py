@@ -267,7 +267,10 @@ class IMPRun:
             if mask_path.exists() and record.exists():
                 recorded = json.loads(record.read_text())
                 if {k: recorded.get(k) for k in inputs} != inputs:
-                    raise RuntimeError(self._stale(name, prev.name))
+                    raise RuntimeError(f"sparseticket: {ldir} was pruned from other weights or masks of {prev.name} "
+                                       f"than it holds now ({prev.name} was trained again or its final.pt / mask.pt "
+                                       f"changed since {name} was pruned); move {name} and every later level away "
+                                       f"to continue from {prev.name}")
                 mask = Mask(load(mask_path))
                 if mask.digest() != recorded.get("pruned"):
                     raise RuntimeError(f"sparseticket: {mask_path} is not the mask pruned for {name} (the file "
@@ -285,7 +288,7 @@ class IMPRun:
         if level == 0:
             return LevelPlan(name, 0, mask, rewind["init"], 0, train=not self.hp.model.pretrained)
         if kind == "lr":
-            start = load(self.dir / f"level_{level - 1:02d}" / "final.pt")
+            start = trained  # the previous level's final.pt, read above
         elif kind == "iter" and k > 0:
             done0 = self.dir / "level_00" / "metrics.json"
             if "iter" in rewind:
@@ -302,11 +305,6 @@ class IMPRun:
         else:
             start = rewind["init"]
         return LevelPlan(name, level, mask, start, k if kind == "iter" else 0)
-
-    def _stale(self, name: str, prev: str) -> str:
-        return (f"sparseticket: {self.dir / name} was pruned from other weights or masks of {prev} than it "
-                f"holds now ({prev} was trained again or its final.pt / mask.pt changed since {name} was "
-                f"pruned); move {name} and every later level away to continue from {prev}")
 
     def _prune(self, trained: Dict[str, Tensor], current: Mask, level: int) -> Mask:
         p = self.hp.prune
