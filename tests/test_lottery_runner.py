@@ -171,6 +171,22 @@ def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(
         R._load_checkpoint_model(sparser, state)
 
 
+def _killed_at_first_checkpoint(monkeypatch, hp, level=None):
+    """Run ``hp`` until its first checkpoint.pt (in ``level``'s folder, if given) is written,
+    as a kill there would leave it."""
+    real_save = R.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt" and level in (None, Path(path).parent.name):
+            raise _Killed(path)
+
+    monkeypatch.setattr(R, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        R.IMPRun(hp).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+
+
 def _moved_one_weight(mask_path):
     """Move one kept weight of fc1 to a pruned column of the same row: every count stays."""
     m = torch.load(mask_path)
@@ -187,17 +203,7 @@ def test_resume_refuses_a_mask_or_checkpoint_that_do_not_belong(tmp_path, monkey
     load into other columns without complaint): the level's mask is pruned again and
     compared, and the resume stops. A checkpoint.pt of another level (another mask) in the
     level's folder: its mask digest stops the resume."""
-    real_save = R.atomic_save
-
-    def dying_save(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_02":
-            raise _Killed(path)
-
-    monkeypatch.setattr(R, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        R.IMPRun(_hp(tmp_path)).run()
-    monkeypatch.setattr(R, "atomic_save", real_save)
+    _killed_at_first_checkpoint(monkeypatch, _hp(tmp_path), "level_02")
     run = R.IMPRun(_hp(tmp_path))
     mask_path = run.dir / "level_02" / "mask.pt"
     kept = mask_path.read_bytes()
@@ -235,17 +241,7 @@ def test_transfer_resumes_from_the_source_level_it_started_with(tmp_path, monkey
     later = src.dir / "level_02" / "metrics.json"
     later.rename(later.with_suffix(".hidden"))   # the source as it was with level 1 finished
     ref = R.IMPRun(_hp(tmp_path / "ref", transfer_from=str(src.dir), epochs=3)).run()
-    real_save = R.atomic_save
-
-    def dying_save(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "checkpoint.pt":
-            raise _Killed(path)
-
-    monkeypatch.setattr(R, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        R.IMPRun(_hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3)).run()
-    monkeypatch.setattr(R, "atomic_save", real_save)
+    _killed_at_first_checkpoint(monkeypatch, _hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3))
     later.with_suffix(".hidden").rename(later)  # the source finishes level 2 meanwhile
     cut = R.IMPRun(_hp(tmp_path / "cut", transfer_from=str(src.dir), epochs=3))
     rows = cut.run()
@@ -277,17 +273,7 @@ def test_resume_refuses_a_level_pruned_from_weights_that_changed(tmp_path, monke
     """Killed in level 2, then level 1's trained weights change (it was trained again):
     level 2's recorded mask is no longer what pruning them gives, and the resume stops
     naming the levels to move away instead of training level 2 on the stale mask."""
-    real_save = R.atomic_save
-
-    def dying_save(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_02":
-            raise _Killed(path)
-
-    monkeypatch.setattr(R, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        R.IMPRun(_hp(tmp_path)).run()
-    monkeypatch.setattr(R, "atomic_save", real_save)
+    _killed_at_first_checkpoint(monkeypatch, _hp(tmp_path), "level_02")
     run = R.IMPRun(_hp(tmp_path))
     final = run.dir / "level_01" / "final.pt"
     sd = torch.load(final)
@@ -582,18 +568,8 @@ def test_stale_inputs_are_refused_whatever_the_mask_says(tmp_path, monkeypatch):
     """Random pruning ignores the weights, so a changed level_01/final.pt gives the same
     level-2 mask; with lr rewinding level 2 starts from that file all the same, and the
     resume is refused on its recorded digest."""
-    real_save = R.atomic_save
-
-    def dying_save(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "checkpoint.pt" and Path(path).parent.name == "level_02":
-            raise _Killed(path)
-
     cfg = dict(strategy="random", rewind="lr")
-    monkeypatch.setattr(R, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        R.IMPRun(_hp(tmp_path, **cfg)).run()
-    monkeypatch.setattr(R, "atomic_save", real_save)
+    _killed_at_first_checkpoint(monkeypatch, _hp(tmp_path, **cfg), "level_02")
     run = R.IMPRun(_hp(tmp_path, **cfg))
     final = run.dir / "level_01" / "final.pt"
     sd = torch.load(final)
