@@ -25,7 +25,11 @@ What is counted (a multiply-add is 2 FLOPs, as in ``torch.utils.flop_counter``):
                                             input channels computed under
                                             ``neq.cut_frozen_outputs``
   grad_weight               2·R·O·K         sparse path: 2·R·nnz over active rows
-                                            (SDDMM); dense path: 2·R·K·active rows
+                                            (SDDMM), or 2·R·K·(active rows keeping
+                                            a weight) when a dense Linear ticket's
+                                            CPU gradient runs by dense tiles
+                                            (ops_cpu.cpp, use_sddmm_tiles); dense
+                                            path: 2·R·K·active rows
   ========================  ==============  =========================================
 
   Bias additions and bias gradients are not counted (as in torch's counter). The
@@ -123,6 +127,35 @@ _ROWS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _ELEM_CACHE = WeakIdKeyDictionary()
 
 
+# module -> (active or None, its version, structure token, active rows that keep a weight)
+_TILE_ROWS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _kept_grad_by_tiles(x: Tensor, nnz: int, R: int, O: int, K: int) -> bool:
+    """Whether the compiled CPU kept-weight gradient runs by dense tiles for this call
+    (ops_cpu.cpp, use_sddmm_tiles): it then computes every column of each active row that
+    keeps a weight, not the kept entries alone."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    from .ops import _C
+    return _C is not None and bool(_C.sddmm_uses_tiles(nnz, R, O, K))
+
+
+def _tile_rows(module: nn.Module, active: Optional[Tensor], crow: Tensor) -> int:
+    """Active rows that keep at least one weight: the rows the dense-tile gradient computes."""
+    token = module.__dict__.get("_st_token")
+    version = active._version if active is not None else None
+    hit = _TILE_ROWS_CACHE.get(module)
+    if hit is not None and hit[0] is active and hit[1] == version and hit[2] is token:
+        return hit[3]
+    rows = crow[1:] > crow[:-1]
+    if active is not None:
+        rows = rows & active.to(torch.bool)
+    n = int(rows.sum())
+    _TILE_ROWS_CACHE[module] = (active, version, token, n)
+    return n
+
+
 def _active_rows(module: nn.Module, active: Tensor, crow: Optional[Tensor]) -> Tuple[int, int]:
     """(active rows, kept weights in active rows) of a layer; one reduction per mask change."""
     token = module.__dict__.get("_st_token")
@@ -213,7 +246,14 @@ def _record_call(c: "FlopCounter", name: str, kind: str, module: nn.Module, args
     cut = module.__dict__.get("last_input_cut")  # a consumer under neq.cut_frozen_outputs: channels computed
     if cut is not None:
         exec_gx = int(round(exec_gx * cut))
-    exec_gw = (2 * R * nnz_active if sparse else 2 * R * K * n_active) if w_grad else 0
+    if not w_grad:
+        exec_gw = 0
+    elif not sparse:
+        exec_gw = 2 * R * K * n_active
+    elif kind == "linear" and _kept_grad_by_tiles(x, nnz, R, O, K):
+        exec_gw = 2 * R * K * _tile_rows(module, active, module._buffers["crow"])
+    else:
+        exec_gw = 2 * R * nnz_active
     # the dense model trains this weight if it requires grad, or if NEq froze the whole layer
     # (freeze_prefix turns requires_grad off for those)
     dense_gw = dense if (w_grad or (active is not None and n_active == 0)) else 0

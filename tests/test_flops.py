@@ -101,6 +101,39 @@ def test_layer_counts_follow_the_dispatched_path(net, mode, gen):
     assert fc.steps == 1
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_dense_tile_weight_gradient_counted_as_computed(frozen, gen):
+    """A SparseLinear dense enough for the dense-tile kept-weight gradient (ops_cpu.cpp,
+    use_sddmm_tiles) computes every column of each active row that keeps a weight; a sparse
+    one only its kept entries. The counter follows the kernel, not the mask."""
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20))
+    x = torch.randn(B, 40, generator=gen)
+    masks = {}
+    for name, density in (("0", 0.6), ("2", 0.1)):
+        m = torch.rand(model.get_submodule(name).weight.shape, generator=gen) < density
+        m[3] = False  # a row with no kept weight: the tiles skip it
+        masks[name] = m
+    stnn.sparsify(model, masks=masks, mode="sparse")
+    if frozen:
+        for name in ("0", "2"):
+            active = torch.ones(model[int(name)].out_features, dtype=torch.bool)
+            active[::3] = False
+            model[int(name)].set_active(active)
+    opt = MaskedSGD(model.parameters(), lr=0.1)
+    with FlopCounter(model) as fc:
+        _step(model, opt, x, gen)
+    tiles = [bool(_C.sddmm_uses_tiles(model[i].nnz, B, model[i].out_features, model[i].in_features)) for i in (0, 2)]
+    assert tiles == [True, False]
+    fc1, fc2 = model[0], model[2]
+    keeps = (fc1.crow[1:] > fc1.crow[:-1]) & (fc1.active if fc1.active is not None else True)
+    assert _fig(fc, "0", "grad_weight")[0] == 2 * B * 40 * int(keeps.sum())
+    assert _fig(fc, "2", "grad_weight")[0] == 2 * B * _nnz_active(fc2)
+
+
 def _dense_models(gen):
     # no groups here: torch's counter charges a grouped conv's weight gradient as if
     # groups were 1 (2x for groups=2); test_layer_counts_follow_the_dispatched_path covers groups
@@ -218,7 +251,9 @@ def test_output_written_in_place_still_records_backward(gen):
     in-place ReLU on such a view replaces its node, so the record hangs on the base's node."""
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     stnn.sparsify(conv, amount=0.5, mode="sparse")
-    seq = stnn.sparsify(nn.Sequential(nn.Linear(6, 7), nn.ReLU(inplace=True), nn.Linear(7, 2)), amount=0.5,
+    # 60% pruned: below the density of the dense-tile weight gradient, whose count differs
+    # from the forward's (test_dense_tile_weight_gradient_counted_as_computed)
+    seq = stnn.sparsify(nn.Sequential(nn.Linear(6, 7), nn.ReLU(inplace=True), nn.Linear(7, 2)), amount=0.6,
                         mode="sparse")
     for model, x in ((conv, torch.randn(2, 3, 8, 8, generator=gen)), (seq, torch.randn(2, 3, 6, generator=gen))):
         with FlopCounter(model) as fc:

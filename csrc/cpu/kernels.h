@@ -46,6 +46,10 @@ struct SddmmArgs {
   int64_t k_block;    // visit entries in blocks of this many X rows (0: no blocking)
   int64_t row_block;  // rows that visit the blocks together (0: all rows of the call)
   void* out;          // [nnz]
+  // sddmm_tile only: x row-major [B][ldx] (not packed), the batch size, and [ld] zeros
+  // that the padding rows of a partial tile read
+  int64_t B, ldx;
+  const void* zero_row;
 };
 
 // One fused masked SGD step over elements [begin, end) of one parameter (see
@@ -116,6 +120,10 @@ using SpmmFn = void (*)(const SpmmArgs&, int64_t r_begin, int64_t r_end);
 using RowGemmFn = void (*)(const RowGemmArgs&, int64_t block_begin, int64_t block_end);
 using BitmapFn = void (*)(const BitmapArgs&, int64_t r_begin, int64_t r_end);
 using SddmmFn = void (*)(const SddmmArgs&, int64_t r_begin, int64_t r_end);
+// sddmm_tile: the same gradient by dense tiles. Each active row's whole row of gyᵀ x is
+// computed with the row-subset tile (rowgemm_tile) into scratch and its kept entries are
+// gathered from it, so the cost is that of the dense gradient of the active rows whatever
+// the density; above a density it beats the per-entry kernel (ops_cpu.cpp, sddmm_tiles).
 using SgdFn = void (*)(const SgdArgs&, int64_t begin, int64_t end);
 using AdamWFn = void (*)(const AdamWArgs&, int64_t begin, int64_t end);
 // dst[k * pw + lane] = X[lane * sb + k * sk] (lane < nb; 0 up to pw) for k in [k0, k1)
@@ -143,6 +151,8 @@ struct KernelTable {
   SpmmFn spmm_f64[kPanelChoices];
   SddmmFn sddmm_f32;
   SddmmFn sddmm_f64;
+  SddmmFn sddmm_tile_f32;
+  SddmmFn sddmm_tile_f64;
   SgdFn sgd_f32;
   SgdFn sgd_f64;
   AdamWFn adamw_f32;

@@ -553,12 +553,57 @@ struct ShardedGx {
 Tensor sharded_grads(const Tensor& gy, const Tensor& x, const BatchShards& sh, const KeptRows& k,
                      const ShardedGx* gx);
 
+// Whether the kept-weight gradient goes by dense tiles (kernels.h, sddmm_tile): their cost
+// is that of the dense gradient of the active rows, the per-entry kernel's grows with the
+// kept entries, so the choice is a density threshold. Measured crossovers (2 threads,
+// in-process, tile vs per-entry us): 60x784x300 ~33% (at 51%: 133 vs 158, at 80%: 145 vs
+// 224), 60x300x100 ~30% (at 80%: 29 vs 50), 64x6272x256 ~41%, 64x256x256 ~45% (at 41%: 53
+// vs 49), 256x1024x1024 ~55% (at 80%: 2222 vs 2770; a batch over 64 no longer keeps a
+// tile's block of x in L1). Hence 45% up to a batch of 64, 65% above.
+// SPARSETICKET_SDDMM_TILE_DENSITY (in percent) overrides both: 0 always tiles, above 100 never.
+bool use_sddmm_tiles(int64_t nnz, int64_t B, int64_t O, int64_t I) {
+  static const int64_t forced = [] {
+    const char* e = std::getenv("SPARSETICKET_SDDMM_TILE_DENSITY");
+    return e && *e ? static_cast<int64_t>(std::atoll(e)) : int64_t(-1);
+  }();
+  const int64_t percent = forced >= 0 ? forced : B <= 64 ? 45 : 65;
+  return nnz > 0 && 100 * nnz >= percent * O * I;
+}
+
+// The kept-weight gradient by dense tiles from gy packed as one panel (A: [1, O, ld]) and
+// x as it is; threads split the rows evenly (the cost is per row, not per entry).
+Tensor sddmm_tiles(const Tensor& A, const Tensor& x_, int64_t B, const KeptRows& k) {
+  const Tensor x = x_.stride(1) == 1 ? x_ : x_.contiguous();
+  const int64_t nnz = k.col.numel(), O = k.crow.numel() - 1, ld = A.size(2);
+  Tensor out = at::empty({nnz}, A.options());
+  const Tensor zero = at::zeros({ld}, A.options());
+  SddmmArgs s{};
+  s.ptr = k.crow.data_ptr<int32_t>();
+  s.idx = k.col.data_ptr<int32_t>();
+  s.active = k.active ? reinterpret_cast<const uint8_t*>(k.active->data_ptr<bool>()) : nullptr;
+  s.a = A.data_ptr();
+  s.x = x.data_ptr();
+  s.ld = ld;
+  s.K = x.size(1);
+  s.B = B;
+  s.ldx = x.stride(0);
+  s.zero_row = zero.data_ptr();
+  s.out = out.data_ptr();
+  const SddmmFn fn = A.scalar_type() == at::kFloat ? kernel_table().sddmm_tile_f32 : kernel_table().sddmm_tile_f64;
+  const int64_t T = at::get_num_threads();
+  parallel_for_work(0, T, 1, O * s.K * B, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(s, O * t / T, O * (t + 1) / T);
+  });
+  return out;
+}
+
 Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow, const Tensor& col,
                  const c10::optional<Tensor>& active) {
   const KeptRows k = checked_sddmm_args(gy, x, crow, col, active);
   const int64_t nnz = k.col.numel(), B = gy.size(0);
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
   const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
+  if (use_sddmm_tiles(nnz, B, gy.size(1), x.size(1))) return sddmm_tiles(pack(gy, ld, nnz * B), x, B, k);
   const BatchShards sh = batch_shards(B, panel_choice(B, gy.size(1), lanes, gy.element_size()) * lanes, nnz * B,
                                       nnz * (4 + gy.element_size()));
   if (sh.on()) return sharded_grads(gy, x, sh, k, nullptr);
@@ -872,8 +917,10 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
   const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
   Tensor panels, A;  // gy packed for spmm_t (panels of nv vectors) and for sddmm (one panel of ld)
   const int nv = panel_choice(B, O, lanes, gy.element_size());
-  const BatchShards sh = nnz > 0 && (!input_grad || I > 0) ? batch_shards(B, nv * lanes, nnz * B, nnz * (4 + gy.element_size()))
-                                                            : BatchShards{};
+  const bool gw_tiles = use_sddmm_tiles(nnz, B, O, I);  // in place of the batch shards
+  const BatchShards sh = nnz > 0 && (!input_grad || I > 0) && !gw_tiles
+                             ? batch_shards(B, nv * lanes, nnz * B, nnz * (4 + gy.element_size()))
+                             : BatchShards{};
   if (sh.on()) {
     if (!input_grad) return {at::empty({0, I}, gy.options()), sharded_grads(gy, x, sh, k, nullptr), gb};
     ShardedGx g{at::empty({B, I}, gy.options()), nv,
@@ -894,7 +941,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
     gv = at::zeros({0}, gy.options());
   } else {
     if (!A.defined()) A = pack(gy, ld, nnz * B);
-    gv = sddmm_packed(A, pack_reusing(x, ld, nnz * B), B, k.crow, k.col, k.active);
+    gv = gw_tiles ? sddmm_tiles(A, x, B, k)
+                  : sddmm_packed(A, pack_reusing(x, ld, nnz * B), B, k.crow, k.col, k.active);
   }
   Tensor gx;
   if (!input_grad)
@@ -1425,6 +1473,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Which measured thresholds pick the direct conv's layouts: intel or zen4 (csrc/cpu/ops_conv.cpp)");
   m.def("set_serial_work", [](int64_t w) { return sparseticket::cpu::set_serial_work(w); },
         "Sets the work (multiply-adds) below which a CPU op runs on the calling thread; returns the previous value.");
+  m.def("sddmm_uses_tiles",
+        [](int64_t nnz, int64_t B, int64_t O, int64_t I) { return sparseticket::cpu::use_sddmm_tiles(nnz, B, O, I); },
+        "Whether the CPU kept-weight gradient of a [O, I] ticket with nnz kept weights at batch B runs by dense "
+        "tiles (every column of each active row computed; ops_cpu.cpp, use_sddmm_tiles): what FLOP accounting reads.");
   m.def("set_batch_shards", [](bool on) { return sparseticket::cpu::batch_shards_setting().exchange(on); },
         "Turns batch shards (ops_cpu.cpp) on or off; returns the previous setting.");
   m.def("with_cuda", [] {
