@@ -1,5 +1,6 @@
 """The IMP runner end to end on the scikit-learn digits (seconds per run)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,8 +17,9 @@ from sparseticket.pruning import Mask
 
 
 def _hp(tmp_path, **changes):
+    # a checkpoint after every epoch, so that the kill-and-resume tests stop mid-level
     base = dict(dataset="digits", model="lenet_300_100", epochs=2, levels=2, batch_size=60, lr=0.05,
-                out=str(tmp_path), progress=False, plots=False, kernels="sparse")
+                out=str(tmp_path), progress=False, plots=False, kernels="sparse", checkpoint_every=0.0)
     base.update(changes)
     return IMPHparams().replace(**base)
 
@@ -187,6 +189,34 @@ def _killed_at_first_checkpoint(monkeypatch, hp, level=None):
     monkeypatch.setattr(R, "atomic_save", real_save)
 
 
+@pytest.mark.parametrize("every", [0.0, 3600.0])
+def test_checkpoint_interval(tmp_path, monkeypatch, every):
+    """--checkpoint-every: 0 writes a level's checkpoint after every epoch, a long interval only
+    after its last epoch; killed at that write, the rerun ends where an uninterrupted run does
+    (the interval is not part of the run's hash: both runs share a folder name)."""
+    real_save = R.atomic_save
+    written = []
+
+    def counting_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt":
+            written.append((Path(path).parent.name, obj["step"]))
+
+    monkeypatch.setattr(R, "atomic_save", counting_save)
+    ref = R.IMPRun(_hp(tmp_path / "ref", epochs=3, levels=1, checkpoint_every=every))
+    ref.run()
+    steps_per_epoch = math.ceil(ref.data.train.x.shape[0] / 60)
+    epochs = [s // steps_per_epoch for _, s in written]
+    assert epochs == ([1, 2, 3, 1, 2, 3] if every == 0 else [3, 3])
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    hp = _hp(tmp_path / "cut", epochs=3, levels=1, checkpoint_every=every)
+    _killed_at_first_checkpoint(monkeypatch, hp, "level_01")
+    cut = R.IMPRun(hp)
+    assert cut.dir.name == ref.dir.name
+    cut.run()
+    _same(_finals(ref.dir), _finals(cut.dir))
+
+
 def _moved_one_weight(mask_path):
     """Move one kept weight of fc1 to a pruned column of the same row: every count stays."""
     m = torch.load(mask_path)
@@ -352,7 +382,7 @@ def test_dense_pinned_level_resumes_to_identical_result(tmp_path, monkeypatch, f
 def test_sigkill_then_resume(tmp_path):
     """A real SIGKILL in the middle of level 1; the rerun ends where an uninterrupted run does."""
     args = ["--dataset", "digits", "--epochs", "3", "--levels", "2", "--kernels", "sparse", "--progress", "false",
-            "--plots", "false"]
+            "--plots", "false", "--checkpoint-every", "0"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "sparseticket", "imp"] + args
     subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, get_type_hints
 
 #: fields that do not change what is computed, so they are not part of the run's hash
-RUN_ONLY = {"out", "threads", "malloc", "progress", "compare_dense", "plots", "kernels"}
+RUN_ONLY = {"out", "threads", "malloc", "progress", "compare_dense", "plots", "kernels", "checkpoint_every"}
 
 
 def hp(default, help: str, choices=None):
@@ -111,6 +111,10 @@ class RunHparams:
     kernels: str = hp("auto", "sparse layers' execution: measured per layer and level (auto; the choice is stored "
                               "with the level's checkpoint), or forced", ["auto", "sparse", "dense"])
     progress: bool = hp(True, "progress bars")
+    checkpoint_every: float = hp(2.0, "seconds of training between a level's checkpoints (checkpoint.pt, written "
+                                      "after the epoch that reaches it and after the last epoch; 0: every epoch). "
+                                      "A killed run resumes from the last one, so it loses at most this much "
+                                      "training plus an epoch")
     compare_dense: bool = hp(False, "also run (or reuse) the --baseline dense twin and print the comparison")
     plots: bool = hp(True, "write PNG plots (needs matplotlib)")
 
