@@ -719,22 +719,23 @@ Tensor rowgemm(const Tensor& gy_, const Tensor& x_, const int64_t* rows, int64_t
     if (!active[r]) frozen.push_back(r);
   Tensor out = at::empty({O, I}, gy.options());
   Tensor gyt = at::empty({k + 1, B}, gy.options());  // the active columns of gy as rows; row k zeros
-  RowGemmArgs a{};
-  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparseticket_rowgemm", [&] {
-    const scalar_t* g = gy.data_ptr<scalar_t>();
-    scalar_t* t = gyt.data_ptr<scalar_t>();
-    const int64_t sb = gy.stride(0);
-    // 16 batch entries at a time: 16 rows of gy read at the active columns, 64-byte
-    // runs written per active column
-    parallel_for_work(0, (B + 15) / 16, 1, k * B, [&](int64_t b0, int64_t b1) {
-      for (int64_t bb = b0 * 16; bb < std::min(b1 * 16, B); bb += 16) {
+  const int64_t sb = gy.stride(0);
+  std::memset(static_cast<char*>(gyt.data_ptr()) + k * B * gy.element_size(), 0, B * gy.element_size());
+  // gyt's rows [j0, j1), 16 batch entries at a time: 16 rows of gy read at the active
+  // columns, 64-byte runs written per active column. Each thread transposes the rows it
+  // then multiplies, in the same parallel region (a region of its own cost ~5 us a call).
+  auto transpose = [&](int64_t j0, int64_t j1) {
+    AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparseticket_rowgemm", [&] {
+      const scalar_t* g = gy.data_ptr<scalar_t>();
+      scalar_t* t = gyt.data_ptr<scalar_t>();
+      for (int64_t bb = 0; bb < B; bb += 16) {
         const int64_t be = std::min(bb + 16, B);
-        for (int64_t j = 0; j < k; ++j)
+        for (int64_t j = j0; j < j1; ++j)
           for (int64_t b = bb; b < be; ++b) t[j * B + b] = g[b * sb + rows[j]];
       }
     });
-    std::fill(t + k * B, t + (k + 1) * B, scalar_t(0));
-  });
+  };
+  RowGemmArgs a{};
   a.gyt = gyt.data_ptr();
   a.ldg = B;
   a.x = x.data_ptr();
@@ -762,16 +763,20 @@ Tensor rowgemm(const Tensor& gy_, const Tensor& x_, const int64_t* rows, int64_t
         const int64_t j0 = std::min(k, tiles * t / T * kRowGemmShareRows);
         const int64_t j1 = std::min(k, tiles * (t + 1) / T * kRowGemmShareRows);
         const int64_t f0 = a.n_frozen * t / T, f1 = a.n_frozen * (t + 1) / T;
-        RowGemmArgs la = a;  // rows [j0, j1) of gyt; its zero row is only read into scratch
+        // rows [j0, j1) of gyt; a share's partial last tile reads row k (zeros) into scratch,
+        // and only the last share can end in one (the others are whole tiles)
+        RowGemmArgs la = a;
         la.gyt = static_cast<const char*>(a.gyt) + j0 * B * gy.element_size();
         la.rows = rows + j0;
         la.k = j1 - j0;
         la.frozen = frozen.data() + f0;
         la.n_frozen = f1 - f0;
+        transpose(j0, j1);
         fn(la, 0, I);
       }
     });
   } else {
+    transpose(0, k);
     fn(a, 0, I);
   }
   return out;
