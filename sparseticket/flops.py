@@ -28,8 +28,10 @@ What is counted (a multiply-add is 2 FLOPs, as in ``torch.utils.flop_counter``):
                                             (SDDMM), or 2·R·K·(active rows keeping
                                             a weight) when a dense Linear ticket's
                                             CPU gradient runs by dense tiles
-                                            (ops_cpu.cpp, use_sddmm_tiles); dense
-                                            path: 2·R·K·active rows
+                                            (ops_cpu.cpp, use_sddmm_tiles; also a
+                                            grouped SparseConv2d's im2col calls,
+                                            over in·kh·kw columns); dense path:
+                                            2·R·K·active rows
   ========================  ==============  =========================================
 
   Bias additions and bias gradients are not counted (as in torch's counter). The
@@ -133,12 +135,36 @@ _TILE_ROWS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _kept_grad_by_tiles(x: Tensor, nnz: int, R: int, O: int, K: int) -> bool:
     """Whether the compiled CPU kept-weight gradient runs by dense tiles for this call
-    (ops_cpu.cpp, use_sddmm_tiles): it then computes every column of each active row that
-    keeps a weight, not the kept entries alone."""
+    (ops_cpu.cpp, kept_grad_tiles: the density threshold, and no batch shards): it then
+    computes every column of each active row that keeps a weight, not the kept entries."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
     from .ops import _C
-    return _C is not None and bool(_C.sddmm_uses_tiles(nnz, R, O, K))
+    return _C is not None and bool(_C.sddmm_uses_tiles(nnz, R, O, K, x.dtype == torch.float64))
+
+
+def _grouped_conv_gw(module: nn.Module, x: Tensor, output: Tensor, nnz: int, nnz_active: int,
+                     active: Optional[Tensor]) -> int:
+    """Executed weight-gradient FLOPs of a grouped SparseConv2d, which runs the linear ops
+    on im2col rows (nn/conv.py, _run_grouped): one call over all output positions when
+    pointwise, else one per block of positions (_blocks), each choosing per-entry or dense
+    tiles over the full im2col width (in_channels·kh·kw) as the C++ does."""
+    from .nn.conv import _blocks
+    kh, kw = module.kernel_size
+    O, Kfull = module.out_channels, module.in_channels * kh * kw
+    N, _, oh, ow = output.shape
+    pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module._pad == (0, 0)
+    if pointwise:
+        blocks = [N * oh * ow]
+    else:
+        blocks = [(n1 - n0) * (h1 - h0) * ow for n0, n1, h0, h1 in _blocks(N, oh, ow, Kfull * x.element_size())]
+    total = 0
+    for rows in blocks:
+        if _kept_grad_by_tiles(x, nnz, rows, O, Kfull):
+            total += 2 * rows * Kfull * _tile_rows(module, active, module._buffers["crow"])
+        else:
+            total += 2 * rows * nnz_active
+    return total
 
 
 def _tile_rows(module: nn.Module, active: Optional[Tensor], crow: Tensor) -> int:
@@ -252,6 +278,8 @@ def _record_call(c: "FlopCounter", name: str, kind: str, module: nn.Module, args
         exec_gw = 2 * R * K * n_active
     elif kind == "linear" and _kept_grad_by_tiles(x, nnz, R, O, K):
         exec_gw = 2 * R * K * _tile_rows(module, active, module._buffers["crow"])
+    elif kind == "conv" and module.groups > 1:
+        exec_gw = _grouped_conv_gw(module, x, output, nnz, nnz_active, active)
     else:
         exec_gw = 2 * R * nnz_active
     # the dense model trains this weight if it requires grad, or if NEq froze the whole layer

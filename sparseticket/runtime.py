@@ -109,7 +109,10 @@ def set_batch_shards(on: bool) -> bool:
     parallel region. Each thread then packs and multiplies its own rows of the batch,
     instead of every thread reading every panel. The forward and the input gradient are
     bit-identical either way; the kept-weight gradient is a sum of one partial result per
-    thread, so its rounding depends on the thread count. On by default;
+    thread, so its rounding depends on the thread count. A call that does not shard may
+    compute a dense enough ticket's kept-weight gradient by dense tiles instead
+    (``kept_grad_tiles`` in ops_cpu.cpp), so turning shards off can also change that
+    choice. On by default;
     ``SPARSETICKET_BATCH_SHARDS=0`` turns it off at start-up. Raises RuntimeError when
     the compiled kernels are not loaded.
     """

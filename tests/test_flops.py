@@ -134,6 +134,38 @@ def test_dense_tile_weight_gradient_counted_as_computed(frozen, gen):
     assert _fig(fc, "2", "grad_weight")[0] == 2 * B * _nnz_active(fc2)
 
 
+@pytest.mark.parametrize("k,hw", [(1, 8), (3, 10), (3, 40)])
+def test_grouped_conv_dense_tile_gradient_counted(k, hw, gen):
+    """A grouped SparseConv2d runs the linear ops on im2col rows (one call, or one per block
+    of output positions), so its kept-weight gradient can take the dense tiles too, over
+    the full in·kh·kw width; the counter follows each call. 40x40 at 3x3 is cut into blocks."""
+    from sparseticket.nn.conv import _blocks
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 8, k, groups=2), nn.Flatten(), nn.Linear(8 * (hw - k + 1) ** 2, 3))
+    mask = torch.ones(m[0].weight.shape, dtype=torch.bool)  # every in-group weight: 50% of in·kh·kw
+    mask[2, 1] = False
+    stnn.sparsify(m, masks={"0": mask}, mode="sparse")
+    c = m[0]
+    x = torch.randn(1, 8, hw, hw, generator=gen)
+    with FlopCounter(m) as fc:
+        m(x).sum().backward()
+    oh = hw - k + 1
+    kfull = 8 * k * k
+    blocks = [oh * oh] if k == 1 else [(n1 - n0) * (h1 - h0) * oh for n0, n1, h0, h1 in _blocks(1, oh, oh, kfull * 4)]
+    assert sum(blocks) == oh * oh
+    rows = int((c.crow[1:] > c.crow[:-1]).sum())
+    want = 0
+    for b in blocks:
+        tiles = bool(_C.sddmm_uses_tiles(c.nnz, b, 8, kfull))
+        want += 2 * b * kfull * rows if tiles else 2 * b * c.nnz
+    assert _fig(fc, "0", "grad_weight")[0] == want
+    if hw <= 10:  # one call of 64 positions at ~48% density: the tiles
+        assert len(blocks) == 1 and _C.sddmm_uses_tiles(c.nnz, blocks[0], 8, kfull)
+
+
 def _dense_models(gen):
     # no groups here: torch's counter charges a grouped conv's weight gradient as if
     # groups were 1 (2x for groups=2); test_layer_counts_follow_the_dispatched_path covers groups

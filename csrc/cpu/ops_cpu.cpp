@@ -557,17 +557,30 @@ Tensor sharded_grads(const Tensor& gy, const Tensor& x, const BatchShards& sh, c
 // is that of the dense gradient of the active rows, the per-entry kernel's grows with the
 // kept entries, so the choice is a density threshold. Measured crossovers (2 threads,
 // in-process, tile vs per-entry us): 60x784x300 ~33% (at 51%: 133 vs 158, at 80%: 145 vs
-// 224), 60x300x100 ~30% (at 80%: 29 vs 50), 64x6272x256 ~41%, 64x256x256 ~45% (at 41%: 53
+// 224), 60x300x100 ~30% (at 80%: 29 vs 50), 64x6272x256 ~41% (bench_kernels: ~50%, at 45%
+// 1.29 vs 1.25 ms), 64x256x256 ~45% (at 41%: 53
 // vs 49), 256x1024x1024 ~55% (at 80%: 2222 vs 2770; a batch over 64 no longer keeps a
 // tile's block of x in L1). Hence 45% up to a batch of 64, 65% above.
 // SPARSETICKET_SDDMM_TILE_DENSITY (in percent) overrides both: 0 always tiles, above 100 never.
 bool use_sddmm_tiles(int64_t nnz, int64_t B, int64_t O, int64_t I) {
   static const int64_t forced = [] {
     const char* e = std::getenv("SPARSETICKET_SDDMM_TILE_DENSITY");
-    return e && *e ? static_cast<int64_t>(std::atoll(e)) : int64_t(-1);
+    if (!e || !*e) return int64_t(-1);
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    return *end == '\0' && v >= 0 ? static_cast<int64_t>(v) : int64_t(-1);  // not a number: ignored
   }();
   const int64_t percent = forced >= 0 ? forced : B <= 64 ? 45 : 65;
   return nnz > 0 && 100 * nnz >= percent * O * I;
+}
+
+// The decision sddmm and sparse_linear_backward take (and _C.sddmm_uses_tiles reports to
+// the FLOP counter): tiles above the density, unless the call runs in batch shards (a
+// small ticket and a large batch, see batch_shards), which are kept as they were.
+bool kept_grad_tiles(int64_t nnz, int64_t B, int64_t O, int64_t I, at::ScalarType dtype) {
+  if (!use_sddmm_tiles(nnz, B, O, I)) return false;
+  const int64_t lanes = vector_lanes(dtype), elem = static_cast<int64_t>(c10::elementSize(dtype));
+  return !batch_shards(B, panel_choice(B, O, lanes, elem) * lanes, nnz * B, nnz * (4 + elem)).on();
 }
 
 // The kept-weight gradient by dense tiles from gy packed as one panel (A: [1, O, ld]) and
@@ -603,7 +616,7 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow, const Te
   const int64_t nnz = k.col.numel(), B = gy.size(0);
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
   const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
-  if (use_sddmm_tiles(nnz, B, gy.size(1), x.size(1))) return sddmm_tiles(pack(gy, ld, nnz * B), x, B, k);
+  if (kept_grad_tiles(nnz, B, gy.size(1), x.size(1), gy.scalar_type())) return sddmm_tiles(pack(gy, ld, nnz * B), x, B, k);
   const BatchShards sh = batch_shards(B, panel_choice(B, gy.size(1), lanes, gy.element_size()) * lanes, nnz * B,
                                       nnz * (4 + gy.element_size()));
   if (sh.on()) return sharded_grads(gy, x, sh, k, nullptr);
@@ -922,7 +935,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
   const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
   Tensor panels, A;  // gy packed for spmm_t (panels of nv vectors) and for sddmm (one panel of ld)
   const int nv = panel_choice(B, O, lanes, gy.element_size());
-  const bool gw_tiles = use_sddmm_tiles(nnz, B, O, I);  // in place of the batch shards
+  const bool gw_tiles = kept_grad_tiles(nnz, B, O, I, gy.scalar_type());  // never with batch shards
   const BatchShards sh = nnz > 0 && (!input_grad || I > 0) && !gw_tiles
                              ? batch_shards(B, nv * lanes, nnz * B, nnz * (4 + gy.element_size()))
                              : BatchShards{};
@@ -1479,7 +1492,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_serial_work", [](int64_t w) { return sparseticket::cpu::set_serial_work(w); },
         "Sets the work (multiply-adds) below which a CPU op runs on the calling thread; returns the previous value.");
   m.def("sddmm_uses_tiles",
-        [](int64_t nnz, int64_t B, int64_t O, int64_t I) { return sparseticket::cpu::use_sddmm_tiles(nnz, B, O, I); },
+        [](int64_t nnz, int64_t B, int64_t O, int64_t I, bool double_precision) {
+          return sparseticket::cpu::kept_grad_tiles(nnz, B, O, I, double_precision ? at::kDouble : at::kFloat);
+        },
+        pybind11::arg("nnz"), pybind11::arg("B"), pybind11::arg("O"), pybind11::arg("I"),
+        pybind11::arg("double_precision") = false,
         "Whether the CPU kept-weight gradient of a [O, I] ticket with nnz kept weights at batch B runs by dense "
         "tiles (every column of each active row computed; ops_cpu.cpp, use_sddmm_tiles): what FLOP accounting reads.");
   m.def("set_batch_shards", [](bool on) { return sparseticket::cpu::batch_shards_setting().exchange(on); },
