@@ -224,7 +224,9 @@ def kill(a) -> int:
     """SIGKILL the CLI at random moments, resume each time; compare with an uninterrupted run."""
     rng = random.Random(a.kill_seed)
     base = Path(tempfile.mkdtemp(prefix="bench_kill_"))
-    cmd = [sys.executable, "-m", "sparseticket", "imp"] + _imp_args(a) + ["--kernels", "sparse"]
+    # a checkpoint after every epoch, so that kills land mid-level and resume from there
+    cmd = [sys.executable, "-m", "sparseticket", "imp"] + _imp_args(a) + ["--kernels", "sparse",
+                                                                         "--checkpoint-every", "0"]
     t0 = time.perf_counter()
     subprocess.run(cmd + ["--out", str(base / "ref")], check=True, capture_output=True)
     full = time.perf_counter() - t0
