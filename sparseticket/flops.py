@@ -153,8 +153,7 @@ def _grouped_conv_gw(module: nn.Module, x: Tensor, output: Tensor, nnz: int, nnz
     kh, kw = module.kernel_size
     O, Kfull = module.out_channels, module.in_channels * kh * kw
     N, _, oh, ow = output.shape
-    pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module._pad == (0, 0)
-    if pointwise:
+    if module._pointwise():
         blocks = [N * oh * ow]
     else:
         blocks = [(n1 - n0) * (h1 - h0) * ow for n0, n1, h0, h1 in _blocks(N, oh, ow, Kfull * x.element_size())]

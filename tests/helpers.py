@@ -72,6 +72,15 @@ def ref_ticket(weight: Tensor, mask: Tensor) -> Ticket:
     return Ticket(values, crow, col, ccol, row, perm, tuple(weight.shape))
 
 
+def make_case(B: int, I: int, O: int, sparsity: float, holes: bool, dtype, gen: torch.Generator) -> dict:
+    """An op test's operands: x [B, I], gy [B, O], a weight w [O, I] with its keep-mask and
+    reference ticket t, and a bias [O]."""
+    w = randn(O, I, dtype=dtype, gen=gen)
+    mask = make_mask(O, I, sparsity, gen, holes=holes)
+    return dict(x=randn(B, I, dtype=dtype, gen=gen), gy=randn(B, O, dtype=dtype, gen=gen), w=w, mask=mask,
+                t=ref_ticket(w, mask), bias=randn(O, dtype=dtype, gen=gen))
+
+
 # ----------------------------------------------------------------------------- layouts
 
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded")

@@ -20,6 +20,7 @@ from helpers import (
     assert_close,
     lay,
     make_active,
+    make_case,
     make_mask,
     make_ticket,
     randn,
@@ -46,13 +47,6 @@ FEW_MASK_IDS = ["s0.0", "s0.9", "s1.0", "s0.5-holes"]
 
 SHAPE_IDS = ["B{}-I{}-O{}".format(*s) for s in SHAPES]
 LAYOUT_SHAPE_IDS = ["B{}-I{}-O{}".format(*s) for s in LAYOUT_SHAPES]
-
-
-def make_case(B, I, O, sparsity, holes, dtype, gen):
-    w = randn(O, I, dtype=dtype, gen=gen)
-    mask = make_mask(O, I, sparsity, gen, holes=holes)
-    return dict(x=randn(B, I, dtype=dtype, gen=gen), gy=randn(B, O, dtype=dtype, gen=gen), w=w, mask=mask,
-                t=ref_ticket(w, mask), bias=randn(O, dtype=dtype, gen=gen))
 
 
 def active_of(kind, O, gen):

@@ -16,17 +16,11 @@ import sys
 import pytest
 import torch
 
-from helpers import FLOATS, assert_close, make_mask, randn, ref_ticket
+from helpers import FLOATS, assert_close, make_case
 from sparseticket import ops as ST
 from sparseticket.ops import reference as ref
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def make_case(B, I, O, sparsity, holes, dtype, gen):
-    mask = make_mask(O, I, sparsity, gen, holes=holes)
-    return dict(t=ref_ticket(randn(O, I, dtype=dtype, gen=gen), mask), mask=mask,
-                gy=randn(B, O, dtype=dtype, gen=gen), x=randn(B, I, dtype=dtype, gen=gen))
 
 # (B, I, O): I = 7 (< one vector), 70 (a tile and a partial vector), 128 (x rows 512
 # bytes apart in float32), 784 (LeNet's fc1); O over one group of 48 rows; B = 64 and 1.

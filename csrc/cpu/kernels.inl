@@ -1181,8 +1181,9 @@ inline void gather_entries(const T* __restrict src, const int32_t* __restrict id
 // rows, column block by column block (a block of x is then reused from L1 by every tile
 // of the group, as in rowgemm_kernel), then each row's kept entries are gathered from the
 // block. Frozen rows' entries are 0. Unlike rowgemm_kernel, x rows 512 bytes apart are
-// read in place: copying their blocks cost 4-10% (64x256x256, 64x6272x256). The group size mattered little (60x784x300, 2
-// threads, groups of 6 / 12 / 24 / 48 rows at 51% density: 141 / 133 / 134 / 131 us).
+// read in place: copying their blocks cost 4-10% (64x256x256, 64x6272x256). The group size
+// mattered little (60x784x300, 2 threads, groups of 6 / 12 / 24 / 48 rows at 51% density:
+// 141 / 133 / 134 / 131 us).
 constexpr int64_t kTileGroupRows = 8 * kRowGemmTile;
 
 template <typename T>

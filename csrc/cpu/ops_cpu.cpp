@@ -574,13 +574,18 @@ bool use_sddmm_tiles(int64_t nnz, int64_t B, int64_t O, int64_t I) {
   return nnz > 0 && 100 * nnz >= percent * O * I;
 }
 
+// The batch shards of a kept-weight gradient call (sddmm, sparse_linear_backward) of a
+// ticket with O rows at batch B
+BatchShards kept_grad_shards(int64_t nnz, int64_t B, int64_t O, at::ScalarType dtype) {
+  const int64_t lanes = vector_lanes(dtype), elem = static_cast<int64_t>(c10::elementSize(dtype));
+  return batch_shards(B, panel_choice(B, O, lanes, elem) * lanes, nnz * B, nnz * (4 + elem));
+}
+
 // The decision sddmm and sparse_linear_backward take (and _C.sddmm_uses_tiles reports to
 // the FLOP counter): tiles above the density, unless the call runs in batch shards (a
 // small ticket and a large batch, see batch_shards), which are kept as they were.
-bool kept_grad_tiles(int64_t nnz, int64_t B, int64_t O, int64_t I, at::ScalarType dtype) {
-  if (!use_sddmm_tiles(nnz, B, O, I)) return false;
-  const int64_t lanes = vector_lanes(dtype), elem = static_cast<int64_t>(c10::elementSize(dtype));
-  return !batch_shards(B, panel_choice(B, O, lanes, elem) * lanes, nnz * B, nnz * (4 + elem)).on();
+bool kept_grad_tiles(int64_t nnz, int64_t B, int64_t O, int64_t I, const BatchShards& sh) {
+  return !sh.on() && use_sddmm_tiles(nnz, B, O, I);
 }
 
 // The kept-weight gradient by dense tiles from gy packed as one panel (A: [1, O, ld]) and
@@ -615,10 +620,9 @@ Tensor sddmm_cpu(const Tensor& gy, const Tensor& x, const Tensor& crow, const Te
   const KeptRows k = checked_sddmm_args(gy, x, crow, col, active);
   const int64_t nnz = k.col.numel(), B = gy.size(0);
   if (B == 0 || nnz == 0) return at::zeros({nnz}, gy.options());
-  const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
-  if (kept_grad_tiles(nnz, B, gy.size(1), x.size(1), gy.scalar_type())) return sddmm_tiles(pack(gy, ld, nnz * B), x, B, k);
-  const BatchShards sh = batch_shards(B, panel_choice(B, gy.size(1), lanes, gy.element_size()) * lanes, nnz * B,
-                                      nnz * (4 + gy.element_size()));
+  const int64_t ld = round_up(B, vector_lanes(gy.scalar_type()));
+  const BatchShards sh = kept_grad_shards(nnz, B, gy.size(1), gy.scalar_type());
+  if (kept_grad_tiles(nnz, B, gy.size(1), x.size(1), sh)) return sddmm_tiles(pack(gy, ld, nnz * B), x, B, k);
   if (sh.on()) return sharded_grads(gy, x, sh, k, nullptr);
   return sddmm_packed(pack(gy, ld, nnz * B), pack(x, ld, nnz * B), B, k.crow, k.col, k.active);
 }
@@ -935,10 +939,9 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
   const int64_t lanes = vector_lanes(gy.scalar_type()), ld = round_up(B, lanes);
   Tensor panels, A;  // gy packed for spmm_t (panels of nv vectors) and for sddmm (one panel of ld)
   const int nv = panel_choice(B, O, lanes, gy.element_size());
-  const bool gw_tiles = kept_grad_tiles(nnz, B, O, I, gy.scalar_type());  // never with batch shards
-  const BatchShards sh = nnz > 0 && (!input_grad || I > 0) && !gw_tiles
-                             ? batch_shards(B, nv * lanes, nnz * B, nnz * (4 + gy.element_size()))
-                             : BatchShards{};
+  const BatchShards sh = nnz > 0 && (!input_grad || I > 0) ? kept_grad_shards(nnz, B, O, gy.scalar_type())
+                                                            : BatchShards{};
+  const bool gw_tiles = kept_grad_tiles(nnz, B, O, I, sh);
   if (sh.on()) {
     if (!input_grad) return {at::empty({0, I}, gy.options()), sharded_grads(gy, x, sh, k, nullptr), gb};
     ShardedGx g{at::empty({B, I}, gy.options()), nv,
@@ -1493,12 +1496,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Sets the work (multiply-adds) below which a CPU op runs on the calling thread; returns the previous value.");
   m.def("sddmm_uses_tiles",
         [](int64_t nnz, int64_t B, int64_t O, int64_t I, bool double_precision) {
-          return sparseticket::cpu::kept_grad_tiles(nnz, B, O, I, double_precision ? at::kDouble : at::kFloat);
+          const at::ScalarType t = double_precision ? at::kDouble : at::kFloat;
+          return sparseticket::cpu::kept_grad_tiles(nnz, B, O, I, sparseticket::cpu::kept_grad_shards(nnz, B, O, t));
         },
         pybind11::arg("nnz"), pybind11::arg("B"), pybind11::arg("O"), pybind11::arg("I"),
         pybind11::arg("double_precision") = false,
         "Whether the CPU kept-weight gradient of a [O, I] ticket with nnz kept weights at batch B runs by dense "
-        "tiles (every column of each active row computed; ops_cpu.cpp, use_sddmm_tiles): what FLOP accounting reads.");
+        "tiles (every column of each active row computed; ops_cpu.cpp, kept_grad_tiles): what FLOP accounting reads.");
   m.def("set_batch_shards", [](bool on) { return sparseticket::cpu::batch_shards_setting().exchange(on); },
         "Turns batch shards (ops_cpu.cpp) on or off; returns the previous setting.");
   m.def("with_cuda", [] {

@@ -163,11 +163,15 @@ class SparseConv2d(TicketModule):
         y = self._run_grouped(x, values, bias)
         return y if self.activation is None else torch.relu(y)
 
+    def _pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded conv: its im2col is a transpose, one call for the batch."""
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
+
     def _run_grouped(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         b = self._buffers
         N, C, H, W = x.shape
         oh, ow = self._out_hw(H, W)
-        pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self._pad == (0, 0)
+        pointwise = self._pointwise()
         if not pointwise and not torch.compiler.is_compiling():
             geom = (self.kernel_size, self.stride, self._pad, self.dilation, oh, ow)
             # permuted outside the Function: autograd forbids writing in place (ReLU(inplace=True))
