@@ -26,12 +26,6 @@ void masked_sgd_call(const std::vector<Tensor>& params, const std::vector<Tensor
                      const std::vector<Tensor>& bufs, const OptList& keeps, const OptList& actives,
                      const OptList& row_ptrs, const std::vector<bool>& fresh, double lr, double momentum,
                      double dampening, double weight_decay, bool nesterov, bool maximize) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparseticket::masked_sgd_", "")
-                       .typed<void(at::TensorList, at::TensorList, at::TensorList,
-                                   const c10::List<c10::optional<Tensor>>&, const c10::List<c10::optional<Tensor>>&,
-                                   const c10::List<c10::optional<Tensor>>&, c10::List<bool>, double, double, double,
-                                   double, bool, bool)>();
   auto to_list = [](const OptList& v) {
     c10::List<c10::optional<Tensor>> l;
     l.reserve(v.size());
@@ -46,8 +40,8 @@ void masked_sgd_call(const std::vector<Tensor>& params, const std::vector<Tensor
   c10::List<bool> f;
   f.reserve(fresh.size());
   for (bool b : fresh) f.push_back(b);
-  op.call(params, grads, bufs, to_list(keeps), to_list(actives), to_list(row_ptrs), std::move(f), lr, momentum,
-          dampening, weight_decay, nesterov, maximize);
+  calls::call_masked_sgd_(params, grads, bufs, to_list(keeps), to_list(actives), to_list(row_ptrs), std::move(f), lr,
+                          momentum, dampening, weight_decay, nesterov, maximize);
 }
 
 // sparse_linear / sparse_linear_relu as SparseLinear calls them (grad mode as the caller

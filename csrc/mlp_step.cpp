@@ -10,9 +10,17 @@
 //
 // Layers are described positionally (kSlots tensors and kSpec integers each) so that
 // one call carries any mix of layer kinds without a Python object per layer.
+//
+// With an SGD plan (MLPStep.step with a MaskedSGD), each layer's masked_sgd_ update runs
+// as soon as the backward is done with the layer (its gradients formed, its weight used
+// for the input gradient), while its weight and gradient are still in cache, instead of
+// once for all layers after the backward. Each entry's update is the same arithmetic on
+// the same numbers, so the result is bit-identical to the gradients followed by the
+// optimizer's step.
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -35,6 +43,14 @@ enum Kind : int64_t {
 constexpr size_t kSlots = 8;
 // integers per layer: kind, relu, out_features, in_features
 constexpr size_t kSpec = 4;
+// SGD plan, per layer: the momentum buffer, keep, active and row_ptr of its weight, then
+// of its bias (a buffer is undefined without momentum, a bias's slots without a bias) ...
+constexpr size_t kSgdSlots = 8;
+// ... and the update's scalars: lr, momentum, dampening, weight_decay, nesterov, maximize,
+// then when: 1 right after the layer's backward, 0 after the whole backward, in one call
+// with the other such layers (a small layer gains nothing from its cache and would pay
+// one more op call)
+constexpr size_t kSgdHyper = 7;
 constexpr int64_t kMean = 1;       // at::Reduction::Mean
 constexpr int64_t kIgnore = -100;  // F.cross_entropy's default ignore_index
 
@@ -43,15 +59,81 @@ const Tensor& need(const std::vector<c10::optional<Tensor>>& t, size_t i, const 
   return *t[i];
 }
 
+// masked_sgd_ on the parameters of `layers` (one call; their scalars must be equal) with
+// the gradients just formed, through the dispatcher as MaskedSGD's step calls it (below
+// Autograd; the ADInplaceOrView kernel bumps the parameters' version counters)
+void sgd_update(const std::vector<size_t>& layers, const std::vector<c10::optional<Tensor>>& t,
+                const std::vector<Tensor>& out, const std::vector<c10::optional<Tensor>>& sgd,
+                const std::vector<double>& hyper) {
+  if (layers.empty()) return;
+  const double* h = hyper.data() + layers[0] * kSgdHyper;
+  std::vector<Tensor> params, grads, bufs;
+  c10::List<c10::optional<Tensor>> keeps, actives, row_ptrs;
+  c10::List<bool> fresh;
+  for (size_t l : layers) {
+    for (size_t j = 0; j < 2; ++j) {
+      const c10::optional<Tensor>& p = t[l * kSlots + j];
+      if (!p.has_value() || !p->defined()) continue;
+      const c10::optional<Tensor>* s = sgd.data() + l * kSgdSlots + 4 * j;
+      params.push_back(*p);
+      grads.push_back(out[1 + 2 * l + j]);
+      if (h[1] != 0) {
+        TORCH_CHECK(s[0].has_value() && s[0]->defined(), "sparseticket: mlp_grads: layer ", l,
+                    " has momentum but no momentum buffer");
+        bufs.push_back(*s[0]);
+      }
+      keeps.push_back(s[1]);
+      actives.push_back(s[2]);
+      row_ptrs.push_back(s[3]);
+      fresh.push_back(false);
+    }
+  }
+  if (params.empty()) return;
+  at::AutoDispatchBelowAutograd below;
+  call_masked_sgd_(params, grads, bufs, keeps, actives, row_ptrs, std::move(fresh), h[0], h[1], h[2], h[3], h[4] != 0,
+                   h[5] != 0);
+}
+
 // Returns [loss, then per layer: weight (values) gradient, bias gradient or undefined].
+// With `sgd` and `hyper` (kSgdSlots tensors and kSgdHyper scalars per layer) it also
+// applies each layer's SGD update (see the top of the file).
 std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vector<c10::optional<Tensor>>& t,
-                              const std::vector<int64_t>& spec) {
+                              const std::vector<int64_t>& spec, const std::vector<c10::optional<Tensor>>& sgd,
+                              const std::vector<double>& hyper) {
   TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
               "sparseticket: mlp_grads: ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
   const size_t L = spec.size() / kSpec;
+  const bool update = !hyper.empty();
+  TORCH_CHECK(!update || (sgd.size() == L * kSgdSlots && hyper.size() == L * kSgdHyper),
+              "sparseticket: mlp_grads: an SGD plan needs ", kSgdSlots, " tensors and ", kSgdHyper,
+              " scalars per layer, got ", sgd.size(), " and ", hyper.size(), " for ", L, " layers");
+  // the deferred layers' updates go in one call: their scalars must agree
+  for (size_t l = 0, first = L; update && l < L; ++l) {
+    if (hyper[l * kSgdHyper + 6] != 0) continue;
+    if (first == L) first = l;
+    TORCH_CHECK(std::equal(hyper.begin() + l * kSgdHyper, hyper.begin() + (l + 1) * kSgdHyper,
+                           hyper.begin() + first * kSgdHyper),
+                "sparseticket: mlp_grads: layers ", first, " and ", l, " are updated after the backward in one call ",
+                "but have different SGD settings");
+  }
+  // the update needs grad mode off, as an optimizer step runs (MLPStep holds torch.no_grad)
+  TORCH_CHECK(!update || !c10::GradMode::is_enabled(), "sparseticket: mlp_grads: an SGD plan needs grad mode off");
   // no autograd graph (as under torch.no_grad, which MLPStep holds as well): the
-  // parameters require grad, but nothing here is differentiated
-  at::AutoDispatchBelowADInplaceOrView guard;
+  // parameters require grad, but nothing here is differentiated. (Optional: the SGD
+  // updates leave it to bump version counters.)
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+  guard.emplace();
+  std::vector<Tensor> out(1 + 2 * L);
+  std::vector<size_t> later;  // layers updated after the whole backward
+  auto update_now = [&](size_t l) {
+    if (hyper[l * kSgdHyper + 6] == 0) {
+      later.push_back(l);
+      return;
+    }
+    guard.reset();
+    sgd_update({l}, t, out, sgd, hyper);
+    guard.emplace();
+  };
   std::vector<Tensor> acts{x}, dense_w(L);
   acts.reserve(L + 1);
   Tensor h = x;
@@ -88,7 +170,6 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
   std::tie(loss, total_weight) = at::nll_loss_forward(logp, y, {}, kMean, kIgnore);
   Tensor g = at::nll_loss_backward(at::ones_like(loss), logp, y, {}, kMean, kIgnore, total_weight);
   g = at::_log_softmax_backward_data(g, logp, 1, logp.scalar_type());
-  std::vector<Tensor> out(1 + 2 * L);
   out[0] = loss;
   for (size_t i = L; i-- > 0;) {
     const int64_t kind = spec[i * kSpec], relu = spec[i * kSpec + 1];
@@ -102,6 +183,7 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
           *t[i * kSlots + 3], *t[i * kSlots + 4], *t[i * kSlots + 5], *t[i * kSlots + 6], c10::nullopt, i > 0);
       if (has_bias) out[2 + 2 * i] = gb;
       g = gx;
+      if (update) update_now(i);
       continue;
     }
     if (relu) g = at::threshold_backward(g, acts[i + 1], 0);
@@ -114,7 +196,10 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
                                      : gw;
     if (has_bias) out[2 + 2 * i] = g.sum(0);
     if (i > 0) g = g.mm(dense_w[i]);
+    if (update) update_now(i);  // (after g.mm: a full ticket's W is a view of the values being updated)
   }
+  guard.reset();
+  if (update) sgd_update(later, t, out, sgd, hyper);
   return out;
 }
 
@@ -122,8 +207,10 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
 
 void register_mlp_step(pybind11::module& m) {
   m.def("mlp_grads", &mlp_grads, pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("tensors"),
-        pybind11::arg("spec"),
-        "MLPStep's loss and gradients in one call: [loss, then per layer weight grad, bias grad or None].");
+        pybind11::arg("spec"), pybind11::arg("sgd") = std::vector<c10::optional<Tensor>>(),
+        pybind11::arg("hyper") = std::vector<double>(),
+        "MLPStep's loss and gradients in one call: [loss, then per layer weight grad, bias grad or None]; "
+        "with an SGD plan (sgd, hyper) each layer's masked_sgd_ update right after its backward.");
 }
 
 }  // namespace sparseticket

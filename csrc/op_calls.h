@@ -6,6 +6,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <ATen/core/List.h>
 #include <c10/util/Optional.h>
 
 namespace sparseticket {
@@ -110,6 +111,23 @@ inline Tensor call_ticket_compress(const Tensor& dense, const Tensor& crow, cons
                        .findSchemaOrThrow("sparseticket::ticket_compress", "")
                        .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
   return op.call(dense, crow, bits, nnz);
+}
+
+// masked_sgd_ with its list arguments already in the dispatcher's types (the Python
+// entry in csrc/fast_calls.cpp and the fused update of csrc/mlp_step.cpp)
+inline void call_masked_sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                             const c10::List<c10::optional<Tensor>>& keeps,
+                             const c10::List<c10::optional<Tensor>>& actives,
+                             const c10::List<c10::optional<Tensor>>& row_ptrs, c10::List<bool> fresh, double lr,
+                             double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::masked_sgd_", "")
+                       .typed<void(at::TensorList, at::TensorList, at::TensorList,
+                                   const c10::List<c10::optional<Tensor>>&, const c10::List<c10::optional<Tensor>>&,
+                                   const c10::List<c10::optional<Tensor>>&, c10::List<bool>, double, double, double,
+                                   double, bool, bool)>();
+  op.call(params, grads, bufs, keeps, actives, row_ptrs, std::move(fresh), lr, momentum, dampening, weight_decay,
+          nesterov, maximize);
 }
 
 }  // namespace calls

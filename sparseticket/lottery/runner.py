@@ -543,18 +543,18 @@ class IMPRun:
                     if count:
                         counter.reset()
                         counter.start()
-                    if fast is not None:
-                        loss = fast(x, y)
+                    if fast is not None:  # (its step applies each layer's update right after its backward)
+                        loss = fast.step(x, y, opt)
                     else:
                         loss = F.cross_entropy(model(x), y)
                         opt.zero_grad(set_to_none=True)
                         if loss.requires_grad:  # not when freeze_prefix froze every layer
                             loss.backward()
-                    if masker is not None:
-                        masker.before_step()
-                    opt.step()
-                    if masker is not None:
-                        masker.after_step()
+                        if masker is not None:
+                            masker.before_step()
+                        opt.step()
+                        if masker is not None:
+                            masker.after_step()
                     cold = maybe_cold and _momentum_buffers(opt) != buffers
                     if count:
                         counter.stop()

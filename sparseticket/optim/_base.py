@@ -23,13 +23,10 @@ def lean_step(step):
     profiler is on, or step pre/post hooks are registered on this optimizer or globally);
     otherwise it runs the step and the same ``_optimizer_step_code`` call directly."""
     hooked_step = Optimizer.profile_hook_step(step)
-    global_pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
-    global_post = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
 
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
-        if (_profiler._is_profiler_enabled or global_pre is None or global_post is None or global_pre
-                or global_post or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+        if not lean_step_direct(self):
             return hooked_step(self, *args, **kwargs)
         out = step(self, *args, **kwargs)
         self._optimizer_step_code()
@@ -37,6 +34,15 @@ def lean_step(step):
 
     wrapper.hooked = True  # torch.optim.Optimizer._patch_step_function: do not wrap again
     return wrapper
+
+
+def lean_step_direct(opt: Optimizer) -> bool:
+    """Whether ``lean_step``'s wrapper runs the step directly: no profiler, no step hooks
+    registered on ``opt`` or globally."""
+    global_pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+    global_post = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+    return not (_profiler._is_profiler_enabled or global_pre is None or global_post is None or global_pre
+                or global_post or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks)
 
 
 class MaskedOptimizer(Optimizer):
@@ -75,6 +81,7 @@ class MaskedOptimizer(Optimizer):
         # id(param group) -> the last step's argument lists, for a step that changes nothing
         # (MaskedSGD._st_repeat_step)
         self._st_repeat = {}
+        self._st_fused = None  # MaskedSGD._fused_plan's last (key, plan)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -153,6 +160,7 @@ class MaskedOptimizer(Optimizer):
         self._st_tokens = {}
         self._st_plans = {}
         self._st_repeat = {}
+        self._st_fused = None  # MaskedSGD._fused_plan's last (key, plan)
 
     def _prepare(self, group: dict):
         """(param, state, keep, active, row_ptr) for each param of ``group`` with a gradient."""

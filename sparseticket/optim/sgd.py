@@ -7,7 +7,7 @@ import torch
 
 from .. import ops as _ops
 from ..nn import _registry
-from ._base import MaskedOptimizer, lean_step, _float, check_implementation_args, check_positive, lists
+from ._base import MaskedOptimizer, lean_step, lean_step_direct, _float, check_implementation_args, check_positive, lists
 
 _masked_sgd_ = torch.ops.sparseticket.masked_sgd_
 # The same op through the C++ dispatcher without torch.ops' per-element argument parsing,
@@ -115,15 +115,17 @@ class MaskedSGD(MaskedOptimizer):
         cache[id(group)] = (group, plist, len(plist), _registry.VERSION[0], uses_bufs, entries,
                             (params, bufs, keeps, actives, row_ptrs, [False] * len(params)))
 
-    def _st_repeat_step(self, group: dict) -> bool:
+    def _st_repeat_args(self, group: dict) -> Optional[tuple]:
+        """masked_sgd_'s arguments for repeating the previous step of ``group`` with the
+        current gradients, or None when anything it rests on changed."""
         c = self._st_repeat.get(id(group))
         if (c is None or c[0] is not group or c[1] is not group["params"] or c[2] != len(c[1])
                 or c[3] != _registry.VERSION[0]):
-            return False
+            return None
         momentum = _float(group["momentum"], "momentum")
         uses_bufs = c[4]
         if uses_bufs != (momentum != 0):
-            return False
+            return None
         state_of = self.state
         grads = []
         for (p, shape, state, buf, keep_fn, keep, active_fn, active, row_fn, row_ptr, token_fn, token) in c[5]:
@@ -134,13 +136,79 @@ class MaskedSGD(MaskedOptimizer):
                     or (active_fn is not None and active_fn() is not active)
                     or (row_fn is not None and row_fn() is not row_ptr)
                     or (token_fn is not None and token_fn() is not token)):
-                return False
+                return None
             grads.append(g)
         if _ops.has_torch_function(grads):  # the full path then steps through torch.ops
-            return False
+            return None
         params, bufs, keeps, actives, row_ptrs, fresh = c[6]
-        _masked_sgd_call(params, grads, bufs, keeps, actives, row_ptrs, fresh, *_hyper(group, momentum))
+        return params, grads, bufs, keeps, actives, row_ptrs, fresh, _hyper(group, momentum)
+
+    def _st_repeat_step(self, group: dict) -> bool:
+        args = self._st_repeat_args(group)
+        if args is None:
+            return False
+        _masked_sgd_call(*args[:7], *args[7])
         return True
+
+    # MLPStep.step updates a layer right after its backward only from this many entries
+    # (128 KB of fp32 weights): smaller layers sit in cache anyway, and are updated after
+    # the backward in one call, as step() would (an update of its own costs ~3 us more)
+    _EARLY_UPDATE_MIN = 1 << 15
+
+    def _fused_plan(self, layers) -> Optional[tuple]:
+        """For ``MLPStep.step``: the update plan of csrc/mlp_step.cpp (kSgdSlots tensors
+        and kSgdHyper scalars per layer) that applies what ``step()`` would apply now,
+        given ``layers`` as (weight, bias or None) pairs whose gradients the MLP step is
+        about to replace; None unless ``step()`` would do exactly that: repeat its previous
+        step (``_st_repeat_args``) in every group, on exactly these parameters, with no
+        hooks or profiler to see it (``lean_step``) and no closure."""
+        if "step" in self.__dict__ or type(self).step is not MaskedSGD.step or not lean_step_direct(self):
+            return None
+        groups = [g for g in self.param_groups if g["params"]]
+        hypers = []
+        for group in groups:
+            if _masked_sgd_call is None or not _ops.c_entry_allowed(group["params"]):
+                return None
+            args = self._st_repeat_args(group)
+            if args is None:
+                return None
+            hypers.append(args[7])
+        key = (tuple(id(p) for pair in layers for p in pair), tuple(self._st_repeat[id(g)] for g in groups),
+               tuple(hypers))
+        cached = self._st_fused
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = self._build_fused_plan(layers, groups, hypers)
+        self._st_fused = (key, plan)
+        return plan
+
+    def _build_fused_plan(self, layers, groups, hypers) -> Optional[tuple]:
+        wanted = {id(p) for pair in layers for p in pair if p is not None}
+        slots = {}
+        for group, hyper in zip(groups, hypers):
+            params, bufs, keeps, actives, row_ptrs, _ = self._st_repeat[id(group)][6]
+            for k, p in enumerate(params):
+                if id(p) not in wanted or id(p) in slots:
+                    return None
+                slots[id(p)] = ((bufs[k] if bufs else None, keeps[k], actives[k], row_ptrs[k]), hyper)
+        if len(slots) != len(wanted):
+            return None
+        sgd: list = []
+        scalars: list = []
+        later = None  # the scalars of the layers updated after the backward (one call: all equal)
+        for weight, bias in layers:
+            hyper = slots[id(weight)][1]
+            if bias is not None and slots[id(bias)][1] != hyper:
+                return None  # a layer's weight and bias in groups with different settings
+            sgd += slots[id(weight)][0]
+            sgd += slots[id(bias)][0] if bias is not None else (None,) * 4
+            now = weight.numel() >= self._EARLY_UPDATE_MIN
+            if not now:
+                if later is not None and later != hyper:
+                    return None
+                later = hyper
+            scalars += [float(v) for v in hyper] + [1.0 if now else 0.0]
+        return sgd, scalars
 
 
 def _hyper(group: dict, momentum: float) -> tuple:
