@@ -471,6 +471,34 @@ def test_deepcopy_and_pickle_keep_optimizer_registry(gen):
 # ----------------------------------------------------------------------------- execution mode
 
 
+@pytest.mark.parametrize("sparse_s,dense_s,settles", [
+    (1.0, 3.0, True),    # sparse clearly faster
+    (5.0, 1.0, True),    # dense clearly faster
+    (1.0, 1.1, True),    # at the threshold (sparse * SPARSE_MARGIN == dense): a close call
+    (1.0, 1.25, False),  # sparse ahead by 12% at the threshold: worth the whole budget
+    (1.0, 0.95, False),  # dense ahead by 16%
+    (1.0, 1.4, True),    # sparse ahead by 21%: settled
+    (1.0, 0.9, True),    # dense ahead by 22%: settled
+])
+def test_measure_settles_clear_and_close_calls_early(sparse_s, dense_s, settles, monkeypatch):
+    """Clear winners and close calls stop at SETTLE_REPS repetitions; outcomes in
+    between use the whole budget. The minima returned are the ones timed."""
+    fns = {"s": lambda: None, "d": lambda: None}
+    times = {"s": [], "d": []}
+
+    def fake_time(fn):
+        k = "s" if fn is fns["s"] else "d"
+        # a slow first timing, then the path's steady time
+        t = (sparse_s if k == "s" else dense_s) * (2.0 if not times[k] else 1.0)
+        times[k].append(t)
+        return t
+
+    monkeypatch.setattr(_mode, "_time_once", fake_time)
+    ts, td = _mode.measure(fns["s"], fns["d"], budget_s=1e9, max_reps=40)
+    assert (ts, td) == (sparse_s, dense_s)
+    assert len(times["s"]) == len(times["d"]) == (_mode.SETTLE_REPS if settles else 40)
+
+
 def test_mode_auto_measures_once_and_can_be_forced(gen):
     _mode.clear_cache()
     model = stnn.sparsify(nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 4)), amount=0.5)

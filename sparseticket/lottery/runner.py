@@ -695,10 +695,11 @@ class IMPRun:
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
     was = model.training
     model.eval()
-    correct = 0
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        # the predictions compared once at the end: per batch, the compare, sum and int()
+        # cost ~50 us, a quarter of a 3%-dense LeNet's evaluation
+        preds = [model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]
+        correct = int((torch.cat(preds) == y).sum()) if preds else 0
     model.train(was)
     return correct / max(1, x.shape[0])
 
