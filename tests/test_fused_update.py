@@ -267,3 +267,70 @@ def test_malformed_plans_raise(gen):
             fb._step_native(x, y, plan)
     with pytest.raises(RuntimeError, match="grad mode off"):
         fb._step_native(x, y, ([None] * 24, [0.05, 0, 0, 0, 0, 0, 1] * 3))
+
+
+# ------------------------------------------------------------------ MLPStep.fixed
+
+
+@pytest.mark.parametrize("paths,density", [("sss", 0.05), ("dsL", 0.6), ("LLL", 1.0)])
+def test_fixed_block_is_bit_identical_and_checks_once(paths, density, gen, monkeypatch):
+    a = _model(gen, paths, density)
+    b = copy.deepcopy(a)
+    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) for m in (a, b))
+    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    checks = []
+    real_check = stnn.MLPStep.check
+    monkeypatch.setattr(stnn.MLPStep, "check", lambda self, *a: checks.append(self is fb) or real_check(self, *a))
+    with fb.fixed(ob) as step:
+        for k in range(6):
+            x, y = _batch(gen, 13, (33, 3), torch.float32)
+            la = fa.step(x, y, oa)
+            assert torch.equal(la, step(x, y)), f"step {k}"
+            _assert_same_state(a, b, oa, ob, f"step {k}")
+    # b: checked by its first step (step() and, unfused as the optimizer has no state yet,
+    # __call__) and once more when the block prepared its fused call; never after
+    assert checks.count(True) == 3
+
+
+def test_fixed_block_checks_again_after_another_call(gen):
+    """A call of the MLPStep itself inside the block (here: after a new ticket for the
+    second layer, which the block's contract excludes otherwise) makes the block's next
+    step check and plan again."""
+    a = _model(gen, "sss", 0.6)
+    b = copy.deepcopy(a)
+    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
+    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    g2 = torch.Generator().manual_seed(3)
+    with fb.fixed(ob) as step:
+        for k in range(6):
+            x, y = _batch(gen, 11, (33, 3), torch.float32)
+            if k == 3:
+                new = make_mask(17, 65, 0.5, g2)
+                a[3].set_mask(new)
+                b[3].set_mask(new)
+                assert torch.equal(fa.step(x, y, oa), fb.step(x, y, ob))
+                _assert_same_state(a, b, oa, ob, "new ticket")
+                continue
+            assert torch.equal(fa.step(x, y, oa), step(x, y)), f"step {k}"
+            _assert_same_state(a, b, oa, ob, f"step {k}")
+
+
+def test_fixed_block_batches_it_cannot_take(gen):
+    """A batch of another dtype, or grad mode off, goes through step() (which then
+    decides), not through the prepared call."""
+    a = _model(gen, "sLs", 0.5)
+    b = copy.deepcopy(a)
+    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
+    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    with fb.fixed(ob) as step:
+        for k in range(3):
+            x, y = _batch(gen, 9, (33, 3), torch.float32)
+            assert torch.equal(fa.step(x, y, oa), step(x, y))
+        x, y = _batch(gen, 9, (33, 3), torch.float64)
+        with pytest.raises((RuntimeError, ValueError)):  # the model is float32: refused as by step()
+            fa.step(x, y, oa)
+        with pytest.raises((RuntimeError, ValueError)):
+            step(x, y)
+        x, y = _batch(gen, 9, (33, 3), torch.float32)
+        assert torch.equal(fa.step(x, y, oa), step(x, y))
+    _assert_same_state(a, b, oa, ob, "after")

@@ -23,6 +23,7 @@ so a resumed run computes exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -531,7 +532,10 @@ class IMPRun:
             if tracker is not None or epoch_counts is None:
                 epoch_counts = {}
             sampled = epoch_counts
-            with _neq_cuts(model, tracker if self.sparse else None, prefix=hp.train.optimizer == "sgd"):
+            # (within an epoch nothing changes the model or the optimizer but the steps
+            # themselves and the counted steps' FLOP hooks, which take fast.step)
+            with _neq_cuts(model, tracker if self.sparse else None, prefix=hp.train.optimizer == "sgd"), \
+                    (fast.fixed(opt) if fast is not None else contextlib.nullcontext()) as fixed_step:
                 for b in range(step - epoch * S, S):
                     if capture_k and step == rewind_k:
                         self._save_iter_rewind(model)
@@ -544,7 +548,7 @@ class IMPRun:
                         counter.reset()
                         counter.start()
                     if fast is not None:  # (its step applies each layer's update right after its backward)
-                        loss = fast.step(x, y, opt)
+                        loss = fast.step(x, y, opt) if count else fixed_step(x, y)
                     else:
                         loss = F.cross_entropy(model(x), y)
                         opt.zero_grad(set_to_none=True)
