@@ -19,8 +19,9 @@ weights (output layer at half that rate), all contenders starting from the same 
   the same numbers); warm-up steps run first so every layer has measured its path;
 * ``sparseticket_sparse``: the same with mode='sparse' forced, to show what 'auto' gained;
 * ``sparseticket_mlpstep`` (LeNet only): mode='sparse' with the gradients from
-  ``sparseticket.nn.MLPStep`` (the same ops, no autograd; one line of the training loop
-  changes: ``loss = fast(x, y)`` for the forward / zero_grad / backward), + MaskedSGD.
+  ``sparseticket.nn.MLPStep`` (the same ops, no autograd) and MaskedSGD's update in the
+  same call, inside a ``fast.fixed(opt)`` block (checks once): the training loop's
+  forward / zero_grad / backward / step become ``loss = step(x, y)``.
 
 * ``floor`` (LeNet only): the same architecture and loop with every width cut to 16 (input
   4x4), almost no arithmetic: eager PyTorch's per-step cost for this graph. dense / floor is
@@ -425,17 +426,19 @@ def check_model_steps(ref: ModelStep, other: ModelStep, masks, rtol: float, step
 
 
 class MLPModelStep(ModelStep):
-    """The step with sparseticket.nn.MLPStep computing the gradients (no autograd)."""
+    """The step with sparseticket.nn.MLPStep computing the gradients (no autograd) and
+    MaskedSGD's update inside the same call, in a ``fixed`` block as a training loop that
+    keeps its model and optimizer unchanged would (checks once, not per step)."""
 
     def __init__(self, model: nn.Module, opt, x, y):
         import sparseticket.nn as stnn
         super().__init__(model, opt, x, y)
         self.fast = stnn.MLPStep(model)
+        self._block = contextlib.ExitStack()
+        self._step = self._block.enter_context(self.fast.fixed(opt))
 
     def step(self) -> torch.Tensor:
-        loss = self.fast(self.x, self.y)
-        self.opt.step()
-        return loss
+        return self._step(self.x, self.y)
 
 
 def mlp_step(base: nn.Module, masks: Dict[str, torch.Tensor], x, y) -> ModelStep:
@@ -466,7 +469,7 @@ def bench_train_step(ctx, model_name: str, sparsity: float):
                "sparsify(mode='sparse', fuse_relu=True) + MaskedSGD")]
     if model_name in MLP_MODELS:
         makers.append(("sparseticket_mlpstep", lambda: mlp_step(base, masks, x, y),
-                       "sparsify(mode='sparse', fuse_relu=True) + MLPStep (no autograd) + MaskedSGD"))
+                       "sparsify(mode='sparse', fuse_relu=True) + MLPStep.fixed (no autograd, update fused) + MaskedSGD"))
     if model_name in FLOOR_MODELS:
         makers.append(("floor", lambda: floor_step(model_name, batch, args.seed), FLOOR_VARIANT))
     steppers: Dict[str, ModelStep] = {}
