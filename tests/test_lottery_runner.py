@@ -217,6 +217,12 @@ def test_checkpoint_interval(tmp_path, monkeypatch, every):
     _same(_finals(ref.dir), _finals(cut.dir))
 
 
+@pytest.mark.parametrize("every", [-1.0, float("nan")])
+def test_checkpoint_interval_must_be_non_negative(tmp_path, every):
+    with pytest.raises(ValueError, match="--checkpoint-every must be >= 0 seconds"):
+        R.IMPRun(_hp(tmp_path, checkpoint_every=every))
+
+
 def _moved_one_weight(mask_path):
     """Move one kept weight of fc1 to a pruned column of the same row: every count stays."""
     m = torch.load(mask_path)

@@ -192,6 +192,9 @@ class IMPHparams:
             raise ValueError("sparseticket: batch sizes must be >= 1")
         if self.experiment.control != "none" and self.experiment.transfer_from:
             raise ValueError("sparseticket: --control and --transfer-from cannot be combined")
+        if not self.run.checkpoint_every >= 0:  # (NaN too)
+            raise ValueError(f"sparseticket: --checkpoint-every must be >= 0 seconds (0: every epoch), got "
+                             f"{self.run.checkpoint_every}")
         return self
 
 
