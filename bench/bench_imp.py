@@ -227,14 +227,30 @@ def kill(a) -> int:
     # a checkpoint after every epoch, so that kills land mid-level and resume from there
     cmd = [sys.executable, "-m", "sparseticket", "imp"] + _imp_args(a) + ["--kernels", "sparse",
                                                                          "--checkpoint-every", "0"]
+    # the reference run, timed, and when it wrote its first checkpoint (the start-up before it:
+    # imports, data, the first epoch)
     t0 = time.perf_counter()
-    subprocess.run(cmd + ["--out", str(base / "ref")], check=True, capture_output=True)
+    ref_p = subprocess.Popen(cmd + ["--out", str(base / "ref")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    startup = None
+    while ref_p.poll() is None:
+        if startup is None and any((base / "ref").glob("imp_*/level_*/checkpoint.pt")):
+            startup = time.perf_counter() - t0
+        time.sleep(0.01)
     full = time.perf_counter() - t0
+    if ref_p.returncode != 0:
+        raise SystemExit(f"reference run failed: {ref_p.stderr.read().decode()[-2000:]}")
+    startup = full if startup is None else startup
+    total_epochs = (a.levels + 1) * a.epochs
     killed = 0
     while True:
         p = subprocess.Popen(cmd + ["--out", str(base / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if killed < a.kills:
-            delay = rng.uniform(0.3, 0.9) * full  # a random point of a whole run (start-up included)
+            # a random point of the next share of what is left of the run, so that the
+            # kills spread over it (a resumed run skips the epochs done: delays drawn from
+            # the whole run's length let the resumed runs finish before their kill)
+            left = max(0.05, 1.0 - _epochs_done(base / "cut") / total_epochs)
+            share = max(full - startup, 0.0) * left / (a.kills - killed + 1)
+            delay = startup + rng.uniform(0.2, 1.0) * share
             try:
                 p.wait(timeout=delay)
             except subprocess.TimeoutExpired:
