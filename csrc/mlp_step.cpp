@@ -20,7 +20,7 @@
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
-#include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -111,8 +111,9 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
   for (size_t l = 0, first = L; update && l < L; ++l) {
     if (hyper[l * kSgdHyper + 6] != 0) continue;
     if (first == L) first = l;
-    TORCH_CHECK(std::equal(hyper.begin() + l * kSgdHyper, hyper.begin() + (l + 1) * kSgdHyper,
-                           hyper.begin() + first * kSgdHyper),
+    // (bitwise: a NaN setting equals itself, as the optimizer's one call would take it)
+    TORCH_CHECK(std::memcmp(hyper.data() + l * kSgdHyper, hyper.data() + first * kSgdHyper,
+                            kSgdHyper * sizeof(double)) == 0,
                 "sparseticket: mlp_grads: layers ", first, " and ", l, " are updated after the backward in one call ",
                 "but have different SGD settings");
   }

@@ -120,7 +120,14 @@ def test_fused_update_bumps_version_counters(gen):
         x, y = _batch(gen, 7, (33, 3), torch.float32)
         fb.step(x, y, ob)
     before = [p._version for p in b.parameters()]
-    fb.step(x, y, ob)
+    real = ops._C.mlp_grads
+    seen = []
+    try:
+        ops._C.mlp_grads = lambda *args: seen.append(len(args) > 4) or real(*args)
+        fb.step(x, y, ob)
+    finally:
+        ops._C.mlp_grads = real
+    assert seen == [True]  # the fused path ran
     assert all(p._version > v for p, v in zip(b.parameters(), before))
 
 
@@ -334,3 +341,96 @@ def test_fixed_block_batches_it_cannot_take(gen):
         x, y = _batch(gen, 9, (33, 3), torch.float32)
         assert torch.equal(fa.step(x, y, oa), step(x, y))
     _assert_same_state(a, b, oa, ob, "after")
+
+
+# ------------------------------------------------------------------ review 32's cases
+
+
+@pytest.mark.parametrize("change", ["same-nnz mask", "momentum reset"])
+def test_state_changes_that_keep_the_registry_version(change, gen, monkeypatch):
+    """A new ticket with the same number of kept weights, or the optimizer's state
+    cleared: the cached plan must not be reused (nor compared tensor by tensor)."""
+    a = _model(gen, "sss", 0.4)
+    b = copy.deepcopy(a)
+    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
+    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    g2 = torch.Generator().manual_seed(11)
+    calls = _spy(monkeypatch)
+    for k in range(7):
+        if k == 3:
+            if change == "same-nnz mask":
+                keep = torch.zeros(65 * 33, dtype=torch.bool)
+                keep[torch.randperm(65 * 33, generator=g2)[:a[1].nnz]] = True
+                assert not torch.equal(keep.view(65, 33), a[1].mask())
+                for m in (a, b):
+                    m[1].set_mask(keep.view(65, 33))
+            else:
+                oa.state.clear()
+                ob.state.clear()
+        x, y = _batch(gen, 11, (33, 3), torch.float32)
+        fa(x, y)
+        oa.step()
+        fb.step(x, y, ob)
+        _assert_same_state(a, b, oa, ob, f"{change} step {k}")
+    assert calls[-1] is True  # fused again after the change
+
+
+def test_zero_grad_before_the_step_still_fuses(gen, monkeypatch):
+    a = _model(gen, "sLd", 0.5)
+    b = copy.deepcopy(a)
+    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
+    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    calls = _spy(monkeypatch)
+    for k in range(4):
+        x, y = _batch(gen, 9, (33, 3), torch.float32)
+        oa.zero_grad()
+        fa(x, y)
+        oa.step()
+        ob.zero_grad()
+        fb.step(x, y, ob)
+        _assert_same_state(a, b, oa, ob, f"step {k}")
+    assert calls[-1] is True
+
+
+def test_tied_weights_are_refused():
+    lin = nn.Linear(8, 8)
+    m = nn.Sequential(lin, nn.ReLU(), lin)
+    assert "used twice" in stnn.MLPStep(m).reason
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    m[2].weight = m[0].weight
+    assert "share a parameter" in stnn.MLPStep(m).reason
+
+
+def test_fixed_block_follows_setting_changes_inside(gen):
+    """A learning-rate warm-up inside the block (or any change of a group's settings, or
+    a new mask anywhere) is seen at the next step, as optimizer.step() would see it."""
+    a = _model(gen, "sLs", 0.5)
+    b = copy.deepcopy(a)
+    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
+    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    with fb.fixed(ob) as step:
+        for k in range(6):
+            for o in (oa, ob):
+                o.param_groups[0]["lr"] = 0.01 * (k + 1)
+                o.param_groups[0]["nesterov"] = k >= 4
+            x, y = _batch(gen, 9, (33, 3), torch.float32)
+            assert torch.equal(fa.step(x, y, oa), step(x, y))
+            _assert_same_state(a, b, oa, ob, f"step {k}")
+
+
+def test_fused_bias_free_layers_and_nan_settings(gen, monkeypatch):
+    monkeypatch.setattr(MaskedSGD, "_EARLY_UPDATE_MIN", 1 << 62)  # every layer in the one call after the backward
+    for paths in ("sss", "dLs"):
+        a = _model(gen, paths, 0.5, bias=False)
+        b = copy.deepcopy(a)
+        oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=float("nan")) for m in (a, b))
+        fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+        calls = _spy(monkeypatch)
+        for k in range(3):
+            x, y = _batch(gen, 9, (33, 3), torch.float32)
+            fa(x, y)
+            oa.step()
+            fb.step(x, y, ob)  # NaN settings: one call, no "different settings" error
+            for p, q in zip(a.parameters(), b.parameters()):
+                assert torch.equal(p, q) or (p.isnan().all() and q.isnan().all())
+        assert calls[-1] is True

@@ -223,6 +223,34 @@ def test_checkpoint_interval_must_be_non_negative(tmp_path, every):
         R.IMPRun(_hp(tmp_path, checkpoint_every=every))
 
 
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+def test_fused_and_fixed_steps_train_as_the_two_calls(tmp_path, monkeypatch, kernels):
+    """The runner's MLPStep.fixed blocks (update fused, checks once per epoch; counted steps
+    through MLPStep.step) end every level bit-identical to fast(x, y); opt.step(), through
+    weight decay, learning-rate milestones and an iteration rewind."""
+    import contextlib
+
+    import sparseticket.nn as stnn
+    cfg = dict(epochs=3, levels=2, weight_decay=1e-3, milestones="1,2", rewind="iter:5", kernels=kernels)
+    fused = R.IMPRun(_hp(tmp_path / "fused", **cfg))
+    fused.run()
+
+    def two_calls(self, x, y, opt):
+        loss = self(x, y)
+        opt.step()
+        return loss
+
+    @contextlib.contextmanager
+    def unfixed(self, opt):
+        yield lambda x, y: two_calls(self, x, y, opt)
+
+    monkeypatch.setattr(stnn.MLPStep, "step", two_calls)
+    monkeypatch.setattr(stnn.MLPStep, "fixed", unfixed)
+    plain = R.IMPRun(_hp(tmp_path / "plain", **cfg))
+    plain.run()
+    _same(_finals(fused.dir), _finals(plain.dir))
+
+
 def _moved_one_weight(mask_path):
     """Move one kept weight of fc1 to a pruned column of the same row: every count stays."""
     m = torch.load(mask_path)

@@ -86,6 +86,9 @@ class MLPStep:
             return "no linear layer"
         if len({id(layer) for layer, _ in self.layers}) != len(self.layers):
             return "a layer is used twice"
+        params = [p for layer, _ in self.layers for p in layer._parameters.values() if p is not None]
+        if len({id(p) for p in params}) != len(params):  # its gradient would be one layer's, not the sum
+            return "layers share a parameter (tied weights)"
         # the modules the plan rests on (a model whose children change needs a new MLPStep);
         # walking this list costs a fraction of model.modules()' generator per step
         self._modules_seen = [m, *m._modules.values()]
@@ -266,29 +269,37 @@ class MLPStep:
 
     @contextlib.contextmanager
     def fixed(self, optimizer: torch.optim.Optimizer) -> Iterator[Callable[[Tensor, Tensor], Tensor]]:
-        """A block over which the caller keeps the model and ``optimizer`` as they are:
-        no new masks, modes, modules, parameters or hooks of any kind, no FlopCounter
-        counting, no change to the param groups or their settings (the IMP runner sets
-        the learning rate between epochs, outside it). Yields ``step(x, y) -> loss``,
-        which does what ``self.step(x, y, optimizer)`` does, with the same results, but
-        runs ``check()`` and the optimizer's repeat test once, on its second call (after
-        the first one has built the optimizer's state), instead of at every call: ~35 us
-        of Python out of a ~180 us LeNet-300-100 step at 3.6% kept on the project's VM.
-        Per call it still checks what the batch can change (dtype, shape, grad mode);
-        any other call to this MLPStep in the block makes the next ``step`` check again.
+        """A block over which the caller keeps the model as it is: no new masks, modes,
+        modules, parameters or hooks of any kind, no FlopCounter counting, no autocast.
+        Yields ``step(x, y) -> loss``, which does what ``self.step(x, y, optimizer)`` does,
+        with the same results, but runs ``check()`` and the optimizer's repeat test once,
+        at the end of the first call (which builds the optimizer's state if it has none),
+        instead of at every call: ~35 us of Python out of a ~180 us LeNet-300-100 step at
+        3.6% kept on the project's VM. Per call it still checks what a batch can change
+        (dtype, rank, device, grad mode) and, for a MaskedSGD, what the optimizer's own
+        step would notice cheaply (``MaskedSGD._fused_guard``: its settings, a new mask
+        anywhere, step hooks, the profiler); any other call of this MLPStep in the block
+        makes the next ``step`` check everything again. The IMP runner uses one block per
+        epoch.
         """
-        held: dict = {}
+        held: dict = {"call": None, "calls": -1, "misses": 0}
+        guard = getattr(optimizer, "_fused_guard", None)
 
         def step(x: Tensor, y: Tensor) -> Tensor:
-            call = held.get("call")
+            call = held["call"]
             if (call is None or held["calls"] != self._calls or not torch.is_grad_enabled() or x.requires_grad
                     or x.dtype != call[0] or x.dim() != call[1] or x.device.type != "cpu" or y.dtype != torch.long
-                    or y.dim() != 1):
+                    or y.dim() != 1 or guard() != call[7]):
+                if held["calls"] != self._calls:  # another call of this MLPStep since: try again
+                    held["misses"] = 0
                 loss = self.step(x, y, optimizer)
-                held["call"] = self._fixed_call(x, optimizer)
+                # prepare (check) after the first step and after a miss, not forever: a
+                # model that cannot take the fused path would pay check() twice a step
+                held["call"] = self._fixed_call(x, optimizer) if held["misses"] < 2 else None
+                held["misses"] = 0 if held["call"] is not None else held["misses"] + 1
                 held["calls"] = self._calls
                 return loss
-            _, _, tensors, spec, plan, grads, xform = call
+            _, _, tensors, spec, plan, grads, xform, _ = call
             with torch.no_grad():
                 out = _ops._C.mlp_grads(x.flatten(1) if xform else x, y, tensors, spec, *plan)
             for param, k in grads:
@@ -308,8 +319,11 @@ class MLPStep:
                            for layer, _ in self.layers])
         if plan is None:
             return None
+        guard = getattr(optimizer, "_fused_guard", None)
+        if guard is None:
+            return None
         tensors, spec, grads = self._native_args()
-        return x.dtype, x.dim(), tensors, spec, plan, grads, self.flatten
+        return x.dtype, x.dim(), tensors, spec, plan, grads, self.flatten, guard()
 
 
 def _weight_name(layer: nn.Module) -> str:

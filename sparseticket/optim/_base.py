@@ -81,7 +81,7 @@ class MaskedOptimizer(Optimizer):
         # id(param group) -> the last step's argument lists, for a step that changes nothing
         # (MaskedSGD._st_repeat_step)
         self._st_repeat = {}
-        self._st_fused = None  # MaskedSGD._fused_plan's last (key, plan)
+        self._st_fused = None  # MaskedSGD._fused_plan's last (params, repeat records, settings, plan)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -160,7 +160,7 @@ class MaskedOptimizer(Optimizer):
         self._st_tokens = {}
         self._st_plans = {}
         self._st_repeat = {}
-        self._st_fused = None  # MaskedSGD._fused_plan's last (key, plan)
+        self._st_fused = None  # MaskedSGD._fused_plan's last (params, repeat records, settings, plan)
 
     def _prepare(self, group: dict):
         """(param, state, keep, active, row_ptr) for each param of ``group`` with a gradient."""

@@ -115,9 +115,11 @@ class MaskedSGD(MaskedOptimizer):
         cache[id(group)] = (group, plist, len(plist), _registry.VERSION[0], uses_bufs, entries,
                             (params, bufs, keeps, actives, row_ptrs, [False] * len(params)))
 
-    def _st_repeat_args(self, group: dict) -> Optional[tuple]:
+    def _st_repeat_args(self, group: dict, grads_replaced: bool = False) -> Optional[tuple]:
         """masked_sgd_'s arguments for repeating the previous step of ``group`` with the
-        current gradients, or None when anything it rests on changed."""
+        current gradients, or None when anything it rests on changed. ``grads_replaced``
+        (MaskedSGD._fused_plan): the caller is about to set every gradient, so the current
+        ones are not looked at (the gradient slot of the result is then None)."""
         c = self._st_repeat.get(id(group))
         if (c is None or c[0] is not group or c[1] is not group["params"] or c[2] != len(c[1])
                 or c[3] != _registry.VERSION[0]):
@@ -130,7 +132,7 @@ class MaskedSGD(MaskedOptimizer):
         grads = []
         for (p, shape, state, buf, keep_fn, keep, active_fn, active, row_fn, row_ptr, token_fn, token) in c[5]:
             g = p.grad
-            if (g is None or g.is_sparse or p.shape != shape or state_of.get(p) is not state
+            if ((not grads_replaced and (g is None or g.is_sparse)) or p.shape != shape or state_of.get(p) is not state
                     or (uses_bufs and state.get("momentum_buffer") is not buf)
                     or (keep_fn is not None and keep_fn() is not keep)
                     or (active_fn is not None and active_fn() is not active)
@@ -138,7 +140,9 @@ class MaskedSGD(MaskedOptimizer):
                     or (token_fn is not None and token_fn() is not token)):
                 return None
             grads.append(g)
-        if _ops.has_torch_function(grads):  # the full path then steps through torch.ops
+        if grads_replaced:
+            grads = None
+        elif _ops.has_torch_function(grads):  # the full path then steps through torch.ops
             return None
         params, bufs, keeps, actives, row_ptrs, fresh = c[6]
         return params, grads, bufs, keeps, actives, row_ptrs, fresh, _hyper(group, momentum)
@@ -169,18 +173,30 @@ class MaskedSGD(MaskedOptimizer):
         for group in groups:
             if _masked_sgd_call is None or not _ops.c_entry_allowed(group["params"]):
                 return None
-            args = self._st_repeat_args(group)
+            # (the gradients are MLPStep's to set: a zero_grad() before the call is fine)
+            args = self._st_repeat_args(group, grads_replaced=True)
             if args is None:
                 return None
             hypers.append(args[7])
-        key = (tuple(id(p) for pair in layers for p in pair), tuple(self._st_repeat[id(g)] for g in groups),
-               tuple(hypers))
+        # the plan rests on the layers' parameters, the repeat records (by identity: they
+        # hold tensors) and the settings
+        params = [p for pair in layers for p in pair]
+        records = [self._st_repeat[id(g)] for g in groups]
         cached = self._st_fused
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if (cached is not None and _same_objects(cached[0], params) and _same_objects(cached[1], records)
+                and cached[2] == hypers):
+            return cached[3]
         plan = self._build_fused_plan(layers, groups, hypers)
-        self._st_fused = (key, plan)
+        self._st_fused = (params, records, hypers, plan)
         return plan
+
+    def _fused_guard(self) -> tuple:
+        """What ``MLPStep.fixed`` compares at every call, in ~1 us: the param groups'
+        settings, the mask registry's version (a new mask or frozen set anywhere) and
+        whether a step would run hooked (step hooks, the profiler)."""
+        return (_registry.VERSION[0], lean_step_direct(self), "step" in self.__dict__,
+                [(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g["maximize"],
+                  len(g["params"])) for g in self.param_groups])
 
     def _build_fused_plan(self, layers, groups, hypers) -> Optional[tuple]:
         wanted = {id(p) for pair in layers for p in pair if p is not None}
@@ -209,6 +225,10 @@ class MaskedSGD(MaskedOptimizer):
                 later = hyper
             scalars += [float(v) for v in hyper] + [1.0 if now else 0.0]
         return sgd, scalars
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _hyper(group: dict, momentum: float) -> tuple:
