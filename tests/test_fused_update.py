@@ -35,6 +35,13 @@ def _model(gen, paths, density, dtype=torch.float32, bias=True, sizes=(33, 65, 1
     return m
 
 
+def _twins(model, **hyper):
+    """The model and a copy of it, each with its own MaskedSGD(**hyper) and MLPStep."""
+    a, b = model, copy.deepcopy(model)
+    oa, ob = (MaskedSGD(m.parameters(), **hyper) for m in (a, b))
+    return a, b, oa, ob, stnn.MLPStep(a), stnn.MLPStep(b)
+
+
 def _batch(gen, n, sizes, dtype):
     return randn(n, 1, sizes[0], dtype=dtype, gen=gen), torch.randint(0, sizes[-1], (n,), generator=gen)
 
@@ -91,10 +98,7 @@ def test_bit_identical_to_gradients_then_step(paths, density, dtype, hyper, earl
 def test_big_layer_updated_early_small_ones_after(gen, monkeypatch):
     """LeNet-300-100 at 90% kept: fc1 (211k entries) is updated in its own call right after
     its backward, fc2 and fc3 together after the backward; still bit-identical."""
-    a = _model(gen, "sss", 0.9, sizes=(784, 300, 100, 10))
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sss", 0.9, sizes=(784, 300, 100, 10)), lr=0.05, momentum=0.9)
     x, y = _batch(gen, 60, (784, 10), torch.float32)
     fa(x, y)
     oa.step()
@@ -134,10 +138,7 @@ def test_fused_update_bumps_version_counters(gen):
 def test_mask_change_between_steps_is_followed(gen, monkeypatch):
     """A new ticket between steps: the optimizer's step no longer repeats, so that step
     runs unfused (and moves the state); the next one is fused again."""
-    a = _model(gen, "sss", 0.6)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sss", 0.6), lr=0.05, momentum=0.9)
     calls = _spy(monkeypatch)
     g2 = torch.Generator().manual_seed(5)
     for step in range(5):
@@ -155,10 +156,7 @@ def test_mask_change_between_steps_is_followed(gen, monkeypatch):
 
 def _two_calls_expected(gen, monkeypatch, tweak):
     """After `tweak(optimizer)`, MLPStep.step must take the two calls, with the same result."""
-    a = _model(gen, "sds", 0.6)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sds", 0.6), lr=0.05, momentum=0.9)
     for _ in range(2):
         x, y = _batch(gen, 9, (33, 3), torch.float32)
         fa(x, y)
@@ -208,10 +206,7 @@ def test_optimizer_with_other_parameters_is_not_fused(gen, monkeypatch):
 def test_changed_hyperparameters_take_effect(gen, monkeypatch):
     """lr / momentum read at every step, as step() reads them: a cached plan must not keep
     the old ones."""
-    a = _model(gen, "sLd", 0.6)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sLd", 0.6), lr=0.05, momentum=0.9)
     calls = _spy(monkeypatch)
     for step in range(5):
         if step == 3:
@@ -281,10 +276,7 @@ def test_malformed_plans_raise(gen):
 
 @pytest.mark.parametrize("paths,density", [("sss", 0.05), ("dsL", 0.6), ("LLL", 1.0)])
 def test_fixed_block_is_bit_identical_and_checks_once(paths, density, gen, monkeypatch):
-    a = _model(gen, paths, density)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, paths, density), lr=0.05, momentum=0.9, weight_decay=1e-3)
     checks = []
     real_check = stnn.MLPStep.check
     monkeypatch.setattr(stnn.MLPStep, "check", lambda self, *a: checks.append(self is fb) or real_check(self, *a))
@@ -303,10 +295,7 @@ def test_fixed_block_checks_again_after_another_call(gen):
     """A call of the MLPStep itself inside the block (here: after a new ticket for the
     second layer, which the block's contract excludes otherwise) makes the block's next
     step check and plan again."""
-    a = _model(gen, "sss", 0.6)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sss", 0.6), lr=0.05, momentum=0.9)
     g2 = torch.Generator().manual_seed(3)
     with fb.fixed(ob) as step:
         for k in range(6):
@@ -325,10 +314,7 @@ def test_fixed_block_checks_again_after_another_call(gen):
 def test_fixed_block_batches_it_cannot_take(gen):
     """A batch of another dtype, or grad mode off, goes through step() (which then
     decides), not through the prepared call."""
-    a = _model(gen, "sLs", 0.5)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sLs", 0.5), lr=0.05, momentum=0.9)
     with fb.fixed(ob) as step:
         for k in range(3):
             x, y = _batch(gen, 9, (33, 3), torch.float32)
@@ -350,10 +336,7 @@ def test_fixed_block_batches_it_cannot_take(gen):
 def test_state_changes_that_keep_the_registry_version(change, gen, monkeypatch):
     """A new ticket with the same number of kept weights, or the optimizer's state
     cleared: the cached plan must not be reused (nor compared tensor by tensor)."""
-    a = _model(gen, "sss", 0.4)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sss", 0.4), lr=0.05, momentum=0.9)
     g2 = torch.Generator().manual_seed(11)
     calls = _spy(monkeypatch)
     for k in range(7):
@@ -376,10 +359,7 @@ def test_state_changes_that_keep_the_registry_version(change, gen, monkeypatch):
 
 
 def test_zero_grad_before_the_step_still_fuses(gen, monkeypatch):
-    a = _model(gen, "sLd", 0.5)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sLd", 0.5), lr=0.05, momentum=0.9)
     calls = _spy(monkeypatch)
     for k in range(4):
         x, y = _batch(gen, 9, (33, 3), torch.float32)
@@ -404,10 +384,7 @@ def test_tied_weights_are_refused():
 def test_fixed_block_follows_setting_changes_inside(gen):
     """A learning-rate warm-up inside the block (or any change of a group's settings, or
     a new mask anywhere) is seen at the next step, as optimizer.step() would see it."""
-    a = _model(gen, "sLs", 0.5)
-    b = copy.deepcopy(a)
-    oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b))
-    fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+    a, b, oa, ob, fa, fb = _twins(_model(gen, "sLs", 0.5), lr=0.05, momentum=0.9)
     with fb.fixed(ob) as step:
         for k in range(6):
             for o in (oa, ob):
@@ -421,10 +398,7 @@ def test_fixed_block_follows_setting_changes_inside(gen):
 def test_fused_bias_free_layers_and_nan_settings(gen, monkeypatch):
     monkeypatch.setattr(MaskedSGD, "_EARLY_UPDATE_MIN", 1 << 62)  # every layer in the one call after the backward
     for paths in ("sss", "dLs"):
-        a = _model(gen, paths, 0.5, bias=False)
-        b = copy.deepcopy(a)
-        oa, ob = (MaskedSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=float("nan")) for m in (a, b))
-        fa, fb = stnn.MLPStep(a), stnn.MLPStep(b)
+        a, b, oa, ob, fa, fb = _twins(_model(gen, paths, 0.5, bias=False), lr=0.05, momentum=0.9, weight_decay=float("nan"))
         calls = _spy(monkeypatch)
         for k in range(3):
             x, y = _batch(gen, 9, (33, 3), torch.float32)
