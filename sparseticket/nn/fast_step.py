@@ -16,19 +16,21 @@ autograd path. An IMP level mixing sparse and dense layers (a ticket at 80% keep
 big layers dense) takes this path as well as one whose layers are all sparse. What it leaves out is the framework
 around them: module calls, autograd graph construction and the engine's per-node work,
 about a third of a sparse LeNet-300-100 step at 3% density on the project's VM (see
-``bench/framework_overhead.py``). The optimizer step is the caller's, unchanged, or ``MLPStep.step(x, y, optimizer)``'s:
-with a MaskedSGD whose step would repeat the previous one (same parameters, masks and
-state objects), each layer's update runs inside the same C++ call right after the
-backward is done with that layer, while its weight and gradient are still in cache
-(bit-identical to the step after the whole backward; ~30 us of a dense LeNet-300-100
-step on the project's VM, where the update otherwise re-reads every weight and gradient
-from memory after the backward evicted them).
+``bench/framework_overhead.py``). The optimizer step is the caller's, unchanged, or
+``MLPStep.step(x, y, optimizer)``'s: with a MaskedSGD whose step would repeat the
+previous one (same parameters, masks and state objects), each big layer's update runs
+inside the same C++ call right after the backward is done with that layer, while its
+weight and gradient are still in cache (bit-identical to the step after the whole
+backward; ~30 us of a dense LeNet-300-100 step on the project's VM, where the update
+otherwise re-reads every weight and gradient after the backward evicted them).
+``with fast.fixed(optimizer) as step:`` runs those steps with the model's and the
+optimizer's checks made once for the block instead of at every call (~35 us a step).
 
 ``MLPStep.check()`` says why a model or call cannot take this path (another layer type,
 a SparseLinear whose path is not pinned ('auto'), frozen neurons, a frozen or
-non-contiguous parameter, any module, parameter or global hook, e.g. a FlopCounter's while
-counting, autocast, children replaced or a fused activation changed since the MLPStep was
-built); ``__call__`` then falls back to the autograd path itself, so callers need no
+non-contiguous parameter, a parameter shared by two layers, any module, parameter or
+global hook, e.g. a FlopCounter's while counting, autocast, children replaced or a fused
+activation changed since the MLPStep was built); ``__call__`` then falls back to the autograd path itself, so callers need no
 second code path.
 """
 from __future__ import annotations
