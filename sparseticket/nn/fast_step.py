@@ -36,7 +36,7 @@ second code path.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,12 +160,7 @@ class MLPStep:
         in the gradient call right after that layer's backward; the parameters, gradients,
         momentum buffers and loss are bit-identical to the two calls."""
         self._calls += 1
-        plan = None
-        fused_plan = getattr(optimizer, "_fused_plan", None)
-        if (fused_plan is not None and self.native and _ops._C is not None and x.device.type == "cpu"
-                and y.dtype == torch.long and y.dim() == 1 and self.check(x) is None):
-            plan = fused_plan([(layer._parameters[_weight_name(layer)], layer._parameters["bias"])
-                               for layer, _ in self.layers])
+        plan = self._fused_plan(x, optimizer) if y.dtype == torch.long and y.dim() == 1 else None
         if plan is None:
             loss = self(x, y)
             optimizer.step()
@@ -288,10 +283,10 @@ class MLPStep:
         guard = getattr(optimizer, "_fused_guard", None)
 
         def step(x: Tensor, y: Tensor) -> Tensor:
-            call = held["call"]
+            call: Optional[_Prepared] = held["call"]
             if (call is None or held["calls"] != self._calls or not torch.is_grad_enabled() or x.requires_grad
-                    or x.dtype != call[0] or x.dim() != call[1] or x.device.type != "cpu" or y.dtype != torch.long
-                    or y.dim() != 1 or guard() != call[7]):
+                    or x.dtype != call.dtype or x.dim() != call.dim or x.device.type != "cpu"
+                    or y.dtype != torch.long or y.dim() != 1 or guard() != call.guard):
                 if held["calls"] != self._calls:  # another call of this MLPStep since: try again
                     held["misses"] = 0
                 loss = self.step(x, y, optimizer)
@@ -301,31 +296,44 @@ class MLPStep:
                 held["misses"] = 0 if held["call"] is not None else held["misses"] + 1
                 held["calls"] = self._calls
                 return loss
-            _, _, tensors, spec, plan, grads, xform, _ = call
             with torch.no_grad():
-                out = _ops._C.mlp_grads(x.flatten(1) if xform else x, y, tensors, spec, *plan)
-            for param, k in grads:
+                out = _ops._C.mlp_grads(x.flatten(1) if self.flatten else x, y, call.tensors, call.spec, *call.plan)
+            for param, k in call.grads:
                 param.grad = out[k]
             optimizer._optimizer_step_code()
             return out[0]
 
         yield step
 
-    def _fixed_call(self, x: Tensor, optimizer) -> Optional[tuple]:
-        """What ``fixed``'s step reuses: None unless ``step`` would fuse now."""
+    def _fused_plan(self, x: Tensor, optimizer) -> Optional[tuple]:
+        """The optimizer's update plan for mlp_grads (``MaskedSGD._fused_plan``), or None
+        when this call or the optimizer cannot fuse it."""
         fused_plan = getattr(optimizer, "_fused_plan", None)
         if (fused_plan is None or not self.native or _ops._C is None or x.device.type != "cpu"
                 or self.check(x) is not None):
             return None
-        plan = fused_plan([(layer._parameters[_weight_name(layer)], layer._parameters["bias"])
+        return fused_plan([(layer._parameters[_weight_name(layer)], layer._parameters["bias"])
                            for layer, _ in self.layers])
+
+    def _fixed_call(self, x: Tensor, optimizer) -> Optional["_Prepared"]:
+        """What ``fixed``'s step reuses: None unless ``step`` would fuse now."""
+        guard = getattr(optimizer, "_fused_guard", None)
+        plan = self._fused_plan(x, optimizer) if guard is not None else None
         if plan is None:
             return None
-        guard = getattr(optimizer, "_fused_guard", None)
-        if guard is None:
-            return None
         tensors, spec, grads = self._native_args()
-        return x.dtype, x.dim(), tensors, spec, plan, grads, self.flatten, guard()
+        return _Prepared(x.dtype, x.dim(), tensors, spec, plan, grads, guard())
+
+
+class _Prepared(NamedTuple):
+    """A ``fixed`` block's prepared mlp_grads call, and what it was prepared for."""
+    dtype: torch.dtype  # the batch's
+    dim: int
+    tensors: list  # mlp_grads' layer tensors, spec and SGD plan (MLPStep._native_args, _fused_plan)
+    spec: List[int]
+    plan: tuple
+    grads: list  # (parameter, output index) pairs
+    guard: tuple  # the optimizer's _fused_guard() then
 
 
 def _weight_name(layer: nn.Module) -> str:
