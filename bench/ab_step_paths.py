@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""In-process A/B of the sparse step's paths: sparsify(fuse_relu=True), MLPStep (Python and C++).
+"""In-process A/B of the sparse step's paths: sparsify(fuse_relu=True), MLPStep (Python and C++), its fused update and fixed block.
 
     python bench/ab_step_paths.py --model lenet_300_100 --densities 0.03,0.1,0.33 --rounds 60
     python bench/ab_step_paths.py --model conv4 --densities 0.134,0.41 --batch-size 64 --steps 5 --rounds 20
@@ -10,13 +10,17 @@ Per density, one model sparsified three times from the same weights and random m
 (output layer included): ``unfused`` (modules and autograd), ``fused`` (each layer+ReLU
 pair one op and one autograd node, sparse_linear_relu / sparse_conv2d_relu), ``mlp_py`` (the fused model's
 gradients by sparseticket.nn.MLPStep's Python op sequence, no autograd) and ``mlpstep``
-(the same sequence as one C++ call, MLPStep's default on the CPU). All train with MaskedSGD on the same
+(the same sequence as one C++ call, MLPStep's default on the CPU), ``step`` (``fast.step(x, y,
+opt)``: MaskedSGD's update inside that call) and ``fixed`` (the same in a ``fast.fixed(opt)``
+block: checks once). All train with MaskedSGD on the same
 batch; blocks of steps alternate, the order reversed every round, and the table has the
-median microseconds per step and the ratios to ``unfused``. Before timing, one step of
+median microseconds per step and the ratios to ``unfused`` (and of ``mlpstep`` to
+``step`` and ``fixed``). Before timing, one step of
 each is checked to give bit-identical losses. Wall-clock on a shared VM: read the ratios,
 not the absolute times.
 """
 import argparse
+import contextlib
 import copy
 
 import torch
@@ -42,8 +46,10 @@ def main():
 
     torch.set_num_threads(a.threads)
     runtime.retain_freed_memory()
-    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'mlp_py us':>10} {'mlpstep us':>11} "
-          f"{'unfused/fused':>14} {'unfused/mlp_py':>15} {'unfused/mlpstep':>16} {'mlp_py/mlpstep':>15}")
+    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'mlp_py us':>10} {'mlpstep us':>11} {'step us':>8} "
+          f"{'fixed us':>9} {'unfused/fused':>14} {'unfused/mlp_py':>15} {'unfused/mlpstep':>16} "
+          f"{'mlp_py/mlpstep':>15} {'mlpstep/step':>13} {'mlpstep/fixed':>14}")
+    blocks = contextlib.ExitStack()  # the fixed contenders' blocks, open while they are timed
     for dens in [float(d) for d in a.densities.split(",")]:
         torch.manual_seed(0)
         base = get_model(a.model, (1, 28, 28), 10)
@@ -52,10 +58,15 @@ def main():
         x = torch.randn(a.batch_size, 1, 28, 28)
         y = torch.randint(0, 10, (a.batch_size,))
 
-        def make(fuse, mlp_step=False, native=True):
+        def make(fuse, mlp_step=False, native=True, fused_update=None):
             m = stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=fuse)
             opt = MaskedSGD(m.parameters(), lr=0.01, momentum=0.9)
             fast = stnn.MLPStep(m, native=native)
+            if fused_update == "step":
+                return lambda: fast.step(x, y, opt)
+            if fused_update == "fixed":
+                fixed_step = blocks.enter_context(fast.fixed(opt))
+                return lambda: fixed_step(x, y)
 
             def step():
                 if mlp_step:
@@ -71,7 +82,8 @@ def main():
         fs = {"unfused": make(False), "fused": make(True)}
         mlp = stnn.MLPStep(stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=True)).reason is None
         if mlp:  # (a conv net compares the first two only)
-            fs.update(mlp_py=make(True, True, native=False), mlpstep=make(True, True))
+            fs.update(mlp_py=make(True, True, native=False), mlpstep=make(True, True),
+                      step=make(True, fused_update="step"), fixed=make(True, fused_update="fixed"))
         if a.mode == "sparse":  # 'auto' may pick different paths for the contenders
             losses = [f() for f in fs.values()]
             assert all(torch.equal(losses[0], v) for v in losses), "the contenders' steps differ"
@@ -81,12 +93,12 @@ def main():
         med = interleaved_blocks(fs, a.rounds, a.steps, warmup=5)
         u, f = med["unfused"], med["fused"]
         if not mlp:
-            print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {'-':>10} {'-':>11} {u / f:14.3f} {'-':>15} {'-':>16} {'-':>15}",
-                  flush=True)
+            print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {'-':>10} {'-':>11} {'-':>8} {'-':>9} {u / f:14.3f} {'-':>15} "
+                  f"{'-':>16} {'-':>15} {'-':>13} {'-':>14}", flush=True)
             continue
-        p, s = med["mlp_py"], med["mlpstep"]
-        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {p:10.0f} {s:11.0f} {u / f:14.3f} {u / p:15.3f} {u / s:16.3f} "
-              f"{p / s:15.3f}", flush=True)
+        p, s, st, fx = med["mlp_py"], med["mlpstep"], med["step"], med["fixed"]
+        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {p:10.0f} {s:11.0f} {st:8.0f} {fx:9.0f} {u / f:14.3f} {u / p:15.3f} "
+              f"{u / s:16.3f} {p / s:15.3f} {s / st:13.3f} {s / fx:14.3f}", flush=True)
 
 
 if __name__ == "__main__":
