@@ -129,7 +129,7 @@ class MaskedSGD(MaskedOptimizer):
         if uses_bufs != (momentum != 0):
             return None
         state_of = self.state
-        grads = []
+        grads: Optional[list] = None if grads_replaced else []
         for (p, shape, state, buf, keep_fn, keep, active_fn, active, row_fn, row_ptr, token_fn, token) in c[5]:
             g = p.grad
             if ((not grads_replaced and (g is None or g.is_sparse)) or p.shape != shape or state_of.get(p) is not state
@@ -139,10 +139,9 @@ class MaskedSGD(MaskedOptimizer):
                     or (row_fn is not None and row_fn() is not row_ptr)
                     or (token_fn is not None and token_fn() is not token)):
                 return None
-            grads.append(g)
-        if grads_replaced:
-            grads = None
-        elif _ops.has_torch_function(grads):  # the full path then steps through torch.ops
+            if grads is not None:
+                grads.append(g)
+        if grads is not None and _ops.has_torch_function(grads):  # the full path then steps through torch.ops
             return None
         params, bufs, keeps, actives, row_ptrs, fresh = c[6]
         return params, grads, bufs, keeps, actives, row_ptrs, fresh, _hyper(group, momentum)
