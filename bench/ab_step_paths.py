@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""In-process A/B of the sparse step's paths: sparsify(fuse_relu=True), MLPStep (Python and C++), its fused update and fixed block.
+"""In-process A/B of the sparse step's paths: sparsify(fuse_relu=True) with and without its MLP chain node, MLPStep (Python and C++), its fused update and fixed block.
 
     python bench/ab_step_paths.py --model lenet_300_100 --densities 0.03,0.1,0.33 --rounds 60
     python bench/ab_step_paths.py --model conv4 --densities 0.134,0.41 --batch-size 64 --steps 5 --rounds 20
@@ -8,7 +8,10 @@ A model MLPStep cannot take (Conv-4) compares ``unfused`` and ``fused`` only.
 
 Per density, one model sparsified three times from the same weights and random masks
 (output layer included): ``unfused`` (modules and autograd), ``fused`` (each layer+ReLU
-pair one op and one autograd node, sparse_linear_relu / sparse_conv2d_relu), ``mlp_py`` (the fused model's
+pair one op and one autograd node, sparse_linear_relu / sparse_conv2d_relu; the chain
+below removed), ``chain`` (what ``sparsify(fuse_relu=True)`` gives an MLP: all its layers
+one autograd node, ``sparseticket.nn.fast_step.ChainForward``; the drop-in training
+loop is unchanged), ``mlp_py`` (the fused model's
 gradients by sparseticket.nn.MLPStep's Python op sequence, no autograd) and ``mlpstep``
 (the same sequence as one C++ call, MLPStep's default on the CPU), ``step`` (``fast.step(x, y,
 opt)``: MaskedSGD's update inside that call) and ``fixed`` (the same in a ``fast.fixed(opt)``
@@ -42,12 +45,13 @@ def main():
     import sparseticket.nn as stnn
     from sparseticket import runtime
     from sparseticket.lottery.models import get_model
+    from sparseticket.nn.fast_step import remove_chains
     from sparseticket.optim import MaskedSGD
 
     torch.set_num_threads(a.threads)
     runtime.retain_freed_memory()
-    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'mlp_py us':>10} {'mlpstep us':>11} {'step us':>8} "
-          f"{'fixed us':>9} {'unfused/fused':>14} {'unfused/mlp_py':>15} {'unfused/mlpstep':>16} "
+    print(f"{'density':>8} {'unfused us':>11} {'fused us':>9} {'chain us':>9} {'mlp_py us':>10} {'mlpstep us':>11} {'step us':>8} "
+          f"{'fixed us':>9} {'unfused/fused':>14} {'fused/chain':>12} {'unfused/mlp_py':>15} {'unfused/mlpstep':>16} "
           f"{'mlp_py/mlpstep':>15} {'mlpstep/step':>13} {'mlpstep/fixed':>14}")
     blocks = contextlib.ExitStack()  # the fixed contenders' blocks, open while they are timed
     for dens in [float(d) for d in a.densities.split(",")]:
@@ -58,8 +62,10 @@ def main():
         x = torch.randn(a.batch_size, 1, 28, 28)
         y = torch.randint(0, 10, (a.batch_size,))
 
-        def make(fuse, mlp_step=False, native=True, fused_update=None):
+        def make(fuse, mlp_step=False, native=True, fused_update=None, chain=False):
             m = stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=fuse)
+            if not chain:
+                remove_chains(m)
             opt = MaskedSGD(m.parameters(), lr=0.01, momentum=0.9)
             fast = stnn.MLPStep(m, native=native)
             if fused_update == "step":
@@ -82,7 +88,7 @@ def main():
         fs = {"unfused": make(False), "fused": make(True)}
         mlp = stnn.MLPStep(stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=True)).reason is None
         if mlp:  # (a conv net compares the first two only)
-            fs.update(mlp_py=make(True, True, native=False), mlpstep=make(True, True),
+            fs.update(chain=make(True, chain=True), mlp_py=make(True, True, native=False), mlpstep=make(True, True),
                       step=make(True, fused_update="step"), fixed=make(True, fused_update="fixed"))
         if a.mode == "sparse":  # 'auto' may pick different paths for the contenders
             losses = [f() for f in fs.values()]
@@ -93,11 +99,11 @@ def main():
         med = interleaved_blocks(fs, a.rounds, a.steps, warmup=5)
         u, f = med["unfused"], med["fused"]
         if not mlp:
-            print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {'-':>10} {'-':>11} {'-':>8} {'-':>9} {u / f:14.3f} {'-':>15} "
+            print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {'-':>9} {'-':>10} {'-':>11} {'-':>8} {'-':>9} {u / f:14.3f} {'-':>12} {'-':>15} "
                   f"{'-':>16} {'-':>15} {'-':>13} {'-':>14}", flush=True)
             continue
-        p, s, st, fx = med["mlp_py"], med["mlpstep"], med["step"], med["fixed"]
-        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {p:10.0f} {s:11.0f} {st:8.0f} {fx:9.0f} {u / f:14.3f} {u / p:15.3f} "
+        c, p, s, st, fx = med["chain"], med["mlp_py"], med["mlpstep"], med["step"], med["fixed"]
+        print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {c:9.0f} {p:10.0f} {s:11.0f} {st:8.0f} {fx:9.0f} {u / f:14.3f} {f / c:12.3f} {u / p:15.3f} "
               f"{u / s:16.3f} {p / s:15.3f} {s / st:13.3f} {s / fx:14.3f}", flush=True)
 
 

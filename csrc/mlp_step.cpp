@@ -94,6 +94,92 @@ void sgd_update(const std::vector<size_t>& layers, const std::vector<c10::option
                    h[5] != 0);
 }
 
+// The layers' forward: acts[0] = x, acts[l + 1] = layer l's output (after its ReLU);
+// dense_w[l] = the [out, in] weight a dense-path layer multiplied by (undefined for a
+// sparse layer).
+struct Pass {
+  std::vector<Tensor> acts, dense_w;
+};
+
+Pass forward_layers(const Tensor& x, const std::vector<c10::optional<Tensor>>& t, const std::vector<int64_t>& spec) {
+  const size_t L = spec.size() / kSpec;
+  Pass p;
+  p.acts.reserve(L + 1);
+  p.acts.push_back(x);
+  p.dense_w.resize(L);
+  Tensor h = x;
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t kind = spec[l * kSpec], relu = spec[l * kSpec + 1];
+    const Tensor& w = need(t, l * kSlots, "weight");
+    const c10::optional<Tensor>& bias = t[l * kSlots + 1];
+    if (kind == kSparse) {
+      const Tensor &crow = need(t, l * kSlots + 2, "crow"), &col = need(t, l * kSlots + 3, "col"),
+                   &ccol = need(t, l * kSlots + 4, "ccol"), &row = need(t, l * kSlots + 5, "row"),
+                   &perm = need(t, l * kSlots + 6, "perm");
+      h = relu ? call_sparse_linear_relu(h, w, crow, col, ccol, row, perm, bias, c10::nullopt)
+               : call_sparse_linear(h, w, crow, col, ccol, row, perm, bias, c10::nullopt);
+    } else {
+      const int64_t out = spec[l * kSpec + 2], in = spec[l * kSpec + 3];
+      Tensor W;
+      if (kind == kExpand) {
+        W = call_ticket_expand(w, need(t, l * kSlots + 2, "crow"), need(t, l * kSlots + 7, "bits"), in);
+      } else if (kind == kView) {
+        W = w.view({out, in});
+      } else {
+        TORCH_CHECK(kind == kPlain, "sparseticket: mlp: layer ", l, " has unknown kind ", kind);
+        W = w;
+      }
+      h = at::linear(h, W, bias);
+      if (relu) h = at::relu(h);
+      p.dense_w[l] = W;
+    }
+    p.acts.push_back(h);
+  }
+  return p;
+}
+
+// The layers' backward from g, the gradient of the last output, in autograd's order and
+// with its ops: layer l's weight (values) and bias gradients go to out[first + 2l] and
+// out[first + 2l + 1] (the bias's undefined without a bias); `done(l)` runs as soon as
+// layer l's gradients are formed and its weight used. Returns the input's gradient when
+// need_gx, else an undefined tensor.
+template <class Done>
+Tensor backward_layers(Tensor g, const Pass& p, const std::vector<c10::optional<Tensor>>& t,
+                       const std::vector<int64_t>& spec, bool need_gx, std::vector<Tensor>& out, size_t first,
+                       Done done) {
+  const size_t L = spec.size() / kSpec;
+  for (size_t i = L; i-- > 0;) {
+    const int64_t kind = spec[i * kSpec], relu = spec[i * kSpec + 1];
+    const Tensor& w = *t[i * kSlots];
+    const bool has_bias = t[i * kSlots + 1].has_value() && t[i * kSlots + 1]->defined();
+    const bool want_gx = i > 0 || need_gx;
+    if (kind == kSparse) {
+      // what autograd's SparseLinear(Relu)Function::backward calls (csrc/autograd.cpp)
+      Tensor gx, gb;
+      std::tie(gx, out[first + 2 * i], gb) = call_sparse_linear_backward(
+          g.contiguous(), relu ? c10::optional<Tensor>(p.acts[i + 1]) : c10::nullopt, p.acts[i], w,
+          *t[i * kSlots + 2], *t[i * kSlots + 3], *t[i * kSlots + 4], *t[i * kSlots + 5], *t[i * kSlots + 6],
+          c10::nullopt, want_gx);
+      if (has_bias) out[first + 2 * i + 1] = gb;
+      g = want_gx ? gx : Tensor();
+      done(i);
+      continue;
+    }
+    if (relu) g = at::threshold_backward(g, p.acts[i + 1], 0);
+    g = g.contiguous();
+    // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
+    // transpose back is gᵀ h
+    const Tensor gw = g.t().mm(p.acts[i]);
+    out[first + 2 * i] = kind == kExpand ? call_ticket_compress(gw, *t[i * kSlots + 2], *t[i * kSlots + 7], w.size(0))
+                         : kind == kView ? gw.view(-1)
+                                         : gw;
+    if (has_bias) out[first + 2 * i + 1] = g.sum(0);
+    g = want_gx ? g.mm(p.dense_w[i]) : Tensor();
+    done(i);  // (after g.mm: a full ticket's W is a view of the values an update may change)
+  }
+  return g;
+}
+
 // Returns [loss, then per layer: weight (values) gradient, bias gradient or undefined].
 // With `sgd` and `hyper` (kSgdSlots tensors and kSgdHyper scalars per layer) it also
 // applies each layer's SGD update (see the top of the file).
@@ -135,36 +221,8 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
     sgd_update({l}, t, out, sgd, hyper);
     guard.emplace();
   };
-  std::vector<Tensor> acts{x}, dense_w(L);
-  acts.reserve(L + 1);
-  Tensor h = x;
-  for (size_t l = 0; l < L; ++l) {
-    const int64_t kind = spec[l * kSpec], relu = spec[l * kSpec + 1];
-    const Tensor& w = need(t, l * kSlots, "weight");
-    const c10::optional<Tensor>& bias = t[l * kSlots + 1];
-    if (kind == kSparse) {
-      const Tensor &crow = need(t, l * kSlots + 2, "crow"), &col = need(t, l * kSlots + 3, "col"),
-                   &ccol = need(t, l * kSlots + 4, "ccol"), &row = need(t, l * kSlots + 5, "row"),
-                   &perm = need(t, l * kSlots + 6, "perm");
-      h = relu ? call_sparse_linear_relu(h, w, crow, col, ccol, row, perm, bias, c10::nullopt)
-               : call_sparse_linear(h, w, crow, col, ccol, row, perm, bias, c10::nullopt);
-    } else {
-      const int64_t out = spec[l * kSpec + 2], in = spec[l * kSpec + 3];
-      Tensor W;
-      if (kind == kExpand) {
-        W = call_ticket_expand(w, need(t, l * kSlots + 2, "crow"), need(t, l * kSlots + 7, "bits"), in);
-      } else if (kind == kView) {
-        W = w.view({out, in});
-      } else {
-        TORCH_CHECK(kind == kPlain, "sparseticket: mlp_grads: layer ", l, " has unknown kind ", kind);
-        W = w;
-      }
-      h = at::linear(h, W, bias);
-      if (relu) h = at::relu(h);
-      dense_w[l] = W;
-    }
-    acts.push_back(h);
-  }
+  const Pass pass = forward_layers(x, t, spec);
+  const Tensor& h = pass.acts.back();
   // F.cross_entropy and its backward, op for op as autograd runs them
   const Tensor logp = at::log_softmax(h, 1);
   Tensor loss, total_weight;
@@ -172,36 +230,79 @@ std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vecto
   Tensor g = at::nll_loss_backward(at::ones_like(loss), logp, y, {}, kMean, kIgnore, total_weight);
   g = at::_log_softmax_backward_data(g, logp, 1, logp.scalar_type());
   out[0] = loss;
-  for (size_t i = L; i-- > 0;) {
-    const int64_t kind = spec[i * kSpec], relu = spec[i * kSpec + 1];
-    const Tensor& w = *t[i * kSlots];
-    const bool has_bias = t[i * kSlots + 1].has_value() && t[i * kSlots + 1]->defined();
-    if (kind == kSparse) {
-      // what autograd's SparseLinear(Relu)Function::backward calls (csrc/autograd.cpp)
-      Tensor gx, gb;
-      std::tie(gx, out[1 + 2 * i], gb) = call_sparse_linear_backward(
-          g.contiguous(), relu ? c10::optional<Tensor>(acts[i + 1]) : c10::nullopt, acts[i], w, *t[i * kSlots + 2],
-          *t[i * kSlots + 3], *t[i * kSlots + 4], *t[i * kSlots + 5], *t[i * kSlots + 6], c10::nullopt, i > 0);
-      if (has_bias) out[2 + 2 * i] = gb;
-      g = gx;
-      if (update) update_now(i);
-      continue;
-    }
-    if (relu) g = at::threshold_backward(g, acts[i + 1], 0);
-    g = g.contiguous();
-    // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
-    // transpose back is gᵀ h
-    const Tensor gw = g.t().mm(acts[i]);
-    out[1 + 2 * i] = kind == kExpand  ? call_ticket_compress(gw, *t[i * kSlots + 2], *t[i * kSlots + 7], w.size(0))
-                     : kind == kView ? gw.view(-1)
-                                     : gw;
-    if (has_bias) out[2 + 2 * i] = g.sum(0);
-    if (i > 0) g = g.mm(dense_w[i]);
-    if (update) update_now(i);  // (after g.mm: a full ticket's W is a view of the values being updated)
-  }
+  backward_layers(g, pass, t, spec, /*need_gx=*/false, out, 1, [&](size_t i) {
+    if (update) update_now(i);
+  });
   guard.reset();
   if (update) sgd_update(later, t, out, sgd, hyper);
   return out;
+}
+
+// An MLP's forward as one autograd node (sparsify(fuse_relu=True)'s chain forward of an
+// nn.Sequential, sparseticket/nn/fast_step.py): the layers' forward ops, below autograd,
+// and in its backward the same ops the per-layer nodes' backward would run, in the same
+// order, so outputs and gradients are bit-identical to the module-by-module forward.
+// `params` are the differentiable inputs (per layer its weight or values, then its bias
+// if any), `t` and `spec` the layers as mlp_grads takes them.
+class MLPChainFunction : public torch::autograd::Function<MLPChainFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, at::TensorList params,
+                        const std::vector<c10::optional<Tensor>>& t, const std::vector<int64_t>& spec) {
+    TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
+                "sparseticket: mlp_chain: ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
+    const size_t L = spec.size() / kSpec;
+    size_t n_params = 0;
+    for (size_t l = 0; l < L; ++l) n_params += 1 + (t[l * kSlots + 1].has_value() && t[l * kSlots + 1]->defined());
+    TORCH_CHECK(params.size() == n_params, "sparseticket: mlp_chain: ", params.size(), " parameters for ", n_params,
+                " weights and biases");
+    Pass p;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      p = forward_layers(x, t, spec);
+    }
+    // saved: the layers' tensors, then the activations, then the dense weights
+    std::vector<Tensor> saved;
+    saved.reserve(t.size() + 2 * L + 1);
+    for (const auto& o : t) saved.push_back(o.has_value() ? *o : Tensor());
+    // (the output only when the last layer's ReLU needs it: as with the layers' own nodes,
+    // a caller may then change the output in place before the backward)
+    for (size_t i = 0; i <= L; ++i)
+      saved.push_back(i < L || spec[(L - 1) * kSpec + 1] ? p.acts[i] : Tensor());
+    for (const auto& w : p.dense_w) saved.push_back(w);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["spec"] = c10::IValue(spec);
+    return p.acts.back();
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const std::vector<Tensor> saved = ctx->get_saved_variables();
+    const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
+    const size_t L = spec.size() / kSpec;
+    const BelowAutogradUnlessRecording below;
+    std::vector<c10::optional<Tensor>> t(L * kSlots);
+    for (size_t i = 0; i < L * kSlots; ++i)
+      if (saved[i].defined()) t[i] = saved[i];
+    Pass p;
+    p.acts.assign(saved.begin() + L * kSlots, saved.begin() + L * kSlots + L + 1);
+    p.dense_w.assign(saved.begin() + L * kSlots + L + 1, saved.begin() + L * kSlots + 2 * L + 1);
+    std::vector<Tensor> out(2 * L);
+    torch::autograd::variable_list res;
+    res.reserve(1 + 2 * L + 2);
+    res.push_back(backward_layers(grad_outputs[0], p, t, spec, ctx->needs_input_grad(0), out, 0, [](size_t) {}));
+    for (size_t l = 0; l < L; ++l) {
+      res.push_back(out[2 * l]);
+      if (t[l * kSlots + 1].has_value()) res.push_back(out[2 * l + 1]);
+    }
+    res.emplace_back();  // t
+    res.emplace_back();  // spec
+    return res;
+  }
+};
+
+Tensor mlp_chain(const Tensor& x, const std::vector<Tensor>& params, const std::vector<c10::optional<Tensor>>& t,
+                 const std::vector<int64_t>& spec) {
+  return MLPChainFunction::apply(x, at::TensorList(params), t, spec);
 }
 
 }  // namespace
@@ -212,6 +313,10 @@ void register_mlp_step(pybind11::module& m) {
         pybind11::arg("hyper") = std::vector<double>(),
         "MLPStep's loss and gradients in one call: [loss, then per layer weight grad, bias grad or None]; "
         "with an SGD plan (sgd, hyper) each layer's masked_sgd_ update right after its backward.");
+  m.def("mlp_chain", &mlp_chain, pybind11::arg("x"), pybind11::arg("params"), pybind11::arg("tensors"),
+        pybind11::arg("spec"),
+        "An MLP's forward as one autograd node (layers as mlp_grads takes them; params: per layer its "
+        "weight or values, then its bias if any): output and gradients bit-identical to the layers' own.");
 }
 
 }  // namespace sparseticket

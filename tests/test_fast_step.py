@@ -10,6 +10,7 @@ from torch import nn
 
 import sparseticket.nn as stnn
 from sparseticket.flops import FlopCounter
+from sparseticket.nn.fast_step import remove_chains
 from sparseticket.optim import MaskedSGD
 
 
@@ -26,6 +27,7 @@ def _pair(gen, sizes, density, fuse, mode="sparse", **kw):
     masks = {n: make_mask(*mod.weight.shape, 1.0 - density, gen) for n, mod in m.named_modules()
              if isinstance(mod, nn.Linear)}
     a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=fuse)
+    remove_chains(a)  # the reference: module by module (the chain node has tests/test_chain.py)
     b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=fuse)
     return a, b
 

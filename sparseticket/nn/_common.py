@@ -400,6 +400,23 @@ class TicketModule(NEqMixin, nn.Module):
         d["last_path"] = choice
         return choice
 
+    def _known_path(self, shape: torch.Size, dtype: torch.dtype, requires_grad: bool) -> Optional[str]:
+        """What ``_path`` returns, with grad mode on, for an input of this shape, dtype and
+        requires_grad when no measurement is needed (a pinned mode, or this module's memo
+        of an earlier choice; recorded in ``last_path`` as ``_path`` does), else None."""
+        mode = self.mode if self.mode != "auto" else _mode._GLOBAL_MODE
+        d = self.__dict__
+        if mode == "auto":
+            fast = d.get("_fast_choice")
+            if fast is None:
+                return None
+            mode = fast.get((shape, dtype, requires_grad, True, torch.get_num_threads(), _mode.VERSION[0],
+                             self._st_token))
+            if mode is None:
+                return None
+        d["last_path"] = mode
+        return mode
+
     def _grad_key(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False

@@ -11,6 +11,7 @@ from . import _mode
 from ._common import TicketModule, check_mask, describe, neq_capable, where
 from ._registry import register_module_params
 from .conv import NEqConv2d, SparseConv2d
+from .fast_step import install_chains, remove_chains
 from .linear import DenseNEqLinear, FusedReLU, SparseLinear, _init_neq
 
 Filter = Callable[[str, nn.Module], bool]
@@ -129,7 +130,12 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
       the layer applies it itself (``activation='relu'``: one op and one autograd node
       instead of two of each, the same numbers) and the nn.ReLU becomes a FusedReLU
       placeholder. The layer's output, which forward hooks and the NEq tracker would
-      see, is then the activation, so leave it off for NEq. ``densify`` undoes it.
+      see, is then the activation, so leave it off for NEq. An nn.Sequential that is then
+      an MLP (an optional leading nn.Flatten, then linear layers and their ReLUs, at least
+      one a SparseLinear) also gets a forward that runs all its layers as one autograd
+      node when a call allows it (``fast_step.ChainForward``: no hooks on its children,
+      grad mode on, known paths, no frozen neurons; bit-identical, else the modules as
+      before). ``densify`` undoes both.
 
     Returns ``model``. Build the optimizer after sparsifying (the weights are new Parameters).
     """
@@ -175,6 +181,7 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
         setattr(parent, attr, new)
     if fuse_relu:
         _fuse_relus(model)
+        install_chains(model)
     return model
 
 
@@ -221,6 +228,7 @@ def densify(model: nn.Module, as_pruned: bool = False) -> nn.Module:
     ``weight_mask``), which keep the mask. Layers with frozen neurons come back as
     DenseNEqLinear / NEqConv2d. Returns ``model``.
     """
+    remove_chains(model)
     _unfuse_relus(model)
     converted = {}
     for name, parent, attr, module in _named_convertible(model, (SparseLinear, SparseConv2d)):

@@ -26,6 +26,10 @@ otherwise re-reads every weight and gradient after the backward evicted them).
 ``with fast.fixed(optimizer) as step:`` runs those steps with the model's and the
 optimizer's checks made once for the block instead of at every call (~35 us a step).
 
+The same plan serves ``sparsify(..., fuse_relu=True)``'s chain node (``ChainForward``,
+``MLPStep.chain``): the MLP's forward as one autograd node whose backward runs these ops,
+for training loops that keep autograd (bit-identical to the modules' forward).
+
 ``MLPStep.check()`` says why a model or call cannot take this path (another layer type,
 a SparseLinear whose path is not pinned ('auto'), frozen neurons, a frozen or
 non-contiguous parameter, a parameter shared by two layers, any module, parameter or
@@ -74,6 +78,9 @@ class MLPStep:
         m = self.model
         if not (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward):
             return "not an nn.Sequential (or its forward is overridden)"
+        # the modules the plan rests on (a model whose children change needs a new MLPStep);
+        # walking this list costs a fraction of model.modules()' generator per step
+        self._modules_seen = [m, *m._modules.values()]
         for i, c in enumerate(m._modules.values()):
             t = type(c)
             if t is nn.Flatten and i == 0 and c.start_dim == 1 and c.end_dim == -1:
@@ -91,9 +98,6 @@ class MLPStep:
         params = [p for layer, _ in self.layers for p in layer._parameters.values() if p is not None]
         if len({id(p) for p in params}) != len(params):  # its gradient would be one layer's, not the sum
             return "layers share a parameter (tied weights)"
-        # the modules the plan rests on (a model whose children change needs a new MLPStep);
-        # walking this list costs a fraction of model.modules()' generator per step
-        self._modules_seen = [m, *m._modules.values()]
         self._activations = [getattr(layer, "activation", None) for layer, _ in self.layers]
         return None
 
@@ -140,6 +144,73 @@ class MLPStep:
                 if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
                     return "a parameter has hooks"
         return None
+
+    def stale(self) -> bool:
+        """The model's children, or a layer's fused activation, changed since this was built."""
+        seen, children = self._modules_seen, self.model._modules
+        if len(children) != len(seen) - 1 or any(a is not b for a, b in zip(children.values(), seen[1:])):
+            return True
+        return self.reason is None and any(getattr(layer, "activation", None) != act
+                                           for (layer, _), act in zip(self.layers, self._activations))
+
+    def chain(self, x: Tensor) -> Optional[Tensor]:
+        """``self.model(x)`` as one autograd node (the compiled ``mlp_chain``: the layers'
+        forward ops, and in its backward the ops their nodes' backward would run, in the
+        same order: output and gradients bit-identical to the module-by-module forward),
+        or None when this call must go through the modules: grad mode off, not a plain CPU
+        tensor, compiling, tracing or autocast, hooks on a child module (or global module hooks),
+        a SparseLinear whose path for this input is not known yet ('auto' measures on its
+        first call), frozen neurons, a parameter that does not require grad, a
+        non-contiguous parameter, dtypes or widths the layers would refuse (their error
+        then says so). Call only when ``stale()`` is False."""
+        if (self.reason is not None or type(x) is not Tensor or x.device.type != "cpu" or _ops._C is None
+                or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or torch._C._get_tracing_state() is not None):
+            return None
+        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks or getattr(_module, "_global_forward_hooks_always_called", None)):
+            return None
+        seen = self._modules_seen
+        for i in range(1, len(seen)):
+            mod = seen[i]
+            if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
+                return None
+        xin = x.flatten(1) if self.flatten else x
+        if xin.dim() != 2:
+            return None
+        dtype, batch, rg = xin.dtype, xin.shape[0], xin.requires_grad
+        tensors: list = []
+        spec: List[int] = []
+        params: List[Tensor] = []
+        for layer, relu in self.layers:
+            p = layer._parameters
+            bias = p["bias"]
+            if type(layer) is SparseLinear:
+                b, w = layer._buffers, p["weight_values"]
+                if b["active"] is not None:
+                    return None
+                path = layer._known_path(torch.Size((batch, layer.in_features)), dtype, rg)
+                if path is None:
+                    return None
+                kind = (_SPARSE if path == "sparse"
+                        else _VIEW if w.shape[0] == layer.out_features * layer.in_features else _EXPAND)
+                tensors += (w, bias, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], b["bits"])
+            else:
+                w = p["weight"]
+                kind = _PLAIN
+                tensors += (w, bias, None, None, None, None, None, None)
+            if not w.requires_grad or not w.is_contiguous() or w.dtype != dtype:
+                return None
+            params.append(w)
+            if bias is not None:
+                if not bias.requires_grad or not bias.is_contiguous() or bias.dtype != dtype:
+                    return None
+                params.append(bias)
+            spec += (kind, int(relu), layer.out_features, layer.in_features)
+            rg = True
+        if xin.shape[1] != self.layers[0][0].in_features:
+            return None
+        return _ops._C.mlp_chain(xin, params, tensors, spec)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         self._calls += 1
@@ -352,3 +423,46 @@ def _dense_weight(layer: nn.Module) -> Tensor:
     if v.shape[0] == layer.out_features * layer.in_features:
         return v.view(layer.out_features, layer.in_features)
     return _ST.ticket_expand(v, b["crow"], b["bits"], layer.in_features)
+
+
+class ChainForward:
+    """The forward that ``sparsify(..., fuse_relu=True)`` gives an nn.Sequential MLP that
+    holds a SparseLinear (stored as the instance's ``forward``; the class, state-dict keys
+    and children are unchanged): ``MLPStep.chain``, one autograd node for all its layers,
+    when the call allows it, else the Sequential's own forward. ``densify`` removes it.
+    Pickled and copied as a reference to its module (the plan is rebuilt on first use)."""
+
+    __slots__ = ("module", "step")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.step: Optional[MLPStep] = None
+
+    def __reduce__(self):
+        return (ChainForward, (self.module,))
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        if len(args) == 1 and not kwargs:
+            st = self.step
+            if st is None or st.stale():
+                st = self.step = MLPStep(m)
+            y = st.chain(args[0])
+            if y is not None:
+                return y
+        return type(m).forward(m, *args, **kwargs)
+
+
+def install_chains(model: nn.Module) -> None:
+    """Give every nn.Sequential MLP in ``model`` that holds a SparseLinear a ChainForward."""
+    for m in model.modules():
+        if (isinstance(m, nn.Sequential) and "forward" not in m.__dict__
+                and any(type(c) is SparseLinear for c in m._modules.values()) and MLPStep(m).reason is None):
+            m.__dict__["forward"] = ChainForward(m)
+
+
+def remove_chains(model: nn.Module) -> None:
+    """Undo install_chains: every nn.Sequential in ``model`` runs its own forward again."""
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), ChainForward):
+            del m.__dict__["forward"]

@@ -1,0 +1,264 @@
+"""The MLP chain node: ``sparsify(..., fuse_relu=True)`` gives an nn.Sequential MLP a
+forward that runs all its layers as one autograd node (``ChainForward`` / the compiled
+``mlp_chain``). Its output and gradients must be bit-identical to the module-by-module
+forward, and every call it cannot take must go through the modules unchanged."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FLOATS, make_mask, randn
+from torch import nn
+
+import sparseticket.nn as stnn
+from sparseticket import ops
+from sparseticket.flops import FlopCounter
+from sparseticket.nn.fast_step import ChainForward, remove_chains
+from sparseticket.optim import MaskedSGD
+
+pytestmark = pytest.mark.skipif(ops._C is None, reason="the chain node is compiled C++")
+
+
+def _mlp(gen, sizes, bias=True, flatten=False, dtype=torch.float32, last_relu=False):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
+    layers = [nn.Flatten()] if flatten else []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype), nn.ReLU()]
+    return nn.Sequential(*(layers if last_relu else layers[:-1]))
+
+
+def _pair(gen, sizes, density, mode="sparse", masks_for=None, **kw):
+    """(chained, modules): the same sparsified MLP, with and without the chain node."""
+    m = _mlp(gen, sizes, **kw)
+    masks = {n: make_mask(*mod.weight.shape, 1.0 - density, gen) for n, mod in m.named_modules()
+             if isinstance(mod, nn.Linear) and (masks_for is None or n in masks_for)}
+    a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=True)
+    b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=True)
+    remove_chains(b)
+    assert isinstance(a.__dict__.get("forward"), ChainForward) and "forward" not in b.__dict__
+    return a, b
+
+
+def _run(model, x, y, gy=None):
+    out = model(x)
+    loss = F.cross_entropy(out, y) if gy is None else (out * gy).sum()
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    return out, loss.detach()
+
+
+def _assert_same(a, b, ra, rb, what):
+    assert torch.equal(ra[0], rb[0]), f"{what}: outputs differ"
+    assert torch.equal(ra[1], rb[1]), f"{what}: losses differ"
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None), f"{what}: {n}"
+        assert p.grad is None or torch.equal(p.grad, q.grad), f"{what}: gradient of {n} differs"
+
+
+def _chained(model, x) -> bool:
+    """Whether this call takes the chain node (the output's grad_fn is its node)."""
+    with torch.enable_grad():
+        fn = model(x).grad_fn
+    return fn is not None and "MLPChainFunction" in fn.name()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.05, 0.0])
+@pytest.mark.parametrize("sizes,batch,flatten", [((784, 300, 100, 10), 60, True), ((13, 7, 5), 1, False),
+                                                 ((9, 4), 17, False), ((33, 65, 17, 3), 130, True)],
+                         ids=["lenet", "B1", "one-layer", "odd"])
+def test_bit_identical_to_the_modules_over_steps(sizes, batch, flatten, density, mode, dtype, gen):
+    a, b = _pair(gen, sizes, density, mode=mode, flatten=flatten, dtype=dtype)
+    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    shape = (batch, 1, sizes[0]) if flatten else (batch, sizes[0])
+    for step in range(3):
+        x = randn(*shape, dtype=dtype, gen=gen)
+        y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+        assert _chained(a, x)
+        _assert_same(a, b, _run(a, x, y), _run(b, x, y), f"step {step}")
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_mixed_layers_input_grad_no_bias_and_a_relu_on_the_logits(gen):
+    # a plain nn.Linear left in the chain (no mask given), a full ticket (view kind), an
+    # expanded dense path, a sparse one; no biases; the input requires grad
+    m = _mlp(gen, (21, 16, 12, 8, 5), bias=False, last_relu=True)
+    masks = {"2": make_mask(12, 16, 0.0, gen), "4": make_mask(8, 12, 0.6, gen), "6": make_mask(5, 8, 0.3, gen)}
+    a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="sparse", fuse_relu=True)
+    b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="sparse", fuse_relu=True)
+    remove_chains(b)
+    for mod in (a, b):
+        mod[2].mode = "dense"  # full ticket: the values viewed as W
+        mod[4].mode = "dense"  # the bitmap expand
+    assert type(a[0]) is nn.Linear
+    x = randn(7, 21, gen=gen)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gy = randn(7, 5, gen=gen)
+    assert _chained(a, xa)
+    _assert_same(a, b, _run(a, xa, None, gy), _run(b, xb, None, gy), "mixed")
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_gradcheck_float64(gen):
+    a, _ = _pair(gen, (6, 5, 4, 3), 0.5, dtype=torch.float64)
+    names = [n for n, _ in a.named_parameters()]
+    for mode in ("sparse", "dense"):
+        for layer in a.modules():
+            if isinstance(layer, stnn.SparseLinear):
+                layer.mode = mode
+        x = randn(4, 6, dtype=torch.float64, gen=gen).requires_grad_()
+        ps = tuple(p.detach().clone().requires_grad_() for p in a.parameters())
+
+        def f(x, *ps):
+            return torch.func.functional_call(a, dict(zip(names, ps)), (x,))
+
+        assert "MLPChainFunction" in f(x, *ps).grad_fn.name()
+        assert torch.autograd.gradcheck(f, (x, *ps))
+
+
+def test_auto_mode_measures_through_the_modules_then_chains(gen):
+    a, b = _pair(gen, (40, 30, 10), 0.1, mode="auto")
+    x = randn(8, 40, gen=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    # first call: the layers have not measured their path yet (the modules run and measure)
+    assert not _chained(a, x)
+    assert _chained(a, x)
+    b.load_state_dict(a.state_dict())
+    for la, lb in zip(a.modules(), b.modules()):
+        if isinstance(la, stnn.SparseLinear):
+            lb.mode = la._choice  # the same paths as a's measurement chose
+    _assert_same(a, b, _run(a, x, y), _run(b, x, y), "auto")
+    # another batch size: measured again through the modules first
+    x2 = randn(300, 40, gen=gen)
+    assert not _chained(a, x2)
+
+
+def test_calls_it_cannot_take_go_through_the_modules(gen):
+    a, b = _pair(gen, (12, 9, 4), 0.5)
+    x = randn(5, 12, gen=gen)
+    assert _chained(a, x)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    # a forward hook on a child is called
+    seen = []
+    h = a[0].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    assert not _chained(a, x) and seen
+    h.remove()
+    assert _chained(a, x)
+    # a global module hook
+    h = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not _chained(a, x)
+    finally:
+        h.remove()
+    # a frozen parameter
+    a[0].bias.requires_grad_(False)
+    assert not _chained(a, x)
+    a[0].bias.requires_grad_(True)
+    # frozen neurons (NEq)
+    stnn.enable_neq(a)
+    a[2].set_active(torch.tensor([True, False, True, True]))
+    assert not _chained(a, x)
+    a[2].set_active(None)
+    assert _chained(a, x)
+    # autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _chained(a, x)
+    # a wrong width still raises the layer's own error
+    with pytest.raises(ValueError, match="input has shape"):
+        a(randn(5, 11, gen=gen))
+
+
+def test_output_changed_in_place_before_the_backward(gen):
+    # as with the layers' own nodes: allowed when the last layer has no ReLU (its output
+    # is not needed by the backward), an error when it has one
+    for last_relu in (False, True):
+        a, b = _pair(gen, (12, 9, 4), 0.5, last_relu=last_relu)
+        x = randn(5, 12, gen=gen)
+        outs = []
+        for m in (a, b):
+            out = m(x)
+            out.mul_(2)
+            if last_relu:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    out.sum().backward()
+            else:
+                out.sum().backward()
+                outs.append([p.grad for p in m.parameters()])
+        if not last_relu:
+            assert all(torch.equal(g, h) for g, h in zip(*outs))
+
+
+def test_traced_models_take_the_modules(gen):
+    a, b = _pair(gen, (12, 9, 4), 0.5)
+    x = randn(5, 12, gen=gen)
+    traced = torch.jit.trace(a, (x,), check_trace=False)
+    with torch.no_grad():
+        assert torch.equal(traced(x), b(x))
+
+
+def test_flop_counter_sees_every_layer(gen):
+    a, b = _pair(gen, (12, 9, 4), 0.5)
+    x = randn(5, 12, gen=gen)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    totals = []
+    for model in (a, b):
+        with FlopCounter(model) as c:
+            _run(model, x, y)
+        totals.append(c.totals())
+    assert totals[0] == totals[1] and totals[0]["all"]["executed"] > 0
+
+
+def test_children_replaced_or_relu_unfused_rebuilds_the_plan(gen):
+    a, b = _pair(gen, (12, 9, 4), 0.5)
+    x = randn(5, 12, gen=gen)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    assert _chained(a, x)
+    for m in (a, b):
+        m[2] = copy.deepcopy(m[2])
+        m[0].set_activation(None)
+        m[1] = nn.ReLU()
+    assert _chained(a, x)
+    _assert_same(a, b, _run(a, x, y), _run(b, x, y), "rebuilt")
+    a.insert(1, nn.Dropout(0.0))
+    assert not _chained(a, x)
+
+
+def test_copy_pickle_state_dict_and_densify(gen, tmp_path):
+    a, b = _pair(gen, (12, 9, 4), 0.5)
+    x = randn(5, 12, gen=gen)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    assert set(a.state_dict()) == set(b.state_dict())
+    c = copy.deepcopy(a)
+    assert c.__dict__["forward"].module is c
+    assert _chained(c, x)
+    _assert_same(c, b, _run(c, x, y), _run(b, x, y), "deepcopy")
+    d = pickle.loads(pickle.dumps(a))
+    assert d.__dict__["forward"].module is d
+    assert _chained(d, x)
+    _assert_same(d, b, _run(d, x, y), _run(b, x, y), "pickle")
+    torch.save(a, tmp_path / "m.pt")
+    e = torch.load(tmp_path / "m.pt", weights_only=False)
+    _assert_same(e, b, _run(e, x, y), _run(b, x, y), "torch.save")
+    stnn.densify(a)
+    assert "forward" not in a.__dict__ and type(a[1]) is nn.ReLU
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-6)
+
+
+def test_only_mlps_holding_a_ticket_get_the_chain(gen):
+    m = _mlp(gen, (12, 9, 4))
+    stnn.sparsify(m, masks={}, fuse_relu=True)  # nothing converted: nothing to chain
+    assert "forward" not in m.__dict__
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    stnn.sparsify(conv, amount=0.5, fuse_relu=True)
+    assert "forward" not in conv.__dict__
+    stnn.sparsify(m, amount=0.5)  # without fuse_relu: no chain
+    assert "forward" not in m.__dict__
