@@ -55,7 +55,7 @@ constexpr int64_t kMean = 1;       // at::Reduction::Mean
 constexpr int64_t kIgnore = -100;  // F.cross_entropy's default ignore_index
 
 const Tensor& need(const std::vector<c10::optional<Tensor>>& t, size_t i, const char* what) {
-  TORCH_CHECK(t[i].has_value() && t[i]->defined(), "sparseticket: mlp_grads: layer ", i / kSlots, " has no ", what);
+  TORCH_CHECK(t[i].has_value() && t[i]->defined(), "sparseticket: mlp: layer ", i / kSlots, " has no ", what);
   return *t[i];
 }
 
@@ -166,7 +166,7 @@ Tensor backward_layers(Tensor g, const Pass& p, const std::vector<c10::optional<
       continue;
     }
     if (relu) g = at::threshold_backward(g, p.acts[i + 1], 0);
-    g = g.contiguous();
+    // (g as it comes, as autograd's addmm backward takes it: a strided g sums differently)
     // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
     // transpose back is gᵀ h
     const Tensor gw = g.t().mm(p.acts[i]);
@@ -251,26 +251,44 @@ class MLPChainFunction : public torch::autograd::Function<MLPChainFunction> {
     TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
                 "sparseticket: mlp_chain: ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
     const size_t L = spec.size() / kSpec;
-    size_t n_params = 0;
-    for (size_t l = 0; l < L; ++l) n_params += 1 + (t[l * kSlots + 1].has_value() && t[l * kSlots + 1]->defined());
-    TORCH_CHECK(params.size() == n_params, "sparseticket: mlp_chain: ", params.size(), " parameters for ", n_params,
+    size_t k = 0;
+    for (size_t l = 0; l < L; ++l) {
+      for (size_t j = 0; j < 2; ++j) {
+        const c10::optional<Tensor>& slot = t[l * kSlots + j];
+        if (j == 1 && !(slot.has_value() && slot->defined())) continue;
+        TORCH_CHECK(k < params.size() && slot.has_value() && params[k].is_same(*slot), "sparseticket: mlp_chain: ",
+                    "params must be each layer's weight (values) and then its bias, as in tensors (layer ", l, ")");
+        ++k;
+      }
+    }
+    TORCH_CHECK(k == params.size(), "sparseticket: mlp_chain: ", params.size(), " params for ", k,
                 " weights and biases");
     Pass p;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       p = forward_layers(x, t, spec);
     }
-    // saved: the layers' tensors, then the activations, then the dense weights
+    // Saved for the backward, and so checked against in-place changes, is what the layers'
+    // own nodes save: per layer its weight or values (not a partial ticket's on its dense
+    // path, whose expanded W is saved instead) and index tensors, never a bias; then the
+    // activations (the output only when the last layer's ReLU needs it: otherwise the
+    // caller may change it in place before the backward, as with the layers' nodes); then
+    // the dense weights. The parameters themselves are kept by reference (saved_data).
     std::vector<Tensor> saved;
     saved.reserve(t.size() + 2 * L + 1);
-    for (const auto& o : t) saved.push_back(o.has_value() ? *o : Tensor());
-    // (the output only when the last layer's ReLU needs it: as with the layers' own nodes,
-    // a caller may then change the output in place before the backward)
-    for (size_t i = 0; i <= L; ++i)
-      saved.push_back(i < L || spec[(L - 1) * kSpec + 1] ? p.acts[i] : Tensor());
+    for (size_t i = 0; i < t.size(); ++i) {
+      const size_t l = i / kSlots, j = i % kSlots;
+      const bool skip = j == 1 || (j == 0 && spec[l * kSpec] == kExpand);
+      saved.push_back(!skip && t[i].has_value() ? *t[i] : Tensor());
+    }
+    for (size_t i = 0; i <= L; ++i) saved.push_back(i < L || spec[(L - 1) * kSpec + 1] ? p.acts[i] : Tensor());
     for (const auto& w : p.dense_w) saved.push_back(w);
     ctx->save_for_backward(saved);
     ctx->saved_data["spec"] = c10::IValue(spec);
+    ctx->saved_data["params"] = c10::IValue(params.vec());
+    std::vector<int64_t> has_bias(L);
+    for (size_t l = 0; l < L; ++l) has_bias[l] = t[l * kSlots + 1].has_value() && t[l * kSlots + 1]->defined();
+    ctx->saved_data["has_bias"] = c10::IValue(has_bias);
     return p.acts.back();
   }
 
@@ -278,21 +296,47 @@ class MLPChainFunction : public torch::autograd::Function<MLPChainFunction> {
                                                  torch::autograd::variable_list grad_outputs) {
     const std::vector<Tensor> saved = ctx->get_saved_variables();
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
+    const std::vector<Tensor> params = ctx->saved_data["params"].toTensorVector();
     const size_t L = spec.size() / kSpec;
-    const BelowAutogradUnlessRecording below;
+    const bool need_gx = ctx->needs_input_grad(0);
+    const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
     std::vector<c10::optional<Tensor>> t(L * kSlots);
     for (size_t i = 0; i < L * kSlots; ++i)
       if (saved[i].defined()) t[i] = saved[i];
+    std::vector<size_t> weight_at(L);  // layer l's weight (values) is params[weight_at[l]], its bias the next
+    for (size_t l = 0, k = 0; l < L; ++l) {  // the slots not saved: from the parameters
+      weight_at[l] = k;
+      if (!t[l * kSlots].has_value()) t[l * kSlots] = params[k];
+      ++k;
+      if (has_bias[l]) t[l * kSlots + 1] = params[k++];
+    }
     Pass p;
     p.acts.assign(saved.begin() + L * kSlots, saved.begin() + L * kSlots + L + 1);
     p.dense_w.assign(saved.begin() + L * kSlots + L + 1, saved.begin() + L * kSlots + 2 * L + 1);
-    std::vector<Tensor> out(2 * L);
     torch::autograd::variable_list res;
-    res.reserve(1 + 2 * L + 2);
-    res.push_back(backward_layers(grad_outputs[0], p, t, spec, ctx->needs_input_grad(0), out, 0, [](size_t) {}));
-    for (size_t l = 0; l < L; ++l) {
-      res.push_back(out[2 * l]);
-      if (t[l * kSlots + 1].has_value()) res.push_back(out[2 * l + 1]);
+    res.reserve(1 + params.size() + 2);
+    if (c10::GradMode::is_enabled()) {
+      // create_graph: the layers run again, recorded this time, from the saved input and
+      // the parameters, and their gradient is taken with create_graph, as the layers' own
+      // nodes would give it (ops whose backward is not differentiable stay so)
+      for (size_t l = 0; l < L; ++l) t[l * kSlots] = params[weight_at[l]];
+      const Tensor& x = p.acts[0];
+      const Tensor out = forward_layers(x, t, spec).acts.back();
+      std::vector<Tensor> inputs;
+      if (need_gx) inputs.push_back(x);
+      inputs.insert(inputs.end(), params.begin(), params.end());
+      const auto g = torch::autograd::grad({out}, inputs, {grad_outputs[0]}, /*retain_graph=*/true,
+                                           /*create_graph=*/true, /*allow_unused=*/true);
+      res.push_back(need_gx ? g[0] : Tensor());
+      res.insert(res.end(), g.begin() + (need_gx ? 1 : 0), g.end());
+    } else {
+      const BelowAutogradUnlessRecording below;
+      std::vector<Tensor> out(2 * L);
+      res.push_back(backward_layers(grad_outputs[0], p, t, spec, need_gx, out, 0, [](size_t) {}));
+      for (size_t l = 0; l < L; ++l) {
+        res.push_back(out[2 * l]);
+        if (t[l * kSlots + 1].has_value()) res.push_back(out[2 * l + 1]);
+      }
     }
     res.emplace_back();  // t
     res.emplace_back();  // spec

@@ -262,3 +262,132 @@ def test_only_mlps_holding_a_ticket_get_the_chain(gen):
     assert "forward" not in conv.__dict__
     stnn.sparsify(m, amount=0.5)  # without fuse_relu: no chain
     assert "forward" not in m.__dict__
+
+
+# ----------------------------------------------------------------------------- review 33
+
+
+def _full_dense(gen, sizes=(20, 16, 5), dtype=torch.float32):
+    """Full tickets on their dense path: every op differentiable twice, as a plain MLP."""
+    m = _mlp(gen, sizes, dtype=dtype)
+    masks = {n: torch.ones_like(mod.weight, dtype=torch.bool) for n, mod in m.named_modules()
+             if isinstance(mod, nn.Linear)}
+    a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="dense", fuse_relu=True)
+    b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="dense", fuse_relu=True)
+    remove_chains(b)
+    return a, b
+
+
+def test_second_derivatives_as_the_modules_give_them(gen):
+    a, b = _full_dense(gen, dtype=torch.float64)
+    x0 = randn(8, 20, dtype=torch.float64, gen=gen)
+    y = torch.randint(0, 5, (8,), generator=gen)
+    results = []
+    for m in (a, b):
+        # a penalty on the parameter gradients, and one on the input gradient (WGAN-GP style)
+        out = m(x0)
+        gs = torch.autograd.grad(F.cross_entropy(out, y), list(m.parameters()), create_graph=True)
+        g1 = torch.autograd.grad(sum((g * g).sum() for g in gs), list(m.parameters()))
+        x = x0.clone().requires_grad_()
+        gx, = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        g2 = torch.autograd.grad((gx * gx).sum(), list(m.parameters()), allow_unused=True, materialize_grads=True)
+        results.append((out, g1, g2))
+    assert "MLPChainFunction" in results[0][0].grad_fn.name()
+    for u, v in zip(results[0][1] + results[0][2], results[1][1] + results[1][2]):
+        # (the same terms, summed in another order: the chain's first derivatives come
+        # from its node, the modules' from theirs)
+        assert torch.allclose(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_strided_upstream_gradient(gen):
+    for mode in ("dense", "sparse"):
+        a, b = _pair(gen, (12, 9, 4), 0.5, mode=mode)
+        x = randn(6, 12, gen=gen)
+        gy = randn(4, 6, gen=gen).t()  # a transposed upstream gradient
+        assert _chained(a, x)
+        _assert_same(a, b, _run(a, x, None, gy), _run(b, x, None, gy), f"strided gy, {mode}")
+
+
+def test_in_place_changes_the_modules_allow_between_forward_and_backward(gen):
+    # neither the layers' nodes nor the chain save a bias, or a partial ticket's values on
+    # its dense path (the expanded W is saved): changing them before the backward is allowed
+    a, b = _pair(gen, (12, 9, 4), 0.5, mode="dense")
+    x = randn(6, 12, gen=gen)
+    grads = []
+    for m in (a, b):
+        out = m(x)
+        with torch.no_grad():
+            m[0].bias.add_(1)
+            m[2].weight_values.mul_(2)
+        out.sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.equal(g, h) for g, h in zip(*grads))
+    # the sparse path saves the values (as its node does): changing them is an error
+    a, _ = _pair(gen, (12, 9, 4), 0.5, mode="sparse")
+    out = a(x)
+    with torch.no_grad():
+        a[2].weight_values.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_changes_made_in_place_after_the_first_call(gen):
+    a, b = _pair(gen, (12, 9, 4), 0.5, flatten=True)
+    x = randn(6, 1, 12, gen=gen)
+    assert _chained(a, x)
+    # another flatten: the modules' output shape
+    for m in (a, b):
+        m[0].start_dim = 2
+    with torch.no_grad():
+        assert a(x).shape == b(x).shape == (6, 1, 4)
+    for m in (a, b):
+        m[0].start_dim = 1
+    assert _chained(a, x)
+    # a parametrized plain layer (its class changes, the child object stays)
+    c = _mlp(gen, (12, 9, 4, 3))
+    stnn.sparsify(c, masks={"2": make_mask(4, 9, 0.5, gen)}, mode="sparse", fuse_relu=True)
+    x2 = randn(6, 12, gen=gen)
+    assert _chained(c, x2)
+    torch.nn.utils.parametrizations.weight_norm(c[0])
+    assert not _chained(c, x2)
+    # weights tied after the first call
+    d, _ = _pair(gen, (8, 8, 8), 1.0, mode="dense")
+    x3 = randn(6, 8, gen=gen)
+    assert _chained(d, x3)
+    d[2].weight_values = d[0].weight_values
+    assert not _chained(d, x3)
+
+
+def test_functorch_forward_ad_and_torch_function_modes_take_the_modules(gen):
+    a, b = _full_dense(gen)
+    x = randn(5, 20, gen=gen)
+    with torch.no_grad():
+        ref = b(x)
+    with torch.enable_grad():
+        assert torch.equal(torch.func.vmap(a)(x), torch.func.vmap(b)(x))
+    import torch.autograd.forward_ad as fwAD
+    t = randn(5, 20, gen=gen)
+    tangents = []
+    for m in (a, b):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent)
+    assert torch.equal(tangents[0], tangents[1])
+
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        out = a(x)
+    assert "linear" in seen and torch.equal(out.detach(), ref)
+
+
+def test_inconsistent_widths_are_left_to_the_modules(gen):
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(4, 3))
+    stnn.sparsify(m, amount=0.5, fuse_relu=True)
+    assert "forward" not in m.__dict__  # the plan refuses it: the modules raise their own error
+    with pytest.raises(ValueError, match="input has shape"):
+        m(randn(2, 6, gen=gen))

@@ -43,8 +43,10 @@ import contextlib
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C import _functorch
 from torch.nn.modules import module as _module
 
 from .. import ops as _ops
@@ -81,6 +83,9 @@ class MLPStep:
         # the modules the plan rests on (a model whose children change needs a new MLPStep);
         # walking this list costs a fraction of model.modules()' generator per step
         self._modules_seen = [m, *m._modules.values()]
+        self._types = [type(c) for c in self._modules_seen]  # (parametrizing a layer changes its class)
+        first = self._modules_seen[1] if len(self._modules_seen) > 1 else None
+        self._flat0 = (first.start_dim, first.end_dim) if type(first) is nn.Flatten else None
         for i, c in enumerate(m._modules.values()):
             t = type(c)
             if t is nn.Flatten and i == 0 and c.start_dim == 1 and c.end_dim == -1:
@@ -93,6 +98,8 @@ class MLPStep:
                 return f"child {i} ({t.__name__}) is not Flatten/SparseLinear/ReLU/Identity in a supported place"
         if not self.layers:
             return "no linear layer"
+        if any(a.out_features != b.in_features for (a, _), (b, _) in zip(self.layers, self.layers[1:])):
+            return "a layer's in_features is not the previous layer's out_features"
         if len({id(layer) for layer, _ in self.layers}) != len(self.layers):
             return "a layer is used twice"
         params = [p for layer, _ in self.layers for p in layer._parameters.values() if p is not None]
@@ -150,6 +157,10 @@ class MLPStep:
         seen, children = self._modules_seen, self.model._modules
         if len(children) != len(seen) - 1 or any(a is not b for a, b in zip(children.values(), seen[1:])):
             return True
+        if any(type(c) is not t for c, t in zip(seen, self._types)):
+            return True
+        if self._flat0 is not None and (seen[1].start_dim, seen[1].end_dim) != self._flat0:
+            return True
         return self.reason is None and any(getattr(layer, "activation", None) != act
                                            for (layer, _), act in zip(self.layers, self._activations))
 
@@ -158,14 +169,18 @@ class MLPStep:
         forward ops, and in its backward the ops their nodes' backward would run, in the
         same order: output and gradients bit-identical to the module-by-module forward),
         or None when this call must go through the modules: grad mode off, not a plain CPU
-        tensor, compiling, tracing or autocast, hooks on a child module (or global module hooks),
-        a SparseLinear whose path for this input is not known yet ('auto' measures on its
-        first call), frozen neurons, a parameter that does not require grad, a
-        non-contiguous parameter, dtypes or widths the layers would refuse (their error
-        then says so). Call only when ``stale()`` is False."""
+        tensor, compiling, tracing, functorch transforms (vmap, torch.func), forward-mode
+        AD, a __torch_function__ mode or autocast, hooks on a child module (or global
+        module hooks), a SparseLinear whose path for this input is not known yet ('auto'
+        measures on its first call), frozen neurons, a parameter that does not require
+        grad, a non-contiguous parameter, parameters tied since the plan was built, dtypes
+        or widths the layers would refuse (their error then says so). A backward with
+        create_graph runs the layers again, recorded, and differentiates them (second
+        derivatives as the modules give them). Call only when ``stale()`` is False."""
         if (self.reason is not None or type(x) is not Tensor or x.device.type != "cpu" or _ops._C is None
                 or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or torch._C._get_tracing_state() is not None):
+                or torch._C._get_tracing_state() is not None or torch._C._is_torch_function_mode_enabled()
+                or _functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0):
             return None
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
                 or _module._global_backward_pre_hooks or getattr(_module, "_global_forward_hooks_always_called", None)):
@@ -208,8 +223,8 @@ class MLPStep:
                 params.append(bias)
             spec += (kind, int(relu), layer.out_features, layer.in_features)
             rg = True
-        if xin.shape[1] != self.layers[0][0].in_features:
-            return None
+        if xin.shape[1] != self.layers[0][0].in_features or len({id(p) for p in params}) != len(params):
+            return None  # (the layer's error; parameters tied since the plan was built)
         return _ops._C.mlp_chain(xin, params, tensors, spec)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
