@@ -40,7 +40,7 @@ second code path.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -78,14 +78,14 @@ class MLPStep:
 
     def _plan(self) -> Optional[str]:
         m = self.model
-        if not (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward):
-            return "not an nn.Sequential (or its forward is overridden)"
         # the modules the plan rests on (a model whose children change needs a new MLPStep);
         # walking this list costs a fraction of model.modules()' generator per step
         self._modules_seen = [m, *m._modules.values()]
         self._types = [type(c) for c in self._modules_seen]  # (parametrizing a layer changes its class)
         first = self._modules_seen[1] if len(self._modules_seen) > 1 else None
         self._flat0 = (first.start_dim, first.end_dim) if type(first) is nn.Flatten else None
+        if not (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward):
+            return "not an nn.Sequential (or its forward is overridden)"
         for i, c in enumerate(m._modules.values()):
             t = type(c)
             if t is nn.Flatten and i == 0 and c.start_dim == 1 and c.end_dim == -1:
@@ -152,19 +152,7 @@ class MLPStep:
                     return "a parameter has hooks"
         return None
 
-    def stale(self) -> bool:
-        """The model's children, or a layer's fused activation, changed since this was built."""
-        seen, children = self._modules_seen, self.model._modules
-        if len(children) != len(seen) - 1 or any(a is not b for a, b in zip(children.values(), seen[1:])):
-            return True
-        if any(type(c) is not t for c, t in zip(seen, self._types)):
-            return True
-        if self._flat0 is not None and (seen[1].start_dim, seen[1].end_dim) != self._flat0:
-            return True
-        return self.reason is None and any(getattr(layer, "activation", None) != act
-                                           for (layer, _), act in zip(self.layers, self._activations))
-
-    def chain(self, x: Tensor) -> Optional[Tensor]:
+    def chain(self, x: Tensor) -> Union[Tensor, None, object]:
         """``self.model(x)`` as one autograd node (the compiled ``mlp_chain``: the layers'
         forward ops, and in its backward the ops their nodes' backward would run, in the
         same order: output and gradients bit-identical to the module-by-module forward),
@@ -176,8 +164,23 @@ class MLPStep:
         grad, a non-contiguous parameter, parameters tied since the plan was built, dtypes
         or widths the layers would refuse (their error then says so). A backward with
         create_graph runs the layers again, recorded, and differentiates them (second
-        derivatives as the modules give them). Call only when ``stale()`` is False."""
-        if (self.reason is not None or type(x) is not Tensor or x.device.type != "cpu" or _ops._C is None
+        derivatives as the modules give them). ``STALE`` when the model's children (or
+        their classes, the Flatten's dims, a fused activation) changed since this MLPStep
+        was planned: build a new one."""
+        seen, types, children = self._modules_seen, self._types, self.model._modules
+        if len(children) != len(seen) - 1:
+            return STALE
+        i = 0
+        hooked = False
+        for mod in children.values():
+            i += 1
+            if mod is not seen[i] or type(mod) is not types[i]:
+                return STALE
+            if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
+                hooked = True
+        if self._flat0 is not None and (seen[1].start_dim, seen[1].end_dim) != self._flat0:
+            return STALE
+        if (hooked or self.reason is not None or type(x) is not Tensor or x.device.type != "cpu" or _ops._C is None
                 or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
                 or torch._C._get_tracing_state() is not None or torch._C._is_torch_function_mode_enabled()
                 or _functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0):
@@ -185,11 +188,6 @@ class MLPStep:
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
                 or _module._global_backward_pre_hooks or getattr(_module, "_global_forward_hooks_always_called", None)):
             return None
-        seen = self._modules_seen
-        for i in range(1, len(seen)):
-            mod = seen[i]
-            if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
-                return None
         xin = x.flatten(1) if self.flatten else x
         if xin.dim() != 2:
             return None
@@ -197,10 +195,12 @@ class MLPStep:
         tensors: list = []
         spec: List[int] = []
         params: List[Tensor] = []
-        for layer, relu in self.layers:
+        for (layer, relu), act in zip(self.layers, self._activations):
             p = layer._parameters
             bias = p["bias"]
             if type(layer) is SparseLinear:
+                if layer.activation != act:
+                    return STALE
                 b, w = layer._buffers, p["weight_values"]
                 if b["active"] is not None:
                     return None
@@ -440,6 +440,10 @@ def _dense_weight(layer: nn.Module) -> Tensor:
     return _ST.ticket_expand(v, b["crow"], b["bits"], layer.in_features)
 
 
+#: what MLPStep.chain returns when the model changed since it was planned
+STALE = object()
+
+
 class ChainForward:
     """The forward that ``sparsify(..., fuse_relu=True)`` gives an nn.Sequential MLP that
     holds a SparseLinear (stored as the instance's ``forward``; the class, state-dict keys
@@ -460,10 +464,13 @@ class ChainForward:
         m = self.module
         if len(args) == 1 and not kwargs:
             st = self.step
-            if st is None or st.stale():
+            if st is None:
                 st = self.step = MLPStep(m)
             y = st.chain(args[0])
-            if y is not None:
+            if y is STALE:
+                st = self.step = MLPStep(m)
+                y = st.chain(args[0])
+            if y is not None and y is not STALE:
                 return y
         return type(m).forward(m, *args, **kwargs)
 
