@@ -628,6 +628,29 @@ def test_pin_modes_keeps_nearly_dense_layers_dense_without_measuring(monkeypatch
     assert model[4].mode == "sparse"
 
 
+def test_pin_modes_measures_convolutions_on_part_of_the_batch(monkeypatch):
+    """Convolutions are measured on CONV_MEASURE_BATCH images, the other layers on the
+    whole batch; every layer ends pinned with its evidence."""
+    import torch.nn as nn
+    import sparseticket.nn as stnn
+    from sparseticket.nn import _mode
+
+    torch.manual_seed(0)
+    model = stnn.sparsify(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                        nn.Linear(4 * 36, 10), nn.ReLU(), nn.Linear(10, 3)),
+                          amount=0.6, scope="layerwise")
+    monkeypatch.setattr(R, "CONV_MEASURE_BATCH", 3)
+    measured = []
+    real = _mode.measure
+    monkeypatch.setattr(_mode, "measure", lambda s, d, *a, **k: measured.append(1) or real(s, d, *a, **k))
+    _mode.clear_cache()
+    evidence = R._pin_modes(model, torch.randn(8, 1, 6, 6), {})
+    assert len(measured) == 3 and set(evidence) == {"0", "3", "5"}
+    assert all(model[i].mode in ("sparse", "dense") for i in (0, 3, 5))
+    batch = {i: model[i]._last_key[11 if i == 0 else 4] for i in (0, 3, 5)}  # the batch bucket of each key
+    assert batch == {0: _mode.batch_bucket(3), 3: _mode.batch_bucket(8), 5: _mode.batch_bucket(8)}
+
+
 def test_stale_inputs_are_refused_whatever_the_mask_says(tmp_path, monkeypatch):
     """Random pruning ignores the weights, so a changed level_01/final.pt gives the same
     level-2 mask; with lr rewinding level 2 starts from that file all the same, and the

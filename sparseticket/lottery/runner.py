@@ -868,6 +868,12 @@ CLEARLY_DENSE = 1.3
 # has beaten dense at 75-80% on a layer that matters for time (LeNet's fc1 / fc2 at 80%
 # tie with MLPStep; Conv-4's 64-128 channel convs lose at 80%, BENCHMARKS.md, session 6)
 DENSE_WITHOUT_MEASURING = 0.75
+#: _pin_modes measures convolutions on this many images of the batch: their time grows
+#: with the batch and the ratio of the two paths hardly moves (Conv-4 at 41-64% kept,
+#: batch 16 against 64: the same choices, the four convs' ratios within 0.01-0.08;
+#: BENCHMARKS.md, session 23), while measuring a Conv-4 level's layers on 64 images took
+#: 1.0-1.5 s, a tenth of a sparse level
+CONV_MEASURE_BATCH = 16
 
 
 def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[str, Optional[list]]]] = None
@@ -883,7 +889,9 @@ def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[s
     scaled down by its new density, is still CLEARLY_DENSE times the dense time stays
     dense. Measuring costs ~0.1 s per LeNet layer and 0.3-0.4 s per Conv-4 layer (2.1-2.8 s
     for Conv-4's seven at 64-80% density, a tenth of such a level): a layer that keeps at
-    least DENSE_WITHOUT_MEASURING of its weights is pinned dense without measuring."""
+    least DENSE_WITHOUT_MEASURING of its weights is pinned dense without measuring, and
+    convolutions are measured on CONV_MEASURE_BATCH images of the batch (the other layers
+    on all of it)."""
     previous = previous or {}
     evidence: Dict[str, list] = {}
     for name, m in model.named_modules():
@@ -907,20 +915,39 @@ def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[s
     # the choice holds for a whole level: spend up to 60 ms per layer on it, not 20 ms
     # (with 20 ms a noisy machine made LeNet's fc1 pick the sparse path at 80% density)
     _mode.MEASURE.update(budget_s=0.06, max_reps=41)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, stnn.TicketModule)]
+    convs = [(n, m) for n, m in layers if isinstance(m, stnn.SparseConv2d) and m.mode == "auto"]
     try:
         with torch.enable_grad():
+            if convs and x.shape[0] > CONV_MEASURE_BATCH:
+                # the convolutions first, on part of the batch (the other layers run dense
+                # meanwhile, unmeasured), then the rest on the whole batch
+                rest = [m for _, m in layers if m.mode == "auto" and not isinstance(m, stnn.SparseConv2d)]
+                for m in rest:
+                    m.mode = "dense"
+                try:
+                    model(x[:CONV_MEASURE_BATCH])
+                finally:
+                    for m in rest:
+                        m.mode = "auto"
+                _pin_measured(convs, evidence)
             model(x)
     finally:
         _mode.MEASURE.update(saved)
     model.train(was)
-    for name, m in model.named_modules():
-        if isinstance(m, stnn.TicketModule):
-            if m.mode == "auto" and m._choice is not None:
-                t = _mode._TIMINGS.get(getattr(m, "_last_key", None))
-                if t is not None:
-                    evidence[name] = [t[0], t[1], m.density]
-            m.mode = _mode.resolve(m.mode) or m._choice or ("sparse" if m.density < _mode.HEURISTIC_DENSITY else "dense")
+    _pin_measured(layers, evidence)
     return evidence
+
+
+def _pin_measured(layers: List[Tuple[str, nn.Module]], evidence: Dict[str, list]) -> None:
+    """Pin each of ``layers`` still in 'auto' to the path its measurement chose (else the
+    global mode, else the density rule), recording the measurement in ``evidence``."""
+    for name, m in layers:
+        if m.mode == "auto" and m._choice is not None:
+            t = _mode._TIMINGS.get(getattr(m, "_last_key", None))
+            if t is not None:
+                evidence[name] = [t[0], t[1], m.density]
+        m.mode = _mode.resolve(m.mode) or m._choice or ("sparse" if m.density < _mode.HEURISTIC_DENSITY else "dense")
 
 
 def _load_pretrained(model: nn.Module, path: str) -> Dict[str, Tensor]:
