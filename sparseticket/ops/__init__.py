@@ -420,7 +420,9 @@ def _max_pool2x2_backward_backward(ctx, ggx):
     return ref.reference_max_pool2x2_select(ggx, where), None, None
 
 
-torch.library.register_autograd("sparseticket::max_pool2x2", _max_pool2x2_backward, setup_context=_max_pool2x2_setup)
+if _C is None or not _has_kernel("max_pool2x2", "Autograd"):  # (the compiled library has it in C++)
+    torch.library.register_autograd("sparseticket::max_pool2x2", _max_pool2x2_backward,
+                                    setup_context=_max_pool2x2_setup)
 torch.library.register_autograd("sparseticket::max_pool2x2_backward", _max_pool2x2_backward_backward,
                                 setup_context=_max_pool2x2_backward_setup)
 
