@@ -4,7 +4,9 @@
     python bench/ab_step_paths.py --model lenet_300_100 --densities 0.03,0.1,0.33 --rounds 60
     python bench/ab_step_paths.py --model conv4 --densities 0.134,0.41 --batch-size 64 --steps 5 --rounds 20
 
-A model MLPStep cannot take (Conv-4) compares ``unfused`` and ``fused`` only.
+A model MLPStep cannot take (Conv-4) compares ``unfused``, ``fused`` and ``conv_relu`` (the
+fusion before session 23: every conv applies its ReLU, the max-pools none; ``fused`` has
+the pools apply the ReLU of the conv before them, MaxPool2d's ``relu_after``).
 
 Per density, one model sparsified three times from the same weights and random masks
 (output layer included): ``unfused`` (modules and autograd), ``fused`` (each layer+ReLU
@@ -62,10 +64,16 @@ def main():
         x = torch.randn(a.batch_size, 1, 28, 28)
         y = torch.randint(0, 10, (a.batch_size,))
 
-        def make(fuse, mlp_step=False, native=True, fused_update=None, chain=False):
+        def make(fuse, mlp_step=False, native=True, fused_update=None, chain=False, pool_relu=True):
             m = stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=fuse)
             if not chain:
                 remove_chains(m)
+            if not pool_relu:  # each conv applies its ReLU again, the pool after it none
+                kids = list(m.children())
+                for i, pool in enumerate(kids):
+                    if isinstance(pool, stnn.MaxPool2d) and pool.relu_after:
+                        pool.relu_after = False
+                        kids[i - 2].set_activation("relu")
             opt = MaskedSGD(m.parameters(), lr=0.01, momentum=0.9)
             fast = stnn.MLPStep(m, native=native)
             if fused_update == "step":
@@ -87,7 +95,9 @@ def main():
 
         fs = {"unfused": make(False), "fused": make(True)}
         mlp = stnn.MLPStep(stnn.sparsify(copy.deepcopy(base), masks=masks, mode=a.mode, fuse_relu=True)).reason is None
-        if mlp:  # (a conv net compares the first two only)
+        if not mlp:  # a conv net: also the fusion as it was before the ReLU moved after the pool
+            fs["conv_relu"] = make(True, pool_relu=False)
+        if mlp:
             fs.update(chain=make(True, chain=True), mlp_py=make(True, True, native=False), mlpstep=make(True, True),
                       step=make(True, fused_update="step"), fixed=make(True, fused_update="fixed"))
         if a.mode == "sparse":  # 'auto' may pick different paths for the contenders
@@ -99,8 +109,9 @@ def main():
         med = interleaved_blocks(fs, a.rounds, a.steps, warmup=5)
         u, f = med["unfused"], med["fused"]
         if not mlp:
-            print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {'-':>9} {'-':>10} {'-':>11} {'-':>8} {'-':>9} {u / f:14.3f} {'-':>12} {'-':>15} "
-                  f"{'-':>16} {'-':>15} {'-':>13} {'-':>14}", flush=True)
+            cr = med["conv_relu"]
+            print(f"{dens:8.3f} {u:11.0f} {f:9.0f}   conv_relu {cr:.0f} us, conv_relu/fused {cr / f:.3f}   "
+                  f"{u / f:14.3f}", flush=True)
             continue
         c, p, s, st, fx = med["chain"], med["mlp_py"], med["mlpstep"], med["step"], med["fixed"]
         print(f"{dens:8.3f} {u:11.0f} {f:9.0f} {c:9.0f} {p:10.0f} {s:11.0f} {st:8.0f} {fx:9.0f} {u / f:14.3f} {f / c:12.3f} {u / p:15.3f} "

@@ -143,6 +143,51 @@ def test_fused_model_equals_unfused(mode, gen):
     assert [b[i].last_path for i in (0, 2)] == [mode] * 2
 
 
+def _poolnet(gen):
+    """A conv, its ReLU and sparseticket's MaxPool2d in a row (the model registry's Conv
+    nets), then a conv whose ReLU is followed by torch's nn.MaxPool2d."""
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), stnn.MaxPool2d(2), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_relu_moved_after_the_pool_is_exact(mode, dtype, channels_last, gen):
+    """conv -> ReLU -> MaxPool2d: the pool applies the ReLU (relu_after); outputs, losses
+    and every gradient bit-identical to the unfused model over optimizer steps."""
+    m = _poolnet(gen).to(dtype)
+    masks = {n: make_mask(mod.weight.shape[0], mod.weight[0].numel(), 0.5, gen).view(mod.weight.shape)
+             for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode)
+    b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=True)
+    assert type(b[1]) is stnn.FusedReLU and b[0].activation is None and b[2].relu_after
+    assert b[3].activation == "relu" and type(b[4]) is stnn.FusedReLU  # (torch's pool: the conv applies it)
+    assert "relu_after=True" in repr(b[2]) and a.state_dict().keys() == b.state_dict().keys()
+    oa = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x = randn(4, 2, 8, 8, dtype=dtype, gen=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 3, (4,), generator=gen)
+        la, lb = F.cross_entropy(a(x), y), F.cross_entropy(b(x), y)
+        assert torch.equal(la, lb)
+        oa.zero_grad()
+        ob.zero_grad()
+        la.backward()
+        lb.backward()
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+        oa.step()
+        ob.step()
+    stnn.densify(b)
+    assert type(b[1]) is nn.ReLU and not b[2].relu_after and type(b[4]) is nn.ReLU
+    x = randn(4, 2, 8, 8, dtype=dtype, gen=gen)
+    with torch.no_grad():
+        assert torch.equal(b(x), stnn.densify(a)(x))
+
+
 def test_densify_restores_relu_and_neq_refuses(gen):
     m = _convnet(gen)
     x = randn(3, 2, 10, 10, gen=gen)

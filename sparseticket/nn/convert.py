@@ -12,6 +12,7 @@ from ._common import TicketModule, check_mask, describe, neq_capable, where
 from ._registry import register_module_params
 from .conv import NEqConv2d, SparseConv2d
 from .fast_step import install_chains, remove_chains
+from .pool import MaxPool2d
 from .linear import DenseNEqLinear, FusedReLU, SparseLinear, _init_neq
 
 Filter = Callable[[str, nn.Module], bool]
@@ -130,7 +131,10 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
       the layer applies it itself (``activation='relu'``: one op and one autograd node
       instead of two of each, the same numbers) and the nn.ReLU becomes a FusedReLU
       placeholder. The layer's output, which forward hooks and the NEq tracker would
-      see, is then the activation, so leave it off for NEq. An nn.Sequential that is then
+      see, is then the activation, so leave it off for NEq. Where a sparseticket
+      ``MaxPool2d`` follows the conv's ReLU, the pool applies the ReLU to its output
+      instead (``relu_after``: pool and ReLU commute exactly, and the ReLU's backward then
+      runs on the pooled quarter) and the conv's output stays the pre-activation. An nn.Sequential that is then
       an MLP (an optional leading nn.Flatten, then linear layers and their ReLUs, at least
       one a SparseLinear) also gets a forward that runs all its layers as one autograd
       node when a call allows it (``fast_step.ChainForward``: no hooks on its children,
@@ -196,21 +200,34 @@ def _fuse_relus(model: nn.Module) -> None:
         if not isinstance(parent, nn.Sequential):
             continue
         names = list(parent._modules)
-        for a, b in zip(names, names[1:]):
+        for i, (a, b) in enumerate(zip(names, names[1:])):
             layer, nxt = parent._modules[a], parent._modules[b]
             # a layer used at two places would apply the ReLU at both
-            if (type(layer) in (SparseLinear, SparseConv2d) and layer.activation is None and type(nxt) is nn.ReLU
+            if not (type(layer) in (SparseLinear, SparseConv2d) and layer.activation is None and type(nxt) is nn.ReLU
                     and uses[id(layer)] == 1 and uses[id(nxt)] == 1):
+                continue
+            pool = parent._modules[names[i + 2]] if i + 2 < len(names) else None
+            if (type(layer) is SparseConv2d and type(pool) is MaxPool2d and not pool.relu_after
+                    and not pool.return_indices and uses[id(pool)] == 1):
+                pool.relu_after = True  # conv -> pool -> ReLU: the ReLU's backward on the pooled tensor
+            else:
                 layer.set_activation("relu")
-                parent._modules[b] = FusedReLU()
+            parent._modules[b] = FusedReLU()
 
 
 def _unfuse_relus(model: nn.Module) -> None:
-    """The inverse of _fuse_relus: each FusedReLU back to nn.ReLU, its layer's activation off."""
+    """The inverse of _fuse_relus: each FusedReLU back to nn.ReLU, its layer's activation
+    (or the max-pool after it) off."""
     for parent in list(model.modules()):
         names = list(parent._modules)
         for i, name in enumerate(names):
             child = parent._modules[name]
+            if (isinstance(child, FusedReLU) and isinstance(parent, nn.Sequential) and i + 1 < len(names)
+                    and isinstance(parent._modules[names[i + 1]], MaxPool2d)
+                    and parent._modules[names[i + 1]].relu_after):
+                parent._modules[names[i + 1]].relu_after = False
+                parent._modules[name] = nn.ReLU()
+                continue
             if isinstance(child, (SparseLinear, SparseConv2d)) and child.activation is not None:
                 nxt = parent._modules[names[i + 1]] if i + 1 < len(names) else None
                 if not isinstance(parent, nn.Sequential) or not isinstance(nxt, FusedReLU):
