@@ -262,3 +262,15 @@ def test_every_op_has_a_compiled_cpu_kernel():
     if ops._C is None:
         pytest.skip("compiled kernels not built")
     assert ops.STALE_OPS == []
+
+
+def test_relu_after_with_indices_and_not_fused_for_them(gen):
+    x = randn(2, 3, 6, 6, gen=gen)
+    pool = stnn.MaxPool2d(2, return_indices=True)
+    pool.relu_after = True  # (by hand: sparsify never fuses a pool that returns indices)
+    y, idx = pool(x)
+    ry, ridx = nn.MaxPool2d(2, return_indices=True)(torch.relu(x))
+    assert torch.equal(y, ry) and y.shape == idx.shape
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), stnn.MaxPool2d(2, return_indices=True))
+    stnn.sparsify(m, amount=0.5, fuse_relu=True)
+    assert m[0].activation == "relu" and not m[2].relu_after

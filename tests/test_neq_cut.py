@@ -193,13 +193,17 @@ def _x(batch=3):
 # ----------------------------------------------------------------------------- the cut
 
 
-@pytest.mark.parametrize("between", ["identity", "dropout", "dropout2d", "leaky_inplace", "st_pool", "avg_pool"])
+@pytest.mark.parametrize("between", ["identity", "dropout", "dropout2d", "leaky_inplace", "st_pool", "avg_pool",
+                                     "st_pool2x2"])
 @pytest.mark.parametrize("batch", [3, 1])
 def test_cut_keeps_every_parameter_gradient(between, batch):
     mods = {"identity": nn.Identity(), "dropout": nn.Dropout(0.3), "dropout2d": nn.Dropout2d(0.3),
             "leaky_inplace": nn.LeakyReLU(0.1, inplace=True), "st_pool": stnn.MaxPool2d(1),
-            "avg_pool": nn.AvgPool2d(3, stride=1, padding=1)}
-    dense, neq, actives = _neq(Net(mods[between]))
+            "avg_pool": nn.AvgPool2d(3, stride=1, padding=1), "st_pool2x2": nn.Identity()}
+    net = Net(mods[between])
+    if between == "st_pool2x2":  # the source's pool is sparseticket's 2x2 kernel (a C++ autograd node)
+        net.pool = stnn.MaxPool2d(2)
+    dense, neq, actives = _neq(net)
     x = _x(batch)
     full = _run(dense, x)
     full_mid = dense.mid.grad

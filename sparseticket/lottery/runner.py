@@ -712,7 +712,8 @@ def _plain_dense_path(model: nn.Module, skip=()) -> Dict[str, Tensor]:
     """Each SparseLinear / SparseConv2d pinned to its dense path becomes, in place, the plain
     nn.Linear / nn.Conv2d it stands for (the masked dense weight), its keep mask registered
     with the masked optimizers, which then keep its pruned weights at exactly 0; a fused
-    ReLU goes back to the nn.ReLU after it. The dense path runs the same products on the
+    ReLU goes back to the nn.ReLU after it (one a max-pool applies, ``relu_after``, stays
+    there, with its FusedReLU placeholder). The dense path runs the same products on the
     same weight, so the level trains bit for bit as before, but without materialising the
     weight from the ticket and compressing its gradient back at every step and every
     evaluation batch (in situ on the Intel Xeon, LeNet-300-100's 80% level: ~725 -> ~650 us
@@ -934,7 +935,7 @@ def _pin_modes(model: nn.Module, x: Tensor, previous: Optional[Dict[str, Tuple[s
             model(x)
     finally:
         _mode.MEASURE.update(saved)
-    model.train(was)
+        model.train(was)
     _pin_measured(layers, evidence)
     return evidence
 

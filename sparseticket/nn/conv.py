@@ -391,6 +391,18 @@ _CHANNELWISE_NODES = frozenset({
 })
 
 
+#: C++ autograd nodes (``CppFunction``s, told apart by ``name()``) that are channel-wise
+#: too: sparseticket's 2x2 max-pool (csrc/autograd_conv.cpp)
+_CHANNELWISE_CPP_NODES = ("::MaxPool2x2Function>",)
+
+
+def _channelwise(node) -> bool:
+    name = type(node).__name__
+    if name == "CppFunction":
+        return node.name().endswith(_CHANNELWISE_CPP_NODES)
+    return name in _CHANNELWISE_NODES
+
+
 def _reaches_source_call(x: Tensor, source_node, max_steps: int = 16) -> bool:
     """Whether ``x``'s autograd graph leads, through channel-wise single-input nodes
     (_CHANNELWISE_NODES), to ``source_node`` (the recorded call of the source, compared by
@@ -404,7 +416,7 @@ def _reaches_source_call(x: Tensor, source_node, max_steps: int = 16) -> bool:
         if node is source_node:
             return node.next_functions[0][0] is None
         nxt = [f for f, _ in node.next_functions if f is not None]
-        if len(nxt) != 1 or type(node).__name__ not in _CHANNELWISE_NODES:
+        if len(nxt) != 1 or not _channelwise(node):
             return False
         node = nxt[0]
     return False

@@ -138,8 +138,10 @@ class SparseLinear(TicketModule):
 
 class FusedReLU(nn.Identity):
     """Stands where an nn.ReLU was before ``sparsify(..., fuse_relu=True)`` folded it into
-    the SparseLinear / SparseConv2d before it (which now applies it); ``densify`` puts
-    nn.ReLU back."""
+    the SparseLinear / SparseConv2d before it (which now applies it), or, where a
+    sparseticket MaxPool2d follows it, into that pool (``relu_after``: the ReLU is applied
+    to the pool's output, so a hook on this placeholder, or a pre-hook on the pool, sees
+    the pre-activation); ``densify`` puts nn.ReLU back."""
 
 
 class DenseNEqBase(NEqMixin):

@@ -53,7 +53,9 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.ops.sparseticket.max_pool2x2(x)[0] if self._fast(x) else super().forward(x)
-        return torch.relu(y) if self.relu_after else y
+        if not self.relu_after:
+            return y
+        return (torch.relu(y[0]), y[1]) if self.return_indices else torch.relu(y)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu_after=True" if self.relu_after else "")
