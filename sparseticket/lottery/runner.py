@@ -871,9 +871,10 @@ CLEARLY_DENSE = 1.3
 DENSE_WITHOUT_MEASURING = 0.75
 #: _pin_modes measures convolutions on this many images of the batch: their time grows
 #: with the batch and the ratio of the two paths hardly moves (Conv-4 at 41-64% kept,
-#: batch 16 against 64: the same choices, the four convs' ratios within 0.01-0.08;
-#: BENCHMARKS.md, session 23), while measuring a Conv-4 level's layers on 64 images took
-#: 1.0-1.5 s, a tenth of a sparse level
+#: 16 images against 64: the convs' ratios within 0.00-0.13, the choices the same except
+#: for layers at the threshold, which flip either way between runs; `python
+#: bench/ab_pin_modes.py`, BENCHMARKS.md, session 23), while measuring a Conv-4 level's
+#: layers on 64 images took ~1 s, a tenth of a sparse level (0.4 s this way)
 CONV_MEASURE_BATCH = 16
 
 
