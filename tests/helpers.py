@@ -33,6 +33,19 @@ def randn(*shape, dtype=torch.float32, gen: Optional[torch.Generator] = None) ->
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype)
 
 
+def make_mlp(gen: torch.Generator, sizes, bias: bool = True, flatten: bool = False, dtype=torch.float32,
+             last_relu: bool = False) -> "torch.nn.Sequential":
+    """nn.Sequential of (optional nn.Flatten,) nn.Linear layers of the given widths with an
+    nn.ReLU after each (after the last one only with ``last_relu``), initialised from a
+    seed drawn from ``gen``."""
+    from torch import nn
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
+    layers = [nn.Flatten()] if flatten else []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype), nn.ReLU()]
+    return nn.Sequential(*(layers if last_relu else layers[:-1]))
+
+
 def make_mask(O: int, I: int, sparsity: float, gen: torch.Generator, holes: bool = False) -> Tensor:
     """[O, I] bool keep-mask with exactly round((1 - sparsity)·O·I) True entries.
 

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOATS, make_mask, randn
+from helpers import FLOATS, make_mask, make_mlp, randn
 from torch import nn
 
 import sparseticket.nn as stnn
@@ -20,17 +20,9 @@ from sparseticket.optim import MaskedSGD
 pytestmark = pytest.mark.skipif(ops._C is None, reason="the chain node is compiled C++")
 
 
-def _mlp(gen, sizes, bias=True, flatten=False, dtype=torch.float32, last_relu=False):
-    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
-    layers = [nn.Flatten()] if flatten else []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype), nn.ReLU()]
-    return nn.Sequential(*(layers if last_relu else layers[:-1]))
-
-
 def _pair(gen, sizes, density, mode="sparse", masks_for=None, **kw):
     """(chained, modules): the same sparsified MLP, with and without the chain node."""
-    m = _mlp(gen, sizes, **kw)
+    m = make_mlp(gen, sizes, **kw)
     masks = {n: make_mask(*mod.weight.shape, 1.0 - density, gen) for n, mod in m.named_modules()
              if isinstance(mod, nn.Linear) and (masks_for is None or n in masks_for)}
     a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=True)
@@ -89,7 +81,7 @@ def test_bit_identical_to_the_modules_over_steps(sizes, batch, flatten, density,
 def test_mixed_layers_input_grad_no_bias_and_a_relu_on_the_logits(gen):
     # a plain nn.Linear left in the chain (no mask given), a full ticket (view kind), an
     # expanded dense path, a sparse one; no biases; the input requires grad
-    m = _mlp(gen, (21, 16, 12, 8, 5), bias=False, last_relu=True)
+    m = make_mlp(gen, (21, 16, 12, 8, 5), bias=False, last_relu=True)
     masks = {"2": make_mask(12, 16, 0.0, gen), "4": make_mask(8, 12, 0.6, gen), "6": make_mask(5, 8, 0.3, gen)}
     a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="sparse", fuse_relu=True)
     b = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="sparse", fuse_relu=True)
@@ -254,7 +246,7 @@ def test_copy_pickle_state_dict_and_densify(gen, tmp_path):
 
 
 def test_only_mlps_holding_a_ticket_get_the_chain(gen):
-    m = _mlp(gen, (12, 9, 4))
+    m = make_mlp(gen, (12, 9, 4))
     stnn.sparsify(m, masks={}, fuse_relu=True)  # nothing converted: nothing to chain
     assert "forward" not in m.__dict__
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
@@ -269,7 +261,7 @@ def test_only_mlps_holding_a_ticket_get_the_chain(gen):
 
 def _full_dense(gen, sizes=(20, 16, 5), dtype=torch.float32):
     """Full tickets on their dense path: every op differentiable twice, as a plain MLP."""
-    m = _mlp(gen, sizes, dtype=dtype)
+    m = make_mlp(gen, sizes, dtype=dtype)
     masks = {n: torch.ones_like(mod.weight, dtype=torch.bool) for n, mod in m.named_modules()
              if isinstance(mod, nn.Linear)}
     a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode="dense", fuse_relu=True)
@@ -344,7 +336,7 @@ def test_changes_made_in_place_after_the_first_call(gen):
         m[0].start_dim = 1
     assert _chained(a, x)
     # a parametrized plain layer (its class changes, the child object stays)
-    c = _mlp(gen, (12, 9, 4, 3))
+    c = make_mlp(gen, (12, 9, 4, 3))
     stnn.sparsify(c, masks={"2": make_mask(4, 9, 0.5, gen)}, mode="sparse", fuse_relu=True)
     x2 = randn(6, 12, gen=gen)
     assert _chained(c, x2)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOATS, make_mask, randn
+from helpers import FLOATS, make_mask, make_mlp, randn
 from torch import nn
 
 import sparseticket.nn as stnn
@@ -14,16 +14,8 @@ from sparseticket.nn.fast_step import remove_chains
 from sparseticket.optim import MaskedSGD
 
 
-def _mlp(gen, sizes, bias=True, flatten=False, dtype=torch.float32):
-    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
-    layers = [nn.Flatten()] if flatten else []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
 def _pair(gen, sizes, density, fuse, mode="sparse", **kw):
-    m = _mlp(gen, sizes, **kw)
+    m = make_mlp(gen, sizes, **kw)
     masks = {n: make_mask(*mod.weight.shape, 1.0 - density, gen) for n, mod in m.named_modules()
              if isinstance(mod, nn.Linear)}
     a = stnn.sparsify(copy.deepcopy(m), masks=masks, mode=mode, fuse_relu=fuse)
@@ -100,7 +92,7 @@ def test_dense_paths_and_plain_linears_bit_identical(paths, density, fuse, dtype
     """Per layer: 'd' a SparseLinear on its dense path (bitmap expand / compress, or the
     values viewed as W when nothing is pruned), 's' on its sparse path, 'L' a plain nn.Linear."""
     sizes, batch = (33, 65, 17, 3), 19
-    m = _mlp(gen, sizes, flatten=True, dtype=dtype)
+    m = make_mlp(gen, sizes, flatten=True, dtype=dtype)
     lin = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
     masks = {n: make_mask(*m.get_submodule(n).weight.shape, 1.0 - density, gen)
              for n, c in zip(lin, paths) if c != "L"}
