@@ -54,6 +54,12 @@ constexpr size_t kSgdHyper = 7;
 constexpr int64_t kMean = 1;       // at::Reduction::Mean
 constexpr int64_t kIgnore = -100;  // F.cross_entropy's default ignore_index
 
+// t and spec describe whole layers (kSlots tensors and kSpec integers each, at least one)
+void check_layers(const std::vector<c10::optional<Tensor>>& t, const std::vector<int64_t>& spec, const char* fn) {
+  TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
+              "sparseticket: ", fn, ": ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
+}
+
 const Tensor& need(const std::vector<c10::optional<Tensor>>& t, size_t i, const char* what) {
   TORCH_CHECK(t[i].has_value() && t[i]->defined(), "sparseticket: mlp: layer ", i / kSlots, " has no ", what);
   return *t[i];
@@ -186,8 +192,7 @@ Tensor backward_layers(Tensor g, const Pass& p, const std::vector<c10::optional<
 std::vector<Tensor> mlp_grads(const Tensor& x, const Tensor& y, const std::vector<c10::optional<Tensor>>& t,
                               const std::vector<int64_t>& spec, const std::vector<c10::optional<Tensor>>& sgd,
                               const std::vector<double>& hyper) {
-  TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
-              "sparseticket: mlp_grads: ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
+  check_layers(t, spec, "mlp_grads");
   const size_t L = spec.size() / kSpec;
   const bool update = !hyper.empty();
   TORCH_CHECK(!update || (sgd.size() == L * kSgdSlots && hyper.size() == L * kSgdHyper),
@@ -248,14 +253,14 @@ class MLPChainFunction : public torch::autograd::Function<MLPChainFunction> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, at::TensorList params,
                         const std::vector<c10::optional<Tensor>>& t, const std::vector<int64_t>& spec) {
-    TORCH_CHECK(spec.size() % kSpec == 0 && t.size() == spec.size() / kSpec * kSlots && !spec.empty(),
-                "sparseticket: mlp_chain: ", t.size(), " tensors and ", spec.size(), " spec entries do not describe layers");
+    check_layers(t, spec, "mlp_chain");
     const size_t L = spec.size() / kSpec;
+    std::vector<int64_t> has_bias(L);
     size_t k = 0;
     for (size_t l = 0; l < L; ++l) {
-      for (size_t j = 0; j < 2; ++j) {
+      has_bias[l] = t[l * kSlots + 1].has_value() && t[l * kSlots + 1]->defined();
+      for (size_t j = 0; j < 1 + static_cast<size_t>(has_bias[l]); ++j) {
         const c10::optional<Tensor>& slot = t[l * kSlots + j];
-        if (j == 1 && !(slot.has_value() && slot->defined())) continue;
         TORCH_CHECK(k < params.size() && slot.has_value() && params[k].is_same(*slot), "sparseticket: mlp_chain: ",
                     "params must be each layer's weight (values) and then its bias, as in tensors (layer ", l, ")");
         ++k;
@@ -286,8 +291,6 @@ class MLPChainFunction : public torch::autograd::Function<MLPChainFunction> {
     ctx->save_for_backward(saved);
     ctx->saved_data["spec"] = c10::IValue(spec);
     ctx->saved_data["params"] = c10::IValue(params.vec());
-    std::vector<int64_t> has_bias(L);
-    for (size_t l = 0; l < L; ++l) has_bias[l] = t[l * kSlots + 1].has_value() && t[l * kSlots + 1]->defined();
     ctx->saved_data["has_bias"] = c10::IValue(has_bias);
     return p.acts.back();
   }

@@ -127,8 +127,7 @@ class MLPStep:
                 return "the input is not [batch, features] (or flattened to it)"
             if x.dtype != _weight(self.layers[0][0]).dtype:
                 return "the input's dtype is not the layers'"
-        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                or _module._global_backward_pre_hooks or getattr(_module, "_global_forward_hooks_always_called", None)):
+        if _global_module_hooks():
             return "global module hooks are registered"
         for mod in self._modules_seen:
             if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
@@ -185,8 +184,7 @@ class MLPStep:
                 or torch._C._get_tracing_state() is not None or torch._C._is_torch_function_mode_enabled()
                 or _functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0):
             return None
-        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                or _module._global_backward_pre_hooks or getattr(_module, "_global_forward_hooks_always_called", None)):
+        if _global_module_hooks():
             return None
         xin = x.flatten(1) if self.flatten else x
         if xin.dim() != 2:
@@ -196,24 +194,18 @@ class MLPStep:
         spec: List[int] = []
         params: List[Tensor] = []
         for (layer, relu), act in zip(self.layers, self._activations):
-            p = layer._parameters
-            bias = p["bias"]
+            path = None
             if type(layer) is SparseLinear:
                 if layer.activation != act:
                     return STALE
-                b, w = layer._buffers, p["weight_values"]
-                if b["active"] is not None:
+                if layer._buffers["active"] is not None:
                     return None
                 path = layer._known_path(torch.Size((batch, layer.in_features)), dtype, rg)
                 if path is None:
                     return None
-                kind = (_SPARSE if path == "sparse"
-                        else _VIEW if w.shape[0] == layer.out_features * layer.in_features else _EXPAND)
-                tensors += (w, bias, b["crow"], b["col"], b["ccol"], b["row"], b["perm"], b["bits"])
-            else:
-                w = p["weight"]
-                kind = _PLAIN
-                tensors += (w, bias, None, None, None, None, None, None)
+            kind, slots = _layer_slots(layer, path)
+            w, bias = slots[0], slots[1]
+            tensors += slots
             if not w.requires_grad or not w.is_contiguous() or w.dtype != dtype:
                 return None
             params.append(w)
@@ -323,18 +315,12 @@ class MLPStep:
         grads: list = []
         for i, (layer, relu) in enumerate(self.layers):
             p = layer._parameters
+            path = None
             if type(layer) is SparseLinear:
-                b, v = layer._buffers, p["weight_values"]
-                if _mode.resolve(layer.mode) == "sparse":
-                    kind = _SPARSE
-                    layer.__dict__["last_path"] = "sparse"
-                else:
-                    kind = _VIEW if v.shape[0] == layer.out_features * layer.in_features else _EXPAND
-                    layer.__dict__["last_path"] = "dense"
-                tensors += (v, p["bias"], b["crow"], b["col"], b["ccol"], b["row"], b["perm"], b["bits"])
-            else:
-                kind = _PLAIN
-                tensors += (p["weight"], p["bias"], None, None, None, None, None, None)
+                path = "sparse" if _mode.resolve(layer.mode) == "sparse" else "dense"
+                layer.__dict__["last_path"] = path
+            kind, slots = _layer_slots(layer, path)
+            tensors += slots
             spec += (kind, int(relu), layer.out_features, layer.in_features)
             grads.append((_weight(layer), 1 + 2 * i))
             if p["bias"] is not None:
@@ -422,6 +408,25 @@ class _Prepared(NamedTuple):
     guard: tuple  # the optimizer's _fused_guard() then
 
 
+def _layer_slots(layer: nn.Module, path: Optional[str]) -> Tuple[int, tuple]:
+    """A layer's kind and its kSlots tensors as csrc/mlp_step.cpp takes them: a
+    SparseLinear on ``path`` ('sparse' / 'dense'), or a plain nn.Linear (path None)."""
+    p = layer._parameters
+    if type(layer) is not SparseLinear:
+        return _PLAIN, (p["weight"], p["bias"], None, None, None, None, None, None)
+    b, v = layer._buffers, p["weight_values"]
+    kind = (_SPARSE if path == "sparse"
+            else _VIEW if v.shape[0] == layer.out_features * layer.in_features else _EXPAND)
+    return kind, (v, p["bias"], b["crow"], b["col"], b["ccol"], b["row"], b["perm"], b["bits"])
+
+
+def _global_module_hooks() -> bool:
+    """Whether any global module hook is registered (the modules' own path runs them)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks
+                or getattr(_module, "_global_forward_hooks_always_called", None))
+
+
 def _weight_name(layer: nn.Module) -> str:
     return "weight_values" if type(layer) is SparseLinear else "weight"
 
@@ -453,9 +458,9 @@ class ChainForward:
 
     __slots__ = ("module", "step")
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, step: Optional[MLPStep] = None):
         self.module = module
-        self.step: Optional[MLPStep] = None
+        self.step = step  # (built on first use when not given)
 
     def __reduce__(self):
         return (ChainForward, (self.module,))
@@ -479,8 +484,10 @@ def install_chains(model: nn.Module) -> None:
     """Give every nn.Sequential MLP in ``model`` that holds a SparseLinear a ChainForward."""
     for m in model.modules():
         if (isinstance(m, nn.Sequential) and "forward" not in m.__dict__
-                and any(type(c) is SparseLinear for c in m._modules.values()) and MLPStep(m).reason is None):
-            m.__dict__["forward"] = ChainForward(m)
+                and any(type(c) is SparseLinear for c in m._modules.values())):
+            step = MLPStep(m)
+            if step.reason is None:
+                m.__dict__["forward"] = ChainForward(m, step)
 
 
 def remove_chains(model: nn.Module) -> None:

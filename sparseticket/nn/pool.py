@@ -39,7 +39,8 @@ class MaxPool2d(nn.MaxPool2d):
     and a ReLU commute exactly (the same values, the same element kept in each window
     whenever the gradient through it is not zero), so outputs and gradients are those of
     ReLU-then-pool, while the ReLU's backward runs on the pooled tensor, a quarter of the
-    conv's output (Conv-4's step at 11% kept: 52.7 -> 50.9 ms; BENCHMARKS.md, session 23).
+    conv's output (Conv-4's sparse step at 10.8% kept: 53.7 -> 51.9 ms, `python
+    bench/ab_step_paths.py --model conv4 ...`; BENCHMARKS.md, session 23).
     """
 
     relu_after: bool = False
