@@ -216,3 +216,21 @@ def test_neq_linear_grads_match_dense(B, I, O, dtype, active_kind, gen):
         assert (w.grad[~active] == 0).all() and (b.grad[~active] == 0).all()
     assert_close(w.grad, gw_d, gy.abs().t() @ x.abs(), what="grad weight")
     assert_close(b.grad, gb_d, gy.abs().sum(0), what="grad bias")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_neq_linear_bias_grad_frozen_exactly_zero(dtype, gen):
+    """The bias gradient is the batch sum at active neurons, bit for bit, and exactly 0 at
+    frozen ones even where that sum is NaN or inf (the CPU path zeroes them in place)."""
+    B, I, O = 7, 5, 9
+    active = torch.tensor([True, False, False, True, True, False, True, False, True])
+    x = randn(B, I, dtype=dtype, gen=gen).requires_grad_()
+    w = randn(O, I, dtype=dtype, gen=gen).requires_grad_()
+    b = randn(O, dtype=dtype, gen=gen).requires_grad_()
+    gy = randn(B, O, dtype=dtype, gen=gen)
+    frozen = (~active).nonzero().flatten()
+    gy[0, frozen[0]] = float("nan")
+    gy[1, frozen[-1]] = float("inf")
+    sparseticket.neq_linear(x, w, b, active).backward(gy)
+    assert torch.equal(b.grad[active], gy.sum(0)[active])
+    assert (b.grad[~active] == 0).all() and not b.grad[~active].signbit().any()
