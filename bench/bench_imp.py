@@ -306,9 +306,52 @@ def _save(a, run_id, rows, **extra):
     print(f"run {run_id} -> {path}")
 
 
+def table(a) -> int:
+    """A recorded speed or lottery run as markdown (the tables BENCHMARKS.md quotes)."""
+    import csv
+    if not a.run:
+        raise SystemExit("table: give --run RUN_ID")
+    rows = [r for r in csv.DictReader(open(a.csv)) if r["run_id"] == a.run]
+    if not rows:
+        raise SystemExit(f"table: no rows of run {a.run} in {a.csv}")
+    speed = [r for r in rows if r["what"] == "speed"]
+    if speed:
+        print("| level | % weights left | sparse s | dense s | speedup | test acc sparse / dense | diff pp | "
+              "layer paths (s: sparse, d: dense) |")
+        print("| ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+        for r in speed:
+            print(f"| {r['level']} | {float(r['remaining']):.1f} | {float(r['sparse_s']):.2f} | "
+                  f"{float(r['dense_s']):.2f} | {float(r['ratio']):.2f}x | {100 * float(r['sparse_test_acc']):.1f} / "
+                  f"{100 * float(r['dense_test_acc']):.1f} | {float(r['acc_diff_pp']):+.1f} | {r['modes']} |")
+        for r in rows:
+            if r["what"] == "speed_total":
+                print(f"| total | | {float(r['sparse_s']):.1f} | {float(r['dense_s']):.1f} | **{float(r['ratio']):.2f}x** "
+                      f"| largest difference | {float(r['acc_diff_pp']):.1f} | |")
+    lot = [r for r in rows if r["what"] == "lottery"]
+    if lot:
+        seeds = sorted({int(r["seed"]) for r in lot})
+        print("| level | % weights left | " + " | ".join(f"seed {s}: ticket / reinit (pp)" for s in seeds) + " |")
+        print("| ---: | ---: | " + " | ".join("---" for _ in seeds) + " |")
+        for level in sorted({int(r["level"]) for r in lot}):
+            lr = {int(r["seed"]): r for r in lot if int(r["level"]) == level}
+            first = next(iter(lr.values()))
+            print(f"| {level} | {float(first['remaining']):.1f} | " + " | ".join(
+                f"{100 * float(lr[s]['sparse_test_acc']):.1f} / {100 * float(lr[s]['dense_test_acc']):.1f} "
+                f"({float(lr[s]['acc_diff_pp']):+.1f})" if s in lr else "–" for s in seeds) + " |")
+        low = [r for r in lot if float(r["remaining"]) <= 10.0]
+        if low:
+            wins = sum(float(r["acc_diff_pp"]) > 0 for r in low)
+            print(f"\nAt <= 10% of weights left the rewound ticket beats random reinitialisation in {wins} of "
+                  f"{len(low)} (level, seed) pairs, by {statistics.mean(float(r['acc_diff_pp']) for r in low):+.2f} "
+                  "pp on average.")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["speed", "lottery", "kill"])
+    ap.add_argument("what", choices=["speed", "lottery", "kill", "table"],
+                    help="table: print a recorded run's markdown table (--run) from --csv; runs nothing")
+    ap.add_argument("--run", help="table: the run id")
     ap.add_argument("--model", default="lenet_300_100")
     ap.add_argument("--dataset", default="mnist5k")
     ap.add_argument("--levels", type=int, default=15)
@@ -330,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=str(RESULTS / "imp.csv"))
     a, extra = ap.parse_known_args(argv)  # anything else is passed on to `sparseticket imp`
     a.extra = [x for x in extra if x != "--"]
+    if a.what == "table":
+        return table(a)
     apply_malloc(a.malloc)
     pin_threads(a.threads)
     return {"speed": speed, "lottery": lottery, "kill": kill}[a.what](a)

@@ -914,6 +914,8 @@ def build_parser():
     ap.add_argument("--csv", help="CSV to append to (default bench/results/modules.csv, modules-quick.csv with "
                                   "--quick); metadata in <stem>.runs.json")
     ap.add_argument("--markdown", action="store_true", help="print this run's markdown tables at the end")
+    ap.add_argument("--markdown-run", metavar="RUN_ID", help="print the markdown tables of a recorded run (from "
+                                                                 "--csv, or the default CSV) and exit; times nothing")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing contenders")
     return ap
 
@@ -940,6 +942,12 @@ def main(argv=None) -> int:
     args.min_sample_ms = args.min_sample_ms or 50.0
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     args.csv = args.csv or os.path.join(results, "modules-quick.csv" if args.quick else "modules.csv")
+    if args.markdown_run:
+        rows = [r for r in common.read_csv(args.csv) if r["run_id"] == args.markdown_run]
+        if not rows:
+            raise SystemExit(f"bench: no rows of run {args.markdown_run!r} in {args.csv}")
+        print(render_markdown(rows))
+        return 0
     try:
         parts = sorted({int(p) for p in args.parts.split(",") if p.strip()})
     except ValueError:

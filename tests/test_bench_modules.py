@@ -72,3 +72,16 @@ def test_bench_modules_quick(tmp_path):
     assert entry["system"]["threads"] == 1 and entry["finished"] and entry["failed"] == []
     for heading in ("Whole training step", "NEq, half of each layer", "One layer's training step"):
         assert heading in p.stdout
+
+    # the same tables again from the CSV alone (what BENCHMARKS.md quotes), and a clear
+    # error for a run the CSV does not hold
+    again = subprocess.run([sys.executable, BENCH, "--markdown-run", rows[0]["run_id"], "--csv", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    printed = p.stdout[p.stdout.index("### Whole training step"):]
+    assert again.stdout.count("\n|") == printed.count("\n|") > 10
+    for heading in ("Whole training step", "NEq, half of each layer", "One layer's training step"):
+        assert heading in again.stdout
+    missing = subprocess.run([sys.executable, BENCH, "--markdown-run", "no-such-run", "--csv", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no rows of run 'no-such-run'" in missing.stderr

@@ -717,7 +717,7 @@ def _plain_dense_path(model: nn.Module, skip=()) -> Dict[str, Tensor]:
     same weight, so the level trains bit for bit as before, but without materialising the
     weight from the ticket and compressing its gradient back at every step and every
     evaluation batch (in situ on the Intel Xeon, LeNet-300-100's 80% level: ~725 -> ~650 us
-    a step with MLPStep and MaskedSGD; BENCHMARKS.md, session 19). Layers with frozen
+    a step with MLPStep and MaskedSGD; docs/PERF_LOG.md, session 19). Layers with frozen
     neurons, or a fused activation not followed by its FusedReLU in an nn.Sequential, stay.
     Layers named in ``skip`` stay too. Returns {name: keep mask} of the layers replaced."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -867,13 +867,13 @@ def _set_modes(model: nn.Module, modes: Dict[str, str]) -> None:
 CLEARLY_DENSE = 1.3
 # Density at or above which a layer runs dense without being measured: no sparse kernel here
 # has beaten dense at 75-80% on a layer that matters for time (LeNet's fc1 / fc2 at 80%
-# tie with MLPStep; Conv-4's 64-128 channel convs lose at 80%, BENCHMARKS.md, session 6)
+# tie with MLPStep; Conv-4's 64-128 channel convs lose at 80%, docs/PERF_LOG.md, session 6)
 DENSE_WITHOUT_MEASURING = 0.75
 #: _pin_modes measures convolutions on this many images of the batch: their time grows
 #: with the batch and the ratio of the two paths hardly moves (Conv-4 at 41-64% kept,
 #: 16 images against 64: the convs' ratios within 0.00-0.13, the choices the same except
 #: for layers at the threshold, which flip either way between runs; `python
-#: bench/ab_pin_modes.py`, BENCHMARKS.md, session 23), while measuring a Conv-4 level's
+#: bench/ab_pin_modes.py`, docs/PERF_LOG.md, session 23), while measuring a Conv-4 level's
 #: layers on 64 images took ~1 s, a tenth of a sparse level (0.4 s this way)
 CONV_MEASURE_BATCH = 16
 

@@ -40,7 +40,7 @@ class MaxPool2d(nn.MaxPool2d):
     whenever the gradient through it is not zero), so outputs and gradients are those of
     ReLU-then-pool, while the ReLU's backward runs on the pooled tensor, a quarter of the
     conv's output (Conv-4's sparse step at 10.8% kept: 53.7 -> 51.9 ms, `python
-    bench/ab_step_paths.py --model conv4 ...`; BENCHMARKS.md, session 23).
+    bench/ab_step_paths.py --model conv4 ...`; docs/PERF_LOG.md, session 23).
     """
 
     relu_after: bool = False
