@@ -242,6 +242,7 @@ def kill(a) -> int:
     startup = full if startup is None else startup
     total_epochs = (a.levels + 1) * a.epochs
     killed = 0
+    landed = []  # per kill: seconds after the (re)start, epochs checkpointed when it landed
     while True:
         p = subprocess.Popen(cmd + ["--out", str(base / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if killed < a.kills:
@@ -257,7 +258,9 @@ def kill(a) -> int:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
                 killed += 1
-                print(f"killed after {delay:.1f} s; {_epochs_done(base / 'cut')} epochs checkpointed", flush=True)
+                done = _epochs_done(base / "cut")
+                landed.append([round(delay, 2), done])
+                print(f"killed after {delay:.1f} s; {done} epochs checkpointed", flush=True)
                 continue
         if p.wait() != 0:
             raise SystemExit("resumed run failed")
@@ -273,6 +276,10 @@ def kill(a) -> int:
                                      sorted(next((base / "cut").glob("imp_*")).glob("level_*"))))
     print(f"{killed} SIGKILLs; results identical: {same}; masks identical: {masks_same}")
     shutil.rmtree(base, ignore_errors=True)
+    # recorded in runs.json (no CSV rows): what the kills hit and the verdict
+    _save(a, new_run_id(), [], kill=dict(kills=killed, total_epochs=total_epochs,
+                                         landed=landed, columns=["seconds_after_start", "epochs_checkpointed"],
+                                         results_identical=same, masks_identical=masks_same))
     return 0 if same and masks_same else 1
 
 
