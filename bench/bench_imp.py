@@ -318,7 +318,10 @@ def table(a) -> int:
     import csv
     if not a.run:
         raise SystemExit("table: give --run RUN_ID")
-    rows = [r for r in csv.DictReader(open(a.csv)) if r["run_id"] == a.run]
+    if not os.path.exists(a.csv):
+        raise SystemExit(f"table: no CSV at {a.csv}")
+    with open(a.csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["run_id"] == a.run]
     if not rows:
         raise SystemExit(f"table: no rows of run {a.run} in {a.csv}")
     speed = [r for r in rows if r["what"] == "speed"]

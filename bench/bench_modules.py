@@ -943,6 +943,8 @@ def main(argv=None) -> int:
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     args.csv = args.csv or os.path.join(results, "modules-quick.csv" if args.quick else "modules.csv")
     if args.markdown_run:
+        if not os.path.exists(args.csv):
+            raise SystemExit(f"bench: no CSV at {args.csv}")
         rows = [r for r in common.read_csv(args.csv) if r["run_id"] == args.markdown_run]
         if not rows:
             raise SystemExit(f"bench: no rows of run {args.markdown_run!r} in {args.csv}")

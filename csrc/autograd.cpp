@@ -6,6 +6,8 @@
 // sparseticket/ops/__init__.py registers the same formulas in Python only when this
 // library is not loaded (the reference path).
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -20,12 +22,22 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // A CPU tensor with real data (not a functorch, functionalization, fake or other Python
-// subclass wrapper, whose data cannot be written through a pointer)
+// subclass wrapper, whose data cannot be written through a pointer). The caller also
+// needs no_interception() for a write through a pointer to be what the op means.
 bool plain_cpu(const Tensor& t) {
   static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
                                           c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
   return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set()) && t.has_storage() &&
          t.storage().data() != nullptr;
+}
+
+// Nothing intercepts ops on this thread: no thread-local dispatch keys included beyond the
+// defaults (BackendSelect, ADInplaceOrView; e.g. the JIT
+// tracer, a functorch or functionalization layer) and no Python dispatch mode (make_fx's
+// proxy mode traces real tensors): those would record the sum but not a pointer write.
+bool no_interception() {
+  return (c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty() &&
+         !c10::impl::dispatch_mode_enabled();
 }
 
 // sum over the batch, frozen neurons' entries 0. On the CPU without a graph to record
@@ -34,7 +46,7 @@ bool plain_cpu(const Tensor& t) {
 Tensor masked_bias_grad(const Tensor& gy, const Tensor& active) {
   Tensor gb = gy.sum(0);
   if (!active.defined()) return gb;
-  if (!c10::GradMode::is_enabled() && plain_cpu(gb) && plain_cpu(active) && gb.is_contiguous() &&
+  if (!c10::GradMode::is_enabled() && no_interception() && plain_cpu(gb) && plain_cpu(active) && gb.is_contiguous() &&
       active.is_contiguous() && active.scalar_type() == at::kBool && active.numel() == gb.numel() &&
       (gb.scalar_type() == at::kFloat || gb.scalar_type() == at::kDouble)) {
     const bool* keep = active.const_data_ptr<bool>();

@@ -234,3 +234,44 @@ def test_neq_linear_bias_grad_frozen_exactly_zero(dtype, gen):
     sparseticket.neq_linear(x, w, b, active).backward(gy)
     assert torch.equal(b.grad[active], gy.sum(0)[active])
     assert (b.grad[~active] == 0).all() and not b.grad[~active].signbit().any()
+
+
+def _neq_bias_case():
+    active = torch.tensor([True, False, False, True, True, False, True, False, True])
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((7, 5), (9, 5), (9,)))
+    gy = torch.randn(7, 9, generator=g, dtype=torch.float64)
+    gy[0, 1] = float("nan")
+    gy[1, 7] = float("inf")
+    return x, w.requires_grad_(), b.requires_grad_(), gy, active
+
+
+def test_neq_linear_bias_grad_cpu_path_runs_no_where():
+    """In eager CPU autograd the frozen entries are zeroed in place: the backward records
+    no aten::where (the in-place path is the one taken)."""
+    from sparseticket.ops import _C
+    if _C is None:
+        pytest.skip("compiled kernels not built")
+    x, w, b, gy, active = _neq_bias_case()
+    y = sparseticket.neq_linear(x, w, b, active)
+    with torch.profiler.profile() as prof:
+        y.backward(gy)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::sum" in names and "aten::where" not in names, sorted(names)
+    assert torch.equal(b.grad, torch.where(active, gy.sum(0), 0.0))
+
+
+def test_neq_linear_bias_grad_traced_by_make_fx():
+    """Under a dispatch mode (make_fx traces real tensors) nothing is written through a
+    pointer behind the tracer's back: the graph masks the sum itself, and replaying it on
+    other values gives 0 at frozen neurons (NaN and inf included)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, w, b, gy, active = _neq_bias_case()
+
+    def bias_grad(x, w, b, gy):
+        return torch.autograd.grad(sparseticket.neq_linear(x, w, b, active), b, gy)[0]
+
+    gm = make_fx(bias_grad)(x, w, b, torch.randn_like(gy))
+    got = gm(x, w, b, gy)
+    assert torch.equal(got[active], gy.sum(0)[active])
+    assert (got[~active] == 0).all() and not got[~active].signbit().any()
