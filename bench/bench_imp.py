@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (add_malloc_arg, apply_malloc, command_line, new_run_id, pin_threads, system_info,  # noqa: E402
+from common import (add_malloc_arg, apply_malloc, command_line, new_run_id, pin_threads, read_csv, system_info,  # noqa: E402
                     update_runs_json)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -170,10 +170,9 @@ def _rounding_control(a, rows) -> dict:
 def lottery(a) -> int:
     """Rewound tickets vs the same masks with fresh random weights, over seeds."""
     if a.plot_run:  # redraw the figure of an earlier run from the CSV
-        import csv
         rows = [dict(r, level=int(r["level"]), remaining=float(r["remaining"]),
                      sparse_test_acc=float(r["sparse_test_acc"]), dense_test_acc=float(r["dense_test_acc"]))
-                for r in csv.DictReader(open(a.csv)) if r["run_id"] == a.plot_run and r["what"] == "lottery"]
+                for r in read_csv(a.csv) if r["run_id"] == a.plot_run and r["what"] == "lottery"]
         if not rows:
             raise SystemExit(f"no lottery rows of run {a.plot_run} in {a.csv}")
         a.seeds = sorted({r["seed"] for r in rows})
@@ -315,13 +314,11 @@ def _save(a, run_id, rows, **extra):
 
 def table(a) -> int:
     """A recorded speed or lottery run as markdown (the tables BENCHMARKS.md quotes)."""
-    import csv
     if not a.run:
         raise SystemExit("table: give --run RUN_ID")
     if not os.path.exists(a.csv):
         raise SystemExit(f"table: no CSV at {a.csv}")
-    with open(a.csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["run_id"] == a.run]
+    rows = [r for r in read_csv(a.csv) if r["run_id"] == a.run]
     if not rows:
         raise SystemExit(f"table: no rows of run {a.run} in {a.csv}")
     speed = [r for r in rows if r["what"] == "speed"]
