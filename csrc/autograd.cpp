@@ -5,9 +5,6 @@
 //
 // sparseticket/ops/__init__.py registers the same formulas in Python only when this
 // library is not loaded (the reference path).
-#include <ATen/Dispatch.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -20,45 +17,6 @@ using at::Tensor;
 using namespace calls;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// A CPU tensor with real data (not a functorch, functionalization, fake or other Python
-// subclass wrapper, whose data cannot be written through a pointer). The caller also
-// needs no_interception() for a write through a pointer to be what the op means.
-bool plain_cpu(const Tensor& t) {
-  static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
-                                          c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
-  return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set()) && t.has_storage() &&
-         t.storage().data() != nullptr;
-}
-
-// Nothing intercepts ops on this thread: no thread-local dispatch keys included beyond the
-// defaults (BackendSelect, ADInplaceOrView; e.g. the JIT
-// tracer, a functorch or functionalization layer) and no Python dispatch mode (make_fx's
-// proxy mode traces real tensors): those would record the sum but not a pointer write.
-bool no_interception() {
-  return (c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty() &&
-         !c10::impl::dispatch_mode_enabled();
-}
-
-// sum over the batch, frozen neurons' entries 0. On the CPU without a graph to record
-// the fresh sum's frozen entries are zeroed by a loop (where cost ~5 us a layer in a
-// LeNet step); elsewhere, one op (where with a scalar).
-Tensor masked_bias_grad(const Tensor& gy, const Tensor& active) {
-  Tensor gb = gy.sum(0);
-  if (!active.defined()) return gb;
-  if (!c10::GradMode::is_enabled() && no_interception() && plain_cpu(gb) && plain_cpu(active) && gb.is_contiguous() &&
-      active.is_contiguous() && active.scalar_type() == at::kBool && active.numel() == gb.numel() &&
-      (gb.scalar_type() == at::kFloat || gb.scalar_type() == at::kDouble)) {
-    const bool* keep = active.const_data_ptr<bool>();
-    AT_DISPATCH_FLOATING_TYPES(gb.scalar_type(), "sparseticket_masked_bias_grad", [&] {
-      scalar_t* g = gb.mutable_data_ptr<scalar_t>();
-      for (int64_t o = 0, n = gb.numel(); o < n; ++o)
-        if (!keep[o]) g[o] = scalar_t(0);
-    });
-    return gb;
-  }
-  return at::where(active, gb, at::Scalar(0.0));
-}
 
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
@@ -81,7 +39,7 @@ variable_list sparse_linear_grads(AutogradContext* ctx, const Tensor& gy, const 
   } else {
     const Tensor g = (y.defined() ? at::threshold_backward(gy, y, 0) : gy).contiguous();
     if (ctx->needs_input_grad(0)) gx = call_spmm_t(g, values, ccol, row, perm);
-    if (want_bias) gb = masked_bias_grad(g, active);
+    if (want_bias) gb = call_masked_bias_grad(g, opt(active));
   }
   return {gx, gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), gb, Tensor()};
 }
@@ -144,7 +102,7 @@ class NeqLinearFunction : public torch::autograd::Function<NeqLinearFunction> {
     // frozen neurons still pass gradient to earlier layers: gx is the full product
     if (ctx->needs_input_grad(0)) gx = gy.mm(weight);
     if (ctx->needs_input_grad(1)) gw = call_row_masked_grad_weight(gy, x, opt(active));
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) gb = masked_bias_grad(gy, active);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) gb = call_masked_bias_grad(gy, opt(active));
     return {gx, gw, gb, Tensor()};
   }
 };

@@ -91,10 +91,8 @@ class SparseConv2dFunction : public torch::autograd::Function<SparseConv2dFuncti
     Tensor gx, gv, gb;
     if (ctx->needs_input_grad(0)) gx = call_grad_input(gy, values, crow, col, x.sym_sizes(), ks, st, pad, dil);
     if (ctx->needs_input_grad(1)) gv = call_grad_weight(gy, x, ccol, row, perm, opt(active), ks, st, pad, dil);
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7)) {
-      gb = gy.sum({0, 2, 3});
-      if (active.defined()) gb = at::where(active, gb, at::zeros_like(gb));
-    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(7))
+      gb = calls::call_masked_bias_grad(gy, opt(active));
     return {gx, gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), gb, Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor()};
   }

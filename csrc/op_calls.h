@@ -92,6 +92,13 @@ inline Tensor call_neq_linear(const Tensor& x, const Tensor& weight, const c10::
   return op.call(x, weight, bias, active);
 }
 
+inline Tensor call_masked_bias_grad(const Tensor& gy, const c10::optional<Tensor>& active) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparseticket::masked_bias_grad", "")
+                       .typed<Tensor(const Tensor&, const c10::optional<Tensor>&)>();
+  return op.call(gy, active);
+}
+
 inline Tensor call_row_masked_grad_weight(const Tensor& gy, const Tensor& x, const c10::optional<Tensor>& active) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparseticket::row_masked_grad_weight", "")

@@ -247,8 +247,8 @@ def _neq_bias_case():
 
 
 def test_neq_linear_bias_grad_cpu_path_runs_no_where():
-    """In eager CPU autograd the frozen entries are zeroed in place: the backward records
-    no aten::where (the in-place path is the one taken)."""
+    """In eager CPU autograd the bias gradient is the masked_bias_grad op, whose CPU
+    kernel zeroes the frozen entries by a loop: the backward runs no aten::where."""
     from sparseticket.ops import _C
     if _C is None:
         pytest.skip("compiled kernels not built")
@@ -257,14 +257,14 @@ def test_neq_linear_bias_grad_cpu_path_runs_no_where():
     with torch.profiler.profile() as prof:
         y.backward(gy)
     names = {e.key for e in prof.key_averages()}
-    assert "aten::sum" in names and "aten::where" not in names, sorted(names)
+    assert "sparseticket::masked_bias_grad" in names and "aten::where" not in names, sorted(names)
     assert torch.equal(b.grad, torch.where(active, gy.sum(0), 0.0))
 
 
 def test_neq_linear_bias_grad_traced_by_make_fx():
-    """Under a dispatch mode (make_fx traces real tensors) nothing is written through a
-    pointer behind the tracer's back: the graph masks the sum itself, and replaying it on
-    other values gives 0 at frozen neurons (NaN and inf included)."""
+    """make_fx (a dispatch mode over real tensors) records the bias gradient as the
+    masked_bias_grad op, so replaying the graph on other values gives 0 at frozen neurons
+    (NaN and inf included), not an unmasked sum."""
     from torch.fx.experimental.proxy_tensor import make_fx
     x, w, b, gy, active = _neq_bias_case()
 
@@ -272,6 +272,7 @@ def test_neq_linear_bias_grad_traced_by_make_fx():
         return torch.autograd.grad(sparseticket.neq_linear(x, w, b, active), b, gy)[0]
 
     gm = make_fx(bias_grad)(x, w, b, torch.randn_like(gy))
+    assert any(n.target is torch.ops.sparseticket.masked_bias_grad.default for n in gm.graph.nodes), gm.code
     got = gm(x, w, b, gy)
     assert torch.equal(got[active], gy.sum(0)[active])
     assert (got[~active] == 0).all() and not got[~active].signbit().any()

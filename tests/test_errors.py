@@ -52,6 +52,10 @@ def rmgw(gy=GY, x=X, active=ACT):
     return ST.row_masked_grad_weight(gy, x, active)
 
 
+def mbg(gy=GY, active=ACT):
+    return ST.masked_bias_grad(gy, active)
+
+
 def sparse_linear(x=X, values=T.values, crow=T.crow, col=T.col, ccol=T.ccol, row=T.row, perm=T.perm, bias=BIAS,
                   active=ACT):
     return ST.sparse_linear(x, values, crow, col, ccol, row, perm, bias, active)
@@ -143,6 +147,14 @@ CASES = {
     "rmgw-active-length": (lambda: rmgw(active=torch.ones(O + 1, dtype=torch.bool)), names("active")),
     "rmgw-x-meta": (lambda: rmgw(x=meta(X)), names("x", "meta")),
     "rmgw-active-meta": (lambda: rmgw(active=meta(ACT)), names("active", "meta")),
+    # masked_bias_grad
+    "mbg-gy-float16": (lambda: mbg(gy=GY.half()), names("gy")),
+    "mbg-gy-int": (lambda: mbg(gy=GY.long()), names("gy")),
+    "mbg-gy-1d": (lambda: mbg(gy=GY[0]), names("gy")),
+    "mbg-active-float": (lambda: mbg(active=ACT.float()), names("active")),
+    "mbg-active-length": (lambda: mbg(active=ACT[:-1]), names("active")),
+    "mbg-active-2d": (lambda: mbg(active=ACT[None]), names("active")),
+    "mbg-active-meta": (lambda: mbg(active=meta(ACT)), names("active", "meta")),
     # sparse_linear
     "sparse_linear-x-int": (lambda: sparse_linear(x=X.long()), names("x")),
     "sparse_linear-x-float16": (lambda: sparse_linear(x=X.half()), names("x")),

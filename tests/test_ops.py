@@ -440,6 +440,47 @@ def test_row_masked_grad_weight_gemm_path():
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
+# gy shapes for masked_bias_grad: [B, O] from SHAPES (empty batch and single neuron
+# included) and conv-shaped [N, O, H, W] (an empty batch, 1x1 and odd planes)
+BIAS_SHAPES = sorted({(B, O) for B, _, O in SHAPES}) + [(0, 3, 2, 2), (2, 5, 3, 1), (3, 64, 7, 7), (1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("active_kind", ACTIVE_KINDS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masked_bias_grad(shape, dtype, active_kind, gen):
+    gy = randn(*shape, dtype=dtype, gen=gen)
+    active = active_of(active_kind, shape[1], gen)
+    out = ST.masked_bias_grad(gy, active)
+    expected = ref.reference_masked_bias_grad(gy, active)
+    assert out.shape == (shape[1],) and out.is_contiguous()
+    assert_close(out, expected, ref.reference_masked_bias_grad(gy.abs(), None), what="bias grad")
+    if active is not None:
+        assert (out[~active] == 0).all() and not out[~active].signbit().any()
+
+
+@pytest.mark.parametrize("layout", NONCONTIG)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(3, 5), (17, 64), (0, 5), (2, 5, 3, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_masked_bias_grad_noncontiguous(shape, dtype, layout, gen):
+    gy = lay(randn(*shape, dtype=dtype, gen=gen), layout, dense_only=True)
+    active = lay(make_active(shape[1], gen), layout)
+    out = ST.masked_bias_grad(gy, active)
+    expected = ref.reference_masked_bias_grad(gy, active)
+    assert_close(out, expected, ref.reference_masked_bias_grad(gy.abs(), None), what=layout)
+    assert (out[~active] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 6, 2, 3)], ids=["linear", "conv"])
+def test_masked_bias_grad_gradcheck(shape, gen):
+    """The op is linear in gy: its registered backward spreads gg over the batch (and the
+    plane), 0 at frozen neurons; checked once and twice differentiated."""
+    gy = randn(*shape, dtype=torch.float64, gen=gen).requires_grad_()
+    for active in (None, torch.tensor([True, False, True, True, False, False])):
+        assert torch.autograd.gradcheck(lambda g: ST.masked_bias_grad(g, active), (gy,))
+        assert torch.autograd.gradgradcheck(lambda g: ST.masked_bias_grad(g, active), (gy,))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_frozen_rows_ignore_nonfinite_gradients(dtype, gen):
     """Frozen neurons are never computed, so inf/NaN in their output gradient cannot leak
@@ -463,6 +504,10 @@ def test_frozen_rows_ignore_nonfinite_gradients(dtype, gen):
     expected = ref.reference_row_masked_grad_weight(gy, x, active)
     assert torch.isfinite(expected).all()
     assert_close(gw, expected, ref.reference_row_masked_grad_weight(gy_clean.abs(), x.abs(), None), what="gW")
+
+    gb = ST.masked_bias_grad(gy, active)
+    assert torch.isfinite(gb).all() and (gb[~active] == 0).all()
+    assert torch.equal(gb[active], gy.sum(0)[active])
 
 
 @pytest.mark.parametrize("with_bias,active_kind", [(False, None), (True, "random")], ids=["plain", "bias-active"])
@@ -562,6 +607,11 @@ def _opcheck_cases():
         "sddmm-empty": (S.sddmm, (gy, x, t_empty.crow, t_empty.col, act)),
         "rmgw-noactive": (S.row_masked_grad_weight, (gy, x, None)),
         "rmgw-active": (S.row_masked_grad_weight, (gy, x, act)),
+        "masked_bias_grad-noactive": (S.masked_bias_grad, (gy, None)),
+        "masked_bias_grad-active": (S.masked_bias_grad, (gy, act)),
+        "masked_bias_grad-B0": (S.masked_bias_grad, (gy0, act)),
+        "masked_bias_grad-conv": (S.masked_bias_grad, (randn(2, 6, 3, 2, dtype=D, gen=g), act)),
+        "masked_bias_grad-grad": (S.masked_bias_grad, (rg(gy), act)),
         "sparse_linear-none": (S.sparse_linear, (x, *tl, None, None)),
         "sparse_linear-bias-active": (S.sparse_linear, (x, *tl, b, act)),
         "sparse_linear-grad": (S.sparse_linear, (rg(x), rg(t.values), *tl[1:], rg(b), act)),

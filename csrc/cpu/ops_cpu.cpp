@@ -874,6 +874,20 @@ Tensor sparse_linear_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
   return spmm_impl(x, values, crow, col, bias, true);
 }
 
+// gb[o] = 0 where active[o] is false (the bias gradient of frozen neurons), gb a fresh
+// contiguous [O]: a loop, where at::where's dispatch and set-up cost ~5 us a layer at
+// LeNet's sizes. Assignment, not a multiply, so an inf/NaN sum at a frozen entry is 0 too.
+void zero_frozen(Tensor& gb, const c10::optional<Tensor>& active) {
+  if (!active) return;
+  const Tensor keep_mask = active->contiguous();
+  const bool* keep = keep_mask.const_data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(gb.scalar_type(), "sparseticket_zero_frozen", [&] {
+    scalar_t* out = gb.mutable_data_ptr<scalar_t>();
+    for (int64_t o = 0, n = gb.numel(); o < n; ++o)
+      if (!keep[o]) out[o] = scalar_t(0);
+  });
+}
+
 // (g, gb): g = gy where y > 0, else 0 (ReLU's backward, as threshold_backward; gy as is
 // when y is undefined), and gb[o] = sum over the batch of g[:, o], 0 for frozen rows.
 // Small row-major layers take one plain loop for both, where threshold_backward's and
@@ -895,15 +909,22 @@ std::pair<Tensor, Tensor> relu_grad_and_bias_grad(const Tensor& gy, const Tensor
     const ReluGradFn fn = gy.scalar_type() == at::kFloat ? kernel_table().relu_grad_f32 : kernel_table().relu_grad_f64;
     fn(gy.data_ptr(), y.defined() ? y.data_ptr() : nullptr, g.data_ptr(), gb.data_ptr(), B, O);
   }
-  if (active) {
-    const bool* keep = active->data_ptr<bool>();
-    AT_DISPATCH_FLOATING_TYPES(gb.scalar_type(), "sparseticket_bias_grad_mask", [&] {
-      scalar_t* out = gb.data_ptr<scalar_t>();
-      for (int64_t o = 0; o < O; ++o)
-        if (!keep[o]) out[o] = 0;
-    });
-  }
+  zero_frozen(gb, active);
   return {g, gb};
+}
+
+Tensor masked_bias_grad_cpu(const Tensor& gy, const c10::optional<Tensor>& active) {
+  check_float(gy, "gy");
+  check_cpu(gy, "gy");
+  TORCH_CHECK(gy.dim() >= 2, "sparseticket: gy must have at least 2 dims (batch, out_features, ...), got shape ",
+              gy.sizes());
+  check_active(active, gy.size(1));
+  if (active) check_cpu(*active, "active");
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < gy.dim(); ++d) dims.push_back(d);
+  Tensor gb = gy.sum(dims);
+  zero_frozen(gb, active);
+  return gb;
 }
 
 // The gradients of sparse_linear / sparse_linear_relu (y given: gy is first masked where
@@ -1461,6 +1482,7 @@ TORCH_LIBRARY_IMPL(sparseticket, CPU, m) {
   m.impl("spmm_t", &spmm_t_cpu);
   m.impl("sddmm", &sddmm_cpu);
   m.impl("row_masked_grad_weight", &row_masked_grad_weight_cpu);
+  m.impl("masked_bias_grad", &masked_bias_grad_cpu);
   m.impl("sparse_linear", &sparse_linear_cpu);
   m.impl("sparse_linear_relu", &sparse_linear_relu_cpu);
   m.impl("sparse_linear_backward", &sparse_linear_backward_cpu);

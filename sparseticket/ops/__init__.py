@@ -21,8 +21,8 @@ from torch.overrides import has_torch_function
 
 from . import _library
 from . import reference as ref
-from ._library import (check_dense_to_ticket, check_masked_sgd, check_neq_linear, check_row_masked_grad_weight,
-                       check_sddmm, check_spmm, check_spmm_t, check_active)
+from ._library import (check_dense_to_ticket, check_masked_bias_grad, check_masked_sgd, check_neq_linear,
+                       check_row_masked_grad_weight, check_sddmm, check_spmm, check_spmm_t, check_active)
 
 #: which implementation serves each device: "c++", "reference", "triton", ...
 BACKENDS: Dict[str, str] = {}
@@ -115,11 +115,16 @@ def _checked_reference_impls():
         gy = gy.contiguous()
         gx = (torch.ops.sparseticket.spmm_t(gy, values, ccol, row, perm) if input_grad
               else gy.new_empty((0, ccol.numel() - 1)))
-        return gx, torch.ops.sparseticket.sddmm(gy, x, crow, col, active), _masked_bias_grad(gy, active)
+        return (gx, torch.ops.sparseticket.sddmm(gy, x, crow, col, active),
+                torch.ops.sparseticket.masked_bias_grad(gy, active))
 
     def row_masked_grad_weight(gy, x, active):
         check_row_masked_grad_weight(gy, x, active)
         return ref.reference_row_masked_grad_weight(gy, x, active)
+
+    def masked_bias_grad(gy, active):
+        check_masked_bias_grad(gy, active)
+        return ref.reference_masked_bias_grad(gy, active)
 
     def masked_sgd_(params, grads, bufs, keeps, actives, row_ptrs, fresh, lr, momentum, dampening, weight_decay,
                     nesterov, maximize):
@@ -250,6 +255,7 @@ def _checked_reference_impls():
                 sparse_conv2d=sparse_conv2d, sparse_conv2d_relu=sparse_conv2d_relu,
                 sparse_conv2d_grad_input=sparse_conv2d_grad_input,
                 sparse_conv2d_grad_weight=sparse_conv2d_grad_weight, row_masked_grad_weight=row_masked_grad_weight,
+                masked_bias_grad=masked_bias_grad,
                 masked_sgd_=masked_sgd_, masked_adamw_=masked_adamw_,
                 dense_to_ticket=dense_to_ticket, ticket_transpose=ticket_transpose, ticket_to_dense=ticket_to_dense)
 
@@ -290,11 +296,26 @@ BACKENDS["cuda"] = _register_cuda_backends(_library.lib, _checked_reference_impl
 # ----------------------------------------------------------------------------- autograd
 
 
-def _masked_bias_grad(gy: Tensor, active: Optional[Tensor]) -> Tensor:
-    gb = gy.sum(0)
+def _masked_bias_grad_setup(ctx, inputs, output):
+    gy, active = inputs
+    ctx.save_for_backward(active)
+    ctx.gy_shape = gy.shape
+
+
+def _masked_bias_grad_backward(ctx, gg):
+    """masked_bias_grad is linear in gy: each gy[b, o, ...] gets gg[o], 0 for frozen o."""
+    active, = ctx.saved_tensors
     if active is not None:
-        gb = torch.where(active, gb, torch.zeros_like(gb))
-    return gb
+        gg = torch.where(active, gg, torch.zeros_like(gg))
+    shape = ctx.gy_shape
+    return gg.reshape([1, shape[1]] + [1] * (len(shape) - 2)).expand(shape), None
+
+
+# No compiled autograd kernel: the C++ backward formulas call this op below the Autograd
+# key unless they are recorded (create_graph), and then this formula differentiates it.
+torch.library.register_autograd("sparseticket::masked_bias_grad", _masked_bias_grad_backward,
+                                setup_context=_masked_bias_grad_setup)
+_masked_bias_grad = torch.ops.sparseticket.masked_bias_grad
 
 
 def _sparse_linear_setup(ctx, inputs, output):
@@ -382,7 +403,7 @@ def _sparse_conv2d_backward(ctx, gy):
     if ctx.needs_input_grad[1]:
         gvalues = torch.ops.sparseticket.sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, *conf)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        gbias = _masked_bias_grad(gy.sum((2, 3)), active)
+        gbias = _masked_bias_grad(gy, active)
     return gx, gvalues, None, None, None, None, None, gbias, None, None, None, None, None
 
 
@@ -451,6 +472,7 @@ spmm = torch.ops.sparseticket.spmm
 spmm_t = torch.ops.sparseticket.spmm_t
 sddmm = torch.ops.sparseticket.sddmm
 row_masked_grad_weight = torch.ops.sparseticket.row_masked_grad_weight
+masked_bias_grad = torch.ops.sparseticket.masked_bias_grad
 masked_sgd_ = torch.ops.sparseticket.masked_sgd_
 masked_adamw_ = torch.ops.sparseticket.masked_adamw_
 dense_to_ticket = torch.ops.sparseticket.dense_to_ticket
@@ -470,7 +492,7 @@ sparse_conv2d_grad_weight = torch.ops.sparseticket.sparse_conv2d_grad_weight
 max_pool2x2 = torch.ops.sparseticket.max_pool2x2
 max_pool2x2_backward = torch.ops.sparseticket.max_pool2x2_backward
 
-__all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
+__all__ = ["spmm", "spmm_t", "sddmm", "row_masked_grad_weight", "masked_bias_grad", "masked_sgd_", "masked_adamw_", "dense_to_ticket",
            "ticket_transpose", "ticket_to_dense", "ticket_bitmap", "ticket_expand", "ticket_compress",
            "sparse_linear_op", "sparse_linear_relu_op", "sparse_linear_backward", "neq_linear_op", "sparse_conv2d_op", "sparse_conv2d_relu_op",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "max_pool2x2", "max_pool2x2_backward", "BACKENDS",

@@ -37,6 +37,10 @@ SCHEMAS = {
     "spmm_t": "(Tensor gy, Tensor values, Tensor ccol, Tensor row, Tensor perm) -> Tensor",
     "sddmm": "(Tensor gy, Tensor x, Tensor crow, Tensor col, Tensor? active) -> Tensor",
     "row_masked_grad_weight": "(Tensor gy, Tensor x, Tensor? active) -> Tensor",
+    # the bias gradient [O] of a layer whose output gradient is gy ([B, O] or [N, O, H, W]):
+    # gy summed over every dim but 1, and exactly 0 at frozen neurons (active False), even
+    # where that sum is inf/NaN
+    "masked_bias_grad": "(Tensor gy, Tensor? active) -> Tensor",
     "masked_sgd_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] keep_masks, Tensor?[] active_masks, Tensor?[] row_ptrs, bool[] fresh, float lr, "
     "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()",
@@ -187,6 +191,13 @@ def check_row_masked_grad_weight(gy, x, active):
     _check(gy.dtype == x.dtype, f"sparseticket: gy has dtype {gy.dtype} but x has {x.dtype}")
     _check_same("x", x, "gy", gy)
     _check(gy.shape[0] == x.shape[0], f"sparseticket: gy has batch {gy.shape[0]} but x has batch {x.shape[0]}")
+    check_active(active, gy.shape[1], gy)
+
+
+def check_masked_bias_grad(gy, active):
+    _check_float("gy", gy)
+    _check(gy.dim() >= 2, f"sparseticket: gy must have at least 2 dims (batch, out_features, ...), got shape "
+           f"{tuple(gy.shape)}")
     check_active(active, gy.shape[1], gy)
 
 
@@ -412,6 +423,12 @@ def _(gy, x, crow, col, active):
 def _(gy, x, active):
     check_row_masked_grad_weight(gy, x, active)
     return gy.new_empty((gy.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("sparseticket::masked_bias_grad")
+def _(gy, active):
+    check_masked_bias_grad(gy, active)
+    return gy.new_empty((gy.shape[1],))
 
 
 @torch.library.register_fake("sparseticket::masked_sgd_")

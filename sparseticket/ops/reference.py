@@ -151,10 +151,16 @@ def reference_sparse_linear_backward(gy: Tensor, y: Optional[Tensor], x: Tensor,
         gy = torch.where(y <= 0, torch.zeros_like(gy), gy)
     I = ccol.numel() - 1
     gx = reference_spmm_t(gy, values, ccol, row, perm) if input_grad else gy.new_empty((0, I))
-    gb = gy.sum(0)
+    return gx, reference_sddmm(gy, x, crow, col, active), reference_masked_bias_grad(gy, active)
+
+
+def reference_masked_bias_grad(gy: Tensor, active: Optional[Tensor]) -> Tensor:
+    """Bias gradient [O]: gy ([B, O] or [N, O, H, W]) summed over every dim but 1; frozen
+    neurons' entries are exactly 0, whatever the sum (inf, NaN) would be."""
+    gb = gy.sum([d for d in range(gy.dim()) if d != 1])
     if active is not None:
         gb = torch.where(active, gb, torch.zeros_like(gb))
-    return gx, reference_sddmm(gy, x, crow, col, active), gb.contiguous()
+    return gb.contiguous()
 
 
 def reference_row_masked_grad_weight(gy: Tensor, x: Tensor, active: Optional[Tensor]) -> Tensor:
