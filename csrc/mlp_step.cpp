@@ -38,8 +38,10 @@ enum Kind : int64_t {
   kExpand = 1,       // F.linear with the ticket expanded through its bitmap (SparseLinear, dense path)
   kView = 2,         // F.linear with the values viewed as W (a full ticket, dense path)
   kPlain = 3,        // F.linear with an nn.Linear's weight
+  kNeq = 4,          // neq_linear with a DenseNEqLinear's weight and active mask (slot 2)
 };
-// tensor slots per layer: weight or values, bias, crow, col, ccol, row, perm, bits
+// tensor slots per layer: weight or values, bias, crow, col, ccol, row, perm, bits (a kNeq
+// layer: weight, bias, active)
 constexpr size_t kSlots = 8;
 // integers per layer: kind, relu, out_features, in_features
 constexpr size_t kSpec = 4;
@@ -124,6 +126,10 @@ Pass forward_layers(const Tensor& x, const std::vector<c10::optional<Tensor>>& t
                    &perm = need(t, l * kSlots + 6, "perm");
       h = relu ? call_sparse_linear_relu(h, w, crow, col, ccol, row, perm, bias, c10::nullopt)
                : call_sparse_linear(h, w, crow, col, ccol, row, perm, bias, c10::nullopt);
+    } else if (kind == kNeq) {
+      h = call_neq_linear(h, w, bias, t[l * kSlots + 2]);
+      if (relu) h = at::relu(h);
+      p.dense_w[l] = w;
     } else {
       const int64_t out = spec[l * kSpec + 2], in = spec[l * kSpec + 3];
       Tensor W;
@@ -172,6 +178,18 @@ Tensor backward_layers(Tensor g, const Pass& p, const std::vector<c10::optional<
       continue;
     }
     if (relu) g = at::threshold_backward(g, p.acts[i + 1], 0);
+    if (kind == kNeq) {
+      // what autograd's NeqLinearFunction::backward calls (csrc/autograd.cpp): frozen rows'
+      // weight and bias gradients 0, never computed; the input gradient whole
+      const c10::optional<Tensor>& active = t[i * kSlots + 2];
+      g = g.contiguous();
+      const Tensor gx = want_gx ? g.mm(w) : Tensor();
+      out[first + 2 * i] = call_row_masked_grad_weight(g, p.acts[i], active);
+      if (has_bias) out[first + 2 * i + 1] = call_masked_bias_grad(g, active);
+      g = gx;
+      done(i);
+      continue;
+    }
     // (g as it comes, as autograd's addmm backward takes it: a strided g sums differently)
     // addmm(bias, h, W.t())'s backward forms (gᵀ h)ᵀ for the column-major W.t(); its
     // transpose back is gᵀ h

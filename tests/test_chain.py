@@ -383,3 +383,138 @@ def test_inconsistent_widths_are_left_to_the_modules(gen):
     assert "forward" not in m.__dict__  # the plan refuses it: the modules raise their own error
     with pytest.raises(ValueError, match="input has shape"):
         m(randn(2, 6, gen=gen))
+
+
+# ----------------------------------------------------------------------------- NEq layers
+# enable_neq gives an MLP of DenseNEqLinear layers the chain too: a layer with frozen
+# neurons runs neq_linear in the forward and, in the backward, the ops of its own node
+# (row_masked_grad_weight, masked_bias_grad, the whole input gradient); one with none
+# frozen runs as a plain nn.Linear.
+
+
+def _neq_pair(gen, sizes, dtype=torch.float32, actives=None, **kw):
+    """(chained, modules): the same MLP after enable_neq, with and without the chain
+    node; ``actives`` (per linear layer a mask, None or 'half') sets frozen neurons."""
+    m = make_mlp(gen, sizes, dtype=dtype, **kw)
+    a, b = stnn.enable_neq(copy.deepcopy(m)), stnn.enable_neq(copy.deepcopy(m))
+    assert isinstance(a.__dict__.get("forward"), ChainForward)
+    remove_chains(b)
+    layers = [i for i, c in enumerate(a) if isinstance(c, nn.Linear)]
+    for i, act in zip(layers, actives or ["half"] * len(layers)):
+        if isinstance(act, str):
+            act = torch.rand(a[i].out_features, generator=gen) < 0.5
+        a[i].set_active(act)
+        b[i].set_active(act)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("sizes,batch,flatten", [((784, 300, 100, 10), 60, True), ((13, 7, 5), 1, False),
+                                                 ((9, 4), 17, False), ((33, 65, 17, 3), 130, True)],
+                         ids=["lenet", "B1", "one-layer", "odd"])
+def test_neq_bit_identical_to_the_modules_over_steps(sizes, batch, flatten, dtype, gen):
+    a, b = _neq_pair(gen, sizes, dtype=dtype, flatten=flatten)
+    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    frozen = {n: ~m.active for n, m in stnn.neq_modules(a)}
+    before = {n: (m.weight.detach()[frozen[n]].clone(), m.bias.detach()[frozen[n]].clone())
+              for n, m in stnn.neq_modules(a)}
+    shape = (batch, 1, sizes[0]) if flatten else (batch, sizes[0])
+    for step in range(3):
+        x = randn(*shape, dtype=dtype, gen=gen)
+        y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+        assert _chained(a, x)
+        _assert_same(a, b, _run(a, x, y), _run(b, x, y), f"step {step}")
+        for n, m in stnn.neq_modules(a):
+            assert (m.weight.grad[frozen[n]] == 0).all() and (m.bias.grad[frozen[n]] == 0).all()
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for n, m in stnn.neq_modules(a):  # frozen neurons untouched by the optimizer
+        assert torch.equal(m.weight.detach()[frozen[n]], before[n][0])
+        assert torch.equal(m.bias.detach()[frozen[n]], before[n][1])
+
+
+def test_neq_mixed_masks_input_grad_no_bias_and_a_sparse_layer(gen):
+    """Layers all frozen, none frozen (mask None: the plain kind), all active (a mask of
+    ones) and a random half; no biases; a relu on the logits; the input requires grad;
+    then the same with a SparseLinear in the chain."""
+    sizes = (21, 16, 12, 8, 5)
+    for sparse in (False, True):
+        a, b = _neq_pair(gen, sizes, actives=[torch.zeros(16, dtype=torch.bool), None,
+                                              torch.ones(8, dtype=torch.bool), "half"],
+                         bias=False, last_relu=True)
+        if sparse:
+            masks = {"2": make_mask(12, 16, 0.6, gen)}
+            for m in (a, b):
+                stnn.sparsify(m, masks=masks, mode="sparse", fuse_relu=True)
+            remove_chains(b)
+            assert isinstance(a[2], stnn.SparseLinear)
+        x = randn(7, 21, gen=gen)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        gy = randn(7, 5, gen=gen)
+        assert _chained(a, xa)
+        _assert_same(a, b, _run(a, xa, None, gy), _run(b, xb, None, gy), f"mixed, sparse={sparse}")
+        assert torch.equal(xa.grad, xb.grad)
+        assert (a[0].weight.grad == 0).all()
+
+
+def test_neq_frozen_neurons_never_read_a_nonfinite_gradient(gen):
+    """An inf/NaN upstream gradient at frozen output neurons leaves their weight and bias
+    gradients exactly 0, in the chain as in the layer's own node."""
+    a, b = _neq_pair(gen, (10, 6), actives=[torch.tensor([True, False, True, False, False, True])])
+    x = randn(5, 10, gen=gen)
+    gy = randn(5, 6, gen=gen)
+    gy[0, 1], gy[2, 3] = float("inf"), float("nan")
+    assert _chained(a, x)
+    ra, rb = _run(a, x, None, gy), _run(b, x, None, gy)
+    assert torch.equal(ra[0], rb[0])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    frozen = ~a[0].active
+    assert (a[0].weight.grad[frozen] == 0).all() and (a[0].bias.grad[frozen] == 0).all()
+
+
+def test_neq_calls_the_chain_cannot_take(gen):
+    a, b = _neq_pair(gen, (12, 9, 4))
+    x = randn(5, 12, gen=gen)
+    assert _chained(a, x)
+    # the NEq tracker's forward hooks see every layer
+    seen = []
+    h = a[2].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    assert not _chained(a, x) and seen == [(5, 4)]
+    h.remove()
+    # a frozen prefix (freeze_prefix turns requires_grad off)
+    a[0].weight.requires_grad_(False)
+    assert not _chained(a, x)
+    a[0].weight.requires_grad_(True)
+    # reduced precision: the layer's own path (dense products in that dtype)
+    a16, b16 = copy.deepcopy(a).to(torch.bfloat16), copy.deepcopy(b).to(torch.bfloat16)
+    x16 = x.to(torch.bfloat16)
+    assert not _chained(a16, x16)
+    assert torch.equal(a16(x16), b16(x16))
+    # create_graph: recorded and differentiated through the layers' own nodes
+    y = torch.randint(0, 4, (5,), generator=gen)
+    ga = torch.autograd.grad(F.cross_entropy(a(x), y), list(a.parameters()), create_graph=True)
+    gb = torch.autograd.grad(F.cross_entropy(b(x), y), list(b.parameters()), create_graph=True)
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, rtol=1e-6, atol=1e-7)
+    # MLPStep's own step computes whole gradients: it leaves frozen neurons to autograd
+    assert "frozen neurons" in stnn.MLPStep(a).check(x)
+
+
+def test_neq_chain_only_on_mlps_and_copies_keep_it(gen, tmp_path):
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    stnn.enable_neq(conv)
+    assert "forward" not in conv.__dict__
+    a, b = _neq_pair(gen, (12, 9, 4))
+    x, y = randn(5, 12, gen=gen), torch.randint(0, 4, (5,), generator=gen)
+    for c in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+        assert _chained(c, x)
+        _assert_same(c, b, _run(c, x, y), _run(b, x, y), "copy")
+    # a state dict loaded into a fresh NEq model restores the masks and the chain runs them
+    fresh = stnn.enable_neq(make_mlp(gen, (12, 9, 4)))
+    fresh.load_state_dict(a.state_dict())
+    assert _chained(fresh, x)
+    _assert_same(fresh, b, _run(fresh, x, y), _run(b, x, y), "loaded")

@@ -264,7 +264,12 @@ def enable_neq(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
 
     The layers keep their Parameters, hooks (torch.nn.utils.prune too) and state dict
     keys: they become DenseNEqLinear / NEqConv2d (subclasses) with ``active = None``.
-    Sparse layers are NEq-capable already. Returns ``model``.
+    Sparse layers are NEq-capable already. An nn.Sequential MLP (an optional leading
+    nn.Flatten, then linear layers and their ReLUs) that now holds a DenseNEqLinear gets
+    the forward that runs its layers as one autograd node when a call allows it
+    (``fast_step.ChainForward``, as ``sparsify(fuse_relu=True)`` gives: no hooks on its
+    children, grad mode on, float32/64; bit-identical, else the modules as before;
+    ``remove_chains`` takes it away). Returns ``model``.
     """
     for name, _, _, module in _named_convertible(model, (nn.Linear, nn.Conv2d)):
         if filter is not None and not filter(name, module):
@@ -272,6 +277,7 @@ def enable_neq(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
         module.__class__ = DenseNEqLinear if type(module) is nn.Linear else NEqConv2d
         _init_neq(module)
     attach_masks(model)
+    install_chains(model)
     return model
 
 

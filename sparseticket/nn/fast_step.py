@@ -51,13 +51,13 @@ from torch.nn.modules import module as _module
 
 from .. import ops as _ops
 from . import _mode
-from .linear import FusedReLU, SparseLinear
+from .linear import DenseNEqLinear, FusedReLU, SparseLinear
 
 _ST = torch.ops.sparseticket
 _ATEN = torch.ops.aten
 _MEAN = 1  # at::Reduction::Mean
 _IGNORE = -100  # F.cross_entropy's default ignore_index
-_SPARSE, _EXPAND, _VIEW, _PLAIN = 0, 1, 2, 3  # layer kinds of the compiled mlp_grads (csrc/mlp_step.cpp)
+_SPARSE, _EXPAND, _VIEW, _PLAIN, _NEQ = 0, 1, 2, 3, 4  # layer kinds of the compiled mlp_grads (csrc/mlp_step.cpp)
 
 
 class MLPStep:
@@ -71,7 +71,8 @@ class MLPStep:
     def __init__(self, model: nn.Module, *, native: bool = True):
         self.model = model
         self.native = native
-        self.layers: List[Tuple[nn.Module, bool]] = []  # (SparseLinear or nn.Linear, apply relu after it)
+        # (SparseLinear, nn.Linear or DenseNEqLinear, apply relu after it)
+        self.layers: List[Tuple[nn.Module, bool]] = []
         self.flatten = False
         self._calls = 0  # calls of __call__ / step (a `fixed` block re-checks after one)
         self.reason: Optional[str] = self._plan()
@@ -90,7 +91,7 @@ class MLPStep:
             t = type(c)
             if t is nn.Flatten and i == 0 and c.start_dim == 1 and c.end_dim == -1:
                 self.flatten = True
-            elif t is SparseLinear or t is nn.Linear:
+            elif t is SparseLinear or t is nn.Linear or t is DenseNEqLinear:
                 self.layers.append((c, getattr(c, "activation", None) == "relu"))
             elif t is nn.ReLU and self.layers and not self.layers[-1][1]:
                 self.layers[-1] = (self.layers[-1][0], True)  # the ReLU of the layer before
@@ -135,11 +136,11 @@ class MLPStep:
         for (layer, _), act in zip(self.layers, self._activations):
             if getattr(layer, "activation", None) != act:
                 return "a layer's fused activation changed since this MLPStep was built (build a new one)"
-            if type(layer) is SparseLinear:
-                if _mode.resolve(layer.mode) not in ("sparse", "dense"):
-                    return "a SparseLinear's path is not pinned (mode 'auto')"
-                if layer._buffers["active"] is not None:
-                    return "a layer has frozen neurons (NEq)"
+            if type(layer) is SparseLinear and _mode.resolve(layer.mode) not in ("sparse", "dense"):
+                return "a SparseLinear's path is not pinned (mode 'auto')"
+            if type(layer) is not nn.Linear and layer._buffers["active"] is not None:
+                # (the step's own sequence computes whole gradients; the chain serves them)
+                return "a layer has frozen neurons (NEq)"
             for p in layer._parameters.values():
                 if p is None:
                     continue
@@ -159,7 +160,8 @@ class MLPStep:
         tensor, compiling, tracing, functorch transforms (vmap, torch.func), forward-mode
         AD, a __torch_function__ mode or autocast, hooks on a child module (or global
         module hooks), a SparseLinear whose path for this input is not known yet ('auto'
-        measures on its first call), frozen neurons, a parameter that does not require
+        measures on its first call), a SparseLinear with frozen neurons, a DenseNEqLinear
+        with frozen neurons in another dtype than float32/64, a parameter that does not require
         grad, a non-contiguous parameter, parameters tied since the plan was built, dtypes
         or widths the layers would refuse (their error then says so). A backward with
         create_graph runs the layers again, recorded, and differentiates them (second
@@ -203,6 +205,9 @@ class MLPStep:
                 path = layer._known_path(torch.Size((batch, layer.in_features)), dtype, rg)
                 if path is None:
                     return None
+            elif (type(layer) is DenseNEqLinear and layer._buffers["active"] is not None
+                  and dtype not in (torch.float32, torch.float64)):
+                return None  # (the layer's reduced-precision path)
             kind, slots = _layer_slots(layer, path)
             w, bias = slots[0], slots[1]
             tensors += slots
@@ -410,9 +415,14 @@ class _Prepared(NamedTuple):
 
 def _layer_slots(layer: nn.Module, path: Optional[str]) -> Tuple[int, tuple]:
     """A layer's kind and its kSlots tensors as csrc/mlp_step.cpp takes them: a
-    SparseLinear on ``path`` ('sparse' / 'dense'), or a plain nn.Linear (path None)."""
+    SparseLinear on ``path`` ('sparse' / 'dense'), or (path None) a DenseNEqLinear with
+    frozen neurons (its active mask in the third slot), or a plain nn.Linear (or a
+    DenseNEqLinear with none frozen, which runs as one)."""
     p = layer._parameters
     if type(layer) is not SparseLinear:
+        active = layer._buffers.get("active")
+        if active is not None:
+            return _NEQ, (p["weight"], p["bias"], active, None, None, None, None, None)
         return _PLAIN, (p["weight"], p["bias"], None, None, None, None, None, None)
     b, v = layer._buffers, p["weight_values"]
     kind = (_SPARSE if path == "sparse"
@@ -437,7 +447,7 @@ def _weight(layer: nn.Module) -> Tensor:
 
 def _dense_weight(layer: nn.Module) -> Tensor:
     """The [out, in] weight a dense-path layer multiplies by (SparseLinear: as its _run_dense forms it)."""
-    if type(layer) is nn.Linear:
+    if type(layer) is not SparseLinear:
         return layer._parameters["weight"]
     v, b = layer._parameters["weight_values"], layer._buffers
     if v.shape[0] == layer.out_features * layer.in_features:
@@ -451,9 +461,10 @@ STALE = object()
 
 class ChainForward:
     """The forward that ``sparsify(..., fuse_relu=True)`` gives an nn.Sequential MLP that
-    holds a SparseLinear (stored as the instance's ``forward``; the class, state-dict keys
-    and children are unchanged): ``MLPStep.chain``, one autograd node for all its layers,
-    when the call allows it, else the Sequential's own forward. ``densify`` removes it.
+    holds a SparseLinear, and ``enable_neq`` one that holds a DenseNEqLinear (stored as the
+    instance's ``forward``; the class, state-dict keys and children are unchanged):
+    ``MLPStep.chain``, one autograd node for all its layers, when the call allows it, else
+    the Sequential's own forward. ``densify`` and ``remove_chains`` remove it.
     Pickled and copied as a reference to its module (the plan is rebuilt on first use)."""
 
     __slots__ = ("module", "step")
@@ -481,10 +492,11 @@ class ChainForward:
 
 
 def install_chains(model: nn.Module) -> None:
-    """Give every nn.Sequential MLP in ``model`` that holds a SparseLinear a ChainForward."""
+    """Give every nn.Sequential MLP in ``model`` that holds a SparseLinear or a
+    DenseNEqLinear a ChainForward."""
     for m in model.modules():
         if (isinstance(m, nn.Sequential) and "forward" not in m.__dict__
-                and any(type(c) is SparseLinear for c in m._modules.values())):
+                and any(type(c) is SparseLinear or type(c) is DenseNEqLinear for c in m._modules.values())):
             step = MLPStep(m)
             if step.reason is None:
                 m.__dict__["forward"] = ChainForward(m, step)
