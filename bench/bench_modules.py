@@ -44,7 +44,10 @@ channels is never read, and the layer after it (Conv-4's conv2, an NEqConv2d) co
 its input gradient for the first layer's active channels only (column ``paths`` shows
 ``cut=conv2<-conv1:0.5``, the fraction of conv2's input gradient computed in the checked step;
 LeNet has no such pair, its second layer being a Linear). The
-parameter gradients are checked against the dense ones as before. The bound: a third
+parameter gradients are checked against the dense ones as before. ``enable_neq`` runs an
+MLP (LeNet) as one autograd node, so for LeNet a fourth model, ``neq_modules``, is the same
+NEq model with that node removed (a node per layer and per ReLU, as the dense model and the
+bound have): its rows show what the chain adds. The bound: a third
 model, ``nowgrad``, is the dense one with every weight's
 requires_grad off, and every conv bias's (no weight gradient; input gradients and Linear
 bias gradients as before); a backward that skips exactly half of the weight gradient and
@@ -606,19 +609,36 @@ def _bench_neq(ctx, model_name: str, stack: contextlib.ExitStack):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
     x_nowgrad = x.detach().clone().requires_grad_(True) if has_conv else x
+    # enable_neq runs an MLP (LeNet) as one autograd node; neq_modules is the same NEq
+    # model with the per-layer nodes, so the table shows what the chain adds
+    from sparseticket.nn.fast_step import ChainForward, remove_chains
+    neq_modules = None
+    if neq is not None and any(isinstance(m.__dict__.get("forward"), ChainForward) for m in neq.modules()):
+        neq_modules = copy.deepcopy(neq)
+        remove_chains(neq_modules)
     fb = {"dense": Contender("dense", fwd_bwd(dense), "nn layers: forward + loss.backward()"),
           "neq": Contender("neq", fwd_bwd(neq) if neq else nothing, "enable_neq, half active: forward + backward",
                            paths=frozen),
           "nowgrad": Contender("nowgrad", fwd_bwd(nowgrad, x_nowgrad), "nn layers, weights and conv biases "
                                                                          "requires_grad=False: fwd + bwd")}
+    if neq_modules is not None:
+        fb["neq_modules"] = Contender("neq_modules", fwd_bwd(neq_modules), "enable_neq, half active, chain node "
+                                      "removed (a node per layer): forward + backward", paths=frozen)
     fo = {"dense": Contender("dense_forward", fwd(dense), "nn layers: forward (graph built, no backward)"),
           "neq": Contender("neq_forward", fwd(neq) if neq else nothing, "enable_neq, half active: forward"),
           "nowgrad": Contender("nowgrad_forward", fwd(nowgrad, x_nowgrad), "nn layers, weights and conv biases "
                                                                                  "requires_grad=False: forward")}
     status = {"dense": None, "dense_forward": None, "neq": neq_status, "neq_forward": neq_status,
               "nowgrad": None, "nowgrad_forward": None}
+    names = ["dense", "neq", "nowgrad"]
+    if neq_modules is not None:
+        fo["neq_modules"] = Contender("neq_modules_forward", fwd(neq_modules), "the same: forward")
+        status["neq_modules"] = status["neq_modules_forward"] = neq_status
+        names.append("neq_modules")
     kinds = ("forward", "grad_input", "grad_weight")
-    for name, m in (("dense", dense), ("neq", neq), ("nowgrad", nowgrad)):
+    for name, m in (("dense", dense), ("neq", neq), ("nowgrad", nowgrad), ("neq_modules", neq_modules)):
+        if name not in names:
+            continue
         if status[name] is not None:
             continue
         t = count_flops(m, fb[name].fn)  # one forward + backward
@@ -633,7 +653,7 @@ def _bench_neq(ctx, model_name: str, stack: contextlib.ExitStack):
     rows = dict(write_group(ctx, list(fb.values()), status, stats, "dense", **colz))
     rows.update(write_group(ctx, list(fo.values()), status, stats, "dense_forward", **colz))
     bwd = {}
-    for name in ("dense", "neq", "nowgrad"):
+    for name in names:
         a, b = stats.get(name), stats.get(name + "_forward")
         bwd[name] = (a.median_ms - b.median_ms) if (a and b) else None
     ok = bwd["dense"] is not None and bwd["neq"] is not None and bwd["neq"] > 0
@@ -641,7 +661,7 @@ def _bench_neq(ctx, model_name: str, stack: contextlib.ExitStack):
     bound = None  # best backward ratio with half the weight gradient skipped and nothing else changed
     if bwd["dense"] and bwd["nowgrad"] is not None:
         bound = bwd["dense"] / ((1 - NEQ_ACTIVE_FRACTION) * bwd["nowgrad"] + NEQ_ACTIVE_FRACTION * bwd["dense"])
-    for name in ("dense", "neq", "nowgrad"):
+    for name in names:
         c, f = fb[name], fo[name]
         wg = c.wgrad or (None, None)
         wratio = wg[0] / wg[1] if (wg[0] is not None and wg[1]) else None
@@ -659,8 +679,10 @@ def _bench_neq(ctx, model_name: str, stack: contextlib.ExitStack):
             contender=name + "_backward", variant=f"median({name}) - median({name}_forward)",
             baseline="dense_backward", correct="ok" if status[name] is None else status[name],
             median_ms=bwd[name], reps=args.reps,
-            ratio_vs_baseline=({"neq": ratio, "nowgrad": bound}.get(name) if name != "dense"
-                               else (1.0 if bwd["dense"] else None)), target=target, met=met,
+            ratio_vs_baseline=(1.0 if bwd["dense"] else None) if name == "dense" else
+                              bound if name == "nowgrad" else ratio if name == "neq" else
+                              (bwd["dense"] / bwd[name] if bwd["dense"] and bwd[name] else None),
+            target=target, met=met,
             flops_executed=bflops, flops_dense_equiv=bdense, gflops_executed=gflops(bflops, bwd[name]),
             gflops_dense_equiv=gflops(bdense, bwd[name]), wgrad_flops_executed=wg[0], wgrad_flops_dense=wg[1],
             wgrad_flops_ratio=wratio, layer_paths=c.paths)
@@ -847,13 +869,17 @@ def render_markdown(rows: List[dict]) -> str:
             fb, nfb = find("neq_backward", "dense", **k), find("neq_backward", "neq", **k)
             wr = _f(n.get("wgrad_flops_ratio"))
             nw = find("neq_backward", "nowgrad_backward", **k)
+            nm = find("neq_backward", "neq_modules_backward", **k)
             table.append([n["model"], common.fmt_ms(_f((fd or {}).get("median_ms"))),
                           common.fmt_ms(_f((db or {}).get("median_ms"))), cell(n), cell(nfb) if fb else "–",
                           "–" if wr is None else f"{wr:.3f}", n.get("target") or "", n.get("met") or "",
-                          cell(nw) if nw else "–"])
+                          cell(nw) if nw else "–", cell(nm) if nm else "–"])
         out.append(common.markdown_table(["model", "dense fwd ms", "dense bwd ms", "NEq bwd ms (x)",
                                           "NEq fwd+bwd ms (x)", "wgrad FLOPs exec/dense", "target", "met",
-                                          "no-wgrad bwd ms (bound x)"], table))
+                                          "no-wgrad bwd ms (bound x)", "NEq, a node per layer: bwd ms (x)"], table))
+        if any(find("neq_backward", "neq_modules_backward", model=n["model"]) for n in neqs):
+            out.append("\nAn MLP after enable_neq runs as one autograd node (the chain); the last column "
+                       "is the same NEq model with a node per layer, and the bound assumes those.\n")
     layers = by("layer_step", "sparseticket")
     if layers:
         out.append(f"\n### One layer's training step: sparse module (auto) vs nn layer + SGD + re-mask "

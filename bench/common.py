@@ -226,7 +226,7 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx
 
 
 def _cpu_model_and_flags():
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, ident = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -236,9 +236,30 @@ def _cpu_model_and_flags():
                     model = val.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = set(val.split())
+                elif key in ("cpu family", "model", "stepping") and key not in ident:
+                    ident[key] = val.strip()
     except OSError:
         pass
+    # (a VM's model name can be just "AMD EPYC": family/model tell Zen 1 from Zen 4)
+    if ident:
+        model += f" (family {ident.get('cpu family', '?')}, model {ident.get('model', '?')}, " \
+                 f"stepping {ident.get('stepping', '?')})"
     return model, [f for f in ISA_FLAGS if f in flags]
+
+
+def _git_state() -> Optional[dict]:
+    """The checkout the run measured: HEAD and whether tracked files (other than the
+    results themselves) differ from it."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  ".", ":!bench/results"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "dirty": bool(changed.strip())} if head else None
 
 
 def system_info(threads: int, extra: Optional[dict] = None) -> dict:
@@ -260,6 +281,7 @@ def system_info(threads: int, extra: Optional[dict] = None) -> dict:
         "malloc": _malloc_mode(),
         "python": platform.python_version(),
         "host": socket.gethostname(),
+        "git": _git_state(),
         "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         # the knobs that change how OpenMP/MKL threads wait or which kernels they pick
         "env": {k: v for k, v in sorted(os.environ.items())
@@ -285,6 +307,8 @@ def format_system_info(info: dict) -> str:
         f"sparseticket {info.get('sparseticket')} backend: {info.get('sparseticket_backend_cpu')}"
         + (f" ({info['sparseticket_extension_error']})" if info.get("sparseticket_extension_error") else ""),
     ]
+    if info.get("git"):
+        lines.append(f"checkout: {info['git']['commit'][:12]}" + (" with uncommitted changes" if info["git"]["dirty"] else ""))
     if info.get("env"):
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
     if info.get("openmp_threads"):

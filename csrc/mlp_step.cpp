@@ -378,6 +378,9 @@ void register_mlp_step(pybind11::module& m) {
         pybind11::arg("hyper") = std::vector<double>(),
         "MLPStep's loss and gradients in one call: [loss, then per layer weight grad, bias grad or None]; "
         "with an SGD plan (sgd, hyper) each layer's masked_sgd_ update right after its backward.");
+  // the layer kinds this build knows (Kind above): a Python package newer than the build
+  // leaves the others to the modules
+  m.attr("MLP_KINDS") = pybind11::int_(static_cast<int64_t>(kNeq) + 1);
   m.def("mlp_chain", &mlp_chain, pybind11::arg("x"), pybind11::arg("params"), pybind11::arg("tensors"),
         pybind11::arg("spec"),
         "An MLP's forward as one autograd node (layers as mlp_grads takes them; params: per layer its "

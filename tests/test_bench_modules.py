@@ -33,6 +33,9 @@ def test_bench_modules_quick(tmp_path):
         want |= {("neq_backward", m, 0.0, c) for c in ("dense", "dense_forward", "neq", "neq_forward",
                                                        "dense_backward", "neq_backward", "nowgrad",
                                                        "nowgrad_forward", "nowgrad_backward")}
+    # the NEq LeNet runs as one chain node; its per-layer-node twin is a contender too
+    want |= {("neq_backward", "lenet_300_100", 0.0, c) for c in ("neq_modules", "neq_modules_forward",
+                                                                 "neq_modules_backward")}
     want.add(("train_step", "lenet_300_100", 0.9, "floor"))
     want.add(("train_step", "lenet_300_100", 0.9, "sparseticket_mlpstep"))
     for layer in ("fc300x100", "conv128x128@14"):
@@ -63,6 +66,8 @@ def test_bench_modules_quick(tmp_path):
         db, nb = float(by[("neq_backward", m, "dense_backward")]["median_ms"]), float(nw["median_ms"])
         if db > 0 and nb >= 0:  # differences of medians: two reps may make them anything
             assert float(nw["ratio_vs_baseline"]) == pytest.approx(db / (0.5 * nb + 0.5 * db), rel=1e-3)  # CSV: 6 digits
+    assert float(by[("neq_backward", "lenet_300_100", "neq_modules_backward")]["wgrad_flops_ratio"]) == 0.5
+    assert "a node per layer" in p.stdout
     for layer in ("fc300x100", "conv128x128@14"):
         assert by[("layer_step", layer, "sparseticket")]["met"] in ("yes", "no")
 
@@ -70,6 +75,8 @@ def test_bench_modules_quick(tmp_path):
     (entry,) = runs.values()
     assert "bench_modules.py" in entry["command"] and "--quick" in entry["command"]
     assert entry["system"]["threads"] == 1 and entry["finished"] and entry["failed"] == []
+    git = entry["system"]["git"]  # the checkout measured (None only outside a git checkout)
+    assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
     for heading in ("Whole training step", "NEq, half of each layer", "One layer's training step"):
         assert heading in p.stdout
 

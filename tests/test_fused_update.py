@@ -408,3 +408,24 @@ def test_fused_bias_free_layers_and_nan_settings(gen, monkeypatch):
             for p, q in zip(a.parameters(), b.parameters()):
                 assert torch.equal(p, q) or (p.isnan().all() and q.isnan().all())
         assert calls[-1] is True
+
+
+@pytest.mark.parametrize("paths", ["LLL", "sLs"])
+def test_fixed_block_sees_neurons_frozen_inside(paths, gen):
+    """set_active inside a fixed block (the NEq tracker's decision, were it taken there)
+    is a new frozen set: the next step leaves the prepared fused call, the frozen rows get
+    no gradient and no update, and both runs agree bit for bit."""
+    m = stnn.enable_neq(_model(gen, paths, 0.5))
+    a, b, oa, ob, fa, fb = _twins(m, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    frozen = torch.arange(65) % 3 == 0
+    with fb.fixed(ob) as step:
+        for k in range(6):
+            if k == 3:
+                for mod in (a, b):
+                    mod[1].set_active(~frozen)
+                rows = b[1].dense_weight()[frozen].clone() if paths == "sLs" else b[1].weight[frozen].clone()
+            x, y = _batch(gen, 9, (33, 3), torch.float32)
+            assert torch.equal(fa.step(x, y, oa), step(x, y)), f"step {k}"
+            _assert_same_state(a, b, oa, ob, f"step {k}")
+    after = b[1].dense_weight()[frozen] if paths == "sLs" else b[1].weight[frozen]
+    assert torch.equal(after, rows)

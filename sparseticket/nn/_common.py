@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ticket import Ticket
 from . import _mode
+from . import _registry
 from ._registry import register_module_params
 
 FLOATS = (torch.float32, torch.float64)
@@ -154,6 +155,8 @@ class NEqMixin:
         """mask: [out] bool (False = frozen: no weight/bias gradient, no optimizer update), or None."""
         a = check_active(mask, self._n_out(), where(self), self._param_device())
         self._buffers["active"] = a
+        # a new frozen set: what optimizers and MLPStep.fixed cached from the masks is stale
+        _registry.VERSION[0] += 1
 
     @property
     def frozen_fraction(self) -> float:

@@ -505,9 +505,7 @@ class _BlockedSparseConv2d(torch.autograd.Function):
         gx = gxp[:, ph:ph + H, pw:pw + W].permute(0, 3, 1, 2) if need_x else None
         gb = None
         if ctx.has_bias and need_b:
-            gb = gyl.sum((0, 1, 2))
-            if active is not None:
-                gb = torch.where(active, gb, torch.zeros_like(gb))
+            gb = torch.ops.sparseticket.masked_bias_grad(gyl.reshape(-1, O), active)
         return gx, gv, gb, None, None, None, None, None, None, None
 
 

@@ -277,7 +277,7 @@ def enable_neq(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
         module.__class__ = DenseNEqLinear if type(module) is nn.Linear else NEqConv2d
         _init_neq(module)
     attach_masks(model)
-    install_chains(model)
+    install_chains(model, holding=(DenseNEqLinear,))
     return model
 
 

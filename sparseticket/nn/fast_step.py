@@ -1,7 +1,8 @@
 """A (sparse) MLP's cross-entropy gradients without autograd.
 
 For an ``nn.Sequential`` of (optional) ``nn.Flatten``, linear layers (``SparseLinear``
-on its sparse or its dense path, plain ``nn.Linear``) and ReLUs (``nn.ReLU`` or fused),
+on its sparse or its dense path, plain ``nn.Linear``, a ``DenseNEqLinear`` with no frozen
+neuron) and ReLUs (``nn.ReLU`` or fused),
 ``MLPStep(model)(x, y)`` does what
 
     loss = F.cross_entropy(model(x), y)
@@ -26,9 +27,12 @@ otherwise re-reads every weight and gradient after the backward evicted them).
 ``with fast.fixed(optimizer) as step:`` runs those steps with the model's and the
 optimizer's checks made once for the block instead of at every call (~35 us a step).
 
-The same plan serves ``sparsify(..., fuse_relu=True)``'s chain node (``ChainForward``,
-``MLPStep.chain``): the MLP's forward as one autograd node whose backward runs these ops,
-for training loops that keep autograd (bit-identical to the modules' forward).
+The same plan serves the chain node that ``sparsify(..., fuse_relu=True)`` and
+``enable_neq`` install (``ChainForward``, ``MLPStep.chain``): the MLP's forward as one
+autograd node whose backward runs these ops, for training loops that keep autograd
+(bit-identical to the modules' forward). The chain also serves a DenseNEqLinear with
+frozen neurons, with its own node's ops (``neq_linear``, ``row_masked_grad_weight``,
+``masked_bias_grad``); this step leaves frozen neurons to autograd (and so to the chain).
 
 ``MLPStep.check()`` says why a model or call cannot take this path (another layer type,
 a SparseLinear whose path is not pinned ('auto'), frozen neurons, a frozen or
@@ -205,9 +209,11 @@ class MLPStep:
                 path = layer._known_path(torch.Size((batch, layer.in_features)), dtype, rg)
                 if path is None:
                     return None
-            elif (type(layer) is DenseNEqLinear and layer._buffers["active"] is not None
-                  and dtype not in (torch.float32, torch.float64)):
-                return None  # (the layer's reduced-precision path)
+            elif type(layer) is DenseNEqLinear and layer._buffers["active"] is not None:
+                if dtype not in (torch.float32, torch.float64):
+                    return None  # (the layer's reduced-precision path)
+                if getattr(_ops._C, "MLP_KINDS", _NEQ) <= _NEQ:
+                    return None  # (a build older than the kNeq kind)
             kind, slots = _layer_slots(layer, path)
             w, bias = slots[0], slots[1]
             tensors += slots
@@ -420,7 +426,7 @@ def _layer_slots(layer: nn.Module, path: Optional[str]) -> Tuple[int, tuple]:
     DenseNEqLinear with none frozen, which runs as one)."""
     p = layer._parameters
     if type(layer) is not SparseLinear:
-        active = layer._buffers.get("active")
+        active = layer._buffers["active"] if type(layer) is DenseNEqLinear else None
         if active is not None:
             return _NEQ, (p["weight"], p["bias"], active, None, None, None, None, None)
         return _PLAIN, (p["weight"], p["bias"], None, None, None, None, None, None)
@@ -491,12 +497,13 @@ class ChainForward:
         return type(m).forward(m, *args, **kwargs)
 
 
-def install_chains(model: nn.Module) -> None:
-    """Give every nn.Sequential MLP in ``model`` that holds a SparseLinear or a
-    DenseNEqLinear a ChainForward."""
+def install_chains(model: nn.Module, holding: Tuple[type, ...] = (SparseLinear,)) -> None:
+    """Give every nn.Sequential MLP in ``model`` that holds a layer of a type in
+    ``holding`` (sparsify: SparseLinear; enable_neq: DenseNEqLinear) a ChainForward, unless
+    its forward is already overridden."""
     for m in model.modules():
         if (isinstance(m, nn.Sequential) and "forward" not in m.__dict__
-                and any(type(c) is SparseLinear or type(c) is DenseNEqLinear for c in m._modules.values())):
+                and any(type(c) in holding for c in m._modules.values())):
             step = MLPStep(m)
             if step.reason is None:
                 m.__dict__["forward"] = ChainForward(m, step)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .conv import NEqConv2d, SparseConv2d
 from .convert import _DENSE_TYPES, _named_convertible
+from .fast_step import install_chains
 from .linear import DenseNEqLinear, SparseLinear, _init_neq
 
 
@@ -16,7 +17,8 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
 
     Layers whose checkpoint entries are a ticket (``<name>.weight_values``) become
     SparseLinear / SparseConv2d (their structure is then set by ``load_state_dict``);
-    dense layers with an ``active`` entry become NEq-capable. Layers already sparse stay.
+    dense layers with an ``active`` entry become NEq-capable (an MLP holding one gets the
+    chain node, as after ``enable_neq``). Layers already sparse stay.
     """
     for name, parent, attr, module in _named_convertible(model, _DENSE_TYPES):
         if name + ".weight_values" in state_dict:
@@ -26,6 +28,7 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
         elif name + ".active" in state_dict and type(module) in (nn.Linear, nn.Conv2d):
             module.__class__ = DenseNEqLinear if type(module) is nn.Linear else NEqConv2d
             _init_neq(module)
+    install_chains(model, holding=(DenseNEqLinear,))
     return model
 
 

@@ -142,13 +142,13 @@ def check_sparse_linear_in(x, ccol):
            f"sparseticket: x has {x.shape[1]} features but the ticket expects in_features={ccol.shape[0] - 1}")
 
 
-def check_active(active: Optional[Tensor], n: int, ref: Tensor):
+def check_active(active: Optional[Tensor], n: int, ref: Tensor, ref_name: str = "x"):
     if active is None:
         return
     _check_bool("active", active)
     _check_dim("active", active, 1)
     _check(active.shape[0] == n, f"sparseticket: active has {active.shape[0]} entries, expected out_features={n}")
-    _check_same("active", active, "x", ref)
+    _check_same("active", active, ref_name, ref)
 
 
 def check_spmm_t(gy, values, ccol, row, perm):
@@ -180,7 +180,7 @@ def check_sddmm(gy, x, crow, col, active):
     _check_same("col", col, "gy", gy)
     O = crow.shape[0] - 1
     _check(gy.shape[1] == O, f"sparseticket: gy has {gy.shape[1]} columns but crow describes {O} rows")
-    check_active(active, O, gy)
+    check_active(active, O, gy, "gy")
 
 
 def check_row_masked_grad_weight(gy, x, active):
@@ -191,14 +191,14 @@ def check_row_masked_grad_weight(gy, x, active):
     _check(gy.dtype == x.dtype, f"sparseticket: gy has dtype {gy.dtype} but x has {x.dtype}")
     _check_same("x", x, "gy", gy)
     _check(gy.shape[0] == x.shape[0], f"sparseticket: gy has batch {gy.shape[0]} but x has batch {x.shape[0]}")
-    check_active(active, gy.shape[1], gy)
+    check_active(active, gy.shape[1], gy, "gy")
 
 
 def check_masked_bias_grad(gy, active):
     _check_float("gy", gy)
     _check(gy.dim() >= 2, f"sparseticket: gy must have at least 2 dims (batch, out_features, ...), got shape "
            f"{tuple(gy.shape)}")
-    check_active(active, gy.shape[1], gy)
+    check_active(active, gy.shape[1], gy, "gy")
 
 
 def check_neq_linear(x, weight, bias, active):
@@ -359,7 +359,7 @@ def check_sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, kernel_size,
     oh, ow = conv_out_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     _check(gy.shape[2] == oh and gy.shape[3] == ow,
            f"sparseticket: gy has spatial size {tuple(gy.shape[2:])} but the conv of x ({tuple(x.shape[2:])}) gives {(oh, ow)}")
-    check_active(active, gy.shape[1], gy)
+    check_active(active, gy.shape[1], gy, "gy")
 
 
 # ----------------------------------------------------------------------------- fake kernels
