@@ -857,8 +857,8 @@ def render_markdown(rows: List[dict]) -> str:
                                           "auto's choice [sparse/dense ms measured]"],
                                          table, "lllrrrrrrl"))
         if any(r["contender"] == "floor" for r in rows):
-            out.append(f"\nfloor: {FLOOR_VARIANT}; its (x) is the largest speedup an eager drop-in layer "
-                       "could reach.\n")
+            out.append(f"\nfloor: {FLOOR_VARIANT}; its (x) is the largest speedup drop-in layers could reach "
+                       "with a node per layer and per ReLU (the chain node of a sparsified MLP can pass it).\n")
     neqs = by("neq_backward", "neq_backward")
     if neqs:
         out.append("\n### NEq, half of each layer's neurons frozen: backward = (forward+backward) − forward\n")

@@ -64,14 +64,22 @@ def _chained(model, x) -> bool:
                          ids=["lenet", "B1", "one-layer", "odd"])
 def test_bit_identical_to_the_modules_over_steps(sizes, batch, flatten, density, mode, dtype, gen):
     a, b = _pair(gen, sizes, density, mode=mode, flatten=flatten, dtype=dtype)
-    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
-    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    _train_both(a, b, sizes, batch, flatten, dtype, gen, nesterov=True)
+
+
+def _train_both(a, b, sizes, batch, flatten, dtype, gen, after_backward=lambda: None, **hyper):
+    """Three MaskedSGD steps of the chained model ``a`` and its module-by-module twin ``b``
+    on the same batches: every call chains, and outputs, losses, gradients and finally the
+    parameters are bit-identical."""
+    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, **hyper)
+    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, **hyper)
     shape = (batch, 1, sizes[0]) if flatten else (batch, sizes[0])
     for step in range(3):
         x = randn(*shape, dtype=dtype, gen=gen)
         y = torch.randint(0, sizes[-1], (batch,), generator=gen)
         assert _chained(a, x)
         _assert_same(a, b, _run(a, x, y), _run(b, x, y), f"step {step}")
+        after_backward()
         oa.step()
         ob.step()
     for p, q in zip(a.parameters(), b.parameters()):
@@ -414,23 +422,15 @@ def _neq_pair(gen, sizes, dtype=torch.float32, actives=None, **kw):
                          ids=["lenet", "B1", "one-layer", "odd"])
 def test_neq_bit_identical_to_the_modules_over_steps(sizes, batch, flatten, dtype, gen):
     a, b = _neq_pair(gen, sizes, dtype=dtype, flatten=flatten)
-    oa = MaskedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    ob = MaskedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     frozen = {n: ~m.active for n, m in stnn.neq_modules(a)}
     before = {n: (m.weight.detach()[frozen[n]].clone(), m.bias.detach()[frozen[n]].clone())
               for n, m in stnn.neq_modules(a)}
-    shape = (batch, 1, sizes[0]) if flatten else (batch, sizes[0])
-    for step in range(3):
-        x = randn(*shape, dtype=dtype, gen=gen)
-        y = torch.randint(0, sizes[-1], (batch,), generator=gen)
-        assert _chained(a, x)
-        _assert_same(a, b, _run(a, x, y), _run(b, x, y), f"step {step}")
+
+    def no_frozen_gradient():
         for n, m in stnn.neq_modules(a):
             assert (m.weight.grad[frozen[n]] == 0).all() and (m.bias.grad[frozen[n]] == 0).all()
-        oa.step()
-        ob.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+
+    _train_both(a, b, sizes, batch, flatten, dtype, gen, after_backward=no_frozen_gradient)
     for n, m in stnn.neq_modules(a):  # frozen neurons untouched by the optimizer
         assert torch.equal(m.weight.detach()[frozen[n]], before[n][0])
         assert torch.equal(m.bias.detach()[frozen[n]], before[n][1])
