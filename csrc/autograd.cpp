@@ -97,13 +97,10 @@ class NeqLinearFunction : public torch::autograd::Function<NeqLinearFunction> {
     const auto saved = ctx->get_saved_variables();  // first: unpacking may recompute (checkpoint)
     const BelowAutogradUnlessRecording below;
     const Tensor &x = saved[0], &weight = saved[1], &active = saved[2];
-    const Tensor gy = grads[0].contiguous();
-    Tensor gx, gw, gb;
-    // frozen neurons still pass gradient to earlier layers: gx is the full product
-    if (ctx->needs_input_grad(0)) gx = gy.mm(weight);
-    if (ctx->needs_input_grad(1)) gw = call_row_masked_grad_weight(gy, x, opt(active));
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) gb = call_masked_bias_grad(gy, opt(active));
-    return {gx, gw, gb, Tensor()};
+    const NeqGrads g =
+        neq_linear_grads(grads[0].contiguous(), x, weight, opt(active), ctx->needs_input_grad(0),
+                         ctx->needs_input_grad(1), ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2));
+    return {g.gx, g.gw, g.gb, Tensor()};
   }
 };
 

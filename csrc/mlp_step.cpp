@@ -178,15 +178,11 @@ Tensor backward_layers(Tensor g, const Pass& p, const std::vector<c10::optional<
       continue;
     }
     if (relu) g = at::threshold_backward(g, p.acts[i + 1], 0);
-    if (kind == kNeq) {
-      // what autograd's NeqLinearFunction::backward calls (csrc/autograd.cpp): frozen rows'
-      // weight and bias gradients 0, never computed; the input gradient whole
-      const c10::optional<Tensor>& active = t[i * kSlots + 2];
-      g = g.contiguous();
-      const Tensor gx = want_gx ? g.mm(w) : Tensor();
-      out[first + 2 * i] = call_row_masked_grad_weight(g, p.acts[i], active);
-      if (has_bias) out[first + 2 * i + 1] = call_masked_bias_grad(g, active);
-      g = gx;
+    if (kind == kNeq) {  // what autograd's NeqLinearFunction::backward computes
+      const NeqGrads n = neq_linear_grads(g.contiguous(), p.acts[i], w, t[i * kSlots + 2], want_gx, true, has_bias);
+      out[first + 2 * i] = n.gw;
+      if (has_bias) out[first + 2 * i + 1] = n.gb;
+      g = n.gx;
       done(i);
       continue;
     }

@@ -106,6 +106,23 @@ inline Tensor call_row_masked_grad_weight(const Tensor& gy, const Tensor& x, con
   return op.call(gy, x, active);
 }
 
+// The gradients of an NEq linear layer (neq_linear) from gy, contiguous: the input
+// gradient whole (frozen neurons still pass gradient to earlier layers), the weight and
+// bias gradients with frozen rows 0, never computed; undefined where not wanted. Both
+// NeqLinearFunction::backward (csrc/autograd.cpp) and the MLP chain's kNeq layers
+// (csrc/mlp_step.cpp) call this, so the two stay bit-identical.
+struct NeqGrads {
+  Tensor gx, gw, gb;
+};
+inline NeqGrads neq_linear_grads(const Tensor& gy, const Tensor& x, const Tensor& weight,
+                                 const c10::optional<Tensor>& active, bool want_gx, bool want_gw, bool want_gb) {
+  NeqGrads g;
+  if (want_gx) g.gx = gy.mm(weight);
+  if (want_gw) g.gw = call_row_masked_grad_weight(gy, x, active);
+  if (want_gb) g.gb = call_masked_bias_grad(gy, active);
+  return g;
+}
+
 inline Tensor call_ticket_expand(const Tensor& values, const Tensor& crow, const Tensor& bits, const c10::SymInt& n_cols) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparseticket::ticket_expand", "")

@@ -62,6 +62,9 @@ _ATEN = torch.ops.aten
 _MEAN = 1  # at::Reduction::Mean
 _IGNORE = -100  # F.cross_entropy's default ignore_index
 _SPARSE, _EXPAND, _VIEW, _PLAIN, _NEQ = 0, 1, 2, 3, 4  # layer kinds of the compiled mlp_grads (csrc/mlp_step.cpp)
+# whether the loaded build knows the kNeq kind (a build older than the package does not:
+# the chain then leaves frozen NEq layers to the modules)
+_BUILD_HAS_NEQ = getattr(_ops._C, "MLP_KINDS", 0) > _NEQ
 
 
 class MLPStep:
@@ -212,8 +215,8 @@ class MLPStep:
             elif type(layer) is DenseNEqLinear and layer._buffers["active"] is not None:
                 if dtype not in (torch.float32, torch.float64):
                     return None  # (the layer's reduced-precision path)
-                if getattr(_ops._C, "MLP_KINDS", _NEQ) <= _NEQ:
-                    return None  # (a build older than the kNeq kind)
+                if not _BUILD_HAS_NEQ:
+                    return None
             kind, slots = _layer_slots(layer, path)
             w, bias = slots[0], slots[1]
             tensors += slots

@@ -315,7 +315,6 @@ def _masked_bias_grad_backward(ctx, gg):
 # key unless they are recorded (create_graph), and then this formula differentiates it.
 torch.library.register_autograd("sparseticket::masked_bias_grad", _masked_bias_grad_backward,
                                 setup_context=_masked_bias_grad_setup)
-_masked_bias_grad = torch.ops.sparseticket.masked_bias_grad
 
 
 def _sparse_linear_setup(ctx, inputs, output):
@@ -340,7 +339,7 @@ def _sparse_linear_grads(ctx, gy, y):
         if ctx.needs_input_grad[0]:
             gx = torch.ops.sparseticket.spmm_t(gy, values, ccol, row, perm)
         if want_bias:
-            gbias = _masked_bias_grad(gy, active)
+            gbias = torch.ops.sparseticket.masked_bias_grad(gy, active)
     return gx, gvalues, None, None, None, None, None, gbias, None
 
 
@@ -374,7 +373,7 @@ def _neq_linear_backward(ctx, gy):
     if ctx.needs_input_grad[1]:
         gw = torch.ops.sparseticket.row_masked_grad_weight(gy, x, active)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        gbias = _masked_bias_grad(gy, active)
+        gbias = torch.ops.sparseticket.masked_bias_grad(gy, active)
     return gx, gw, gbias, None
 
 
@@ -403,7 +402,7 @@ def _sparse_conv2d_backward(ctx, gy):
     if ctx.needs_input_grad[1]:
         gvalues = torch.ops.sparseticket.sparse_conv2d_grad_weight(gy, x, ccol, row, perm, active, *conf)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        gbias = _masked_bias_grad(gy, active)
+        gbias = torch.ops.sparseticket.masked_bias_grad(gy, active)
     return gx, gvalues, None, None, None, None, None, gbias, None, None, None, None, None
 
 
