@@ -518,3 +518,86 @@ def test_neq_chain_only_on_mlps_and_copies_keep_it(gen, tmp_path):
     fresh.load_state_dict(a.state_dict())
     assert _chained(fresh, x)
     _assert_same(fresh, b, _run(fresh, x, y), _run(b, x, y), "loaded")
+
+
+def test_prepared_call_follows_every_change_after_it(gen):
+    """From its second call the chain reuses the arguments its first call built
+    (``_ChainCall``). Every change below is made to both models after such calls; the
+    chained one must then give what the modules give, taking the chain again where it can."""
+    a, b = _pair(gen, (12, 9, 7, 4), 0.5)
+    plain_a, plain_b = nn.Linear(7, 4), None  # a plain layer in the chain (replaces the last one)
+    plain_b = copy.deepcopy(plain_a)
+    a[4], b[4] = plain_a, plain_b
+    y = torch.randint(0, 4, (6,), generator=gen)
+    x = randn(6, 12, gen=gen)
+
+    def same(what, xx=x, yy=y, chained=True):
+        for _ in range(2):  # the first call (re)builds the arguments, the second reuses them
+            assert _chained(a, xx) == chained, what
+            _assert_same(a, b, _run(a, xx, yy), _run(b, xx, yy), what)
+        if chained:
+            assert a.__dict__["forward"].step._chain_call is not None, what
+
+    same("first calls")
+    assert [m.last_path for m in (a[0], a[2])] == ["sparse", "sparse"]
+    # a new ticket (new buffers and values, a new ticket token)
+    for m in (a, b):
+        m[2].set_mask(make_mask(7, 9, 0.8, torch.Generator().manual_seed(5)))
+    same("new ticket")
+    # a layer's mode, and the global mode
+    for m in (a, b):
+        m[0].mode = "dense"
+    same("layer mode")
+    assert a[0].last_path == "dense"
+    for m in (a, b):
+        m[0].mode = "auto"  # (the global mode decides for 'auto' layers)
+    with stnn.use_mode("sparse"):
+        same("global mode")
+    assert a[0].last_path == "sparse"
+    for m in (a, b):
+        m[0].mode = "sparse"
+    # another batch size, another dtype (to() swaps each parameter's data in place)
+    same("batch size", randn(3, 12, gen=gen), y[:3])
+    for m in (a, b):
+        m.double()
+    same("float64", x.double())
+    for m in (a, b):
+        m.float()
+    # values replaced in place (.data =): the same Parameter objects, read at the call
+    for m in (a, b):
+        m[4].weight.data = m[4].weight.data * 2
+    same("data replaced")
+    # a non-contiguous weight (same object): the modules take it
+    for m in (a, b):
+        m[4].weight.data = m[4].weight.data.t().contiguous().t()
+    same("non-contiguous weight", chained=False)
+    for m in (a, b):
+        m[4].weight.data = m[4].weight.data.contiguous()
+    # a parameter replaced by a new object
+    w = nn.Parameter(randn(4, 7, gen=gen))
+    a[4].weight, b[4].weight = w, nn.Parameter(w.detach().clone())
+    same("parameter replaced")
+    # a frozen bias, then trainable again
+    for m in (a, b):
+        m[0].bias.requires_grad_(False)
+    same("frozen bias", chained=False)
+    for m in (a, b):
+        m[0].bias.requires_grad_(True)
+    same("trainable again")
+    # another thread count: an 'auto' layer's measured choice is per thread count
+    for m in (a, b):
+        m[0].mode = "auto"
+    _run(a, x, y), _run(b, x, y)  # (its first call measures, through the modules)
+    same("auto")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1 if n > 1 else 2)
+    try:
+        assert not _chained(a, x)  # no choice for this count yet: the modules again
+        same("other thread count")
+    finally:
+        torch.set_num_threads(n)
+    # a state dict loaded by assignment (new parameter and buffer objects)
+    sd = copy.deepcopy(b.state_dict())
+    a.load_state_dict(sd, assign=True)
+    b.load_state_dict(copy.deepcopy(sd), assign=True)
+    same("state dict assigned")
