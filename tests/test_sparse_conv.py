@@ -403,21 +403,25 @@ print("ok")
     run_under_isa(code, isa)
 
 
-@pytest.mark.parametrize("env", [dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="1"),
-                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_SHIFTED="0"),
+@pytest.mark.parametrize("env", [dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_BLOCK_BYTES="0",
+                                      SPARSETICKET_CONV_SHIFTED="1"),
+                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_BLOCK_BYTES="0",
+                                      SPARSETICKET_CONV_SHIFTED="0"),
+                                 dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1", SPARSETICKET_CONV_BLOCK_BYTES="1500"),
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="1"),
                                  dict(SPARSETICKET_CONV_BLOCK_ENTRIES="1e9", SPARSETICKET_CONV_SHIFTED="0"),
                                  dict(SPARSETICKET_CONV_PLAN_CACHE_MB="0"),
                                  dict(SPARSETICKET_CONV_GW_SHIFTED="1"),
                                  dict(SPARSETICKET_CONV_GW_SHIFTED="0"),
                                  dict(SPARSETICKET_CONV_GW_SHIFTED="1", SPARSETICKET_CONV_BAND_BYTES="2048")],
-                         ids=["one_plane_blocks_shifted", "one_plane_blocks_unshifted", "one_block_shifted",
+                         ids=["one_plane_blocks_shifted", "one_plane_blocks_unshifted", "byte_sized_blocks",
+                              "one_block_shifted",
                               "one_block_unshifted", "no_plan_cache", "gw_gy_shifted", "gw_x_shifted",
                               "gw_gy_shifted_bands"])
 def test_layout_knobs(env):
     """Correlate's extremes (conv.h), which the default choice per density may never pick at
-    test sizes: a block per plane (partial tiles through scratch between every plane) or one
-    block; shifted copies (aligned loads, in the forward and the input gradient) forced on or
+    test sizes: a block per plane (partial tiles through scratch between every plane), blocks of
+    a few planes (the byte floor that AVX2 builds apply, set small) or one block; shifted copies (aligned loads, in the forward and the input gradient) forced on or
     off; the weight gradient's column shift on x or on gy (dots / dots_shifted, conv.h), also
     in bands of a few rows and with frozen channels. The knobs are read once per process, hence
     the subprocess."""

@@ -347,16 +347,47 @@ int64_t band_bytes() {
 // entries and unblocked: 24-32 best at 14x14 (up to 18% faster than unblocked), within
 // noise at 28x28; sizing blocks to fit 4-32 KB of L1 instead did no better.
 // SPARSETICKET_CONV_BLOCK_ENTRIES overrides the target (sweeps; 1e9 means one block).
-int64_t block_planes(int64_t planes, int64_t nnz, int64_t lists) {
+//
+// Those figures are from AVX-512 machines, whose row tiles are 16-32 rows deep. With AVX2's
+// 16 registers a tile is 3-7 rows, a plane's share of a block's reads is a few hundred
+// bytes, and what counted on the Zen 1 (AVX2, 32 KB L1, session 26) was the block's bytes,
+// not its entries: forward, 1 thread, planes per block 8 / 16 / 24 / 32 / 48 / all, ms,
+// 64->64@28 at density 0.5 94.7 / 91.1 / 89.5 / 91.5 / 96.5 / 110.4, at 0.25 59.2 / 55.0 /
+// 54.6 / 53.9 / 57.7 / 65.0, at 0.1 32.8 / 29.4 / 28.5 / 28.1 / 29.6 / 31.6; 128->128@14
+// alike (0.5: 89.0 / 84.6 / 83.9 / 82.3 / 86.5 / 95.7) -- 24-32 planes (~16-20 KB) at every
+// density, where the entry target gives 27 at 0.1 but 11 at 0.25 and 6 at 0.5. So with
+// 32-byte vectors a block also takes at least the planes whose rows fill kAvx2BlockBytes
+// (plane_bytes: what one plane contributes to a row tile's reads).
+// SPARSETICKET_CONV_BLOCK_BYTES overrides that floor (0 turns it off; any ISA).
+constexpr int64_t kAvx2BlockBytes = int64_t(16) << 10;
+
+int64_t block_bytes_floor() {
+  static const int64_t v = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_BLOCK_BYTES");
+    if (s) return static_cast<int64_t>(std::max(0LL, std::atoll(s)));
+    return conv_kernel_table().vector_bytes == 32 ? kAvx2BlockBytes : int64_t(0);
+  }();
+  return v;
+}
+
+int64_t block_planes(int64_t planes, int64_t nnz, int64_t lists, int64_t plane_bytes) {
   static const double target = [] {
     const char* s = std::getenv("SPARSETICKET_CONV_BLOCK_ENTRIES");
     const double v = s ? std::atof(s) : 0.0;
     return v > 0 ? v : 24.0;
   }();
   const double per_plane = static_cast<double>(nnz) / std::max<double>(1.0, static_cast<double>(lists) * planes);
-  const double want = std::ceil(target / std::max(per_plane, 1e-6));
+  double want = std::ceil(target / std::max(per_plane, 1e-6));
+  const int64_t floor_bytes = block_bytes_floor();
+  if (floor_bytes > 0 && plane_bytes > 0)
+    want = std::max(want, static_cast<double>(floor_bytes / plane_bytes));
   return want >= static_cast<double>(planes) ? std::max<int64_t>(planes, 1)
                                              : std::max<int64_t>(1, static_cast<int64_t>(want));
+}
+
+// What one plane adds to a row tile's reads: rows x one tile's width, per shifted copy.
+int64_t tile_plane_bytes(const Tile& tl, int64_t rows, int64_t shifts, size_t elem) {
+  return shifts * rows * tl.nv * tl.lanes * static_cast<int64_t>(elem);
 }
 
 // Output rows per band (a multiple of r): `per_row` bytes per output row plus `fixed`.
@@ -550,7 +581,8 @@ Tensor sparse_conv2d_impl(const Tensor& x_, const Tensor& values_, const Tensor&
   const int64_t n_bands = cdiv(g.OH, band);
   // Blocks of input channels (conv.h). A list's entries are in
   // channel order, so its sub-list (l, block) is a contiguous range, l * blocks + block.
-  const int64_t cb = block_planes(g.C, values.numel(), O);
+  const int64_t cb = block_planes(g.C, values.numel(), O,
+                                  tile_plane_bytes(tl, tl.r * g.sh + (g.kh - 1) * g.dh, L.shifts, x.element_size()));
   const int64_t blocks = std::max<int64_t>(1, cdiv(g.C, cb));
   const PlanPtr plan = plan_cache().get(
       plan_key(kPlanForward, g, f64, values.numel()),
@@ -874,7 +906,7 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
   const int64_t nnz = values.numel();
   // Blocks of output channels (conv.h); sub-list (list, block) of
   // list l is sub-list l * blocks + block.
-  const int64_t ob = block_planes(O, nnz, P * C);
+  const int64_t ob = block_planes(O, nnz, P * C, tile_plane_bytes(tl, tl.r + Tp, shifts, gy_.element_size()));
   const int64_t blocks = std::max<int64_t>(1, cdiv(O, ob));
   const PlanPtr plan = plan_cache().get(
       plan_key(kPlanGradInput, g, f64, nnz), {index_array(crow), index_array(col)}, [&] {
