@@ -531,19 +531,30 @@ def test_prepared_call_follows_every_change_after_it(gen):
     y = torch.randint(0, 4, (6,), generator=gen)
     x = randn(6, 12, gen=gen)
 
-    def same(what, xx=x, yy=y, chained=True):
-        for _ in range(2):  # the first call (re)builds the arguments, the second reuses them
+    last = [None]
+
+    def same(what, xx=x, yy=y, chained=True, rebuilt=True):
+        calls = []
+        for _ in range(2):  # the first call (re)builds the arguments, the later ones reuse them
             assert _chained(a, xx) == chained, what
             _assert_same(a, b, _run(a, xx, yy), _run(b, xx, yy), what)
+            calls.append(a.__dict__["forward"].step._chain_call)
         if chained:
-            assert a.__dict__["forward"].step._chain_call is not None, what
+            assert calls[0] is not None and calls[1] is calls[0], f"{what}: prepared once, then reused"
+            assert (calls[0] is not last[0]) == rebuilt, f"{what}: rebuilt after the change: {not rebuilt}"
+            last[0] = calls[0]
 
     same("first calls")
+    same("nothing changed", rebuilt=False)
     assert [m.last_path for m in (a[0], a[2])] == ["sparse", "sparse"]
     # a new ticket (new buffers and values, a new ticket token)
     for m in (a, b):
         m[2].set_mask(make_mask(7, 9, 0.8, torch.Generator().manual_seed(5)))
     same("new ticket")
+    # a ticket of the same size (new index buffers, the same values Parameter)
+    for m in (a, b):
+        m[2].set_mask(make_mask(7, 9, 0.8, torch.Generator().manual_seed(6)))
+    same("same-size ticket")
     # a layer's mode, and the global mode
     for m in (a, b):
         m[0].mode = "dense"
@@ -554,6 +565,9 @@ def test_prepared_call_follows_every_change_after_it(gen):
     with stnn.use_mode("sparse"):
         same("global mode")
     assert a[0].last_path == "sparse"
+    with stnn.use_mode("dense"):
+        same("another global mode")
+    assert a[0].last_path == "dense"
     for m in (a, b):
         m[0].mode = "sparse"
     # another batch size, another dtype (to() swaps each parameter's data in place)
@@ -563,10 +577,11 @@ def test_prepared_call_follows_every_change_after_it(gen):
     same("float64", x.double())
     for m in (a, b):
         m.float()
+    same("float32 again")
     # values replaced in place (.data =): the same Parameter objects, read at the call
     for m in (a, b):
         m[4].weight.data = m[4].weight.data * 2
-    same("data replaced")
+    same("data replaced", rebuilt=False)  # (the same objects: their new values are read at the call)
     # a non-contiguous weight (same object): the modules take it
     for m in (a, b):
         m[4].weight.data = m[4].weight.data.t().contiguous().t()
@@ -596,8 +611,25 @@ def test_prepared_call_follows_every_change_after_it(gen):
         same("other thread count")
     finally:
         torch.set_num_threads(n)
+    # measured choices forgotten: the 'auto' layer measures again, through the modules
+    stnn.clear_cache()
+    assert not _chained(a, x)
+    same("choices cleared")
     # a state dict loaded by assignment (new parameter and buffer objects)
     sd = copy.deepcopy(b.state_dict())
     a.load_state_dict(sd, assign=True)
     b.load_state_dict(copy.deepcopy(sd), assign=True)
     same("state dict assigned")
+
+
+def test_prepared_call_follows_neq_freezing(gen):
+    """A DenseNEqLinear's frozen set changed after the chain prepared its call (set_active
+    replaces the active buffer): the next calls use the new set."""
+    a, b = _neq_pair(gen, (12, 9, 4), actives=[None, None])
+    x, y = randn(6, 12, gen=gen), torch.randint(0, 4, (6,), generator=gen)
+    for act in (None, torch.tensor([True, False] * 4 + [True]), torch.tensor([False] * 8 + [True]), None):
+        for m in (a, b):
+            m[0].set_active(act)
+        for _ in range(3):
+            assert _chained(a, x)
+            _assert_same(a, b, _run(a, x, y), _run(b, x, y), f"active {act}")

@@ -348,7 +348,7 @@ int64_t band_bytes() {
 // noise at 28x28; sizing blocks to fit 4-32 KB of L1 instead did no better.
 // SPARSETICKET_CONV_BLOCK_ENTRIES overrides the target (sweeps; 1e9 means one block).
 //
-// Those figures are from AVX-512 machines, whose row tiles are 16-32 rows deep. With AVX2's
+// Those figures are from AVX-512 machines, whose row tiles are up to 14 rows deep. With AVX2's
 // 16 registers a tile is 3-7 rows, a plane's share of a block's reads is a few hundred
 // bytes, and what counted on the Zen 1 (AVX2, 32 KB L1, session 26) was the block's bytes,
 // not its entries: forward, 1 thread, planes per block 8 / 16 / 24 / 32 / 48 / all, ms,
@@ -358,7 +358,8 @@ int64_t band_bytes() {
 // density, where the entry target gives 27 at 0.1 but 11 at 0.25 and 6 at 0.5. So with
 // 32-byte vectors a block also takes at least the planes whose rows fill kAvx2BlockBytes
 // (plane_bytes: what one plane contributes to a row tile's reads).
-// SPARSETICKET_CONV_BLOCK_BYTES overrides that floor (0 turns it off; any ISA).
+// SPARSETICKET_CONV_BLOCK_BYTES overrides that floor (an integer count of bytes; 0 turns it
+// off; any ISA).
 constexpr int64_t kAvx2BlockBytes = int64_t(16) << 10;
 
 int64_t block_bytes_floor() {
