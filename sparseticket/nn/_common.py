@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ticket import Ticket
-from . import _mode
-from . import _registry
+from . import _mode, _registry
 from ._registry import register_module_params
 
 FLOATS = (torch.float32, torch.float64)

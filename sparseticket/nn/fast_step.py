@@ -237,11 +237,11 @@ class MLPStep:
             kind, slots = _layer_slots(layer, path)
             w, bias = slots[0], slots[1]
             tensors += slots
-            if not w.requires_grad or not w.is_contiguous() or w.dtype != dtype:
+            if not _chainable(w, dtype):
                 return None
             params.append(w)
             if bias is not None:
-                if not bias.requires_grad or not bias.is_contiguous() or bias.dtype != dtype:
+                if not _chainable(bias, dtype):
                     return None
                 params.append(bias)
             spec += (kind, int(relu), layer.out_features, layer.in_features)
@@ -474,9 +474,16 @@ def _still(call: _ChainCall, dtype: torch.dtype) -> bool:
         if len(now) != len(seen) or not all(map(operator.is_, now, seen)):
             return False
     for p in call.params:
-        if not p.requires_grad or p.dtype != dtype or not p.is_contiguous():
+        if not _chainable(p, dtype):
             return False
     return True
+
+
+def _chainable(p: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the chain can take parameter ``p`` for an input of ``dtype`` (the full
+    check and ``_still`` ask the same): it requires grad, is contiguous (autograd's
+    gradient would keep its strides) and has the input's dtype."""
+    return p.requires_grad and p.is_contiguous() and p.dtype == dtype
 
 
 def _layer_slots(layer: nn.Module, path: Optional[str]) -> Tuple[int, tuple]:
