@@ -500,9 +500,21 @@ struct FirstLanes {
       return reinterpret_cast<V>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p));
   }
 #else
+  // AVX2: vmaskmovps is slow on some CPUs (the Zen 1), so where reading the whole vector
+  // stays inside the plane (the extra lanes fall on the next rows) it is a plain load
+  // ANDed with the lanes' mask (load_whole). The mask is rebuilt per load (a compare with a
+  // constant): kept here it took a register from the accumulators, and the 28-wide weight
+  // gradient at density 0.5 ran ~17% slower.
   int64_t n;
   explicit FirstLanes(int64_t n_) : n(n_) {}
   V load(const T* p) const { return cload_first(p, n); }
+  V load_whole(const T* p) const {
+    using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+    typedef I IV __attribute__((vector_size(sizeof(V))));
+    IV iota;
+    for (int i = 0; i < CVec<T>::L; ++i) iota[i] = i;
+    return reinterpret_cast<V>(reinterpret_cast<IV>(cload(p)) & (iota < static_cast<I>(n)));
+  }
 #endif
 };
 
@@ -512,6 +524,19 @@ inline typename CVec<T>::type gy_vec(const T* g, int64_t g_row, int64_t r, int64
                                      const FirstLanes<T>& first) {
   if (r < 0 || r >= rows) return typename CVec<T>::type{};
   return first.load(g + r * g_row + q);
+}
+
+// The same for a row's ragged last vector (first.n < L) in the two-vector rows of AVX2
+// (14 wide): a whole load where it stays inside the plane. (Used in the column-vector
+// loop too, for 28-wide rows, it made dots 8-20% slower at 28x28: code generation, not
+// the loads; there every row has three whole vectors to one ragged.)
+template <typename T>
+inline typename CVec<T>::type gy_tail(const T* g, int64_t g_row, int64_t r, int64_t rows, int64_t q,
+                                      const FirstLanes<T>& first) {
+#if ST_VECTOR_BYTES == 32
+  if (r >= 0 && r < rows && r * g_row + q + CVec<T>::L <= rows * g_row) return first.load_whole(g + r * g_row + q);
+#endif
+  return gy_vec(g, g_row, r, rows, q, first);
 }
 
 template <typename T, int G, int K, int D1, int D2>
@@ -531,28 +556,39 @@ inline void dot_groups(const T* __restrict g, int64_t g_row, const T* __restrict
     // Two vectors per row (28 wide): both in one pass over the rows, so the cache line a
     // row's two vectors share is read once (column vectors outer: density 0.1 10% slower).
     const FirstLanes<T> all(L), tail(cols - L);
-    for (int64_t rho = 0; rho < rows + DM; ++rho) {
-      V g0[K], g1[K];
+    auto pass = [&](auto ragged) {  // ragged: the second vector is partial (gy_tail)
+      for (int64_t rho = 0; rho < rows + DM; ++rho) {
+        V g0[K], g1[K];
 #pragma GCC unroll 3
-      for (int k = 0; k < K; ++k) {
-        g0[k] = gy_vec(g, g_row, rho - D[k], rows, 0, all);
-        g1[k] = gy_vec(g, g_row, rho - D[k], rows, L, tail);
+        for (int k = 0; k < K; ++k) {
+          g0[k] = gy_vec(g, g_row, rho - D[k], rows, 0, all);
+          g1[k] = ragged ? gy_tail(g, g_row, rho - D[k], rows, L, tail) : gy_vec(g, g_row, rho - D[k], rows, L, tail);
+        }
+        dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row, g0, rho, rows);
+        dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row + L, g1, rho, rows);
       }
-      dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row, g0, rho, rows);
-      dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row + L, g1, rho, rows);
-    }
+    };
+    if (cols < 2 * L)
+      pass(std::true_type{});
+    else
+      pass(std::false_type{});
   } else {
     // Column vectors outer (rows outer with a runtime loop over a row's vectors inside was
     // 20-25% slower at 14x14, density 0.8).
-    for (int64_t q = 0; q < cols; q += L) {
-      const FirstLanes<T> first(cols - q < L ? cols - q : L);
+    // Whole vectors, then a ragged last one (gy_tail), each its own loop.
+    auto column = [&](int64_t q, const FirstLanes<T>& first, auto ragged) {
       for (int64_t rho = 0; rho < rows + DM; ++rho) {
         V gk[K];
 #pragma GCC unroll 3
-        for (int k = 0; k < K; ++k) gk[k] = gy_vec(g, g_row, rho - D[k], rows, q, first);
+        for (int k = 0; k < K; ++k)
+          gk[k] = ragged ? gy_tail(g, g_row, rho - D[k], rows, q, first) : gy_vec(g, g_row, rho - D[k], rows, q, first);
         dot_step<T, G, K, D1, D2>(acc, xs, rho * x_row + q, gk, rho, rows);
       }
-    }
+    };
+    const FirstLanes<T> all(L);
+    int64_t q = 0;
+    for (; q + L <= cols; q += L) column(q, all, std::false_type{});
+    if (q < cols) column(q, FirstLanes<T>(cols - q), std::true_type{});
   }
   if constexpr ((G * K) % 4 == 0) {
 #pragma GCC unroll 6
