@@ -270,6 +270,39 @@ void pack_planes_rows(const T* __restrict src, int64_t C, int64_t H, int64_t W, 
 }
 #endif
 
+// pack_row for rows inside [begin, end): with AVX2, a vector whose whole load stays in that
+// range is a plain load ANDed with its lanes' mask instead of a masked load (slow on the
+// Zen 1: see pack_planes_rows).
+template <typename T>
+inline void pack_row_in(const T* s, int64_t W, int64_t left, int64_t cols, T* __restrict d, const T* begin,
+                        const T* end) {
+#if ST_VECTOR_BYTES == 32
+  using V = typename CVec<T>::type;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I IV __attribute__((vector_size(ST_VECTOR_BYTES)));
+  constexpr int L = CVec<T>::L;
+  IV iota;
+  for (int i = 0; i < L; ++i) iota[i] = i;
+  const int64_t q_lo = left < cols ? left : cols, q_hi = left + W < cols ? left + W : cols;
+  for (int64_t q0 = 0; q0 < cols; q0 += L) {
+    const int64_t lo = q_lo - q0 > 0 ? q_lo - q0 : 0, hi = q_hi - q0 < L ? q_hi - q0 : L;
+    const T* p = s + (q0 - left);
+    V v{};
+    if (hi - lo == L)
+      v = cload(p);
+    else if (hi > lo && p >= begin && p + L <= end)
+      v = reinterpret_cast<V>(reinterpret_cast<IV>(cload(p)) & ((iota >= static_cast<I>(lo)) & (iota < static_cast<I>(hi))));
+    else if (hi > lo)
+      v = cload_range(p, lo, hi);
+    cstore_first(d + q0, v, cols - q0);
+  }
+#else
+  (void)begin;
+  (void)end;
+  pack_row<T>(s, W, left, cols, d);
+#endif
+}
+
 template <typename T>
 void pack_planes(const void* srcv, int64_t C, int64_t H, int64_t W, int64_t top, int64_t left, int64_t step,
                  int64_t rows, int64_t cols, void* dstv) {
@@ -664,7 +697,8 @@ void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
       const int32_t* run = lists + j * kRunKinds;
       if (run[0] == run[kRunKinds]) continue;
       T* __restrict gj = gbuf;  // (each copy is used up before the next is made)
-      for (int64_t r = 0; r < rows; ++r) pack_row<T>(g + r * a.g_row, a.g_row, j * a.shift_step, cols, gj + r * cols);
+      for (int64_t r = 0; r < rows; ++r)
+        pack_row_in<T>(g + r * a.g_row, a.g_row, j * a.shift_step, cols, gj + r * cols, g, g + rows * a.g_row);
       dot_run<T, 3, 1, 2>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[0], run[1]);
       dot_run<T, 2, 1, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[1], run[2]);
       dot_run<T, 2, 2, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[2], run[3]);

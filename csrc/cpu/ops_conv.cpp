@@ -679,8 +679,15 @@ Tensor sparse_conv2d_relu_cpu(const Tensor& x, const Tensor& values, const Tenso
 // 0.91-1.0 / 1.07-1.09 / 0.98-0.99 / 0.76-0.80; not at 28x28 (0.81-1.05 at 0.05-0.2).
 // Hence, on Intel CPUs, the extra band [kGyShiftedMinDensityIntel, kGyShiftedMinDensity)
 // for one-vector rows.
+// On the AVX2 Zen 1 (session 27), once the shifted copies of gy were built without masked
+// loads (vmaskmovps, slow there), dots_shifted took 0.82-0.89 of its former time at
+// densities 0.25-0.5, and against dots (ms, two alternating pairs) it won from 0.2:
+// 128->128@14 at 0.2 42.3, 43.2 -> 37.4, 37.6; 64->128@14 20.3, 20.4 -> 18.7, 19.3;
+// 64->64@28 even (42-43 / 40-42); at 0.15 mixed (28x28 even, 64->128 slower, 128->128
+// faster) and at 0.1 dots ahead. Hence kGyShiftedMinDensityAvx2 for 32-byte vectors.
 // SPARSETICKET_CONV_GW_SHIFTED=0/1 forces it off/on (A/B sweeps, tests).
 constexpr double kGyShiftedMinDensity = 0.25, kGyShiftedMinDensityIntel = 0.08, kGyShiftedMaxDensity = 0.75;
+constexpr double kGyShiftedMinDensityAvx2 = 0.2;
 
 // lanes: vector lanes of the element type (one-vector rows: OW + (kw - 1) * dw <= lanes)
 bool use_gy_shifted(const Geom& g, int64_t nnz, int64_t lanes) {
@@ -692,7 +699,8 @@ bool use_gy_shifted(const Geom& g, int64_t nnz, int64_t lanes) {
   if (forced >= 0) return forced > 0;
   const double dense = static_cast<double>(g.O) * g.kh * g.kw * g.C;
   if (dense <= 0 || nnz >= kGyShiftedMaxDensity * dense) return false;
-  if (nnz >= kGyShiftedMinDensity * dense) return true;
+  const bool avx2 = conv_kernel_table().vector_bytes == 32;
+  if (nnz >= (avx2 ? kGyShiftedMinDensityAvx2 : kGyShiftedMinDensity) * dense) return true;
   const bool one_vector_rows = g.OW + (g.kw - 1) * g.dw <= lanes;
   return cpu_is_intel() && one_vector_rows && nnz >= kGyShiftedMinDensityIntel * dense;
 }
