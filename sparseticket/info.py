@@ -37,8 +37,10 @@ def report() -> str:
         lines.append(f"compiled CPU kernels: live, ISA in use: {ops._C.cpu_isa()} "
                      f"({ops._C.cpu_vector_bytes() * 8}-bit vectors; force with SPARSETICKET_ISA=avx512|avx2|base)")
         if hasattr(ops._C, "cpu_conv_tuning"):
+            avx2 = "; with 256-bit vectors the weight gradient shifts gy from density 0.2" \
+                if ops._C.cpu_vector_bytes() == 32 else ""
             lines.append(f"direct conv layout thresholds: {ops._C.cpu_conv_tuning()} "
-                         "(measured per CPU vendor, csrc/cpu/ops_conv.cpp)")
+                         f"(measured per CPU vendor, csrc/cpu/ops_conv.cpp{avx2})")
         lines.append(f"compiled CUDA kernels: {'built' if ops._C.with_cuda() else 'not built (torch is not a CUDA build)'}")
         if ops.STALE_OPS:
             lines.append(f"  STALE build: no compiled kernel for {', '.join(ops.STALE_OPS)} (reference used); rebuild "

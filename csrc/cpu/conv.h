@@ -47,7 +47,11 @@ struct CorrArgs {
   const void* bias;         // [lists] or nullptr
   void* out;                // plane of list l at out + l * out_plane
   int64_t out_plane, ldo;   // elements between planes / between rows of a plane
-  int64_t rows, cols;       // valid output rows and columns (stores are clipped to them)
+  // Valid output rows and columns. Stores are clipped to them, except that with AVX2 and
+  // one column tile (ldo == cols) a row's ragged last vector may be stored whole, its
+  // extra lanes on later rows [.., rows) of the same plane: the call must be given every
+  // row in [0, rows) of each of its planes (it then writes them afterwards).
+  int64_t rows, cols;
   int64_t col_tiles;        // column tiles of NV vectors per row tile
   bool relu;                // stores max(0, .) (sparse_conv2d_relu); a NaN stays NaN, as in torch.relu
 };
@@ -116,7 +120,8 @@ namespace base { ConvKernelTable make_conv_table(); }
 const ConvKernelTable& conv_kernel_table();
 
 // Which measured thresholds pick the conv layouts (ops_conv.cpp): "intel" on Intel CPUs,
-// "zen4" (measured on an AMD Zen 4) on every other CPU.
+// "zen4" (measured on an AMD Zen 4) on every other CPU. (With the AVX2 kernel table, the
+// weight gradient's gy-shifted kernel starts at a lower density, whatever the vendor.)
 const char* conv_tuning();
 
 }  // namespace cpu

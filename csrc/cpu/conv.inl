@@ -244,24 +244,26 @@ void pack_planes_rows(const T* __restrict src, int64_t C, int64_t H, int64_t W, 
     hi_of[k] = static_cast<int8_t>(hi > 0 ? hi : 0);
     for (int i = 0; i < L; ++i) mask[k][i] = i >= lo && i < hi ? I(-1) : I(0);
   }
-  const T* const src_end = src + C * H * W;
-  T* const dst_end = dst + C * rows * cols;
+  // bounds as element offsets (a pointer before src would be undefined behaviour)
+  const int64_t src_n = C * H * W, dst_n = C * rows * cols;
   for (int64_t c = 0; c < C; ++c)
     for (int64_t r = 0; r < rows; ++r) {
-      T* __restrict d = dst + (c * rows + r) * cols;
+      const int64_t at_d = (c * rows + r) * cols;
+      T* d = dst + at_d;  // not __restrict: a whole store overlaps the next row
       const int64_t h = r - top;
-      const T* s = h >= 0 && h < H ? src + (c * H + h) * W : nullptr;
+      const bool in = h >= 0 && h < H;
+      const int64_t at_s = (c * H + h) * W;
       for (int64_t k = 0; k < nvec; ++k) {
         const int64_t q0 = k * L, lo = lo_of[k], hi = hi_of[k];
         V v{};
-        if (s && hi > lo) {
-          const T* p = s + (q0 - left);
-          if (p >= src && p + L <= src_end)
-            v = reinterpret_cast<V>(reinterpret_cast<IV>(cload(p)) & mask[k]);
-          else
-            v = cload_range(p, lo, hi);
+        if (in && hi > lo) {
+          const int64_t at = at_s + (q0 - left);
+          if (at >= 0 && at + L <= src_n)
+            v = reinterpret_cast<V>(reinterpret_cast<IV>(cload(src + at)) & mask[k]);
+          else  // lanes [lo, hi) only: their addresses are inside the row
+            v = cload_range(src + at_s - left + q0, lo, hi);
         }
-        if (d + q0 + L <= dst_end)
+        if (at_d + q0 + L <= dst_n)
           cstore(d + q0, v);
         else
           cstore_first(d + q0, v, cols - q0);
@@ -270,12 +272,11 @@ void pack_planes_rows(const T* __restrict src, int64_t C, int64_t H, int64_t W, 
 }
 #endif
 
-// pack_row for rows inside [begin, end): with AVX2, a vector whose whole load stays in that
-// range is a plain load ANDed with its lanes' mask instead of a masked load (slow on the
-// Zen 1: see pack_planes_rows).
+// pack_row for a row at element `at` of a readable range of `n` elements: with AVX2, a
+// vector whose whole load stays in that range is a plain load ANDed with its lanes' mask
+// instead of a masked load (slow on the Zen 1: see pack_planes_rows).
 template <typename T>
-inline void pack_row_in(const T* s, int64_t W, int64_t left, int64_t cols, T* __restrict d, const T* begin,
-                        const T* end) {
+inline void pack_row_in(const T* s, int64_t W, int64_t left, int64_t cols, T* __restrict d, int64_t at, int64_t n) {
 #if ST_VECTOR_BYTES == 32
   using V = typename CVec<T>::type;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
@@ -286,19 +287,19 @@ inline void pack_row_in(const T* s, int64_t W, int64_t left, int64_t cols, T* __
   const int64_t q_lo = left < cols ? left : cols, q_hi = left + W < cols ? left + W : cols;
   for (int64_t q0 = 0; q0 < cols; q0 += L) {
     const int64_t lo = q_lo - q0 > 0 ? q_lo - q0 : 0, hi = q_hi - q0 < L ? q_hi - q0 : L;
-    const T* p = s + (q0 - left);
+    const int64_t k = q0 - left;  // the vector's first lane, relative to s
     V v{};
     if (hi - lo == L)
-      v = cload(p);
-    else if (hi > lo && p >= begin && p + L <= end)
-      v = reinterpret_cast<V>(reinterpret_cast<IV>(cload(p)) & ((iota >= static_cast<I>(lo)) & (iota < static_cast<I>(hi))));
+      v = cload(s + k);
+    else if (hi > lo && at + k >= 0 && at + k + L <= n)
+      v = reinterpret_cast<V>(reinterpret_cast<IV>(cload(s + k)) & ((iota >= static_cast<I>(lo)) & (iota < static_cast<I>(hi))));
     else if (hi > lo)
-      v = cload_range(p, lo, hi);
+      v = cload_range(s - left + q0, lo, hi);
     cstore_first(d + q0, v, cols - q0);
   }
 #else
-  (void)begin;
-  (void)end;
+  (void)at;
+  (void)n;
   pack_row<T>(s, W, left, cols, d);
 #endif
 }
@@ -559,10 +560,10 @@ inline typename CVec<T>::type gy_vec(const T* g, int64_t g_row, int64_t r, int64
   return first.load(g + r * g_row + q);
 }
 
-// The same for a row's ragged last vector (first.n < L) in the two-vector rows of AVX2
-// (14 wide): a whole load where it stays inside the plane. (Used in the column-vector
-// loop too, for 28-wide rows, it made dots 8-20% slower at 28x28: code generation, not
-// the loads; there every row has three whole vectors to one ragged.)
+// The same for a row's ragged last vector (first.n < L; dot_groups calls it in a loop of
+// its own): with AVX2 a whole load where it stays inside the plane. (Tested per load in
+// the loop shared with whole vectors, it made dots 8-20% slower at 28x28: code
+// generation, not the loads.)
 template <typename T>
 inline typename CVec<T>::type gy_tail(const T* g, int64_t g_row, int64_t r, int64_t rows, int64_t q,
                                       const FirstLanes<T>& first) {
@@ -698,7 +699,7 @@ void dots_shifted(const DotArgs& a, int64_t l0, int64_t l1) {
       if (run[0] == run[kRunKinds]) continue;
       T* __restrict gj = gbuf;  // (each copy is used up before the next is made)
       for (int64_t r = 0; r < rows; ++r)
-        pack_row_in<T>(g + r * a.g_row, a.g_row, j * a.shift_step, cols, gj + r * cols, g, g + rows * a.g_row);
+        pack_row_in<T>(g + r * a.g_row, a.g_row, j * a.shift_step, cols, gj + r * cols, r * a.g_row, rows * a.g_row);
       dot_run<T, 3, 1, 2>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[0], run[1]);
       dot_run<T, 2, 1, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[1], run[2]);
       dot_run<T, 2, 2, 0>(gj, cols, X, a.off, rows, cols, a.x_row, out, run[2], run[3]);
