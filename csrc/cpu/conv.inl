@@ -272,27 +272,36 @@ void pack_planes_rows(const T* __restrict src, int64_t C, int64_t H, int64_t W, 
 }
 #endif
 
-// pack_row for a row at element `at` of a readable range of `n` elements: with AVX2, a
-// vector whose whole load stays in that range is a plain load ANDed with its lanes' mask
-// instead of a masked load (slow on the Zen 1: see pack_planes_rows).
-template <typename T>
-inline void pack_row_in(const T* s, int64_t W, int64_t left, int64_t cols, T* __restrict d, int64_t at, int64_t n) {
 #if ST_VECTOR_BYTES == 32
+// The vector at p with lanes outside [lo, hi) zeroed, as one whole load and an AND (the
+// caller guarantees the whole vector is readable): AVX2's masked load is slow on some CPUs
+// (see pack_planes_rows). pack_planes_rows itself keeps a table of its columns' masks.
+template <typename T>
+inline typename CVec<T>::type cload_and(const T* p, int64_t lo, int64_t hi) {
   using V = typename CVec<T>::type;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I IV __attribute__((vector_size(ST_VECTOR_BYTES)));
-  constexpr int L = CVec<T>::L;
   IV iota;
-  for (int i = 0; i < L; ++i) iota[i] = i;
+  for (int i = 0; i < CVec<T>::L; ++i) iota[i] = i;
+  return reinterpret_cast<V>(reinterpret_cast<IV>(cload(p)) & ((iota >= static_cast<I>(lo)) & (iota < static_cast<I>(hi))));
+}
+#endif
+
+// pack_row for a row at element `at` of a readable range of `n` elements: with AVX2, a
+// vector whose whole load stays in that range is cload_and instead of a masked load.
+template <typename T>
+inline void pack_row_in(const T* s, int64_t W, int64_t left, int64_t cols, T* __restrict d, int64_t at, int64_t n) {
+#if ST_VECTOR_BYTES == 32
+  constexpr int L = CVec<T>::L;
   const int64_t q_lo = left < cols ? left : cols, q_hi = left + W < cols ? left + W : cols;
   for (int64_t q0 = 0; q0 < cols; q0 += L) {
     const int64_t lo = q_lo - q0 > 0 ? q_lo - q0 : 0, hi = q_hi - q0 < L ? q_hi - q0 : L;
     const int64_t k = q0 - left;  // the vector's first lane, relative to s
-    V v{};
+    typename CVec<T>::type v{};
     if (hi - lo == L)
       v = cload(s + k);
     else if (hi > lo && at + k >= 0 && at + k + L <= n)
-      v = reinterpret_cast<V>(reinterpret_cast<IV>(cload(s + k)) & ((iota >= static_cast<I>(lo)) & (iota < static_cast<I>(hi))));
+      v = cload_and(s + k, lo, hi);
     else if (hi > lo)
       v = cload_range(s - left + q0, lo, hi);
     cstore_first(d + q0, v, cols - q0);
@@ -542,13 +551,7 @@ struct FirstLanes {
   int64_t n;
   explicit FirstLanes(int64_t n_) : n(n_) {}
   V load(const T* p) const { return cload_first(p, n); }
-  V load_whole(const T* p) const {
-    using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-    typedef I IV __attribute__((vector_size(sizeof(V))));
-    IV iota;
-    for (int i = 0; i < CVec<T>::L; ++i) iota[i] = i;
-    return reinterpret_cast<V>(reinterpret_cast<IV>(cload(p)) & (iota < static_cast<I>(n)));
-  }
+  V load_whole(const T* p) const { return cload_and(p, 0, n); }
 #endif
 };
 
