@@ -817,3 +817,32 @@ def test_non_reentrant_checkpoint(kind):
     ckpt = torch.autograd.grad(checkpoint(f, x, use_reentrant=False).square().sum(), params)
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_in,n_out,batch", [(37, 19, 13), (300, 100, 60), (64, 32, 8)])
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.9])
+def test_sparse_linear_nonfinite_inputs_reach_only_sums_that_read_them(n_in, n_out, batch, density):
+    """Pruned weights are absent, not zeros (README, ops): an Inf or NaN in x or gy reaches
+    exactly the outputs, input gradients and kept-weight gradients whose sums contain it."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(n_out, n_in, generator=gen) < density
+    sp = stnn.sparsify(nn.Sequential(nn.Linear(n_in, n_out)), masks={"0": mask}, mode="sparse")
+    dense = stnn.densify(copy.deepcopy(sp))[0]
+    W, b = dense.weight.detach().double(), dense.bias.detach().double()
+    x = torch.randn(batch, n_in, generator=gen)
+    x[:, 5] = float("inf")
+    x[2, 7] = float("nan")
+    gy = torch.randn(batch, n_out, generator=gen)
+    gy[1, 3] = float("inf")
+    xd, gyd = x.double(), gy.double()
+    y_ref = torch.stack([(W[o, mask[o]] * xd[:, mask[o]]).sum(1) for o in range(n_out)], 1) + b
+    gx_ref = torch.stack([(W[mask[:, j], j] * gyd[:, mask[:, j]]).sum(1) for j in range(n_in)], 1)
+    gw_ref = (gyd.T @ xd)[mask]  # each kept entry (o, j) sums gy[:, o] * x[:, j] only
+    xg = x.clone().requires_grad_()
+    y = sp(xg)
+    y.backward(gy)
+    for got, want, what in ((y, y_ref, "forward"), (xg.grad, gx_ref, "input gradient"),
+                            (sp[0].weight_values.grad, gw_ref, "kept-weight gradient")):
+        fin = want.isfinite()
+        assert torch.equal(got.isfinite(), fin), f"{what}: {int((got.isfinite() != fin).sum())} entries differ"
+        torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-4, atol=1e-4)

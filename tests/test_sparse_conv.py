@@ -161,6 +161,71 @@ def test_frozen_channels_ignore_nonfinite_gradients(gen):
     assert torch.isfinite(gv).all()
 
 
+NONFINITE_GEOMS = [GEOMS[0], GEOMS[1], GEOMS[4], GEOMS[6], (2, 4, 5, 28, 28, 3, 1, 1, 1), (2, 4, 5, 14, 14, 3, 1, 1, 1)]
+
+
+def _ticket_conv_float64(x, w, mask, bias, conf, gy):
+    """The ticket's conv and its gradients in float64 from the kept weights' products only
+    (a pruned weight is absent, not a zero: Inf * 0 is NaN, so the dense masked conv is not
+    the reference once inputs are non-finite). Padding is zeros, as in aten."""
+    (kh, kw), stride, padding, dilation = conf
+    N, O = x.shape[0], w.shape[0]
+    xd = x.double().requires_grad_()
+    patches = F.unfold(xd, (kh, kw), dilation, padding, stride)  # [N, C*kh*kw, L], columns (c, i, j)
+    wk, cols, out = [], [], []
+    for o in range(O):
+        k = mask[o].flatten().nonzero().flatten()
+        cols.append(k)
+        wk.append(w[o].flatten()[k].double().requires_grad_())
+        out.append(torch.einsum("k,nkl->nl", wk[-1], patches[:, k, :]))
+    OH, OW = gy.shape[2:]
+    y = torch.stack(out, 1).view(N, O, OH, OW) + bias.double().view(1, O, 1, 1)
+    grads = torch.autograd.grad(y, [xd] + wk, gy.double(), allow_unused=True)
+    gw = torch.zeros(w.shape, dtype=torch.float64)
+    for o in range(O):
+        if grads[1 + o] is not None:
+            gw[o].view(-1)[cols[o]] = grads[1 + o]
+    gx = grads[0] if grads[0] is not None else torch.zeros_like(xd)
+    return y.detach(), gx, _kept(gw, mask)
+
+
+@pytest.mark.parametrize("geom", NONFINITE_GEOMS, ids=_geom_id)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_nonfinite_inputs_reach_only_the_sums_that_read_them(geom, sparsity, dtype, gen):
+    """Inf and NaN in x and gy reach exactly the outputs whose sums contain them: e.g. a
+    weight gradient entry that never reads an Inf column stays finite, though the kernels
+    load whole vectors across it."""
+    gw_ref = check_nonfinite(geom, sparsity, dtype, gen)
+    if sparsity < 0.9:  # the case is not vacuous: both kinds of entries are there
+        assert gw_ref.isfinite().any() and not gw_ref.isfinite().all()
+
+
+def check_nonfinite(geom, sparsity, dtype, gen):
+    """test_nonfinite_inputs_reach_only_the_sums_that_read_them's check (also run by the
+    layout-knob and ISA subprocesses)."""
+    w, mask, t, x, bias, conf = make_conv(geom, sparsity, dtype, gen)
+    H, W = x.shape[2:]
+    x[:, 1 % x.shape[1], H // 2, W - 1] = float("inf")
+    x[:, 2 % x.shape[1], H - 1, 0] = float("-inf")
+    x[0, 3 % x.shape[1], 1, W // 2] = float("nan")
+    gy = randn(F.conv2d(x, w, None, *conf[1:]).shape, dtype=dtype, gen=gen)
+    gy[-1, 0, -1, -1] = float("inf")
+    y_ref, gx_ref, gw_ref = _ticket_conv_float64(x, w, mask, bias, conf, gy)
+    tl = (t.crow, t.col, t.ccol, t.row, t.perm)
+    checks = [
+        (ST.sparse_conv2d(x, t.values, *tl, bias, None, *conf), y_ref, "forward"),
+        (ST.sparse_conv2d_grad_input(gy, t.values, t.crow, t.col, list(x.shape), *conf), gx_ref, "grad_input"),
+        (ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf), gw_ref, "grad_weight"),
+    ]
+    for got, want, what in checks:
+        fin = want.isfinite()
+        assert torch.equal(got.isfinite(), fin), f"{what}: {int((got.isfinite() != fin).sum())} entries differ in finiteness"
+        assert torch.equal(got[~fin].isnan(), want[~fin].isnan()), f"{what}: NaN where the reference has Inf or back"
+        close(got[fin], want[fin].to(dtype), dtype, what)
+    return gw_ref
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_noncontiguous_inputs(dtype, gen):
     w, mask, t, x, bias, conf = make_conv(GEOMS[1], 0.5, dtype, gen)
@@ -383,7 +448,7 @@ sys.path.insert(0, sys.argv[1])
 import sparseticket
 from sparseticket import _C
 assert _C.cpu_isa() == sys.argv[2], _C.cpu_isa()
-from test_sparse_conv import make_conv, GEOMS, close, _kept
+from test_sparse_conv import make_conv, GEOMS, close, _kept, check_nonfinite
 ST = torch.ops.sparseticket
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float64):
@@ -398,6 +463,7 @@ for dtype in (torch.float32, torch.float64):
               torch.nn.grad.conv2d_input(x.shape, w, gy, *conf[1:]), dtype, "grad_input")
         close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, None, *conf),
               _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]), mask), dtype, "grad_weight")
+        check_nonfinite(geom, 0.5, dtype, g)
 print("ok")
 """
     run_under_isa(code, isa)
@@ -428,7 +494,7 @@ def test_layout_knobs(env):
     code = r"""
 import torch, torch.nn.functional as F, sys
 sys.path.insert(0, sys.argv[1])
-from test_sparse_conv import make_conv, GEOMS, close, _kept
+from test_sparse_conv import make_conv, GEOMS, close, _kept, check_nonfinite
 ST = torch.ops.sparseticket
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float64):
@@ -449,6 +515,8 @@ for dtype in (torch.float32, torch.float64):
             gw_active = _kept(torch.nn.grad.conv2d_weight(x, w.shape, gy, *conf[1:]) * trained, mask)
             close(ST.sparse_conv2d_grad_weight(gy, x, t.ccol, t.row, t.perm, active, *conf), gw_active, dtype,
                   f"grad_weight frozen {geom} {sparsity}")
+            if sparsity == 0.3:
+                check_nonfinite(geom, sparsity, dtype, g)
 print("ok")
 """
     from sparseticket.ops import _C

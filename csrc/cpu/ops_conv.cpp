@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -724,6 +725,48 @@ std::vector<int32_t> shifted_lists(const Geom& g, const InputLayout& L, const in
   return sub;
 }
 
+// The dot kernels multiply whole vectors: x lanes that an entry never reads (past a row's
+// end, or another tap's column) meet gy lanes set to zero, which is exact for finite x
+// but turns an Inf or NaN there into NaN. So an entry whose result is not finite (rare:
+// only with non-finite inputs) is summed again here, in double, over exactly its products:
+// gy at each output position times the x element its tap reads there, or times the
+// padding's zero (an Inf in gy against padding gives NaN, as aten's conv backward does).
+// out is in values order; inactive channels' entries are 0 and never get here.
+template <typename T>
+void recompute_nonfinite_grad_weight(const Geom& g, const T* gy, const T* x, const Tensor& ccol, const Tensor& row,
+                                     const Tensor& perm, T* out) {
+  const int32_t *cc = ccol.data_ptr<int32_t>(), *rw = row.data_ptr<int32_t>(), *pm = perm.data_ptr<int32_t>();
+  std::vector<int64_t> bad;  // CSC positions k of the entries to redo
+  for (int64_t col = 0; col < g.kh * g.kw * g.C; ++col)
+    for (int64_t k = cc[col]; k < cc[col + 1]; ++k)
+      if (!std::isfinite(out[pm[k]])) bad.push_back(k);
+  std::vector<int64_t> col_of(bad.size());
+  for (size_t b = 0, col = 0; b < bad.size(); ++b) {
+    while (cc[col + 1] <= bad[b]) ++col;
+    col_of[b] = static_cast<int64_t>(col);
+  }
+  at::parallel_for(0, static_cast<int64_t>(bad.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t col = col_of[b], c = col % g.C, tap = col / g.C, i = tap / g.kw, j = tap % g.kw;
+      const int64_t o = rw[bad[b]];
+      double s = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* gyp = gy + (n * g.O + o) * g.OH * g.OW;
+        const T* xp = x + (n * g.C + c) * g.H * g.W;
+        for (int64_t r = 0; r < g.OH; ++r) {
+          const int64_t h = r * g.sh - g.ph + i * g.dh;
+          for (int64_t q = 0; q < g.OW; ++q) {
+            const int64_t w = q * g.sw - g.pw + j * g.dw;
+            const bool in = h >= 0 && h < g.H && w >= 0 && w < g.W;  // else a padding zero
+            s += static_cast<double>(gyp[r * g.OW + q]) * (in ? static_cast<double>(xp[h * g.W + w]) : 0.0);
+          }
+        }
+      }
+      out[pm[bad[b]]] = static_cast<T>(s);
+    }
+  });
+}
+
 Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const Tensor& ccol_, const Tensor& row_,
                                      const Tensor& perm_, const c10::optional<Tensor>& active_,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -847,13 +890,18 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
       }
     });
     scalar_t* o = out.data_ptr<scalar_t>();
+    std::atomic<bool> nonfinite{false};
     at::parallel_for(0, nnz, 4096, [&](int64_t k0, int64_t k1) {
+      bool bad = false;
       for (int64_t k = k0; k < k1; ++k) {
         scalar_t s = partial[k];
         for (int64_t t = 1; t < threads; ++t) s += partial[t * nnz + k];
         o[plan->vidx[k]] = s;
+        bad = bad || !std::isfinite(s);
       }
+      if (bad) nonfinite.store(true, std::memory_order_relaxed);
     });
+    if (nonfinite.load()) recompute_nonfinite_grad_weight<scalar_t>(g, gp, xp, ccol, row, perm, o);
   });
   return out;
 }
