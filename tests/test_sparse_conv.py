@@ -29,6 +29,8 @@ GEOMS = [
     (5, 17, 33, 28, 28, 3, 1, 1, 1),  # Conv-4-like widths (two vectors per row)
     (3, 9, 10, 14, 14, 3, 1, 1, 1),
     (2, 3, 4, 4, 4, 3, 1, 3, 1),   # padding wider than the kernel reach
+    (2, 3, 4, 6, 20, 3, 1, 1, 1),  # 2.5 vectors of 8 per row (AVX2's half-vector tail)
+    (2, 3, 4, 9, 23, 3, 2, 1, 1),  # output 12 wide (1.5 vectors); input-gradient phases 12 and 11 wide
 ]
 SPARSITIES = (0.0, 0.5, 0.9, 1.0)
 
@@ -479,18 +481,20 @@ print("ok")
                                  dict(SPARSETICKET_CONV_PLAN_CACHE_MB="0"),
                                  dict(SPARSETICKET_CONV_GW_SHIFTED="1"),
                                  dict(SPARSETICKET_CONV_GW_SHIFTED="0"),
-                                 dict(SPARSETICKET_CONV_GW_SHIFTED="1", SPARSETICKET_CONV_BAND_BYTES="2048")],
+                                 dict(SPARSETICKET_CONV_GW_SHIFTED="1", SPARSETICKET_CONV_BAND_BYTES="2048"),
+                                 dict(SPARSETICKET_CONV_HALF="0")],
                          ids=["one_plane_blocks_shifted", "one_plane_blocks_unshifted", "byte_sized_blocks",
                               "one_block_shifted",
                               "one_block_unshifted", "no_plan_cache", "gw_gy_shifted", "gw_x_shifted",
-                              "gw_gy_shifted_bands"])
+                              "gw_gy_shifted_bands", "no_half_vectors"])
 def test_layout_knobs(env):
     """Correlate's extremes (conv.h), which the default choice per density may never pick at
     test sizes: a block per plane (partial tiles through scratch between every plane), blocks of
     a few planes (the byte floor that AVX2 builds apply, set small) or one block; shifted copies (aligned loads, in the forward and the input gradient) forced on or
     off; the weight gradient's column shift on x or on gy (dots / dots_shifted, conv.h), also
     in bands of a few rows and with frozen channels. The knobs are read once per process, hence
-    the subprocess."""
+    the subprocess. With AVX2, rows of a whole number of vectors where a half-vector tail
+    would otherwise be taken (SPARSETICKET_CONV_HALF=0)."""
     code = r"""
 import torch, torch.nn.functional as F, sys
 sys.path.insert(0, sys.argv[1])

@@ -105,6 +105,9 @@ struct ConvKernelTable {
   int acc_budget;  // vector accumulators a tile may use
   CorrFn corr_f32[kMaxNV][kRowChoices];  // nullptr where not instantiated
   CorrFn corr_f64[kMaxNV][kRowChoices];
+  // Rows of NV vectors whose last one is a half vector (CorrArgs::cols == NV - 1/2 vectors,
+  // one column tile); nullptr where not instantiated (only AVX2 builds fill it)
+  CorrFn corr_half_f32[kMaxNV][kRowChoices];
   DotFn dot_f32, dot_f64;
   DotFn dot_shifted_f32, dot_shifted_f64;
   PackPlanesFn pack_f32, pack_f64;

@@ -148,6 +148,38 @@ inline void cstore_n(T* p, typename CVec<T>::type v, int64_t n) {
 #endif
 }
 
+// Half a vector: the last vector of a row tile whose width is an odd number of half
+// vectors (AVX2 float: 28 = 3 x 8 + 4 columns, Conv-4's 28x28 planes). On the Zen 1 a
+// 256-bit load or FMA is two 128-bit operations, so a 4-lane tail costs half of an 8-lane
+// one (a list entry of correlate's 3-row tile: 6.0 ns with 3 + 1/2 vectors per row, 6.7
+// with 4, in a stand-alone loop).
+template <typename T>
+struct CHalf {
+  typedef T type __attribute__((vector_size(ST_VECTOR_BYTES / 2), aligned(sizeof(T))));
+};
+
+template <typename T>
+inline typename CHalf<T>::type hload(const T* p) {
+  using H = typename CHalf<T>::type;
+#if ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4) return reinterpret_cast<H>(_mm_loadu_ps(reinterpret_cast<const float*>(p)));
+#endif
+  H v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void hstore(T* p, typename CHalf<T>::type v) {
+#if ST_VECTOR_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    _mm_storeu_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m128>(v));
+    return;
+  }
+#endif
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
 // 32 vector registers with AVX-512, 16 otherwise; a few stay free for the broadcast
 // weight and addresses.
 constexpr int kAccBudget = ST_VECTOR_BYTES == 64 ? 28 : 14;
@@ -375,11 +407,15 @@ inline void pin_register(V& v) {
 #endif
 }
 
-template <typename T, int NV, int R, int K, int D1, int D2>
-inline void corr_run(typename CVec<T>::type (&acc)[R][NV], const T* __restrict base, int64_t in_row,
-                     const int32_t* __restrict off, const T* __restrict val, int64_t e0, int64_t e1) {
+// NV vectors per row; with HALF the last of them is a half vector, in hacc (see CHalf).
+template <typename T, int NV, int R, bool HALF, int K, int D1, int D2>
+inline void corr_run(typename CVec<T>::type (&acc)[R][NV], typename CHalf<T>::type (&hacc)[R],
+                     const T* __restrict base, int64_t in_row, const int32_t* __restrict off,
+                     const T* __restrict val, int64_t e0, int64_t e1) {
   using V = typename CVec<T>::type;
+  using H = typename CHalf<T>::type;
   constexpr int L = CVec<T>::L;
+  constexpr int NF = HALF ? NV - 1 : NV;  // whole vectors
   constexpr int D[3] = {0, D1, D2};
   constexpr int span = R + (K == 3 ? D2 : K == 2 ? D1 : 0);
   for (int64_t e = e0; e < e1; e += K) {
@@ -391,19 +427,27 @@ inline void corr_run(typename CVec<T>::type (&acc)[R][NV], const T* __restrict b
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] += w[0] * cload(p + v * L);
+        for (int v = 0; v < NF; ++v) acc[r][v] += w[0] * cload(p + v * L);
+        if constexpr (HALF) hacc[r] += w[0] * hload(p + NF * L);
         p += in_row;
       }
     } else {
 #pragma GCC unroll 16
       for (int rho = 0; rho < span; ++rho) {
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < NF; ++v) {
           V x = cload(p + v * L);
           pin_register(x);
 #pragma GCC unroll 3
           for (int k = 0; k < K; ++k)
             if (rho - D[k] >= 0 && rho - D[k] < R) acc[rho - D[k]][v] += w[k] * x;
+        }
+        if constexpr (HALF) {
+          H x = hload(p + NF * L);
+          pin_register(x);
+#pragma GCC unroll 3
+          for (int k = 0; k < K; ++k)
+            if (rho - D[k] >= 0 && rho - D[k] < R) hacc[rho - D[k]] += w[k] * x;
         }
         p += in_row;
       }
@@ -411,11 +455,16 @@ inline void corr_run(typename CVec<T>::type (&acc)[R][NV], const T* __restrict b
   }
 }
 
-template <typename T, int NV, int R>
+// HALF: the last of a row's NV vectors is a half vector, and the call's planes are exactly
+// NV - 1/2 vectors wide in one column tile (a.cols == (NV - 1) * L + L / 2, a.col_tiles
+// == 1), so every store is whole. Scratch keeps a whole vector's slot for it.
+template <typename T, int NV, int R, bool HALF>
 void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
   using V = typename CVec<T>::type;
+  using H = typename CHalf<T>::type;
   constexpr int L = CVec<T>::L;
   constexpr int TW = NV * L;
+  constexpr int NF = HALF ? NV - 1 : NV;  // whole vectors
   const T* __restrict in = static_cast<const T*>(a.in);
   const int32_t* __restrict ptr = a.ptr;
   const int32_t* __restrict off = a.off;
@@ -442,28 +491,36 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
           if (!first && !last && run[0] == run[kRunKinds]) continue;  // nothing to add
           T* __restrict st = scratch + (l - l0) * (R * TW);
           V acc[R][NV];
+          H hacc[R];
           const T b = bias ? bias[l] : T(0);
 #pragma GCC unroll 16
-          for (int r = 0; r < R; ++r)
+          for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[r][v] = first ? V{} + b : cload(st + r * TW + v * L);
-          corr_run<T, NV, R, 3, 1, 2>(acc, base, in_row, off, val, run[0], run[1]);
-          corr_run<T, NV, R, 2, 1, 0>(acc, base, in_row, off, val, run[1], run[2]);
-          corr_run<T, NV, R, 2, 2, 0>(acc, base, in_row, off, val, run[2], run[3]);
-          corr_run<T, NV, R, 1, 0, 0>(acc, base, in_row, off, val, run[3], run[4]);
+            for (int v = 0; v < NF; ++v) acc[r][v] = first ? V{} + b : cload(st + r * TW + v * L);
+            if constexpr (HALF) hacc[r] = first ? H{} + b : hload(st + r * TW + NF * L);
+          }
+          corr_run<T, NV, R, HALF, 3, 1, 2>(acc, hacc, base, in_row, off, val, run[0], run[1]);
+          corr_run<T, NV, R, HALF, 2, 1, 0>(acc, hacc, base, in_row, off, val, run[1], run[2]);
+          corr_run<T, NV, R, HALF, 2, 2, 0>(acc, hacc, base, in_row, off, val, run[2], run[3]);
+          corr_run<T, NV, R, HALF, 1, 0, 0>(acc, hacc, base, in_row, off, val, run[3], run[4]);
           if (!last) {
 #pragma GCC unroll 16
-            for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) cstore(st + r * TW + v * L, acc[r][v]);
+              for (int v = 0; v < NF; ++v) cstore(st + r * TW + v * L, acc[r][v]);
+              if constexpr (HALF) hstore(st + r * TW + NF * L, hacc[r]);
+            }
             continue;
           }
           if (relu) {  // max(0, v) as the tile is written; 0 > NaN is false, so NaN stays
             const V zero{};
+            const H hzero{};
 #pragma GCC unroll 16
-            for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) acc[r][v] = zero > acc[r][v] ? zero : acc[r][v];
+              for (int v = 0; v < NF; ++v) acc[r][v] = zero > acc[r][v] ? zero : acc[r][v];
+              if constexpr (HALF) hacc[r] = hzero > hacc[r] ? hzero : hacc[r];
+            }
           }
           T* o = out + l * a.out_plane;
           const int64_t nr = a.rows - r0 < R ? a.rows - r0 : R;
@@ -475,12 +532,13 @@ void correlate(const CorrArgs& a, int64_t l0, int64_t l1) {
             T* d = o + (r0 + r) * a.ldo + c0;  // not __restrict: a spilling store overlaps the next row
             const bool spill = spill_rows && (r0 + r) * a.cols + TW <= a.rows * a.cols;
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) {
+            for (int v = 0; v < NF; ++v) {
               if (spill && nc - v * L > 0)
                 cstore(d + v * L, acc[r][v]);
               else
                 cstore_first(d + v * L, acc[r][v], nc - v * L);
             }
+            if constexpr (HALF) hstore(d + NF * L, hacc[r]);  // the row's last L / 2 columns
           }
         }
       }
@@ -850,26 +908,26 @@ void pool2_backward(const void* gyv, const uint8_t* where, int64_t planes, int64
   }
 }
 
-template <typename T, int NV, int RI>
+template <typename T, int NV, int RI, bool HALF>
 constexpr CorrFn corr_entry() {
-  if constexpr (NV * kRows[RI] <= kAccBudget)
-    return &correlate<T, NV, kRows[RI]>;
+  if constexpr (NV * kRows[RI] <= kAccBudget && (!HALF || NV >= 2))
+    return &correlate<T, NV, kRows[RI], HALF>;
   else
     return nullptr;
 }
 
-template <typename T, int NV, int... RI>
+template <typename T, int NV, bool HALF, int... RI>
 void fill_rows(CorrFn* dst, std::integer_sequence<int, RI...>) {
-  ((dst[RI] = corr_entry<T, NV, RI>()), ...);
+  ((dst[RI] = corr_entry<T, NV, RI, HALF>()), ...);
 }
 
-template <typename T>
+template <typename T, bool HALF = false>
 void fill_corr(CorrFn (*dst)[kRowChoices]) {
   using Seq = std::make_integer_sequence<int, kRowChoices>;
-  fill_rows<T, 1>(dst[0], Seq{});
-  fill_rows<T, 2>(dst[1], Seq{});
-  fill_rows<T, 3>(dst[2], Seq{});
-  fill_rows<T, 4>(dst[3], Seq{});
+  fill_rows<T, 1, HALF>(dst[0], Seq{});
+  fill_rows<T, 2, HALF>(dst[1], Seq{});
+  fill_rows<T, 3, HALF>(dst[2], Seq{});
+  fill_rows<T, 4, HALF>(dst[3], Seq{});
 }
 
 }  // namespace
@@ -882,6 +940,9 @@ ConvKernelTable make_conv_table() {
   t.acc_budget = kAccBudget;
   fill_corr<float>(t.corr_f32);
   fill_corr<double>(t.corr_f64);
+#if ST_VECTOR_BYTES == 32
+  fill_corr<float, true>(t.corr_half_f32);  // only where a half vector costs half (see CHalf)
+#endif
   t.dot_f32 = &dots<float>;
   t.dot_f64 = &dots<double>;
   t.dot_shifted_f32 = &dots_shifted<float>;

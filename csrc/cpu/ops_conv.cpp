@@ -85,8 +85,19 @@ Tile choose_tile(int64_t rows, int64_t cols, bool f64) {
   return tl;
 }
 
-CorrFn corr_fn(const Tile& tl, bool f64) {
+// The correlate kernel of tile tl for output planes `cols` wide: the half-vector variant
+// (conv.h, CHalf in conv.inl) when the table has one and the row is exactly nv - 1/2
+// vectors in one column tile (fp32 28-wide planes with AVX2: 3.5 vectors, not 4).
+// SPARSETICKET_CONV_HALF=0 turns it off (A/B sweeps).
+CorrFn corr_fn(const Tile& tl, bool f64, int64_t cols) {
   const ConvKernelTable& t = conv_kernel_table();
+  static const bool half_on = [] {
+    const char* s = std::getenv("SPARSETICKET_CONV_HALF");
+    return !(s && std::atoi(s) == 0);
+  }();
+  const CorrFn half = f64 ? nullptr : t.corr_half_f32[tl.nv - 1][tl.ri];
+  if (half && half_on && tl.col_tiles == 1 && tl.lanes % 2 == 0 && cols == (tl.nv - 1) * tl.lanes + tl.lanes / 2)
+    return half;
   return f64 ? t.corr_f64[tl.nv - 1][tl.ri] : t.corr_f32[tl.nv - 1][tl.ri];
 }
 
@@ -600,7 +611,7 @@ Tensor sparse_conv2d_impl(const Tensor& x_, const Tensor& values_, const Tensor&
         return p;
       });
   const std::vector<int32_t>& runs = plan->runs;
-  const CorrFn fn = corr_fn(tl, f64);
+  const CorrFn fn = corr_fn(tl, f64, g.OW);
   const ConvKernelTable& kt = conv_kernel_table();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
     std::vector<scalar_t> val(plan->vidx.size());
@@ -1001,7 +1012,6 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
         return p;
       });
   const std::vector<int32_t>& runs = plan->runs;
-  const CorrFn fn = corr_fn(tl, f64);
   const ConvKernelTable& kt = conv_kernel_table();
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "sparse_conv2d_grad_input", [&] {
     std::vector<scalar_t> val(nnz);
@@ -1048,6 +1058,7 @@ Tensor sparse_conv2d_grad_input_cpu(const Tensor& gy_, const Tensor& values_, co
           ca.rows = rows;
           ca.cols = Wb;
           ca.col_tiles = tl.col_tiles;
+          const CorrFn fn = corr_fn(tl, f64, Wb);  // (phases may differ in width)
           if (P == 1) {
             ca.out = gxn + I0 * g.W;
             ca.out_plane = g.H * g.W;
