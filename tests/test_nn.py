@@ -845,4 +845,5 @@ def test_sparse_linear_nonfinite_inputs_reach_only_sums_that_read_them(n_in, n_o
                             (sp[0].weight_values.grad, gw_ref, "kept-weight gradient")):
         fin = want.isfinite()
         assert torch.equal(got.isfinite(), fin), f"{what}: {int((got.isfinite() != fin).sum())} entries differ"
+        assert torch.equal(got[~fin].double().nan_to_num(0.0), want[~fin].nan_to_num(0.0)), f"{what}: NaN / Inf differ"
         torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-4, atol=1e-4)

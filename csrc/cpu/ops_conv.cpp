@@ -741,30 +741,30 @@ std::vector<int32_t> shifted_lists(const Geom& g, const InputLayout& L, const in
 // but turns an Inf or NaN there into NaN. So an entry whose result is not finite (rare:
 // only with non-finite inputs) is summed again here, in double, over exactly its products:
 // gy at each output position times the x element its tap reads there, or times the
-// padding's zero (an Inf in gy against padding gives NaN, as aten's conv backward does).
-// out is in values order; inactive channels' entries are 0 and never get here.
+// padding's zero (an Inf in gy against padding gives NaN, as the im2col reference does).
+// out is in values order; frozen channels' entries (active) stay 0. A sum that has become
+// NaN stays NaN, so an entry stops at its first NaN row: with a NaN loss every gy is NaN,
+// and the pass then costs about one row per entry and image.
 template <typename T>
 void recompute_nonfinite_grad_weight(const Geom& g, const T* gy, const T* x, const Tensor& ccol, const Tensor& row,
-                                     const Tensor& perm, T* out) {
+                                     const Tensor& perm, const uint8_t* active, T* out) {
   const int32_t *cc = ccol.data_ptr<int32_t>(), *rw = row.data_ptr<int32_t>(), *pm = perm.data_ptr<int32_t>();
-  std::vector<int64_t> bad;  // CSC positions k of the entries to redo
+  std::vector<int64_t> bad, col_of;  // CSC positions k of the entries to redo, and their columns
   for (int64_t col = 0; col < g.kh * g.kw * g.C; ++col)
     for (int64_t k = cc[col]; k < cc[col + 1]; ++k)
-      if (!std::isfinite(out[pm[k]])) bad.push_back(k);
-  std::vector<int64_t> col_of(bad.size());
-  for (size_t b = 0, col = 0; b < bad.size(); ++b) {
-    while (cc[col + 1] <= bad[b]) ++col;
-    col_of[b] = static_cast<int64_t>(col);
-  }
+      if (!std::isfinite(out[pm[k]]) && (!active || active[rw[k]])) {
+        bad.push_back(k);
+        col_of.push_back(col);
+      }
   at::parallel_for(0, static_cast<int64_t>(bad.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t col = col_of[b], c = col % g.C, tap = col / g.C, i = tap / g.kw, j = tap % g.kw;
       const int64_t o = rw[bad[b]];
       double s = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t n = 0; n < g.N && !std::isnan(s); ++n) {
         const T* gyp = gy + (n * g.O + o) * g.OH * g.OW;
         const T* xp = x + (n * g.C + c) * g.H * g.W;
-        for (int64_t r = 0; r < g.OH; ++r) {
+        for (int64_t r = 0; r < g.OH && !std::isnan(s); ++r) {
           const int64_t h = r * g.sh - g.ph + i * g.dh;
           for (int64_t q = 0; q < g.OW; ++q) {
             const int64_t w = q * g.sw - g.pw + j * g.dw;
@@ -912,7 +912,9 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
       }
       if (bad) nonfinite.store(true, std::memory_order_relaxed);
     });
-    if (nonfinite.load()) recompute_nonfinite_grad_weight<scalar_t>(g, gp, xp, ccol, row, perm, o);
+    if (nonfinite.load())
+      recompute_nonfinite_grad_weight<scalar_t>(
+          g, gp, xp, ccol, row, perm, active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr, o);
   });
   return out;
 }
