@@ -859,6 +859,8 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         return p;
       });
   const int64_t threads = at::get_num_threads();
+  // frozen-channel flags as bytes (nullptr: every channel trains), for the kernels and the re-summation
+  const uint8_t* active_bytes = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_grad_weight", [&] {
     std::vector<scalar_t> partial(threads * nnz, scalar_t(0));  // list order, one copy per thread
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -887,7 +889,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
         a.cols = g.OW;
         a.ptr = plan->runs.data();
         a.off = plan->off.data();
-        a.active = active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr;
+        a.active = active_bytes;
         a.out = acc;
         if (shifted) {
           a.cols = L.cols;
@@ -912,9 +914,7 @@ Tensor sparse_conv2d_grad_weight_cpu(const Tensor& gy_, const Tensor& x_, const 
       }
       if (bad) nonfinite.store(true, std::memory_order_relaxed);
     });
-    if (nonfinite.load())
-      recompute_nonfinite_grad_weight<scalar_t>(
-          g, gp, xp, ccol, row, perm, active_ ? reinterpret_cast<const uint8_t*>(active.data_ptr<bool>()) : nullptr, o);
+    if (nonfinite.load()) recompute_nonfinite_grad_weight<scalar_t>(g, gp, xp, ccol, row, perm, active_bytes, o);
   });
   return out;
 }
