@@ -7,6 +7,7 @@ the forward, the input gradient and the gradient of every kept weight (sparse gr
 are compared with the masked dense gradient at the kept positions).
 """
 import copy
+import io
 import pickle
 
 import pytest
@@ -568,8 +569,10 @@ def test_errors_name_the_layer(gen):
 def test_checkpoint_from_another_architecture(gen):
     src = stnn.sparsify(nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 3)), amount=0.5)
     other = stnn.sparsify(nn.Sequential(nn.Linear(10, 7), nn.Linear(7, 3)), amount=0.5)
-    with pytest.raises(RuntimeError, match=r"layer '0'.*crow has shape \(7,\), expected \(8,\).*another architecture"):
+    with pytest.raises(RuntimeError, match=r"layer '0'.*Linear\(6, 10\) weight.*Linear\(7, 10\) one.*another architecture"):
         other.load_state_dict(src.state_dict())
+    with pytest.raises(RuntimeError, match=r"layer '0'.*crow has shape \(7,\), expected \(8,\).*another architecture"):
+        other.load_state_dict(dict(src.state_dict()))  # (a plain dict: no metadata, the sizes tell)
     dense_ckpt = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 3)).state_dict()
     with pytest.raises(RuntimeError, match=r"layer '0'.*dense 'weight'"):
         src.load_state_dict(dense_ckpt)
@@ -577,6 +580,63 @@ def test_checkpoint_from_another_architecture(gen):
     broken["0.col"] = broken["0.col"].clone().fill_(99)
     with pytest.raises(RuntimeError, match=r"layer '0'.*col out of range"):
         copy.deepcopy(src).load_state_dict(broken)
+
+
+def test_checkpoint_layout_and_transposes_are_checked(tmp_path):
+    """Index sizes alone do not tell architectures apart: a Conv2d(2, 6, 3) ticket and a
+    Linear(18, 6) one are both 6 x 18, an ungrouped Conv2d(4, 8, 3) and a grouped one have
+    the same index sizes; and the transposed buffers must be those of crow / col."""
+    torch.manual_seed(0)
+    conv = stnn.sparsify(nn.Sequential(nn.Conv2d(2, 6, 3)), amount=0.5)
+    lin = stnn.sparsify(nn.Sequential(nn.Linear(18, 6)), amount=0.5)
+    assert conv[0].ticket_layout() == "Conv2d(6, 2, 3, 3)" and lin[0].ticket_layout() == "Linear(6, 18)"
+    foreign = r"layer '0'.*Conv2d\(6, 2, 3, 3\) weight.*Linear\(6, 18\) one.*another architecture"
+    with pytest.raises(RuntimeError, match=foreign):
+        lin.load_state_dict(conv.state_dict())
+    buf = io.BytesIO()  # the layout travels with torch.save
+    torch.save(conv.state_dict(), buf)
+    buf.seek(0)
+    with pytest.raises(RuntimeError, match=foreign):
+        lin.load_state_dict(torch.load(buf))
+    pytest.importorskip("safetensors")
+    stnn.save_safetensors(conv, str(tmp_path / "conv.safetensors"))
+    with pytest.raises(RuntimeError, match=foreign):
+        stnn.load_safetensors(lin, str(tmp_path / "conv.safetensors"))
+
+    flat = stnn.sparsify(nn.Sequential(nn.Conv2d(4, 8, 3)), amount=0.5)
+    grouped = stnn.sparsify(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), amount=0.5)
+    with pytest.raises(RuntimeError, match=r"Conv2d\(8, 4, 3, 3\) weight.*Conv2d\(8, 2, 3, 3\) groups=2 one"):
+        copy.deepcopy(grouped).load_state_dict(flat.state_dict())
+    bare = dict(flat.state_dict())  # no metadata: the columns themselves give it away
+    bare.update({k: v for k, v in grouped.state_dict().items() if k == "0.crow"})
+    n = int(bare["0.crow"][-1])
+    bare["0.weight_values"], bare["0.col"] = bare["0.weight_values"][:n], flat.state_dict()["0.col"][:n]
+    for k in ("0.ccol", "0.row", "0.perm"):
+        del bare[k]
+    with pytest.raises(RuntimeError, match=r"layer '0'.*outside its output channel's group"):
+        copy.deepcopy(grouped).load_state_dict(bare, strict=False)
+
+    a = stnn.sparsify(nn.Sequential(nn.Linear(10, 6)), amount=0.5)
+    b = stnn.sparsify(nn.Sequential(nn.Linear(10, 6)), amount=0.5)
+    assert a[0].nnz == b[0].nnz and not torch.equal(a[0].perm, b[0].perm)
+    for k in ("ccol", "row", "perm"):
+        mixed = dict(a.state_dict())
+        mixed["0." + k] = b.state_dict()["0." + k]
+        if torch.equal(mixed["0." + k], a.state_dict()["0." + k]):
+            continue
+        with pytest.raises(RuntimeError, match=rf"layer '0'.*{k} is not the transpose of crow / col"):
+            copy.deepcopy(a).load_state_dict(mixed)
+    # a checkpoint without the transposes (non-strict) gets them rebuilt, exactly
+    fresh = copy.deepcopy(b)
+    fresh.load_state_dict({k: v for k, v in a.state_dict().items() if k.split(".")[-1] not in ("ccol", "row", "perm")},
+                          strict=False)
+    for k in ("crow", "col", "ccol", "row", "perm", "bits", "flat"):
+        assert torch.equal(getattr(fresh[0], k), getattr(a[0], k)), k
+    x = torch.randn(5, 10, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a(x).sum().backward()
+    fresh(x2).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
 
 
 def test_unsupported_options():

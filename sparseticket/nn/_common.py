@@ -172,6 +172,7 @@ def neq_capable(module: nn.Module) -> bool:
 
 
 _NNZ_BUFFERS = ("col", "row", "perm")
+LAYOUT_KEY = "sparseticket_layout"  # state-dict metadata of a TicketModule: its ticket_layout()
 
 
 class TicketModule(NEqMixin, nn.Module):
@@ -451,6 +452,22 @@ class TicketModule(NEqMixin, nn.Module):
         return f"auto ({self._choice or 'not yet measured'})"
 
     # -- state dict: data-dependent sizes
+    def ticket_layout(self) -> str:
+        """What the ticket's columns mean: the layer kind and its dense weight's shape (a
+        conv's groups too). Saved with the state dict (its metadata, and ``save_safetensors``'
+        header), so that a checkpoint of another architecture whose index sizes happen to
+        match (a [6, 2, 3, 3] conv ticket and a Linear(18, 6) are both 6 x 18) fails to load."""
+        return f"{self._layout_kind}{tuple(self._weight_shape())}"
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if len(args) > 1:  # (the deprecated positional form: destination, prefix, keep_vars)
+            prefix = args[1]
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        meta = getattr(out, "_metadata", None)
+        if meta is not None and prefix[:-1] in meta:
+            meta[prefix[:-1]][LAYOUT_KEY] = self.ticket_layout()
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         what = where(self, prefix[:-1] or None)
@@ -460,6 +477,11 @@ class TicketModule(NEqMixin, nn.Module):
             error_msgs.append(f"sparseticket: {what}: the checkpoint holds a dense 'weight' "
                               f"{tuple(get('weight').shape)}, not a ticket; load it into the dense model and "
                               f"sparsify, or densify this model first")
+            return
+        theirs = (local_metadata or {}).get(LAYOUT_KEY)
+        if theirs is not None and theirs != self.ticket_layout():
+            error_msgs.append(f"sparseticket: {what}: the checkpoint's ticket is a {theirs} weight, this layer's "
+                              f"a {self.ticket_layout()} one: is the checkpoint from another architecture?")
             return
         crow, ccol, vals = get("crow"), get("ccol"), get("weight_values")
         old = (self.crow.clone(), self.col.clone())
@@ -499,6 +521,20 @@ class TicketModule(NEqMixin, nn.Module):
         if msg:
             error_msgs.append(f"sparseticket: {what}: invalid ticket in checkpoint: {msg}")
             return
+        # the transposed indices are derived from crow / col: rebuilt, and those of the
+        # checkpoint must be them (a buffer from another ticket of the same nnz would give
+        # wrong input gradients without any error)
+        try:
+            derived = dict(zip(("ccol", "row", "perm"), ops.ticket_transpose(self.crow, self.col, Kt)))
+        except RuntimeError as e:
+            error_msgs.append(f"sparseticket: {what}: invalid ticket in checkpoint: {e}")
+            return
+        bad = [k for k, t in derived.items() if get(k) is not None and not torch.equal(get(k).to(device=t.device, dtype=t.dtype), t)]
+        if bad:
+            error_msgs.append(f"sparseticket: {what}: inconsistent ticket in checkpoint: {', '.join(bad)} "
+                              f"{'is' if len(bad) == 1 else 'are'} not the transpose of crow / col")
+            return
+        self._buffers.update(derived)
         same = torch.equal(old[0], self.crow) and torch.equal(old[1], self.col)
         if not same:
             self._st_prev = None
@@ -521,6 +557,10 @@ class TicketModule(NEqMixin, nn.Module):
             return "crow must start at 0, be non-decreasing and end at nnz"
         if n and (int(col.min()) < 0 or int(col.max()) >= Kt):
             return f"col out of range [0, {Kt})"
+        return self._check_cols(rows_of(crow), col.long())
+
+    def _check_cols(self, rows: Tensor, col: Tensor) -> Optional[str]:
+        """Subclass hook: a message if some in-range column is not one this layer's weight has."""
         return None
 
     # -- keep the optimizer registry in step with the Parameter objects

@@ -116,9 +116,23 @@ class SparseConv2d(TicketModule):
         conv.train(self.training)
         return conv
 
+    _layout_kind = "Conv2d"
+
     # -- structure
     def _weight_shape(self):
         return (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+
+    def ticket_layout(self) -> str:
+        return super().ticket_layout() + (f" groups={self.groups}" if self.groups > 1 else "")
+
+    def _check_cols(self, rows: Tensor, col: Tensor) -> Optional[str]:
+        if self.groups == 1:
+            return None
+        Cg, Og = self.in_channels // self.groups, self.out_channels // self.groups
+        if bool(((col % self.in_channels) // Cg != rows // Og).any()):
+            return (f"an entry reads an input channel outside its output channel's group (groups={self.groups}): "
+                    f"a ticket of an ungrouped conv?")
+        return None
 
     def _ticket_cols(self) -> int:
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]

@@ -1,11 +1,13 @@
 """Loading compact checkpoints into fresh models, and safetensors files."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ._common import LAYOUT_KEY, TicketModule
 from .conv import NEqConv2d, SparseConv2d
 from .convert import _DENSE_TYPES, _named_convertible
 from .fast_step import install_chains
@@ -61,6 +63,9 @@ def save_safetensors(model: nn.Module, path: str, metadata: Optional[Dict[str, s
         tensors[k] = v
     meta = {"format": "pt", "library": "sparseticket"}
     meta.update(metadata or {})
+    # what each ticket's columns mean (TicketModule.ticket_layout), checked on loading
+    meta.update({f"{LAYOUT_KEY}:{name}": m.ticket_layout() for name, m in model.named_modules()
+                 if isinstance(m, TicketModule)})
     st.save_file(tensors, path, metadata=meta)
 
 
@@ -70,4 +75,10 @@ def load_safetensors(model: nn.Module, path: str, strict: bool = True, device=No
     if device is None:
         p = next(iter(model.parameters()), None)
         device = "cpu" if p is None else str(p.device)
-    return load_state_dict(model, st.load_file(path, device=device), strict=strict)
+    state = OrderedDict(st.load_file(path, device=device))
+    with st.safe_open(path, framework="pt") as f:
+        header = f.metadata() or {}
+    # the layouts saved by save_safetensors, as state-dict metadata (what load_state_dict checks)
+    state._metadata = {k[len(LAYOUT_KEY) + 1:]: {LAYOUT_KEY: v} for k, v in header.items()
+                       if k.startswith(LAYOUT_KEY + ":")}
+    return load_state_dict(model, state, strict=strict)

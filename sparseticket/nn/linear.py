@@ -40,6 +40,8 @@ class SparseLinear(TicketModule):
     see, is then the activation.
     """
 
+    _layout_kind = "Linear"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 1.0,
                  mode: str = "auto", device=None, dtype=None):
         super().__init__()
