@@ -520,7 +520,8 @@ def test_ranks_freeze_the_same_neurons(tmp_path):
 # ----------------------------------------------------------------------------- sparseticket.nn
 
 
-def test_with_sparseticket_nn_modules_and_masked_sgd():
+@pytest.mark.parametrize("optimizer", ["MaskedSGD", "MaskedAdamW"])
+def test_with_sparseticket_nn_modules_and_masked_optimizers(optimizer):
     stnn = pytest.importorskip("sparseticket.nn")
     optim = pytest.importorskip("sparseticket.optim")
     torch.manual_seed(0)
@@ -531,7 +532,10 @@ def test_with_sparseticket_nn_modules_and_masked_sgd():
     x, y = torch.randn(48, 1, 6, 6), torch.randint(0, 3, (48,))
     tracker = NEqTracker(model, x[:16], NEqConfig(stochastic=0.5, seed=1))
     assert set(tracker.layers) == {"0", "3", "5"}                # conv, SparseLinear, DenseNEqLinear
-    opt = optim.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    if optimizer == "MaskedSGD":
+        opt = optim.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    else:  # (decoupled weight decay: would move a frozen weight if it were applied to it)
+        opt = optim.MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for epoch in range(3):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for i in range(0, 48, 16):
