@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparseticket.nn as stnn
 from sparseticket.lottery import runner as R
 from sparseticket.lottery.hparams import IMPHparams
 from sparseticket.pruning import Mask
@@ -151,6 +152,45 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill
     a, b = R.IMPRun(_hp(ref_out)).dir, R.IMPRun(_hp(tmp_path / "cut")).dir
     _same(_masks(a), _masks(b))
     _same(_finals(a), _finals(b))
+
+
+def test_level_killed_before_its_first_checkpoint_keeps_its_kernel_choice(tmp_path, monkeypatch):
+    """With --kernels auto the choice is measured (timing: another run may choose another
+    path, which rounds differently). A level killed before its first checkpoint resumes with
+    the choice it started with (level_XX/modes.json), not a new measurement."""
+    real_pin, real_save = R._pin_modes, R.atomic_save
+    chosen = {}
+
+    def pin_alternating(model, x, previous=None):  # a stand-in measurement: fc1 sparse, the rest dense
+        ev = real_pin(model, x, previous)
+        for name, m in model.named_modules():
+            if isinstance(m, stnn.TicketModule):
+                m.mode = "sparse" if name == "fc1" else "dense"
+        chosen.update(R._modes(model))
+        return ev
+
+    def killed_at_first_checkpoint(obj, path):
+        if path.name == "checkpoint.pt" and path.parent.name == "level_01":
+            raise _Killed(path)
+        real_save(obj, path)
+
+    hp = _hp(tmp_path, kernels="auto", checkpoint_every=1e9, levels=1)  # one checkpoint per level, at its end
+    monkeypatch.setattr(R, "_pin_modes", pin_alternating)
+    monkeypatch.setattr(R, "atomic_save", killed_at_first_checkpoint)
+    with pytest.raises(_Killed):
+        R.IMPRun(hp).run()
+    run_dir = R.IMPRun(hp).dir
+    assert not (run_dir / "level_01" / "checkpoint.pt").exists()
+    assert json.loads((run_dir / "level_01" / "modes.json").read_text())["modes"] == chosen == {
+        "fc1": "sparse", "fc2": "dense", "fc3": "dense"}
+
+    def must_not_measure(*a, **k):
+        raise AssertionError("level 1 measured its kernels again")
+
+    monkeypatch.setattr(R, "_pin_modes", must_not_measure)
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    rows = R.IMPRun(hp).run()
+    assert rows[1]["modes"] == chosen
 
 
 def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(reference_run):
@@ -514,6 +554,33 @@ def test_transfer_and_pretrained(tmp_path):
     prow = pre.run()
     assert prow[0]["steps"] == 0 and prow[1]["steps"] > 0
     _same(torch.load(pre.dir / "rewind.pt")["init"], source)
+
+
+def test_unknown_layer_in_layer_fractions_fails_before_training(tmp_path):
+    run = R.IMPRun(_hp(tmp_path, layer_fractions="fc1=0.3,fc9=0.5"))
+    with pytest.raises(ValueError, match=r"--layer-fractions: 'fc9' is not a prunable layer of lenet_300_100 "
+                                         r"\(its layers: fc1, fc2, fc3\)"):
+        run.run()
+    assert not run.dir.exists()  # nothing trained, no folder left behind
+
+
+def test_transfer_inits_differ(tmp_path):
+    """--transfer-init: θ_S, the source's θ0, or a fresh draw, which must not be θ0 when the
+    source and the target share --init-seed (the default)."""
+    src = R.IMPRun(_hp(tmp_path, levels=1))
+    src.run()
+    theta0 = torch.load(src.dir / "rewind.pt", weights_only=False)["init"]
+    starts = {}
+    for init in ("source", "init", "random"):
+        tr = R.IMPRun(_hp(tmp_path, levels=1, transfer_from=str(src.dir), split_seed=1, transfer_init=init))
+        tr.dir.mkdir(parents=True, exist_ok=True)
+        starts[init] = tr._transfer_plan().start
+    final = torch.load(src.dir / "level_01" / "final.pt", weights_only=False)
+    for k in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert torch.equal(starts["init"][k], theta0[k]), k
+        assert torch.equal(starts["source"][k], final[k]), k
+        assert not torch.equal(starts["random"][k], theta0[k]), k
+        assert starts["random"][k].std() == pytest.approx(theta0[k].std(), rel=0.2), k  # the same init law
 
 
 def test_neq_inside_levels(tmp_path):

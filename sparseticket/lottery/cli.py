@@ -10,7 +10,7 @@ from .hparams import add_arguments, from_args
 
 DESCRIPTION = """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2019),
 on sparseticket's sparse kernels. Each run lives in <out>/<kind>_<model>_<data>_<baseline>_<hash>:
-rerunning the same command resumes it (from the last finished epoch) instead of repeating it."""
+rerunning the same command resumes it (from the last checkpointed epoch) instead of repeating it."""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -94,7 +94,7 @@ class ExperimentHparams:
                                             "run's data set (Mehta 2019)")
     transfer_level: int = hp(-1, "which level's mask of the source run (-1: the last)")
     transfer_init: str = hp("source", "weights of the transferred ticket: the source's trained weights θ_S, its "
-                                      "init θ0, or random", ["source", "init", "random"])
+                                      "init θ0, or random (a fresh draw, seed --init-seed + 104729)", ["source", "init", "random"])
     freeze_features: bool = hp(False, "transfer: train only the output layer")
     baseline: str = hp("sparse", "'dense' runs the identical experiment with dense layers and re-applied masks",
                        ["sparse", "dense"])
@@ -219,6 +219,9 @@ def layer_fractions(spec: str) -> Dict[str, float]:
             sep = ""
         if not sep:
             raise ValueError(f"sparseticket: --layer-fractions expects 'name=fraction,...', got {item!r}")
+        if not 0.0 <= out[name.strip()] < 1.0:  # (as --fraction; NaN too)
+            raise ValueError(f"sparseticket: --layer-fractions: the fraction of {name.strip()!r} must be in "
+                             f"[0, 1), got {value.strip()}")
     return out
 
 

@@ -183,6 +183,7 @@ class IMPRun:
         written (``run`` collects them). Between two levels nothing of this run is pending,
         so a caller may interleave two runs' levels, as ``bench/bench_imp.py speed`` does
         to expose the sparse run and its dense baseline to the same machine phases."""
+        self._check_layer_names()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._check_hparams_file()
         # torch.optim.Optimizer's constructor imports torch._dynamo on first use (about 1 s
@@ -208,6 +209,20 @@ class IMPRun:
                 rows.append(self.train_level(plan_fn()))
             self._write_results(rows)
             yield rows[-1]
+
+    def _check_layer_names(self):
+        """--layer-fractions names prunable layers of the model: checked before level 0
+        trains, not at the first prune."""
+        names = layer_fractions(self.hp.prune.layer_fractions)
+        if not names:
+            return
+        known = set(self.prunable(self.new_model(self.hp.model.init_seed)))
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"sparseticket: --layer-fractions: {', '.join(map(repr, unknown))} "
+                             f"{'is not a' if len(unknown) == 1 else 'are not'} prunable layer"
+                             f"{'' if len(unknown) == 1 else 's'} of {self.hp.model.model} "
+                             f"(its layers: {', '.join(sorted(known))})")
 
     def _check_hparams_file(self):
         path = self.dir / "hparams.json"
@@ -390,8 +405,8 @@ class IMPRun:
             source = load(src_dir / lname / "final.pt")
         elif exp.transfer_init == "init":
             source = load(src_dir / "rewind.pt")["init"]
-        else:
-            source = target.state_dict()
+        else:  # a fresh draw: not init_seed's, which is the source's θ0 whenever the seeds agree
+            source = self.new_model(self.hp.model.init_seed + TRANSFER_RANDOM_SEED_OFFSET).state_dict()
         start = {k: v.clone() for k, v in target.state_dict().items()}
         for key, value in source.items():  # everything but a re-shaped head carries over
             if key in start and start[key].shape == value.shape:
@@ -481,7 +496,17 @@ class IMPRun:
         else:
             step, log = plan.first_step, []
             setup_s = 0.0
-            evidence = _pin_modes(model, train_x[:bs], self._previous_choice(plan)) if self.sparse else {}
+            # the kernel choice is part of the level's state (another path rounds
+            # differently): written before training, so that a level killed before its
+            # first checkpoint resumes with the choice it started with, not a new measurement
+            pinned = ldir / "modes.json"
+            record = json.loads(pinned.read_text()) if pinned.exists() else None
+            if record is not None and record.get("mask_digest") == digest:
+                _set_modes(model, record["modes"])
+                evidence = record["mode_evidence"]
+            else:
+                evidence = _pin_modes(model, train_x[:bs], self._previous_choice(plan)) if self.sparse else {}
+                atomic_json({"mask_digest": digest, "modes": _modes(model), "mode_evidence": evidence}, pinned)
         modes = _modes(model)
         # (not with NEq: its layers register their own masks, and a plain layer's keep mask with them)
         # (a checkpoint that holds a ticket for such a layer, written before this existed, resumes it as a ticket)
@@ -849,6 +874,10 @@ def _sum_flops(parts: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, 
             o["dense"] += v["dense"]
             o["executed"] += v["executed"]
     return out
+
+
+#: ``--transfer-init random`` initialises the target from the seed --init-seed + this
+TRANSFER_RANDOM_SEED_OFFSET = 104729
 
 
 def _modes(model: nn.Module) -> Dict[str, str]:
