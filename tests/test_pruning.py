@@ -101,7 +101,8 @@ def test_hparams_cli_roundtrip_and_hash():
     assert rewind_spec("iter:7") == ("iter", 7) and rewind_spec("lr") == ("lr", 0)
     for bad in (["--rewind", "iter:x"], ["--layer-fractions", "fc1"], ["--epochs", "0"], ["--fraction", "1.0"],
                 ["--milestones", "a,b"], ["--layer-fractions", "fc1=1.5"], ["--layer-fractions", "fc1=1.0"],
-                ["--layer-fractions", "fc1=nan"], ["--layer-fractions", "fc1=-0.1"]):
+                ["--layer-fractions", "fc1=nan"], ["--layer-fractions", "fc1=-0.1"], ["--model", "lenet5"],
+                ["--dataset", "mnist10k"], ["--lr", "-0.1"]):
         with pytest.raises(ValueError):
             from_args(p.parse_args(bad))
     with pytest.raises(ValueError, match="unknown hyperparameters"):

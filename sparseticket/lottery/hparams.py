@@ -173,7 +173,17 @@ class IMPHparams:
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> "IMPHparams":
+        from .data import available_datasets  # (the registries: models and data sets registered so far)
+        from .models import available_models
         p, t = self.prune, self.train
+        if self.model.model not in available_models():
+            raise ValueError(f"sparseticket: --model {self.model.model!r}: unknown; known: "
+                             f"{', '.join(available_models())}")
+        if self.data.dataset not in available_datasets():
+            raise ValueError(f"sparseticket: --dataset {self.data.dataset!r}: unknown; known: "
+                             f"{', '.join(available_datasets())}")
+        if not t.lr >= 0:  # (NaN too)
+            raise ValueError(f"sparseticket: --lr must be >= 0, got {t.lr}")
         if p.levels < 0:
             raise ValueError(f"sparseticket: --levels must be >= 0, got {p.levels}")
         for name, v in (("fraction", p.fraction), ("output_fraction", p.output_fraction)):
