@@ -771,3 +771,32 @@ def test_cli_usage_errors_and_transfer_level_out_of_range(tmp_path, capsys):
     src.run()
     with pytest.raises(RuntimeError, match="--transfer-level -5: the source .* has 2 finished level"):
         R.IMPRun(_hp(tmp_path / "t", transfer_from=str(src.dir), transfer_level=-5)).run()
+
+
+def test_cli_compare_dense_table_files_and_plots(tmp_path, capsys):
+    """`sparseticket imp --compare-dense` (the README's main command with small settings):
+    the dense twin runs too, and the comparison is printed, written and plotted."""
+    from sparseticket.__main__ import main
+    pytest.importorskip("matplotlib")
+    argv = ["imp", "--dataset", "digits", "--levels", "1", "--epochs", "1", "--batch-size", "60", "--lr", "0.05",
+            "--kernels", "sparse", "--progress", "false", "--out", str(tmp_path), "--compare-dense"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    sparse = R.IMPRun(_hp(tmp_path, levels=1, epochs=1, kernels="sparse"))
+    dense = R.IMPRun(_hp(tmp_path, levels=1, epochs=1, kernels="sparse", baseline="dense"))
+    assert f"run folder: {sparse.dir}" in out and f"dense baseline: {dense.dir}" in out
+    rows = json.loads((sparse.dir / "results.json").read_text())
+    dense_rows = json.loads((dense.dir / "results.json").read_text())
+    table = (sparse.dir / "comparison.csv").read_text().splitlines()
+    assert table[0].split(",") == ["level", "remaining", "test_acc", "dense_test_acc", "seconds", "dense_seconds",
+                                   "speedup"] and len(table) == 3
+    for r, d, line in zip(rows, dense_rows, table[1:]):
+        f = line.split(",")
+        assert int(f[0]) == r["level"] == d["level"]
+        assert float(f[2]) == pytest.approx(r["test_acc"]) and float(f[3]) == pytest.approx(d["test_acc"])
+        assert float(f[4]) == pytest.approx(r["seconds"]) and float(f[5]) == pytest.approx(d["seconds"])
+        assert float(f[6]) == pytest.approx(d["seconds"] / r["seconds"])
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith(("0 ", "1 ", "total"))]
+    assert len(lines) == 3 and lines[-1].rstrip().endswith(f"{sum(d['seconds'] for d in dense_rows) / sum(r['seconds'] for r in rows):.2f}x")
+    for png in ("time_per_level.png", "accuracy_vs_dense.png", "accuracy.png"):
+        assert (sparse.dir / png).stat().st_size > 1000, png

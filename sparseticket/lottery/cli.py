@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dense baseline: {twin.dir}")
         dense_rows = twin.run()
         table = res.compare(rows, dense_rows)
-        res.write_rows(table, main.dir / "comparison")
+        res.write_rows(table, main.dir / "comparison", res.COMPARISON_COLUMNS)
         if hp.run.plots:
             res.plot_times(table, main.dir / "time_per_level.png", "time per level")
             res.plot_accuracy({"sparseticket": rows, "dense masked": dense_rows}, main.dir / "accuracy_vs_dense.png",

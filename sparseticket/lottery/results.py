@@ -23,18 +23,22 @@ def replace_synced(tmp, path) -> None:
     os.replace(tmp, path)
 
 
-def write_rows(rows: List[dict], stem: Path) -> None:
-    """``stem``.json (everything) and ``stem``.csv (the scalar columns), each written atomically."""
+#: the columns of comparison.csv (``compare``'s rows; the per-layer modes are in the JSON)
+COMPARISON_COLUMNS = ("level", "remaining", "test_acc", "dense_test_acc", "seconds", "dense_seconds", "speedup")
+
+
+def write_rows(rows: List[dict], stem: Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """``stem``.json (everything) and ``stem``.csv (the scalar ``columns``), each written atomically."""
     stem = Path(stem)
     tmp = stem.with_name(stem.name + ".json.tmp")
     tmp.write_text(json.dumps(rows, indent=1))
     replace_synced(tmp, stem.with_suffix(".json"))
     tmp = stem.with_name(stem.name + ".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k) for k in CSV_COLUMNS})
+            w.writerow({k: r.get(k) for k in columns})
     replace_synced(tmp, stem.with_suffix(".csv"))
 
 
