@@ -193,6 +193,37 @@ def test_level_killed_before_its_first_checkpoint_keeps_its_kernel_choice(tmp_pa
     assert rows[1]["modes"] == chosen
 
 
+@pytest.mark.parametrize("config", [
+    dict(neq=True, neq_eps=0.5, optimizer="adamw", lr=1e-3, epochs=3),            # NEq tracker state, AdamW moments
+    dict(neq=True, neq_eps=0.5, baseline="dense", epochs=3),                        # the dense baseline's masker
+    dict(rewind="lr", milestones="1", epochs=2),                                    # learning-rate rewinding
+])
+def test_interrupted_runs_of_other_kinds_resume_to_identical_results(tmp_path, monkeypatch, config):
+    """Killed after level 0's first epoch and again in level 1, resumed each time: the same
+    rows, masks and final weights as the uninterrupted run, for state beyond plain SGD's."""
+    ref = R.IMPRun(_hp(tmp_path / "ref", **config)).run()
+    real_save = R.atomic_save
+    for kill_at in (3, 5 + config["epochs"]):  # (writes: rewind.pt, then per level mask.pt, a checkpoint per epoch, final.pt)
+        calls = [0]
+
+        def dying_save(obj, path):
+            real_save(obj, path)
+            calls[0] += 1
+            if calls[0] == kill_at:
+                raise _Killed(path)
+
+        monkeypatch.setattr(R, "atomic_save", dying_save)
+        with pytest.raises(_Killed):
+            R.IMPRun(_hp(tmp_path / "cut", **config)).run()
+    monkeypatch.setattr(R, "atomic_save", real_save)
+    rows = R.IMPRun(_hp(tmp_path / "cut", **config)).run()
+    assert [{k: r[k] for k in KEYS + ("neq_frozen",)} for r in rows] == \
+        [{k: r[k] for k in KEYS + ("neq_frozen",)} for r in ref]
+    a, b = R.IMPRun(_hp(tmp_path / "ref", **config)).dir, R.IMPRun(_hp(tmp_path / "cut", **config)).dir
+    _same(_masks(a), _masks(b))
+    _same(_finals(a), _finals(b))
+
+
 def test_checkpoint_leaves_out_index_buffers_and_checks_values_against_the_mask(reference_run):
     """The per-epoch checkpoint holds a ticket's values, not its index buffers (the level's
     mask.pt determines them); loading it into a model built from another mask fails."""
