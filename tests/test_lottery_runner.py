@@ -831,3 +831,26 @@ def test_cli_compare_dense_table_files_and_plots(tmp_path, capsys):
     assert len(lines) == 3 and lines[-1].rstrip().endswith(f"{sum(d['seconds'] for d in dense_rows) / sum(r['seconds'] for r in rows):.2f}x")
     for png in ("time_per_level.png", "accuracy_vs_dense.png", "accuracy.png"):
         assert (sparse.dir / png).stat().st_size > 1000, png
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """Two processes in one run folder would train the same levels: the second is refused
+    with a clear error while the first holds the folder's lock, and runs once it is free."""
+    fcntl = pytest.importorskip("fcntl")
+    run = R.IMPRun(_hp(tmp_path, levels=1, epochs=1))
+    run.dir.mkdir(parents=True)
+    with open(run.dir / ".lock", "a+") as other:  # (another open file: flock treats it as another process)
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("process 12345\n")
+        other.flush()
+        with pytest.raises(RuntimeError, match=r"run folder .* is in use by process 12345"):
+            run.run()
+        assert not list(run.dir.glob("level_*"))
+    rows = run.run()  # released: the run goes ahead, and a killed one leaves no lock behind
+    assert [r["level"] for r in rows] == [0, 1]
+    gen = R.IMPRun(_hp(tmp_path, levels=1, epochs=1)).levels()
+    next(gen)  # holds the lock while suspended between levels ...
+    with pytest.raises(RuntimeError, match="is in use"):
+        R.IMPRun(_hp(tmp_path, levels=1, epochs=1)).run()
+    gen.close()  # ... and frees it when closed
+    assert len(R.IMPRun(_hp(tmp_path, levels=1, epochs=1)).run()) == 2

@@ -185,6 +185,10 @@ class IMPRun:
         to expose the sparse run and its dense baseline to the same machine phases."""
         self._check_layer_names()
         self.dir.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(self.dir):
+            yield from self._levels_locked()
+
+    def _levels_locked(self):
         self._check_hparams_file()
         # torch.optim.Optimizer's constructor imports torch._dynamo on first use (about 1 s
         # here); like loading the data, that is a cost of the process, not of level 0, so
@@ -874,6 +878,35 @@ def _sum_flops(parts: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, 
             o["dense"] += v["dense"]
             o["executed"] += v["executed"]
     return out
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """One process at a time in a run folder: two would train the same levels and write the
+    same files (a --control started while its main run still trains, a command run twice).
+    An advisory lock on <folder>/.lock (fcntl.flock; where there is none, no lock), held
+    while the run's levels are produced and released when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        yield
+        return
+    f = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RuntimeError(f"sparseticket: the run folder {folder} is in use by {holder}; wait for it to "
+                               f"finish (rerunning the command then resumes or reuses the run)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # (closing releases the lock)
 
 
 #: ``--transfer-init random`` initialises the target from the seed --init-seed + this
