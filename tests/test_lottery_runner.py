@@ -131,9 +131,9 @@ def reference_run(tmp_path_factory):
     return out, R.IMPRun(_hp(out)).run()
 
 
-@pytest.mark.parametrize("kill_after", [1, 3, 6, 9])
-def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill_after, reference_run):
-    ref_out, ref = reference_run
+def _run_killed_at_write(monkeypatch, hp, kill_after: int) -> None:
+    """Run ``hp`` until its ``kill_after``-th atomic_save has been written, then 'kill' it
+    there (the exception stands for SIGKILL: nothing after that write happens)."""
     real_save, calls = R.atomic_save, [0]
 
     def dying_save(obj, path):
@@ -143,9 +143,17 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill
             raise _Killed(path)
 
     monkeypatch.setattr(R, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        R.IMPRun(_hp(tmp_path / "cut")).run()
-    monkeypatch.setattr(R, "atomic_save", real_save)
+    try:
+        with pytest.raises(_Killed):
+            R.IMPRun(hp).run()
+    finally:
+        monkeypatch.setattr(R, "atomic_save", real_save)
+
+
+@pytest.mark.parametrize("kill_after", [1, 3, 6, 9])
+def test_interrupted_run_resumes_to_identical_result(tmp_path, monkeypatch, kill_after, reference_run):
+    ref_out, ref = reference_run
+    _run_killed_at_write(monkeypatch, _hp(tmp_path / "cut"), kill_after)
     rows = R.IMPRun(_hp(tmp_path / "cut")).run()
     assert [{k: r[k] for k in KEYS} for r in rows] == [{k: r[k] for k in KEYS} for r in ref]
     assert [r["flops"] for r in rows] == [r["flops"] for r in ref]  # counted the same after a resume
@@ -202,20 +210,9 @@ def test_interrupted_runs_of_other_kinds_resume_to_identical_results(tmp_path, m
     """Killed after level 0's first epoch and again in level 1, resumed each time: the same
     rows, masks and final weights as the uninterrupted run, for state beyond plain SGD's."""
     ref = R.IMPRun(_hp(tmp_path / "ref", **config)).run()
-    real_save = R.atomic_save
-    for kill_at in (3, 5 + config["epochs"]):  # (writes: rewind.pt, then per level mask.pt, a checkpoint per epoch, final.pt)
-        calls = [0]
-
-        def dying_save(obj, path):
-            real_save(obj, path)
-            calls[0] += 1
-            if calls[0] == kill_at:
-                raise _Killed(path)
-
-        monkeypatch.setattr(R, "atomic_save", dying_save)
-        with pytest.raises(_Killed):
-            R.IMPRun(_hp(tmp_path / "cut", **config)).run()
-    monkeypatch.setattr(R, "atomic_save", real_save)
+    # (writes: rewind.pt, then per level mask.pt, a checkpoint per epoch, final.pt)
+    for kill_at in (3, 5 + config["epochs"]):
+        _run_killed_at_write(monkeypatch, _hp(tmp_path / "cut", **config), kill_at)
     rows = R.IMPRun(_hp(tmp_path / "cut", **config)).run()
     assert [{k: r[k] for k in KEYS + ("neq_frozen",)} for r in rows] == \
         [{k: r[k] for k in KEYS + ("neq_frozen",)} for r in ref]
@@ -828,7 +825,8 @@ def test_cli_compare_dense_table_files_and_plots(tmp_path, capsys):
         assert float(f[4]) == pytest.approx(r["seconds"]) and float(f[5]) == pytest.approx(d["seconds"])
         assert float(f[6]) == pytest.approx(d["seconds"] / r["seconds"])
     lines = [ln for ln in out.splitlines() if ln.strip().startswith(("0 ", "1 ", "total"))]
-    assert len(lines) == 3 and lines[-1].rstrip().endswith(f"{sum(d['seconds'] for d in dense_rows) / sum(r['seconds'] for r in rows):.2f}x")
+    total = sum(d["seconds"] for d in dense_rows) / sum(r["seconds"] for r in rows)
+    assert len(lines) == 3 and lines[-1].rstrip().endswith(f"{total:.2f}x")
     for png in ("time_per_level.png", "accuracy_vs_dense.png", "accuracy.png"):
         assert (sparse.dir / png).stat().st_size > 1000, png
 

@@ -602,7 +602,8 @@ def test_errors_name_the_layer(gen):
 def test_checkpoint_from_another_architecture(gen):
     src = stnn.sparsify(nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 3)), amount=0.5)
     other = stnn.sparsify(nn.Sequential(nn.Linear(10, 7), nn.Linear(7, 3)), amount=0.5)
-    with pytest.raises(RuntimeError, match=r"layer '0'.*Linear\(6, 10\) weight.*Linear\(7, 10\) one.*another architecture"):
+    with pytest.raises(RuntimeError,
+                       match=r"layer '0'.*Linear\(6, 10\) weight.*Linear\(7, 10\) one.*another architecture"):
         other.load_state_dict(src.state_dict())
     with pytest.raises(RuntimeError, match=r"layer '0'.*crow has shape \(7,\), expected \(8,\).*another architecture"):
         other.load_state_dict(dict(src.state_dict()))  # (a plain dict: no metadata, the sizes tell)

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, get_type_hints
 
 #: fields that do not change what is computed, so they are not part of the run's hash
+#: ``--transfer-init random`` initialises the target from the seed --init-seed + this (the
+#: source's θ0 comes from --init-seed itself)
+TRANSFER_RANDOM_SEED_OFFSET = 104729
+
 RUN_ONLY = {"out", "threads", "malloc", "progress", "compare_dense", "plots", "kernels", "checkpoint_every"}
 
 
@@ -94,7 +98,9 @@ class ExperimentHparams:
                                             "run's data set (Mehta 2019)")
     transfer_level: int = hp(-1, "which level's mask of the source run (-1: the last)")
     transfer_init: str = hp("source", "weights of the transferred ticket: the source's trained weights θ_S, its "
-                                      "init θ0, or random (a fresh draw, seed --init-seed + 104729)", ["source", "init", "random"])
+                                      f"init θ0, or random (a fresh draw, seed --init-seed + "
+                                      f"{TRANSFER_RANDOM_SEED_OFFSET})",
+                            ["source", "init", "random"])
     freeze_features: bool = hp(False, "transfer: train only the output layer")
     baseline: str = hp("sparse", "'dense' runs the identical experiment with dense layers and re-applied masks",
                        ["sparse", "dense"])

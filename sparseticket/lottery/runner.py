@@ -46,7 +46,7 @@ from ..neq import NEqConfig, NEqTracker, cut_frozen_outputs, freeze_prefix
 from ..optim import MaskedAdamW, MaskedSGD
 from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
 from . import results as res
-from .hparams import IMPHparams, layer_fractions, milestones, rewind_spec
+from .hparams import TRANSFER_RANDOM_SEED_OFFSET, IMPHparams, layer_fractions, milestones, rewind_spec
 
 # ---------------------------------------------------------------------- files
 
@@ -907,10 +907,6 @@ def _folder_lock(folder: Path):
         yield
     finally:
         f.close()  # (closing releases the lock)
-
-
-#: ``--transfer-init random`` initialises the target from the seed --init-seed + this
-TRANSFER_RANDOM_SEED_OFFSET = 104729
 
 
 def _modes(model: nn.Module) -> Dict[str, str]:

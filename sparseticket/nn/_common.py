@@ -529,7 +529,8 @@ class TicketModule(NEqMixin, nn.Module):
         except RuntimeError as e:
             error_msgs.append(f"sparseticket: {what}: invalid ticket in checkpoint: {e}")
             return
-        bad = [k for k, t in derived.items() if get(k) is not None and not torch.equal(get(k).to(device=t.device, dtype=t.dtype), t)]
+        bad = [k for k, t in derived.items()
+               if get(k) is not None and not torch.equal(get(k).to(device=t.device, dtype=t.dtype), t)]
         if bad:
             error_msgs.append(f"sparseticket: {what}: inconsistent ticket in checkpoint: {', '.join(bad)} "
                               f"{'is' if len(bad) == 1 else 'are'} not the transpose of crow / col")
