@@ -536,6 +536,34 @@ def test_controls(tmp_path):
     assert [r["remaining"] for r in prow] == pytest.approx([r["remaining"] for r in main[1:]])
 
 
+def test_controls_follow_rewind(tmp_path):
+    """A control trains what the ticket trains: from step K under late resetting, and
+    random_prune on the weights the ticket starts from (θK; the previous level's trained
+    weights under learning-rate rewinding), not always θ0 from step 0 (review 43)."""
+    main = R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1))
+    mrows = main.run()
+    theta_k = torch.load(main.dir / "rewind.pt")["iter"]
+    rp = R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1, control="random_prune"))
+    rows = rp.run()
+    plan = rp._control_plan(main, 1)
+    assert plan.first_step == 5
+    _same(plan.start, theta_k)
+    ri = R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1, control="random_reinit"))
+    rrows = ri.run()
+    rplan = ri._control_plan(main, 1)
+    assert rplan.first_step == 5 and not torch.equal(rplan.start["fc1.weight"], theta_k["fc1.weight"])
+    _same(rplan.mask.state_dict(), torch.load(main.dir / "level_01" / "mask.pt"))
+    # as many steps as the ticket: training ends at T, having started at K
+    assert rows[0]["steps"] == rrows[0]["steps"] == mrows[1]["steps"]
+    first = torch.load(rp.dir / "level_01" / "checkpoint.pt", weights_only=False)["log"][0]["step"]
+    assert first == mrows[1]["steps"] // 2      # the first epoch (5 of its steps skipped) ends where the ticket's does
+    lr_main = R.IMPRun(_hp(tmp_path, rewind="lr", levels=2))
+    lr_main.run()
+    lr_rp = R.IMPRun(_hp(tmp_path, rewind="lr", levels=2, control="random_prune"))
+    lr_rp.run()
+    _same(lr_rp._control_plan(lr_main, 2).start, torch.load(lr_main.dir / "level_01" / "final.pt"))
+
+
 def test_rewinding_variants_and_one_shot(tmp_path):
     it = R.IMPRun(_hp(tmp_path, rewind="iter:5"))
     rows = it.run()

@@ -356,19 +356,22 @@ class IMPRun:
         return [lambda level=level: self._control_plan(main, level) for level in main._levels()[1:]]
 
     def _control_plan(self, main: "IMPRun", level: int) -> LevelPlan:
+        """The control of the main run's level: trained from the step the ticket starts at
+        (K under --rewind iter:K, else 0), for as many steps. random_prune takes the weights
+        the ticket starts from (θ0, θK, or with --rewind lr the previous level's trained
+        weights) under a random mask of the ticket's layerwise sparsity; random_reinit takes
+        the ticket's mask on fresh weights from the init distribution."""
         name = f"level_{level:02d}"
         (self.dir / name).mkdir(exist_ok=True)
-        ticket = Mask(load(main.dir / name / "mask.pt"))
-        theta0 = main._rewind()["init"]
+        ticket = main._imp_plan(level)  # the main run's level, its files checked as on a resume
         if self.hp.experiment.control == "random_reinit":
-            # the ticket's structure with fresh weights from the same init distribution
             start = self.new_model(self.hp.model.init_seed + 7919 * (level + 1)).state_dict()
-            mask = ticket
+            mask = ticket.mask
         else:
-            # a random mask with the ticket's layerwise sparsity, on θ0
-            start = theta0
-            mask = RandomPruning(seed=self.hp.model.init_seed + level).prune_like(Mask.ones_like(ticket), ticket)
-        return LevelPlan(name, level, mask, start, 0)
+            start = ticket.start
+            mask = RandomPruning(seed=self.hp.model.init_seed + level).prune_like(Mask.ones_like(ticket.mask),
+                                                                                 ticket.mask)
+        return LevelPlan(name, level, mask, start, ticket.first_step)
 
     def _transfer_plan(self) -> LevelPlan:
         exp = self.hp.experiment
