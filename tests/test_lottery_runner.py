@@ -590,6 +590,61 @@ def test_rewinding_variants_and_one_shot(tmp_path):
     assert one[1]["layer_remaining"]["fc3"] == pytest.approx(100 * 0.9 ** 3, abs=0.2)
 
 
+def test_raising_levels_continues_the_folder(tmp_path):
+    """--levels is not part of an iterative run's hash (review 43): raising it trains the
+    new levels in the same folder, lowering it keeps the later levels in the results, and
+    hparams.json and each level's row say which command's settings ran."""
+    short = R.IMPRun(_hp(tmp_path, levels=1, threads=1))
+    short.run()
+    first = {n: torch.load(short.dir / n / "final.pt") for n in ("level_00", "level_01")}
+    longer = R.IMPRun(_hp(tmp_path, levels=2, threads=2))
+    assert longer.dir == short.dir
+    rows = longer.run()
+    assert [r["level"] for r in rows] == [0, 1, 2]
+    for n, sd in first.items():  # the finished levels were resumed, not trained again
+        _same(sd, torch.load(longer.dir / n / "final.pt"))
+    assert [r["threads"] for r in rows] == [1, 1, 2] and {r["kernels"] for r in rows} == {"sparse"}
+    recorded = json.loads((longer.dir / "hparams.json").read_text())
+    assert recorded["prune"]["levels"] == 2 and recorded["run"]["threads"] == 2
+    again = R.IMPRun(_hp(tmp_path, levels=1)).run()
+    assert [r["level"] for r in again] == [0, 1]
+    listed = json.loads((longer.dir / "results.json").read_text())
+    assert [r["level"] for r in listed] == [0, 1, 2]
+    # the same result-defining fields but another --lr: refused by the recorded hparams
+    hp = _hp(tmp_path, levels=1)
+    (tmp_path / hp.replace(lr=0.07).run_name()).mkdir()
+    (tmp_path / hp.replace(lr=0.07).run_name() / "hparams.json").write_text(json.dumps(hp.to_dict()))
+    with pytest.raises(RuntimeError, match="other hyperparameters"):
+        R.IMPRun(hp.replace(lr=0.07)).run()
+
+
+def test_a_folder_named_before_session_30_is_continued(tmp_path):
+    hp = _hp(tmp_path, levels=1)
+    run = R.IMPRun(hp)
+    run.run()
+    old = tmp_path / hp.run_name(legacy=True)
+    run.dir.rename(old)
+    again = R.IMPRun(hp)
+    assert again.dir == old
+    assert [r["level"] for r in again.run()] == [0, 1]
+    assert not (tmp_path / hp.run_name()).exists()
+
+
+def test_pretrained_counts_by_contents(tmp_path):
+    weights = R.IMPRun(_hp(tmp_path)).new_model(5).state_dict()
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(weights, a)
+    b.write_bytes(a.read_bytes())   # (torch.save names its archive's folder after the file)
+    name = _hp(tmp_path, pretrained=str(a)).run_name()
+    assert _hp(tmp_path, pretrained=str(b)).run_name() == name      # the same weights at another path
+    weights["fc1.weight"][0, 0] += 1
+    torch.save(weights, a)
+    os.utime(a, ns=(time.time_ns(), time.time_ns() + 10**9))       # (a new modification time, whatever the clock)
+    assert _hp(tmp_path, pretrained=str(a)).run_name() != name      # other weights under the same path
+    with pytest.raises(ValueError, match="no such file"):
+        R.IMPRun(_hp(tmp_path, pretrained=str(tmp_path / "missing.pt")))
+
+
 def test_transfer_and_pretrained(tmp_path):
     src = R.IMPRun(_hp(tmp_path))
     src.run()

@@ -97,6 +97,11 @@ def test_hparams_cli_roundtrip_and_hash():
     assert hp.replace(out="elsewhere", threads=1, progress=False).run_name() == hp.run_name()
     assert hp.replace(lr=0.2).run_name() != hp.run_name()
     assert hp.replace(baseline="dense").run_name() != hp.run_name()
+    # an iterative level does not depend on how many follow it; a one-shot run's mask does
+    assert hp.replace(levels=20).run_name() == hp.run_name()
+    one = hp.replace(one_shot=True)
+    assert one.replace(levels=20).run_name() != one.run_name()
+    assert hp.run_name(legacy=True) != hp.replace(levels=20).run_name(legacy=True)
     assert layer_fractions("fc1=0.3, fc3=0.1") == {"fc1": 0.3, "fc3": 0.1}
     assert rewind_spec("iter:7") == ("iter", 7) and rewind_spec("lr") == ("lr", 0)
     for bad in (["--rewind", "iter:x"], ["--layer-fractions", "fc1"], ["--epochs", "0"], ["--fraction", "1.0"],

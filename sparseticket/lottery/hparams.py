@@ -2,7 +2,8 @@
 
 Every field is one ``--flag`` (underscores become dashes); each dataclass is one section
 of ``--help``. The run folder is named by a hash of the fields that change the result
-(``RUN_ONLY`` fields such as the output folder or the thread count do not).
+(``RUN_ONLY`` fields such as the output folder or the thread count do not, nor does
+``--levels`` of an iterative run; ``--pretrained`` counts by its file's contents).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, get_type_hints
 
@@ -152,21 +154,32 @@ class IMPHparams:
             groups[f.name] = sub(**d.get(f.name, {}))
         return cls(**groups)
 
-    def key(self) -> Dict[str, Dict[str, Any]]:
-        """The fields that define the result (everything but RUN_ONLY)."""
-        return {g: {k: v for k, v in sub.items() if k not in RUN_ONLY} for g, sub in self.to_dict().items()
-                if any(k not in RUN_ONLY for k in sub)}
+    def key(self, contents: bool = True, legacy: bool = False) -> Dict[str, Dict[str, Any]]:
+        """The fields that define the result: everything but RUN_ONLY, and ``--levels``
+        only for one-shot runs (an iterative level does not depend on how many follow it,
+        so raising --levels continues the same folder). ``--pretrained`` counts by its
+        file's contents (``contents=False``: left out). ``legacy``: the key of folders
+        named before session 30 (every field but RUN_ONLY, the pretrained path as given)."""
+        k = {g: {k: v for k, v in sub.items() if k not in RUN_ONLY} for g, sub in self.to_dict().items()
+             if any(k not in RUN_ONLY for k in sub)}
+        if legacy:
+            return k
+        if not self.prune.one_shot:
+            del k["prune"]["levels"]
+        if self.model.pretrained:
+            k["model"]["pretrained"] = file_digest(self.model.pretrained) if contents else None
+        return k
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:12]
+    def digest(self, legacy: bool = False) -> str:
+        return hashlib.sha256(json.dumps(self.key(legacy=legacy), sort_keys=True).encode()).hexdigest()[:12]
 
-    def run_name(self) -> str:
+    def run_name(self, legacy: bool = False) -> str:
         kind = "imp"
         if self.experiment.transfer_from:
             kind = "transfer"
         elif self.experiment.control != "none":
             kind = self.experiment.control
-        return f"{kind}_{self.model.model}_{self.data.dataset}_{self.experiment.baseline}_{self.digest()}"
+        return f"{kind}_{self.model.model}_{self.data.dataset}_{self.experiment.baseline}_{self.digest(legacy)}"
 
     def replace(self, **changes) -> "IMPHparams":
         """A copy with flat field changes: ``hp.replace(baseline='dense', control='none')``."""
@@ -208,10 +221,31 @@ class IMPHparams:
             raise ValueError("sparseticket: batch sizes must be >= 1")
         if self.experiment.control != "none" and self.experiment.transfer_from:
             raise ValueError("sparseticket: --control and --transfer-from cannot be combined")
+        if self.model.pretrained and not os.path.isfile(self.model.pretrained):
+            raise ValueError(f"sparseticket: --pretrained {self.model.pretrained}: no such file")
         if not self.run.checkpoint_every >= 0:  # (NaN too)
             raise ValueError(f"sparseticket: --checkpoint-every must be >= 0 seconds (0: every epoch), got "
                              f"{self.run.checkpoint_every}")
         return self
+
+
+_FILE_DIGESTS: Dict[tuple, str] = {}
+
+
+def file_digest(path: str) -> str:
+    """'sha256:<hex>' of a file's bytes (cached per path, size and modification time)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sparseticket: --pretrained {path}: no such file") from None
+    cache_key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if cache_key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_DIGESTS[cache_key] = "sha256:" + h.hexdigest()
+    return _FILE_DIGESTS[cache_key]
 
 
 def _group_type(cls, name: str):

@@ -2,7 +2,8 @@
 
 Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
 
-    hparams.json             what was asked (the hash covers everything but RUN_ONLY)
+    hparams.json             what the latest command asked (the hash covers everything but RUN_ONLY
+                             and, for iterative runs, --levels)
     rewind.pt                θ0 (and θk for late resetting): dense state dicts
     level_00/mask.pt         the level's keep masks (level 0: all ones)
     level_00/checkpoint.pt   the last checkpointed epoch (every --checkpoint-every seconds of
@@ -129,6 +130,11 @@ class IMPRun:
     def __init__(self, hp: IMPHparams):
         self.hp = hp.validate()
         self.dir = Path(hp.run.out) / hp.run_name()
+        legacy = Path(hp.run.out) / hp.run_name(legacy=True)
+        if not self.dir.exists() and legacy.is_dir():
+            # a folder named before session 30, whose hash covered --levels and the
+            # --pretrained path: the same command goes on in it
+            self.dir = legacy
         self.sparse = hp.experiment.baseline == "sparse"
         self._data = None
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
@@ -229,12 +235,15 @@ class IMPRun:
                              f"(its layers: {', '.join(sorted(known))})")
 
     def _check_hparams_file(self):
+        """hparams.json holds the latest command's hyperparameters (its --levels, --threads,
+        --kernels...); the fields that define the result must be the folder's. (The
+        pretrained file's contents are in the folder's name, so its path may change.)"""
         path = self.dir / "hparams.json"
         if path.exists():
-            if IMPHparams.from_dict(json.loads(path.read_text())).key() != self.hp.key():
+            recorded = IMPHparams.from_dict(json.loads(path.read_text()))
+            if recorded.key(contents=False) != self.hp.key(contents=False):
                 raise RuntimeError(f"sparseticket: {self.dir} holds a run with other hyperparameters")
-        else:
-            atomic_json(self.hp.to_dict(), path)
+        atomic_json(self.hp.to_dict(), path)
 
     # ------------------------------------------------------------------ IMP levels
 
@@ -685,7 +694,10 @@ class IMPRun:
                    epochs=len(log), steps=log[-1]["step"] if log else 0, setup_seconds=setup_s,
                    train_seconds=sum(e["train_seconds"] for e in log), modes=modes, mode_evidence=evidence,
                    flops=_sum_flops([e["flops"] for e in log]),
-                   neq_frozen=log[-1]["frozen"] if log else None)
+                   neq_frozen=log[-1]["frozen"] if log else None,
+                   # the settings of the command that finished the level (RUN_ONLY: not in the
+                   # folder's hash; a level's kernel choice is fixed when it starts, see modes)
+                   threads=torch.get_num_threads(), kernels=self.hp.run.kernels)
         # the ticket as sparseticket stores it: layers trained as plain ones (_plain_dense_path) back in compact form
         ticket = stnn.sparsify(_copy_model(model), masks=plain, mode="dense") if plain else model
         if self.sparse:
@@ -715,6 +727,11 @@ class IMPRun:
             f"[{modes}]" + ("  (done earlier)" if resumed else ""))
 
     def _write_results(self, rows: List[dict]) -> None:
+        # with fewer --levels than the folder has finished, the later levels stay listed
+        have = {r["level"] for r in rows}
+        later = [json.loads(m.read_text()) for m in sorted(self.dir.glob("level_*/metrics.json"))]
+        rows = sorted(rows + [r for r in later if r["level"] not in have and r["level"] > max(have, default=-1)],
+                      key=lambda r: r["level"])
         res.write_rows(rows, self.dir / "results")
         if not self.hp.run.plots:
             return
