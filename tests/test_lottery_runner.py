@@ -667,6 +667,26 @@ def test_transfer_and_pretrained(tmp_path):
     _same(torch.load(pre.dir / "rewind.pt")["init"], source)
 
 
+def test_frozen_features_keep_batch_norm_statistics(tmp_path):
+    """--freeze-features on a model with batch norm: the features, running statistics
+    included, are the source's after the transfer; only the head changed (review 44: the
+    statistics were re-estimated on the target task)."""
+    src = R.IMPRun(_hp(tmp_path, model="resnet20", levels=1, epochs=1, batch_size=128))
+    src.run()
+    tr = R.IMPRun(_hp(tmp_path, model="resnet20", levels=1, epochs=1, batch_size=128, transfer_from=str(src.dir),
+                      split_seed=1, freeze_features=True, transfer_init="source"))
+    tr.run()
+    final, source = torch.load(tr.dir / "level_00" / "final.pt"), torch.load(src.dir / "level_01" / "final.pt")
+    head = tr.output_layer(tr.new_model(0))
+    stats = [k for k in source if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats
+    for k in source:
+        if k.startswith(head + "."):
+            assert not torch.equal(final[k], source[k]), k
+        else:
+            assert torch.equal(final[k], source[k]), k
+
+
 def test_unknown_layer_in_layer_fractions_fails_before_training(tmp_path):
     run = R.IMPRun(_hp(tmp_path, layer_fractions="fc1=0.3,fc9=0.5"))
     with pytest.raises(ValueError, match=r"--layer-fractions: 'fc9' is not a prunable layer of lenet_300_100 "

@@ -103,7 +103,8 @@ class ExperimentHparams:
                                       f"init θ0, or random (a fresh draw, seed --init-seed + "
                                       f"{TRANSFER_RANDOM_SEED_OFFSET})",
                             ["source", "init", "random"])
-    freeze_features: bool = hp(False, "transfer: train only the output layer")
+    freeze_features: bool = hp(False, "transfer: train only the output layer (batch-norm layers keep their "
+                                      "running statistics too)")
     baseline: str = hp("sparse", "'dense' runs the identical experiment with dense layers and re-applied masks",
                        ["sparse", "dense"])
 

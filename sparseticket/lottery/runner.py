@@ -546,7 +546,6 @@ class IMPRun:
         counter = FlopCounter(model)
         bar = _Progress(hp.run.progress, T - plan.first_step, f"{self.dir.name[:24]} {plan.name}",
                         initial=step - plan.first_step)
-        model.train()
         epoch_counts: Optional[Dict[int, dict]] = None  # batch size -> FLOPs of one step (see below)
         # checkpoints every hp.run.checkpoint_every seconds, not every epoch: a LeNet epoch
         # takes ~50 ms and its checkpoint (2 MB, fsynced) ~2.6 ms, 7% of the accelerated run
@@ -554,6 +553,7 @@ class IMPRun:
         while step < T:
             epoch = step // S
             t0 = time.perf_counter()
+            _train_mode(model)  # (each epoch: the evaluation passes leave train() behind them)
             lr = self.lr_at(step, S)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -743,6 +743,19 @@ class IMPRun:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _train_mode(model: nn.Module) -> None:
+    """model.train(), except batch-norm layers whose parameters are all frozen (a transfer
+    with --freeze-features): those keep their running statistics, as frozen features must
+    (in training mode they would normalise with the batch's and re-estimate them on the
+    target task)."""
+    model.train()
+    if all(p.requires_grad for p in model.parameters()):
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
