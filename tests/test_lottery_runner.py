@@ -687,6 +687,25 @@ def test_frozen_features_keep_batch_norm_statistics(tmp_path):
             assert torch.equal(final[k], source[k]), k
 
 
+def test_transfer_of_the_last_level_says_when_the_source_moved_on(tmp_path, capsys):
+    """--transfer-level -1 takes the source's last finished level once (a killed transfer
+    resumes on it); after the source trains more levels in place, the same command says
+    that a later level exists and how to transfer it (review 44), and every row names the
+    source level it took."""
+    src = R.IMPRun(_hp(tmp_path, levels=1))
+    src.run()
+    cmd = dict(transfer_from=str(src.dir), split_seed=1)
+    (row,) = R.IMPRun(_hp(tmp_path / "t", **cmd)).run()
+    assert row["source_level"] == 1
+    assert "finished level" not in capsys.readouterr().out
+    R.IMPRun(_hp(tmp_path, levels=2)).run()
+    (same,) = R.IMPRun(_hp(tmp_path / "t", **cmd)).run()
+    assert same["source_level"] == 1
+    assert "the source has finished level 2 since: --transfer-level 2 transfers that one" in capsys.readouterr().out
+    (new,) = R.IMPRun(_hp(tmp_path / "t", transfer_level=2, **cmd)).run()
+    assert new["source_level"] == 2 and new["remaining"] < row["remaining"]
+
+
 def test_unknown_layer_in_layer_fractions_fails_before_training(tmp_path):
     run = R.IMPRun(_hp(tmp_path, layer_fractions="fc1=0.3,fc9=0.5"))
     with pytest.raises(ValueError, match=r"--layer-fractions: 'fc9' is not a prunable layer of lenet_300_100 "

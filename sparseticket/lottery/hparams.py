@@ -98,7 +98,9 @@ class ExperimentHparams:
                       ["none", "random_reinit", "random_prune"])
     transfer_from: Optional[str] = hp(None, "run folder of a finished source run: fine-tune its ticket on this "
                                             "run's data set (Mehta 2019)")
-    transfer_level: int = hp(-1, "which level's mask of the source run (-1: the last)")
+    transfer_level: int = hp(-1, "which level's mask of the source run (-1: the last one finished when the "
+                                 "transfer starts; it keeps that level, and says so if the source has "
+                                 "finished later ones since)")
     transfer_init: str = hp("source", "weights of the transferred ticket: the source's trained weights θ_S, its "
                                       f"init θ0, or random (a fresh draw, seed --init-seed + "
                                       f"{TRANSFER_RANDOM_SEED_OFFSET})",
@@ -231,6 +233,13 @@ class IMPHparams:
 
 
 _FILE_DIGESTS: Dict[tuple, str] = {}
+
+
+def finished_levels(run_dir: str) -> list:
+    """The numbers of a run folder's finished levels (those with a metrics.json), in order."""
+    import glob
+    return sorted(int(os.path.basename(os.path.dirname(m))[len("level_"):])
+                  for m in glob.glob(os.path.join(glob.escape(run_dir), "level_*", "metrics.json")))
 
 
 def file_digest(path: str) -> str:

@@ -47,7 +47,8 @@ from ..neq import NEqConfig, NEqTracker, cut_frozen_outputs, freeze_prefix
 from ..optim import MaskedAdamW, MaskedSGD
 from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
 from . import results as res
-from .hparams import TRANSFER_RANDOM_SEED_OFFSET, IMPHparams, layer_fractions, milestones, rewind_spec
+from .hparams import (TRANSFER_RANDOM_SEED_OFFSET, IMPHparams, finished_levels, layer_fractions, milestones,
+                      rewind_spec)
 
 # ---------------------------------------------------------------------- files
 
@@ -139,6 +140,7 @@ class IMPRun:
         self._data = None
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
         self._rewind_state: Optional[dict] = None    # rewind.pt, read once
+        self._source_level: Optional[int] = None     # transfers: the source level taken
 
     # ------------------------------------------------------------------ data / model
 
@@ -433,6 +435,12 @@ class IMPRun:
                     start[key] = target.state_dict()[key].clone()
         if not record.exists():
             atomic_json({"source": str(src_dir), "source_level": lname}, record)
+        self._source_level = int(lname[len("level_"):])
+        latest = finished_levels(str(src_dir))
+        if exp.transfer_level < 0 and latest and latest[-1] > self._source_level:
+            say(f"[transfer] this transfer took the source's level {self._source_level} (the last one finished when "
+                f"it started); the source has finished level {latest[-1]} since: --transfer-level {latest[-1]} "
+                f"transfers that one")
         trainable = (lambda p: p.startswith(out_name + ".")) if exp.freeze_features else None
         return LevelPlan("level_00", 0, masks, start, 0, trainable=trainable)
 
@@ -687,7 +695,7 @@ class IMPRun:
         train_acc = evaluate(model, data.train.x, data.train.y, bs)
         test_acc = evaluate(model, data.test.x, data.test.y, bs)
         row = dict(run=self.dir.name, baseline=self.hp.experiment.baseline, control=self.hp.experiment.control,
-                   transfer=bool(self.hp.experiment.transfer_from), level=plan.level,
+                   transfer=bool(self.hp.experiment.transfer_from), source_level=self._source_level, level=plan.level,
                    remaining=100.0 * plan.mask.density, layer_remaining={n: 100.0 * d for n, d in
                                                                          plan.mask.layer_density().items()},
                    train_acc=train_acc, test_acc=test_acc, val_acc=log[-1]["val_acc"] if log else None,
