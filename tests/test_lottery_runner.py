@@ -538,8 +538,8 @@ def test_controls(tmp_path):
 
 def test_controls_follow_rewind(tmp_path):
     """A control trains what the ticket trains: from step K under late resetting, and
-    random_prune on the weights the ticket starts from (θK; the previous level's trained
-    weights under learning-rate rewinding), not always θ0 from step 0 (review 43)."""
+    random_prune on the weights the ticket starts from (θK; under learning-rate rewinding
+    its own previous level's trained weights), not always θ0 from step 0 (reviews 43, 44)."""
     main = R.IMPRun(_hp(tmp_path, rewind="iter:5", levels=1))
     mrows = main.run()
     theta_k = torch.load(main.dir / "rewind.pt")["iter"]
@@ -553,15 +553,24 @@ def test_controls_follow_rewind(tmp_path):
     rplan = ri._control_plan(main, 1)
     assert rplan.first_step == 5 and not torch.equal(rplan.start["fc1.weight"], theta_k["fc1.weight"])
     _same(rplan.mask.state_dict(), torch.load(main.dir / "level_01" / "mask.pt"))
-    # as many steps as the ticket: training ends at T, having started at K
-    assert rows[0]["steps"] == rrows[0]["steps"] == mrows[1]["steps"]
-    first = torch.load(rp.dir / "level_01" / "checkpoint.pt", weights_only=False)["log"][0]["step"]
-    assert first == mrows[1]["steps"] // 2      # the first epoch (5 of its steps skipped) ends where the ticket's does
+    # as many steps as the ticket: from K to T, and as many FLOPs (the same kept counts per layer)
+    for r in rows + rrows:
+        assert (r["first_step"], r["steps"]) == (mrows[1]["first_step"], mrows[1]["steps"]) == (5, mrows[0]["steps"])
+        assert r["flops_executed"] == pytest.approx(mrows[1]["flops_executed"], rel=1e-12)
+    # learning-rate rewinding: the random-prune control is iterative, like the ticket
     lr_main = R.IMPRun(_hp(tmp_path, rewind="lr", levels=2))
     lr_main.run()
     lr_rp = R.IMPRun(_hp(tmp_path, rewind="lr", levels=2, control="random_prune"))
     lr_rp.run()
-    _same(lr_rp._control_plan(lr_main, 2).start, torch.load(lr_main.dir / "level_01" / "final.pt"))
+    _same(lr_rp._control_plan(lr_main, 1).start, torch.load(lr_main.dir / "level_00" / "final.pt"))
+    plan2 = lr_rp._control_plan(lr_main, 2)
+    _same(plan2.start, torch.load(lr_rp.dir / "level_01" / "final.pt"))
+    assert plan2.mask.is_subset_of(Mask(torch.load(lr_rp.dir / "level_01" / "mask.pt")))
+    ticket2 = Mask(torch.load(lr_main.dir / "level_02" / "mask.pt"))
+    assert all(plan2.mask.kept(n) == ticket2.kept(n) for n in ticket2)
+    # so every kept weight of level 2 starts from a trained, non-zero value
+    for n in ticket2:
+        assert bool((plan2.start[n + ".weight"][plan2.mask[n]] != 0).all())
 
 
 def test_rewinding_variants_and_one_shot(tmp_path):

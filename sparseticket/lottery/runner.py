@@ -368,20 +368,23 @@ class IMPRun:
 
     def _control_plan(self, main: "IMPRun", level: int) -> LevelPlan:
         """The control of the main run's level: trained from the step the ticket starts at
-        (K under --rewind iter:K, else 0), for as many steps. random_prune takes the weights
-        the ticket starts from (θ0, θK, or with --rewind lr the previous level's trained
-        weights) under a random mask of the ticket's layerwise sparsity; random_reinit takes
-        the ticket's mask on fresh weights from the init distribution."""
+        (K under --rewind iter:K, else 0), for as many steps. random_reinit: the ticket's
+        mask on fresh weights from the init distribution. random_prune: a random mask with
+        the ticket's kept count per layer on the weights the ticket starts from (θ0, θK);
+        under --rewind lr, where a ticket goes on from its previous level's trained weights,
+        the control goes on from its own: a random mask inside its previous level's mask,
+        on its previous level's trained weights (level 1: the main run's trained level 0)."""
         name = f"level_{level:02d}"
         (self.dir / name).mkdir(exist_ok=True)
         ticket = main._imp_plan(level)  # the main run's level, its files checked as on a resume
         if self.hp.experiment.control == "random_reinit":
             start = self.new_model(self.hp.model.init_seed + 7919 * (level + 1)).state_dict()
-            mask = ticket.mask
-        else:
-            start = ticket.start
-            mask = RandomPruning(seed=self.hp.model.init_seed + level).prune_like(Mask.ones_like(ticket.mask),
-                                                                                 ticket.mask)
+            return LevelPlan(name, level, ticket.mask, start, ticket.first_step)
+        start, within = ticket.start, Mask.ones_like(ticket.mask)
+        if rewind_spec(self.hp.prune.rewind)[0] == "lr" and level > 1:
+            prev = self.dir / f"level_{level - 1:02d}"
+            start, within = load(prev / "final.pt"), Mask(load(prev / "mask.pt"))
+        mask = RandomPruning(seed=self.hp.model.init_seed + level).prune_like(within, ticket.mask)
         return LevelPlan(name, level, mask, start, ticket.first_step)
 
     def _transfer_plan(self) -> LevelPlan:
@@ -699,7 +702,8 @@ class IMPRun:
                    remaining=100.0 * plan.mask.density, layer_remaining={n: 100.0 * d for n, d in
                                                                          plan.mask.layer_density().items()},
                    train_acc=train_acc, test_acc=test_acc, val_acc=log[-1]["val_acc"] if log else None,
-                   epochs=len(log), steps=log[-1]["step"] if log else 0, setup_seconds=setup_s,
+                   epochs=len(log), first_step=plan.first_step, steps=log[-1]["step"] if log else 0,
+                   setup_seconds=setup_s,
                    train_seconds=sum(e["train_seconds"] for e in log), modes=modes, mode_evidence=evidence,
                    flops=_sum_flops([e["flops"] for e in log]),
                    neq_frozen=log[-1]["frozen"] if log else None,
