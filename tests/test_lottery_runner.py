@@ -627,6 +627,17 @@ def test_raising_levels_continues_the_folder(tmp_path):
         R.IMPRun(hp.replace(lr=0.07)).run()
 
 
+def test_a_resumed_level_reports_the_settings_it_ran_with(tmp_path, monkeypatch):
+    """A level started under --kernels dense on 1 thread, killed, and finished by a command
+    with --kernels sparse on 2 threads ran its layers dense (the choice is fixed at the
+    level's start): its row says kernels 'dense' and threads '1,2' (review 44)."""
+    _killed_at_first_checkpoint(monkeypatch, _hp(tmp_path, levels=1, kernels="dense", threads=1), level="level_01")
+    rows = R.IMPRun(_hp(tmp_path, levels=1, kernels="sparse", threads=2)).run()
+    assert rows[1]["modes"] == {"fc1": "dense", "fc2": "dense", "fc3": "dense"}
+    assert (rows[1]["kernels"], rows[1]["threads"]) == ("dense", "1,2")
+    assert (rows[0]["kernels"], rows[0]["threads"]) == ("dense", 1)
+
+
 def test_a_folder_named_before_session_30_is_continued(tmp_path):
     hp = _hp(tmp_path, levels=1)
     run = R.IMPRun(hp)

@@ -141,6 +141,7 @@ class IMPRun:
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
         self._rewind_state: Optional[dict] = None    # rewind.pt, read once
         self._source_level: Optional[int] = None     # transfers: the source level taken
+        self._level_kernels: Optional[str] = None    # the --kernels of the level being trained
 
     # ------------------------------------------------------------------ data / model
 
@@ -533,8 +534,13 @@ class IMPRun:
                 evidence = record["mode_evidence"]
             else:
                 evidence = _pin_modes(model, train_x[:bs], self._previous_choice(plan)) if self.sparse else {}
-                atomic_json({"mask_digest": digest, "modes": _modes(model), "mode_evidence": evidence}, pinned)
+                atomic_json({"mask_digest": digest, "modes": _modes(model), "mode_evidence": evidence,
+                             "kernels": hp.run.kernels}, pinned)
         modes = _modes(model)
+        # the --kernels the level's choice was made under (modes.json; older folders: this command's)
+        pinned = ldir / "modes.json"
+        self._level_kernels = (json.loads(pinned.read_text()).get("kernels") if pinned.exists() else None) \
+            or hp.run.kernels
         # (not with NEq: its layers register their own masks, and a plain layer's keep mask with them)
         # (a checkpoint that holds a ticket for such a layer, written before this existed, resumes it as a ticket)
         held = {k[:-len(".weight_values")] for k in state["model"] if k.endswith(".weight_values")} if state else set()
@@ -632,6 +638,7 @@ class IMPRun:
             val_acc = evaluate(model, data.val.x, data.val.y, hp.train.eval_batch_size)
             entry = dict(epoch=epoch, step=step, lr=lr, loss=float(torch.stack(losses).mean()) if losses else None,
                          val_acc=val_acc, train_seconds=train_s, neq_seconds=neq_s, frozen=frozen,
+                         threads=torch.get_num_threads(),
                          flops=_sum_flops([_scale_flops(sampled, sizes)] + once), seconds=time.perf_counter() - t0)
             log.append(entry)
             if step >= T or time.perf_counter() - last_save >= hp.run.checkpoint_every:
@@ -707,9 +714,10 @@ class IMPRun:
                    train_seconds=sum(e["train_seconds"] for e in log), modes=modes, mode_evidence=evidence,
                    flops=_sum_flops([e["flops"] for e in log]),
                    neq_frozen=log[-1]["frozen"] if log else None,
-                   # the settings of the command that finished the level (RUN_ONLY: not in the
-                   # folder's hash; a level's kernel choice is fixed when it starts, see modes)
-                   threads=torch.get_num_threads(), kernels=self.hp.run.kernels)
+                   # RUN_ONLY settings (not in the folder's hash): the thread counts its epochs
+                   # trained with ('1,2' if a resume changed it) and the --kernels its kernel
+                   # choice was made under (fixed when the level starts; per layer: modes)
+                   threads=_threads(log), kernels=self._level_kernels)
         # the ticket as sparseticket stores it: layers trained as plain ones (_plain_dense_path) back in compact form
         ticket = stnn.sparsify(_copy_model(model), masks=plain, mode="dense") if plain else model
         if self.sparse:
@@ -755,6 +763,11 @@ class IMPRun:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _threads(log: List[dict]):
+    counts = sorted({e.get("threads", torch.get_num_threads()) for e in log}) or [torch.get_num_threads()]
+    return counts[0] if len(counts) == 1 else ",".join(map(str, counts))
 
 
 def _train_mode(model: nn.Module) -> None:
