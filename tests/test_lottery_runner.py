@@ -584,9 +584,10 @@ def test_rewinding_variants_and_one_shot(tmp_path):
     lr.run()
     plan = lr._imp_plan(2)
     _same(plan.start, torch.load(lr.dir / "level_01" / "final.pt"))
-    with pytest.raises(RuntimeError, match="never reached"):
-        run = R.IMPRun(_hp(tmp_path, rewind="iter:100000"))
+    run = R.IMPRun(_hp(tmp_path, rewind="iter:100000"))
+    with pytest.raises(ValueError, match="never reaches step 100000"):  # found before level 0 trains
         run.run()
+    assert not run.dir.exists()
     # K = T, the last step: θK is level 0's trained weights, taken after its last batch
     T = rows[0]["steps"]
     last = R.IMPRun(_hp(tmp_path, rewind=f"iter:{T}", levels=1))
@@ -941,6 +942,55 @@ def test_cli_usage_errors_and_transfer_level_out_of_range(tmp_path, capsys):
     src.run()
     with pytest.raises(RuntimeError, match="--transfer-level -5: the source .* has 2 finished level"):
         R.IMPRun(_hp(tmp_path / "t", transfer_from=str(src.dir), transfer_level=-5)).run()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--momentum", "-1"], "--momentum must be in [0, 1), got -1.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--gamma", "-1", "--milestones", "1"], "--gamma must be > 0, got -1.0"),
+    (["--milestones=-1"], "--milestones are epochs >= 0, got '-1'"),
+    (["--neq", "--neq-val-size", "0"], "--neq-val-size: must be a positive integer or None, got 0"),
+    (["--neq", "--neq-mu", "2"], "--neq-mu: must be in [0, 1], got 2.0"),
+])
+def test_cli_rejects_bad_training_flags(tmp_path, capsys, flags, message):
+    """Hyperparameters no run can use are usage errors before anything runs (review 44:
+    optimizer and NEq tracebacks after a folder was made, or a negative learning rate)."""
+    from sparseticket.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["imp", "--dataset", "digits", "--out", str(tmp_path), *flags])
+    assert e.value.code == 2
+    assert f"sparseticket imp: error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_bad_inputs_found_before_a_folder_exists(tmp_path, capsys):
+    """A --pretrained file that is not a state dict, or another model's, and a late-resetting
+    step past the end of level 0: a one-line error (exit 2) before any folder is made, not a
+    traceback after it (review 44). Errors the runner raises later (a folder that does not fit
+    the command) are one line too, exit 1."""
+    from sparseticket.__main__ import main
+    out = tmp_path / "runs"
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save(R.IMPRun(_hp(tmp_path, model="conv2")).new_model(0).state_dict(), other)
+    common = ["imp", "--dataset", "digits", "--out", str(out), "--progress", "false", "--plots", "false"]
+    for flags, message in ((["--pretrained", str(junk)], f"--pretrained {junk}: not a readable state dict"),
+                           (["--pretrained", str(other)], f"--pretrained {other} does not fit the model"),
+                           (["--epochs", "1", "--rewind", "iter:1000"],
+                            "--rewind iter:1000: level 0 trains 21 steps (1 epoch(s) of 21), so it never reaches "
+                            "step 1000")):
+        assert main(common + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sparseticket imp: error: {message}") and "Traceback" not in err, err
+        assert not out.exists()
+    hp = _hp(out, epochs=1, levels=0)
+    clash = out / hp.run_name()
+    clash.mkdir(parents=True)
+    (clash / "hparams.json").write_text(json.dumps(hp.replace(lr=0.5).to_dict()))
+    assert main(common + ["--epochs", "1", "--levels", "0", "--lr", "0.05", "--batch-size", "60",
+                          "--kernels", "sparse"]) == 1
+    assert "holds a run with other hyperparameters" in capsys.readouterr().err
 
 
 def test_cli_compare_dense_table_files_and_plots(tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if hp.run.compare_dense and hp.experiment.baseline == "sparse":
         _warm_up()
+    try:
+        return _run(hp, t0)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        # the runner's own errors (bad input, a folder that does not fit the command): a
+        # message, not a traceback; 2 for input the command should not have been given
+        if not str(e).startswith("sparseticket:"):
+            raise
+        print(f"sparseticket imp: error: {str(e).removeprefix('sparseticket: ')}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+
+
+def _run(hp, t0: float) -> int:
+    from .runner import IMPRun
     main = IMPRun(hp)
     print(f"run folder: {main.dir}")
     rows = main.run()

@@ -217,7 +217,24 @@ class IMPHparams:
             raise ValueError(f"sparseticket: --rewind {p.rewind} with --pretrained: level 0 is evaluated, not "
                              f"trained, so it has no iteration {k} to rewind to (rewind to the pre-trained "
                              f"weights with --rewind init)")
-        milestones(t.milestones)
+        if any(m < 0 for m in milestones(t.milestones)):
+            raise ValueError(f"sparseticket: --milestones are epochs >= 0, got {t.milestones!r}")
+        for flag, v, ok, want in (("momentum", t.momentum, 0.0 <= t.momentum < 1.0, "in [0, 1)"),
+                                  ("weight-decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+                                  ("gamma", t.gamma, t.gamma > 0, "> 0")):
+            if not ok:  # (NaN too)
+                raise ValueError(f"sparseticket: --{flag} must be {want}, got {v}")
+        if self.neq.neq:
+            from ..neq.config import NEqConfig
+            q = self.neq
+            try:
+                NEqConfig(eps=q.neq_eps, mu_eq=q.neq_mu, rule=q.neq_rule, val_size=q.neq_val_size)
+            except ValueError as e:  # its message names NEqConfig's fields: say which flag
+                for field_, flag in (("eps", "neq-eps"), ("mu_eq", "neq-mu"), ("rule", "neq-rule"),
+                                     ("val_size", "neq-val-size")):
+                    if f"NEqConfig.{field_} " in str(e):
+                        raise ValueError(f"sparseticket: --{flag}: {str(e).split(' ', 1)[1]}") from None
+                raise
         if t.epochs < 1:
             raise ValueError(f"sparseticket: --epochs must be >= 1, got {t.epochs}")
         if self.data.batch_size < 1 or t.eval_batch_size < 1:

@@ -193,6 +193,7 @@ class IMPRun:
         so a caller may interleave two runs' levels, as ``bench/bench_imp.py speed`` does
         to expose the sparse run and its dense baseline to the same machine phases."""
         self._check_layer_names()
+        self._check_inputs()
         self.dir.mkdir(parents=True, exist_ok=True)
         with _folder_lock(self.dir):
             yield from self._levels_locked()
@@ -236,6 +237,19 @@ class IMPRun:
                              f"{'is not a' if len(unknown) == 1 else 'are not'} prunable layer"
                              f"{'' if len(unknown) == 1 else 's'} of {self.hp.model.model} "
                              f"(its layers: {', '.join(sorted(known))})")
+
+    def _check_inputs(self):
+        """What can only be checked against the data or a file, before any folder exists: a
+        late-resetting step past the end of level 0's training, a --pretrained file that is
+        not a state dict of the model."""
+        kind, k = rewind_spec(self.hp.prune.rewind)
+        if kind == "iter" and not self.hp.experiment.transfer_from:
+            T = self.hp.train.epochs * math.ceil(self.data.train.x.shape[0] / self.hp.data.batch_size)
+            if k > T:
+                raise ValueError(f"sparseticket: --rewind iter:{k}: level 0 trains {T} steps ({self.hp.train.epochs} "
+                                 f"epoch(s) of {T // self.hp.train.epochs}), so it never reaches step {k}")
+        if self.hp.model.pretrained:
+            _load_pretrained(self.new_model(self.hp.model.init_seed), self.hp.model.pretrained)
 
     def _check_hparams_file(self):
         """hparams.json holds the latest command's hyperparameters (its --levels, --threads,
@@ -1069,17 +1083,27 @@ def _pin_measured(layers: List[Tuple[str, nn.Module]], evidence: Dict[str, list]
 
 
 def _load_pretrained(model: nn.Module, path: str) -> Dict[str, Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-    if any(k.endswith(".weight_values") for k in sd):
-        stnn.load_state_dict(model, sd)
-        return _dense_state(model)
-    model.load_state_dict(sd)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(sd, dict) and "state_dict" in sd:
+                sd = sd["state_dict"]
+    except Exception as e:  # (pickle, zip and safetensors errors alike)
+        raise ValueError(f"sparseticket: --pretrained {path}: not a readable state dict "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"sparseticket: --pretrained {path}: not a state dict (a dict of tensors)")
+    try:
+        if any(k.endswith(".weight_values") for k in sd):
+            stnn.load_state_dict(model, sd)
+            return _dense_state(model)
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"sparseticket: --pretrained {path} does not fit the model "
+                         f"({type(e).__name__}: {str(e).strip()[:500]})") from None
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
