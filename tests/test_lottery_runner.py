@@ -1021,6 +1021,22 @@ def test_cli_compare_dense_table_files_and_plots(tmp_path, capsys):
     assert len(lines) == 3 and lines[-1].rstrip().endswith(f"{total:.2f}x")
     for png in ("time_per_level.png", "accuracy_vs_dense.png", "accuracy.png"):
         assert (sparse.dir / png).stat().st_size > 1000, png
+    # the comparison covers every level both folders finished (review 44): extended without
+    # --compare-dense it is refreshed (the twin lacks level 2, so still levels 0-1); extended
+    # with it, levels 0-2; a command asking for fewer levels does not shrink it
+    levels = lambda: [int(ln.split(",")[0]) for ln in (sparse.dir / "comparison.csv").read_text().splitlines()[1:]]
+    before = (sparse.dir / "comparison.csv").stat().st_ino   # (written anew: a new file renamed over it)
+    two = [a for a in argv if a != "--compare-dense"] + ["--levels", "2"]   # (the last --levels counts)
+    assert main(two) == 0
+    assert levels() == [0, 1] and (sparse.dir / "comparison.csv").stat().st_ino != before
+    assert main(two + ["--compare-dense"]) == 0
+    assert levels() == [0, 1, 2]
+    assert main(argv) == 0
+    assert levels() == [0, 1, 2]
+    capsys.readouterr()
+    # a control with no levels to run says so instead of naming a results file it has not written
+    assert main(argv[:-1] + ["--control", "random_prune", "--levels", "0"]) == 0
+    assert "no level to run" in capsys.readouterr().out
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path):

@@ -31,7 +31,6 @@ def _warm_up() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runner import IMPRun
     hp = from_args(args)
     t0 = time.perf_counter()
     if hp.run.compare_dense and hp.experiment.baseline == "sparse":
@@ -52,17 +51,36 @@ def _run(hp, t0: float) -> int:
     main = IMPRun(hp)
     print(f"run folder: {main.dir}")
     rows = main.run()
-    print(f"finished in {time.perf_counter() - t0:.1f} s; results: {main.dir / 'results.csv'}")
-    if hp.run.compare_dense and hp.experiment.baseline == "sparse":
-        twin = IMPRun(hp.replace(baseline="dense"))
+    results = main.dir / "results.csv"
+    print(f"finished in {time.perf_counter() - t0:.1f} s; " + (f"results: {results}" if results.exists() else
+          "no level to run (a control has one per pruned level of the main run: --levels 0 has none)"))
+    if not rows:
+        return 0
+    if hp.experiment.baseline != "sparse":
+        return 0
+    twin = IMPRun(hp.replace(baseline="dense"))
+    if hp.run.compare_dense:
         print(f"dense baseline: {twin.dir}")
-        dense_rows = twin.run()
-        table = res.compare(rows, dense_rows)
-        res.write_rows(table, main.dir / "comparison", res.COMPARISON_COLUMNS)
-        if hp.run.plots:
-            res.plot_times(table, main.dir / "time_per_level.png", "time per level")
-            res.plot_accuracy({"sparseticket": rows, "dense masked": dense_rows}, main.dir / "accuracy_vs_dense.png",
-                              "test accuracy")
+        twin.run()
+    elif not ((main.dir / "comparison.csv").exists() and twin.dir.is_dir()):
+        return 0
+    # every level both folders have finished (not only this command's): a run extended or
+    # resumed without --compare-dense refreshes a comparison it already has
+    table = _write_comparison(hp, main.dir, twin.dir)
+    if hp.run.compare_dense:
         print()
         print(res.comparison_table(table))
     return 0
+
+
+def _write_comparison(hp, sparse_dir: Path, dense_dir: Path) -> list:
+    rows, dense_rows = res.read_rows(sparse_dir), res.read_rows(dense_dir)
+    table = res.compare(rows, dense_rows)
+    res.write_rows(table, sparse_dir / "comparison", res.COMPARISON_COLUMNS)
+    if hp.run.plots:
+        res.plot_times(table, sparse_dir / "time_per_level.png", "time per level")
+        shared = {r["level"] for r in table}
+        res.plot_accuracy({"sparseticket": [r for r in rows if r["level"] in shared],
+                           "dense masked": [r for r in dense_rows if r["level"] in shared]},
+                          sparse_dir / "accuracy_vs_dense.png", "test accuracy")
+    return table
