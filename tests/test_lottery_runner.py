@@ -640,6 +640,9 @@ def test_a_resumed_level_reports_the_settings_it_ran_with(tmp_path, monkeypatch)
 
 
 def test_a_folder_named_before_session_30_is_continued(tmp_path):
+    """A folder named by the old hash (which covered --levels) is continued by the same
+    command and by one with more levels (review 44); not for --pretrained runs, whose old
+    name does not vouch for the file's contents."""
     hp = _hp(tmp_path, levels=1)
     run = R.IMPRun(hp)
     run.run()
@@ -648,7 +651,18 @@ def test_a_folder_named_before_session_30_is_continued(tmp_path):
     again = R.IMPRun(hp)
     assert again.dir == old
     assert [r["level"] for r in again.run()] == [0, 1]
+    more = R.IMPRun(hp.replace(levels=2))
+    assert more.dir == old
+    assert [r["level"] for r in more.run()] == [0, 1, 2]
     assert not (tmp_path / hp.run_name()).exists()
+    assert R.IMPRun(hp.replace(lr=0.07)).dir != old
+    path = tmp_path / "pre.pt"
+    torch.save(torch.load(old / "level_00" / "final.pt"), path)
+    pre = _hp(tmp_path, levels=1, pretrained=str(path))
+    R.IMPRun(pre).run()
+    folder = R.IMPRun(pre).dir
+    folder.rename(tmp_path / pre.run_name(legacy=True))
+    assert R.IMPRun(pre).dir == tmp_path / pre.run_name()   # a new folder: trained again
 
 
 def test_pretrained_counts_by_contents(tmp_path):

@@ -131,11 +131,8 @@ class IMPRun:
     def __init__(self, hp: IMPHparams):
         self.hp = hp.validate()
         self.dir = Path(hp.run.out) / hp.run_name()
-        legacy = Path(hp.run.out) / hp.run_name(legacy=True)
-        if not self.dir.exists() and legacy.is_dir():
-            # a folder named before session 30, whose hash covered --levels and the
-            # --pretrained path: the same command goes on in it
-            self.dir = legacy
+        if not self.dir.exists():
+            self.dir = _legacy_folder(hp) or self.dir
         self.sparse = hp.experiment.baseline == "sparse"
         self._data = None
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
@@ -777,6 +774,23 @@ class IMPRun:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _legacy_folder(hp: IMPHparams) -> Optional[Path]:
+    """A folder named before session 30 that holds this experiment: its hash covered
+    --levels and the --pretrained path, so the same command with any --levels goes on in
+    it. Not for --pretrained runs, whose file's contents the old name does not vouch for."""
+    if hp.model.pretrained:
+        return None
+    prefix = hp.run_name().rsplit("_", 1)[0]
+    for folder in sorted(Path(hp.run.out).glob(f"{prefix}_*")):
+        try:
+            recorded = IMPHparams.from_dict(json.loads((folder / "hparams.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if folder.name == recorded.run_name(legacy=True) and recorded.key(contents=False) == hp.key(contents=False):
+            return folder
+    return None
 
 
 def _threads(log: List[dict]):
