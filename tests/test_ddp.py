@@ -209,6 +209,32 @@ def stale_scenario(rank):
     return out
 
 
+def check_scenario(rank):
+    """stnn.check_same_masks on masks that agree, then on a rank-1 mask rolled by one column
+    (the same nnz, which DDP's constructor would not notice), then on NEq active sets."""
+    out = {}
+
+    def check(model):
+        try:
+            stnn.check_same_masks(model)
+            return "ok"
+        except RuntimeError as e:
+            return str(e)
+
+    model = _sparse_mlp()
+    out["same"] = check(model)
+    if rank == 1:
+        model[2].set_mask(torch.roll(model[2].mask(), 1, dims=1))
+    out["differ"] = check(model)
+    torch.manual_seed(3)
+    neq = stnn.enable_neq(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4)).to(F64))
+    out["neq_same"] = check(neq)
+    if rank == 1:
+        neq[0].set_active(torch.arange(32) % 2 == 0)
+    out["neq_differ"] = check(neq)
+    return out
+
+
 def prefix_outside_scenario(rank):
     """DDP built before freeze_prefix: it waits for the prefix's gradients, which never come."""
     torch.manual_seed(2)
@@ -237,7 +263,8 @@ def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
-        res = {"sparse": sparse_scenario(rank), "neq": neq_scenario(rank), "prefix": prefix_scenario(rank)}
+        res = {"sparse": sparse_scenario(rank), "neq": neq_scenario(rank), "prefix": prefix_scenario(rank),
+               "check": check_scenario(rank)}
         # these two leave a DDP reducer mid-reduction: last
         res["prefix_outside"] = prefix_outside_scenario(rank)
         res["stale"] = stale_scenario(rank)
@@ -300,6 +327,22 @@ def test_masks_identical_on_every_rank(ranks):
     for k in s0:
         if k.endswith(("crow", "col")):
             assert torch.equal(s0[k], s1[k])
+
+
+def test_check_same_masks_names_the_layers_that_differ(ranks):
+    """Same-nnz mask differences, which DDP's constructor lets through, are caught on every
+    rank, naming the layer and the ranks."""
+    for res in ranks:
+        c = res["check"]
+        assert c["same"] == "ok" and c["neq_same"] == "ok"
+        assert c["differ"].startswith("sparseticket: the masks differ between ranks")
+        assert "2 (kept weights): rank(s) [1] differ from rank 0" in c["differ"] and "0 (kept" not in c["differ"]
+        assert "0 (NEq active set): rank(s) [1] differ from rank 0" in c["neq_differ"]
+
+
+def test_check_same_masks_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        stnn.check_same_masks(_sparse_mlp())
 
 
 def test_neq_decisions_agree_across_ranks_and_training_matches(ranks):
