@@ -640,29 +640,43 @@ def test_a_resumed_level_reports_the_settings_it_ran_with(tmp_path, monkeypatch)
 
 
 def test_a_folder_named_before_session_30_is_continued(tmp_path):
-    """A folder named by the old hash (which covered --levels) is continued by the same
-    command and by one with more levels (review 44); not for --pretrained runs, whose old
-    name does not vouch for the file's contents."""
+    """A folder named by the old hash (which covered --levels) is renamed to the present
+    name by the first command of its experiment, whatever its --levels, so every later
+    command finds it too (review 45: it was found once, then lost). Several such folders:
+    the one with the most levels. Not for --pretrained runs, whose old name does not vouch
+    for the file's contents, nor for controls whose definition changed."""
     hp = _hp(tmp_path, levels=1)
     run = R.IMPRun(hp)
     run.run()
+    new = run.dir
     old = tmp_path / hp.run_name(legacy=True)
     run.dir.rename(old)
-    again = R.IMPRun(hp)
-    assert again.dir == old
-    assert [r["level"] for r in again.run()] == [0, 1]
+    import shutil                                   # another legacy folder of the experiment, with fewer levels
+    shorter = tmp_path / hp.replace(levels=0).run_name(legacy=True)
+    shutil.copytree(old, shorter)
+    shutil.rmtree(shorter / "level_01")
+    (shorter / "hparams.json").write_text(json.dumps(hp.replace(levels=0).to_dict()))
+    (tmp_path / "imp_lenet_300_100_digits_sparse_junk").mkdir()   # (odd folders are skipped)
+    (tmp_path / "imp_lenet_300_100_digits_sparse_junk" / "hparams.json").write_text("null")
+    level1 = (old / "level_01" / "metrics.json").read_text()
     more = R.IMPRun(hp.replace(levels=2))
-    assert more.dir == old
+    assert more.dir == new and new.is_dir() and not old.exists() and shorter.exists()
     assert [r["level"] for r in more.run()] == [0, 1, 2]
-    assert not (tmp_path / hp.run_name()).exists()
-    assert R.IMPRun(hp.replace(lr=0.07)).dir != old
+    assert (new / "level_01" / "metrics.json").read_text() == level1   # the longer folder's level 1, not retrained
+    for levels in (2, 1, 3):                      # found again by every later command
+        assert R.IMPRun(hp.replace(levels=levels)).dir == new
+    assert R.IMPRun(hp.replace(lr=0.07)).dir != new
     path = tmp_path / "pre.pt"
-    torch.save(torch.load(old / "level_00" / "final.pt"), path)
+    torch.save(torch.load(new / "level_00" / "final.pt"), path)
     pre = _hp(tmp_path, levels=1, pretrained=str(path))
     R.IMPRun(pre).run()
-    folder = R.IMPRun(pre).dir
-    folder.rename(tmp_path / pre.run_name(legacy=True))
-    assert R.IMPRun(pre).dir == tmp_path / pre.run_name()   # a new folder: trained again
+    R.IMPRun(pre).dir.rename(tmp_path / pre.run_name(legacy=True))
+    assert not R.IMPRun(pre).dir.exists()          # a new folder: trained again
+    assert (tmp_path / pre.run_name(legacy=True)).exists()
+    ctl = _hp(tmp_path, levels=1, rewind="iter:5", control="random_prune")
+    (tmp_path / ctl.run_name(legacy=True)).mkdir()
+    (tmp_path / ctl.run_name(legacy=True) / "hparams.json").write_text(json.dumps(ctl.to_dict()))
+    assert not R.IMPRun(ctl).dir.exists()
 
 
 def test_pretrained_counts_by_contents(tmp_path):
@@ -736,7 +750,8 @@ def test_transfer_of_the_last_level_says_when_the_source_moved_on(tmp_path, caps
     R.IMPRun(_hp(tmp_path, levels=2)).run()
     (same,) = R.IMPRun(_hp(tmp_path / "t", **cmd)).run()
     assert same["source_level"] == 1
-    assert "the source has finished level 2 since: --transfer-level 2 transfers that one" in capsys.readouterr().out
+    assert "the source has finished more levels since, and --transfer-level 2 transfers the one it names now" \
+        in capsys.readouterr().out
     (new,) = R.IMPRun(_hp(tmp_path / "t", transfer_level=2, **cmd)).run()
     assert new["source_level"] == 2 and new["remaining"] < row["remaining"]
 

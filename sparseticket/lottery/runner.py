@@ -132,7 +132,7 @@ class IMPRun:
         self.hp = hp.validate()
         self.dir = Path(hp.run.out) / hp.run_name()
         if not self.dir.exists():
-            self.dir = _legacy_folder(hp) or self.dir
+            _adopt_legacy_folder(hp, self.dir)
         self.sparse = hp.experiment.baseline == "sparse"
         self._data = None
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
@@ -452,10 +452,12 @@ class IMPRun:
             atomic_json({"source": str(src_dir), "source_level": lname}, record)
         self._source_level = int(lname[len("level_"):])
         latest = finished_levels(str(src_dir))
-        if exp.transfer_level < 0 and latest and latest[-1] > self._source_level:
-            say(f"[transfer] this transfer took the source's level {self._source_level} (the last one finished when "
-                f"it started); the source has finished level {latest[-1]} since: --transfer-level {latest[-1]} "
-                f"transfers that one")
+        if exp.transfer_level < 0 and len(latest) >= -exp.transfer_level:
+            now = latest[exp.transfer_level]
+            if now != self._source_level:
+                say(f"[transfer] this transfer took the source's level {self._source_level} (--transfer-level "
+                    f"{exp.transfer_level} when it started); the source has finished more levels since, and "
+                    f"--transfer-level {now} transfers the one it names now")
         trainable = (lambda p: p.startswith(out_name + ".")) if exp.freeze_features else None
         return LevelPlan("level_00", 0, masks, start, 0, trainable=trainable)
 
@@ -776,21 +778,34 @@ class IMPRun:
 # ---------------------------------------------------------------------- helpers
 
 
-def _legacy_folder(hp: IMPHparams) -> Optional[Path]:
-    """A folder named before session 30 that holds this experiment: its hash covered
-    --levels and the --pretrained path, so the same command with any --levels goes on in
-    it. Not for --pretrained runs, whose file's contents the old name does not vouch for."""
-    if hp.model.pretrained:
-        return None
+def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
+    """A folder named before session 30 that holds this experiment (its hash covered
+    --levels and the --pretrained path) is renamed to the experiment's present name, so
+    this command and every later one, with any --levels, go on in it. Where several do,
+    the one with the most finished levels. Not for --pretrained runs (the old name does not
+    vouch for the file's contents) nor for controls with --rewind other than init (their
+    definition changed in session 30: the levels would mix two kinds of control)."""
+    if hp.model.pretrained or (hp.experiment.control != "none" and hp.prune.rewind != "init"):
+        return
     prefix = hp.run_name().rsplit("_", 1)[0]
-    for folder in sorted(Path(hp.run.out).glob(f"{prefix}_*")):
+    found = []
+    for folder in Path(hp.run.out).glob(f"{prefix}_*"):
         try:
             recorded = IMPHparams.from_dict(json.loads((folder / "hparams.json").read_text()))
-        except (OSError, ValueError, TypeError):
+            legacy = folder.name == recorded.run_name(legacy=True)
+            if legacy and recorded.key(contents=False) == hp.key(contents=False):
+                found.append((len(finished_levels(str(folder))), folder.name, folder))
+        except Exception:  # (any folder that is not a readable run of this kind: not ours)
             continue
-        if folder.name == recorded.run_name(legacy=True) and recorded.key(contents=False) == hp.key(contents=False):
-            return folder
-    return None
+    if not found:
+        return
+    old = max(found)[2]
+    try:
+        with _folder_lock(old):  # (not while a process of an older version runs it)
+            os.rename(old, new)
+    except FileNotFoundError:  # another process adopted it meanwhile
+        return
+    say(f"continuing {old.name} (named before session 30) as {new.name}")
 
 
 def _threads(log: List[dict]):
