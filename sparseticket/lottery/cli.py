@@ -56,13 +56,13 @@ def _run(hp, t0: float) -> int:
           "no level to run (a control has one per pruned level of the main run: --levels 0 has none)"))
     if not rows:
         return 0
-    if hp.experiment.baseline != "sparse":
+    if hp.experiment.baseline != "sparse" or not (hp.run.compare_dense or (main.dir / "comparison.csv").exists()):
         return 0
     twin = IMPRun(hp.replace(baseline="dense"))
     if hp.run.compare_dense:
         print(f"dense baseline: {twin.dir}")
         twin.run()
-    elif not ((main.dir / "comparison.csv").exists() and twin.dir.is_dir()):
+    elif not twin.dir.is_dir():
         return 0
     # every level both folders have finished (not only this command's): a run extended or
     # resumed without --compare-dense refreshes a comparison it already has
