@@ -659,9 +659,15 @@ def test_a_folder_named_before_session_30_is_continued(tmp_path):
     (tmp_path / "imp_lenet_300_100_digits_sparse_junk").mkdir()   # (odd folders are skipped)
     (tmp_path / "imp_lenet_300_100_digits_sparse_junk" / "hparams.json").write_text("null")
     level1 = (old / "level_01" / "metrics.json").read_text()
+    transfer = _hp(tmp_path / "t", transfer_from=str(old), split_seed=1)   # (records its source's path)
+    (done,) = R.IMPRun(transfer).run()
     more = R.IMPRun(hp.replace(levels=2))
-    assert more.dir == new and new.is_dir() and not old.exists() and shorter.exists()
+    assert more.dir == new and new.is_dir() and not new.is_symlink() and shorter.exists()
+    assert old.is_symlink() and old.resolve() == new.resolve()   # the old name still leads to it
     assert [r["level"] for r in more.run()] == [0, 1, 2]
+    assert {r["run"] for r in json.loads((new / "results.json").read_text())} == {new.name}
+    (again,) = R.IMPRun(transfer).run()                           # the transfer still finds its source
+    assert again == done
     assert (new / "level_01" / "metrics.json").read_text() == level1   # the longer folder's level 1, not retrained
     for levels in (2, 1, 3):                      # found again by every later command
         assert R.IMPRun(hp.replace(levels=levels)).dir == new

@@ -765,6 +765,7 @@ class IMPRun:
         later = [json.loads(m.read_text()) for m in sorted(self.dir.glob("level_*/metrics.json"))]
         rows = sorted(rows + [r for r in later if r["level"] not in have and r["level"] > max(have, default=-1)],
                       key=lambda r: r["level"])
+        rows = [{**r, "run": self.dir.name} for r in rows]  # (levels finished under a folder's old name)
         res.write_rows(rows, self.dir / "results")
         if not self.hp.run.plots:
             return
@@ -790,6 +791,8 @@ def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
     prefix = hp.run_name().rsplit("_", 1)[0]
     found = []
     for folder in Path(hp.run.out).glob(f"{prefix}_*"):
+        if folder.is_symlink():  # (an old name left pointing at an adopted folder)
+            continue
         try:
             recorded = IMPHparams.from_dict(json.loads((folder / "hparams.json").read_text()))
             legacy = folder.name == recorded.run_name(legacy=True)
@@ -802,10 +805,16 @@ def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
     old = max(found)[2]
     try:
         with _folder_lock(old):  # (not while a process of an older version runs it)
+            if new.exists():  # another process adopted one meanwhile
+                return
             os.rename(old, new)
+            # the old name stays, as a link: transfers record their source's path
+            os.symlink(new.name, old, target_is_directory=True)
     except FileNotFoundError:  # another process adopted it meanwhile
         return
-    say(f"continuing {old.name} (named before session 30) as {new.name}")
+    others = sorted(f.name for _, _, f in found if f != old)
+    say(f"continuing {old.name} (named before session 30) as {new.name}, linked from the old name"
+        + (f"; also of this experiment, left as they are: {', '.join(others)}" if others else ""))
 
 
 def _threads(log: List[dict]):
