@@ -56,10 +56,12 @@ def _run(hp, t0: float) -> int:
           "no level to run (a control has one per pruned level of the main run: --levels 0 has none)"))
     if not rows:
         return 0
-    if hp.experiment.baseline != "sparse" and hp.run.compare_dense:
-        print("(--compare-dense compares a sparse run with its --baseline dense twin; this run is the dense one: "
-              "run the command without --baseline dense for the comparison)")
-    if hp.experiment.baseline != "sparse" or not (hp.run.compare_dense or (main.dir / "comparison.csv").exists()):
+    if hp.experiment.baseline != "sparse":
+        if hp.run.compare_dense:
+            print("(--compare-dense compares a sparse run with its --baseline dense twin; this run is the dense one: "
+                  "run the command without --baseline dense for the comparison)")
+        return 0
+    if not (hp.run.compare_dense or (main.dir / "comparison.csv").exists()):
         return 0
     twin = IMPRun(hp.replace(baseline="dense"))
     if hp.run.compare_dense:

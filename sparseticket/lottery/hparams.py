@@ -252,13 +252,6 @@ class IMPHparams:
 _FILE_DIGESTS: Dict[tuple, str] = {}
 
 
-def finished_levels(run_dir: str) -> list:
-    """The numbers of a run folder's finished levels (those with a metrics.json), in order."""
-    import glob
-    return sorted(int(os.path.basename(os.path.dirname(m))[len("level_"):])
-                  for m in glob.glob(os.path.join(glob.escape(run_dir), "level_*", "metrics.json")))
-
-
 def file_digest(path: str) -> str:
     """'sha256:<hex>' of a file's bytes (cached per path, size and modification time)."""
     try:

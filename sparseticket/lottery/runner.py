@@ -47,8 +47,7 @@ from ..neq import NEqConfig, NEqTracker, cut_frozen_outputs, freeze_prefix
 from ..optim import MaskedAdamW, MaskedSGD
 from ..pruning import Mask, RandomPruning, get_strategy, prunable_weights
 from . import results as res
-from .hparams import (TRANSFER_RANDOM_SEED_OFFSET, IMPHparams, finished_levels, layer_fractions, milestones,
-                      rewind_spec)
+from .hparams import TRANSFER_RANDOM_SEED_OFFSET, IMPHparams, layer_fractions, milestones, rewind_spec
 
 # ---------------------------------------------------------------------- files
 
@@ -123,6 +122,7 @@ class LevelPlan:
     first_step: int = 0
     train: bool = True              # False: evaluate only (a pre-trained level 0)
     trainable: Optional[Callable[[str], bool]] = None   # parameter name filter (transfer: output only)
+    source_level: Optional[int] = None  # transfers: the source run's level taken
 
 
 class IMPRun:
@@ -137,8 +137,7 @@ class IMPRun:
         self._data = None
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
         self._rewind_state: Optional[dict] = None    # rewind.pt, read once
-        self._source_level: Optional[int] = None     # transfers: the source level taken
-        self._level_kernels: Optional[str] = None    # the --kernels of the level being trained
+        self._pretrained: Optional[dict] = None      # --pretrained, as read by _check_inputs (for rewind.pt)
 
     # ------------------------------------------------------------------ data / model
 
@@ -245,8 +244,8 @@ class IMPRun:
             if k > T:
                 raise ValueError(f"sparseticket: --rewind iter:{k}: level 0 trains {T} steps ({self.hp.train.epochs} "
                                  f"epoch(s) of {T // self.hp.train.epochs}), so it never reaches step {k}")
-        if self.hp.model.pretrained:
-            _load_pretrained(self.new_model(self.hp.model.init_seed), self.hp.model.pretrained)
+        if self.hp.model.pretrained and not (self.dir / "rewind.pt").exists():  # (else it is in there)
+            self._pretrained = _load_pretrained(self.new_model(self.hp.model.init_seed), self.hp.model.pretrained)
 
     def _check_hparams_file(self):
         """hparams.json holds the latest command's hyperparameters (its --levels, --threads,
@@ -277,7 +276,9 @@ class IMPRun:
             self._rewind_state = load(path)
             return self._rewind_state
         if self.hp.model.pretrained:
-            theta0 = _load_pretrained(self.new_model(self.hp.model.init_seed), self.hp.model.pretrained)
+            theta0 = self._pretrained or _load_pretrained(self.new_model(self.hp.model.init_seed),
+                                                          self.hp.model.pretrained)
+            self._pretrained = None
         else:
             theta0 = {k: v.clone() for k, v in self.new_model(self.hp.model.init_seed).state_dict().items()}
         state = {"init": theta0}
@@ -414,7 +415,7 @@ class IMPRun:
         if record.exists():
             lname = json.loads(record.read_text())["source_level"]
         else:
-            finished = sorted(p.name for p in src_dir.glob("level_*") if (p / "metrics.json").exists())
+            finished = [f"level_{i:02d}" for i in _finished_levels(src_dir)]
             if not finished:
                 raise RuntimeError(f"sparseticket: --transfer-from {src_dir}: no finished level")
             if exp.transfer_level < -len(finished):
@@ -450,16 +451,16 @@ class IMPRun:
                     start[key] = target.state_dict()[key].clone()
         if not record.exists():
             atomic_json({"source": str(src_dir), "source_level": lname}, record)
-        self._source_level = int(lname[len("level_"):])
-        latest = finished_levels(str(src_dir))
+        source_level = int(lname[len("level_"):])
+        latest = _finished_levels(src_dir)
         if exp.transfer_level < 0 and len(latest) >= -exp.transfer_level:
             now = latest[exp.transfer_level]
-            if now != self._source_level:
-                say(f"[transfer] this transfer took the source's level {self._source_level} (--transfer-level "
+            if now != source_level:
+                say(f"[transfer] this transfer took the source's level {source_level} (--transfer-level "
                     f"{exp.transfer_level} when it started); the source has finished more levels since, and "
                     f"--transfer-level {now} transfers the one it names now")
         trainable = (lambda p: p.startswith(out_name + ".")) if exp.freeze_features else None
-        return LevelPlan("level_00", 0, masks, start, 0, trainable=trainable)
+        return LevelPlan("level_00", 0, masks, start, 0, trainable=trainable, source_level=source_level)
 
     # ------------------------------------------------------------------ build a level's model
 
@@ -530,6 +531,8 @@ class IMPRun:
             raise RuntimeError(f"sparseticket: {ckpt_path} was written for another mask than {ldir / 'mask.pt'} "
                                f"(was the mask file changed?); move {ldir} away to train the level again")
         tracker = self._neq_tracker(model, state) if plan.train else None
+        pinned = ldir / "modes.json"  # the level's kernel choice, written when it starts
+        record = json.loads(pinned.read_text()) if pinned.exists() else None
         if state is not None:
             _set_modes(model, state["modes"])
             step, log, setup_s = state["step"], state["log"], state["setup_seconds"]
@@ -540,20 +543,17 @@ class IMPRun:
             # the kernel choice is part of the level's state (another path rounds
             # differently): written before training, so that a level killed before its
             # first checkpoint resumes with the choice it started with, not a new measurement
-            pinned = ldir / "modes.json"
-            record = json.loads(pinned.read_text()) if pinned.exists() else None
             if record is not None and record.get("mask_digest") == digest:
                 _set_modes(model, record["modes"])
                 evidence = record["mode_evidence"]
             else:
                 evidence = _pin_modes(model, train_x[:bs], self._previous_choice(plan)) if self.sparse else {}
-                atomic_json({"mask_digest": digest, "modes": _modes(model), "mode_evidence": evidence,
-                             "kernels": hp.run.kernels}, pinned)
+                record = {"mask_digest": digest, "modes": _modes(model), "mode_evidence": evidence,
+                          "kernels": hp.run.kernels}
+                atomic_json(record, pinned)
         modes = _modes(model)
-        # the --kernels the level's choice was made under (modes.json; older folders: this command's)
-        pinned = ldir / "modes.json"
-        self._level_kernels = (json.loads(pinned.read_text()).get("kernels") if pinned.exists() else None) \
-            or hp.run.kernels
+        # the --kernels the level's choice was made under (older folders' modes.json: this command's)
+        kernels = (record or {}).get("kernels") or hp.run.kernels
         # (not with NEq: its layers register their own masks, and a plain layer's keep mask with them)
         # (a checkpoint that holds a ticket for such a layer, written before this existed, resumes it as a ticket)
         held = {k[:-len(".weight_values")] for k in state["model"] if k.endswith(".weight_values")} if state else set()
@@ -665,7 +665,7 @@ class IMPRun:
             self._save_iter_rewind(model)
 
         t_eval = time.perf_counter()
-        row = self._finish_level(plan, model, log, modes, setup_s, evidence, plain)
+        row = self._finish_level(plan, model, log, modes, setup_s, evidence, kernels, plain)
         row["eval_seconds"] = time.perf_counter() - t_eval
         row["seconds"] = setup_s + sum(e["seconds"] for e in log) + row["eval_seconds"]
         atomic_json(row, done)
@@ -712,13 +712,13 @@ class IMPRun:
         atomic_json({"iter_digest": _state_digest(state["iter"])}, self.dir / "level_00" / "theta_k.json")
 
     def _finish_level(self, plan: LevelPlan, model: nn.Module, log: List[dict], modes: dict, setup_s: float,
-                      evidence: dict, plain: Optional[Dict[str, Tensor]] = None) -> dict:
+                      evidence: dict, kernels: str, plain: Optional[Dict[str, Tensor]] = None) -> dict:
         ldir = self.dir / plan.name
         data, bs = self.data, self.hp.train.eval_batch_size
         train_acc = evaluate(model, data.train.x, data.train.y, bs)
         test_acc = evaluate(model, data.test.x, data.test.y, bs)
         row = dict(run=self.dir.name, baseline=self.hp.experiment.baseline, control=self.hp.experiment.control,
-                   transfer=bool(self.hp.experiment.transfer_from), source_level=self._source_level, level=plan.level,
+                   transfer=bool(self.hp.experiment.transfer_from), source_level=plan.source_level, level=plan.level,
                    remaining=100.0 * plan.mask.density, layer_remaining={n: 100.0 * d for n, d in
                                                                          plan.mask.layer_density().items()},
                    train_acc=train_acc, test_acc=test_acc, val_acc=log[-1]["val_acc"] if log else None,
@@ -730,7 +730,7 @@ class IMPRun:
                    # RUN_ONLY settings (not in the folder's hash): the thread counts its epochs
                    # trained with ('1,2' if a resume changed it) and the --kernels its kernel
                    # choice was made under (fixed when the level starts; per layer: modes)
-                   threads=_threads(log), kernels=self._level_kernels)
+                   threads=_threads(log), kernels=kernels)
         # the ticket as sparseticket stores it: layers trained as plain ones (_plain_dense_path) back in compact form
         ticket = stnn.sparsify(_copy_model(model), masks=plain, mode="dense") if plain else model
         if self.sparse:
@@ -788,7 +788,7 @@ def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
     definition changed in session 30: the levels would mix two kinds of control)."""
     if hp.model.pretrained or (hp.experiment.control != "none" and hp.prune.rewind != "init"):
         return
-    prefix = hp.run_name().rsplit("_", 1)[0]
+    prefix, key = hp.run_name().rsplit("_", 1)[0], hp.key(contents=False)
     found = []
     for folder in Path(hp.run.out).glob(f"{prefix}_*"):
         if folder.is_symlink():  # (an old name left pointing at an adopted folder)
@@ -796,8 +796,8 @@ def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
         try:
             recorded = IMPHparams.from_dict(json.loads((folder / "hparams.json").read_text()))
             legacy = folder.name == recorded.run_name(legacy=True)
-            if legacy and recorded.key(contents=False) == hp.key(contents=False):
-                found.append((len(finished_levels(str(folder))), folder.name, folder))
+            if legacy and recorded.key(contents=False) == key:
+                found.append((len(_finished_levels(folder)), folder.name, folder))
         except Exception:  # (any folder that is not a readable run of this kind: not ours)
             continue
     if not found:
@@ -815,6 +815,11 @@ def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
     others = sorted(f.name for _, _, f in found if f != old)
     say(f"continuing {old.name} (named before session 30) as {new.name}, linked from the old name"
         + (f"; also of this experiment, left as they are: {', '.join(others)}" if others else ""))
+
+
+def _finished_levels(run_dir: Path) -> List[int]:
+    """The numbers of a run folder's finished levels (those with a metrics.json), in order."""
+    return sorted(int(m.parent.name[len("level_"):]) for m in Path(run_dir).glob("level_*/metrics.json"))
 
 
 def _threads(log: List[dict]):
