@@ -685,6 +685,34 @@ def test_a_folder_named_before_session_30_is_continued(tmp_path):
     assert not R.IMPRun(ctl).dir.exists()
 
 
+def test_a_kill_between_adopting_a_folder_and_linking_its_old_name(tmp_path, monkeypatch):
+    """The old name's link is made after the rename: a process killed in between left the
+    folder without it, and no later command made it (the folder already had its new name),
+    so transfers that recorded the old name lost their source. The name is now written
+    into the folder before the rename, and the next command links it."""
+    hp = _hp(tmp_path, levels=0)
+    run = R.IMPRun(hp)
+    run.run()
+    old = tmp_path / hp.run_name(legacy=True)
+    run.dir.rename(old)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the rename")
+
+    monkeypatch.setattr(R.os, "symlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        R.IMPRun(hp.replace(levels=1))
+    monkeypatch.undo()
+    assert run.dir.is_dir() and not os.path.lexists(old)    # renamed, not linked
+    assert R.IMPRun(hp.replace(levels=2)).dir == run.dir
+    assert old.is_symlink() and old.resolve() == run.dir.resolve()
+    assert json.loads((run.dir / R.LEGACY_NAME).read_text()) == {"name": old.name}
+    old.unlink()                                              # (removed by hand: made again, once)
+    R.IMPRun(hp)
+    assert old.is_symlink()
+    assert [r["level"] for r in R.IMPRun(hp).run()] == [0]
+
+
 def test_pretrained_counts_by_contents(tmp_path):
     weights = R.IMPRun(_hp(tmp_path)).new_model(5).state_dict()
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"

@@ -16,6 +16,7 @@ Run folder (named by the hash of the hyperparameters, see ``hparams.py``)::
     level_00/ticket.safetensors  the compact ticket (sparse runs)
     level_00/metrics.json    written last: the level is done
     results.json/.csv, *.png
+    legacy_name.json         a folder adopted from its pre-session-30 name: that name (a link)
 
 Every file is written to a temporary name, fsynced and renamed, so a run killed at any point
 resumes from the last checkpointed epoch; the data order of an epoch depends only on
@@ -133,6 +134,8 @@ class IMPRun:
         self.dir = Path(hp.run.out) / hp.run_name()
         if not self.dir.exists():
             _adopt_legacy_folder(hp, self.dir)
+        else:
+            _link_legacy_name(self.dir)
         self.sparse = hp.experiment.baseline == "sparse"
         self._data = None
         self._template: Optional[nn.Module] = None  # new_model(init_seed), drawn once
@@ -761,10 +764,10 @@ class IMPRun:
 
     def _write_results(self, rows: List[dict]) -> None:
         # with fewer --levels than the folder has finished, the later levels stay listed
-        have = {r["level"] for r in rows}
-        later = [json.loads(m.read_text()) for m in sorted(self.dir.glob("level_*/metrics.json"))]
-        rows = sorted(rows + [r for r in later if r["level"] not in have and r["level"] > max(have, default=-1)],
-                      key=lambda r: r["level"])
+        top = max((r["level"] for r in rows), default=-1)
+        later = [json.loads(m.read_text()) for m in self.dir.glob("level_*/metrics.json")
+                 if int(m.parent.name[len("level_"):]) > top]  # (read only those: not every level's again)
+        rows = sorted(rows + later, key=lambda r: r["level"])
         rows = [{**r, "run": self.dir.name} for r in rows]  # (levels finished under a folder's old name)
         res.write_rows(rows, self.dir / "results")
         if not self.hp.run.plots:
@@ -807,14 +810,36 @@ def _adopt_legacy_folder(hp: IMPHparams, new: Path) -> None:
         with _folder_lock(old):  # (not while a process of an older version runs it)
             if new.exists():  # another process adopted one meanwhile
                 return
+            # the old name stays, as a link: transfers record their source's path. The name
+            # is written into the folder first, so that a process killed between the rename
+            # and the link leaves what the next command needs to make the link.
+            atomic_json({"name": old.name}, old / LEGACY_NAME)
             os.rename(old, new)
-            # the old name stays, as a link: transfers record their source's path
-            os.symlink(new.name, old, target_is_directory=True)
+            _link_legacy_name(new)
     except FileNotFoundError:  # another process adopted it meanwhile
         return
     others = sorted(f.name for _, _, f in found if f != old)
     say(f"continuing {old.name} (named before session 30) as {new.name}, linked from the old name"
         + (f"; also of this experiment, left as they are: {', '.join(others)}" if others else ""))
+
+
+#: In a folder adopted from a pre-session-30 name: that name (a link to the folder is kept there)
+LEGACY_NAME = "legacy_name.json"
+
+
+def _link_legacy_name(folder: Path) -> None:
+    """The link from an adopted folder's old name, made again if it is missing (the process
+    that renamed the folder died before making it)."""
+    try:
+        name = str(json.loads((folder / LEGACY_NAME).read_text())["name"])
+    except (OSError, ValueError, KeyError, TypeError):  # none (the usual case), or not readable
+        return
+    link = folder.parent / name
+    if name not in ("", ".", "..") and "/" not in name and not os.path.lexists(link):
+        try:
+            os.symlink(folder.name, link, target_is_directory=True)
+        except FileExistsError:  # another process made it meanwhile
+            pass
 
 
 def _finished_levels(run_dir: Path) -> List[int]:
