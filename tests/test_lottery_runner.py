@@ -557,6 +557,9 @@ def test_controls_follow_rewind(tmp_path):
     for r in rows + rrows:
         assert (r["first_step"], r["steps"]) == (mrows[1]["first_step"], mrows[1]["steps"]) == (5, mrows[0]["steps"])
         assert r["flops_executed"] == pytest.approx(mrows[1]["flops_executed"], rel=1e-12)
+    import csv                                          # the CSV has it too (it was in the JSON only)
+    with open(main.dir / "results.csv") as f:
+        assert [r["first_step"] for r in csv.DictReader(f)] == ["0", "5"]
     # learning-rate rewinding: the random-prune control is iterative, like the ticket
     lr_main = R.IMPRun(_hp(tmp_path, rewind="lr", levels=2))
     lr_main.run()
@@ -683,6 +686,12 @@ def test_a_folder_named_before_session_30_is_continued(tmp_path):
     (tmp_path / ctl.run_name(legacy=True)).mkdir()
     (tmp_path / ctl.run_name(legacy=True) / "hparams.json").write_text(json.dumps(ctl.to_dict()))
     assert not R.IMPRun(ctl).dir.exists()
+
+
+def test_the_python_api_of_the_docs():
+    """docs/LOTTERY.md's imports (review 48: sparseticket.lottery exported nothing)."""
+    from sparseticket.lottery import IMPHparams, IMPRun
+    assert IMPRun is R.IMPRun and IMPHparams().replace(levels=3).prune.levels == 3
 
 
 def test_a_kill_between_adopting_a_folder_and_linking_its_old_name(tmp_path, monkeypatch):

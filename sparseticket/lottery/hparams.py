@@ -120,7 +120,7 @@ class RunHparams:
                                "in again every step (sparseticket.runtime), 'default' leaves it alone",
                      ["retain", "default"])
     kernels: str = hp("auto", "sparse layers' execution: measured per layer and level (auto; the choice is stored "
-                              "with the level's checkpoint), or forced", ["auto", "sparse", "dense"])
+                              "in the level's modes.json), or forced", ["auto", "sparse", "dense"])
     progress: bool = hp(True, "progress bars")
     checkpoint_every: float = hp(2.0, "seconds of training between a level's checkpoints (checkpoint.pt, written "
                                       "after the epoch that reaches it and after the last epoch; 0: every epoch). "
