@@ -286,7 +286,15 @@ def test_bad_input_raises(gen):
     bad_row[0] = -1
     bad_perm = t.perm.clone()
     bad_perm[-1] = t.perm.numel()
+    # row pointers that pass alone (monotone, ending at nnz) but count the entries by output
+    # channel otherwise than `row` does: the forward's lists were filled past their end (review 47)
+    other_crow = torch.full_like(t.crow, t.values.numel())
+    other_crow[0] = 0
+    assert not torch.equal(other_crow, t.crow)
     cases = {
+        "crow of another ticket": lambda: ST.sparse_conv2d(x, t.values, other_crow, *tl[1:], None, None, *conf),
+        "crow of another ticket, relu": lambda: ST.sparse_conv2d_relu(x, t.values, other_crow, *tl[1:], None, None,
+                                                                      *conf),
         "col out of range": lambda: ST.sparse_conv2d(x, t.values, t.crow, bad_col, *tl[2:], None, None, *conf),
         "perm out of range": lambda: ST.sparse_conv2d(x, t.values, *tl[:4], bad_perm, None, None, *conf),
         "wrong in channels": lambda: ST.sparse_conv2d(x[:, :-1], t.values, *tl, None, None, *conf),

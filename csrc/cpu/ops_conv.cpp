@@ -230,6 +230,21 @@ Lists fill_lists(const Geom& g, const int32_t* ptr, int64_t lists, const int32_t
   return ls;
 }
 
+// The forward fills its lists from the column-ordered arrays (ccol, row, perm) with cursors
+// that start at the ticket's row pointers (crow): each is checked alone, so a crow that
+// counts an output channel's entries otherwise than `row` does would run a cursor past the
+// lists (review 47: heap corruption on a direct op call with mismatched arrays).
+void check_row_counts(const Geom& g, const int32_t* crow, const int32_t* ccol, const int32_t* row) {
+  const std::vector<int32_t> counted = list_bounds(g, ccol, row, g.O, [](int64_t o, int64_t, int64_t, int64_t) {
+    return o;
+  });
+  for (int64_t o = 0; o < g.O; ++o)
+    TORCH_CHECK(counted[o + 1] - counted[o] == crow[o + 1] - crow[o],
+                "sparseticket: crow and ccol/row/perm describe different tickets: output channel ", o, " has ",
+                crow[o + 1] - crow[o], " entries by crow and ", counted[o + 1] - counted[o],
+                " by row (build both with dense_to_ticket and ticket_transpose)");
+}
+
 // One list per output channel (crow: the ticket's row pointers).
 Lists output_channel_lists(const Geom& g, const InputLayout& L, const int32_t* crow, const int32_t* ccol,
                            const int32_t* row, const int32_t* perm) {
@@ -600,6 +615,7 @@ Tensor sparse_conv2d_impl(const Tensor& x_, const Tensor& values_, const Tensor&
   const PlanPtr plan = plan_cache().get(
       plan_key(kPlanForward, g, f64, values.numel()),
       {index_array(crow), index_array(ccol), index_array(row), index_array(perm)}, [&] {
+        check_row_counts(g, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>());
         Lists ls = output_channel_lists(g, L, crow.data_ptr<int32_t>(), ccol.data_ptr<int32_t>(),
                                         row.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
         const std::vector<int32_t> sub =
