@@ -98,11 +98,13 @@ struct BitmapArgs {
 // columns. ops_cpu.cpp gives every call all columns and splits rows between threads: each
 // gets its own rows, frozen rows and gyt rows (from a multiple of kRowGemmShareRows, the
 // AVX-512 tile).
-// A partial row tile reads the row after the call's last (gyt's zero row, or the next
-// share's first row) into scratch, never into out.
+// A partial row tile's missing rows read `zero` (gyt's zero row) into scratch, never into
+// out. (They read the row after the share's last before review 47: the next share's first,
+// which its thread was writing at the time; harmless in effect, but a data race.)
 struct RowGemmArgs {
-  const void* gyt;          // [k + 1][ldg]: gy's active columns (in `rows` order), transposed; row k is zeros
+  const void* gyt;          // [k][ldg]: the call's share of gy's active columns (in `rows` order), transposed
   int64_t ldg;
+  const void* zero;         // [ldg] zeros
   const void* x;            // [B][ldx]
   int64_t ldx;
   int64_t B;

@@ -1104,7 +1104,7 @@ template <typename T>
 void rowgemm_kernel(const RowGemmArgs& a, int64_t c_begin, int64_t c_end) {
   constexpr int64_t W = kRowGemmNV * Vec<T>::L;  // columns per tile
   const T* gyt = static_cast<const T*>(a.gyt);
-  const T* zero_row = gyt + a.k * a.ldg;
+  const T* zero_row = static_cast<const T*>(a.zero);
   const T* x = static_cast<const T*>(a.x);
   T* out = static_cast<T*>(a.out);
   alignas(64) T scratch[W];

@@ -755,6 +755,7 @@ Tensor rowgemm(const Tensor& gy_, const Tensor& x_, const int64_t* rows, int64_t
   RowGemmArgs a{};
   a.gyt = gyt.data_ptr();
   a.ldg = B;
+  a.zero = static_cast<const char*>(gyt.data_ptr()) + k * B * gy.element_size();  // gyt's row k
   a.x = x.data_ptr();
   a.ldx = x.stride(0);
   a.B = B;
@@ -780,8 +781,8 @@ Tensor rowgemm(const Tensor& gy_, const Tensor& x_, const int64_t* rows, int64_t
         const int64_t j0 = std::min(k, tiles * t / T * kRowGemmShareRows);
         const int64_t j1 = std::min(k, tiles * (t + 1) / T * kRowGemmShareRows);
         const int64_t f0 = a.n_frozen * t / T, f1 = a.n_frozen * (t + 1) / T;
-        // rows [j0, j1) of gyt; a share's partial last tile reads row k (zeros) into scratch,
-        // and only the last share can end in one (the others are whole tiles)
+        // rows [j0, j1) of gyt; a share's partial last tile reads gyt's zero row (a.zero) into
+        // scratch (with AVX2's 5-row tiles every share can end in one)
         RowGemmArgs la = a;
         la.gyt = static_cast<const char*>(a.gyt) + j0 * B * gy.element_size();
         la.rows = rows + j0;
