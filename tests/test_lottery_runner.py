@@ -688,6 +688,17 @@ def test_a_folder_named_before_session_30_is_continued(tmp_path):
     assert not R.IMPRun(ctl).dir.exists()
 
 
+def test_no_progress_bar_off_a_terminal(monkeypatch):
+    """Piped to a file (or a CI log) the bars were written anyway: every redraw of every level,
+    ~1,000 lines per LeNet level of the README's command."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = R._Progress(True, 10, "level_00")
+    assert bar.bar is None or bar.bar.disable
+    bar.update(3)
+    bar.close()
+
+
 def test_the_python_api_of_the_docs():
     """docs/LOTTERY.md's imports (review 48: sparseticket.lottery exported nothing)."""
     from sparseticket.lottery import IMPHparams, IMPRun

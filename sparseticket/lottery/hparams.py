@@ -121,7 +121,7 @@ class RunHparams:
                      ["retain", "default"])
     kernels: str = hp("auto", "sparse layers' execution: measured per layer and level (auto; the choice is stored "
                               "in the level's modes.json), or forced", ["auto", "sparse", "dense"])
-    progress: bool = hp(True, "progress bars")
+    progress: bool = hp(True, "progress bars (shown when stderr is a terminal)")
     checkpoint_every: float = hp(2.0, "seconds of training between a level's checkpoints (checkpoint.pt, written "
                                       "after the epoch that reaches it and after the last epoch; 0: every epoch). "
                                       "A killed run resumes from the last one, so it loses at most this much "

@@ -80,14 +80,17 @@ def load(path: Path):
 
 
 class _Progress:
-    """tqdm when installed and wanted, else nothing (the per-level lines are printed anyway)."""
+    """tqdm when installed and wanted, and only on a terminal (tqdm's disable=None: piped to a
+    file or a CI log, a bar's redraws would be thousands of lines per level); else nothing.
+    The per-level lines are printed either way."""
 
     def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0):
         self.bar = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True, unit="step")
+                self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True, unit="step",
+                                disable=None)
             except ImportError:
                 pass
 
