@@ -317,6 +317,62 @@ torch.library.register_autograd("sparseticket::masked_bias_grad", _masked_bias_g
                                 setup_context=_masked_bias_grad_setup)
 
 
+# The other ops that backward formulas call (here and in csrc/autograd*.cpp, csrc/op_calls.h)
+# run below autograd unless the backward is recorded (create_graph=True); then each is
+# differentiated as its pure-PyTorch reference, which defines it, so second derivatives
+# through a sparse layer are the dense masked layer's. Before session 31 these ops had no
+# formula: torch took their outputs as constants and second derivatives came out 0, with
+# only a warning (review 49).
+_REFERENCE_DIFFERENTIATED = {
+    "spmm_t": ref.reference_spmm_t,
+    "sddmm": ref.reference_sddmm,
+    "row_masked_grad_weight": ref.reference_row_masked_grad_weight,
+    "ticket_compress": ref.reference_ticket_compress,
+    "sparse_linear_backward": ref.reference_sparse_linear_backward,
+    "sparse_conv2d_grad_input": ref.reference_sparse_conv2d_grad_input,
+    "sparse_conv2d_grad_weight": ref.reference_sparse_conv2d_grad_weight,
+}
+
+
+def _reference_setup(ctx, inputs, output):
+    tensors = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    ctx.save_for_backward(*[inputs[i] for i in tensors])
+    ctx.tensor_args = tensors
+    ctx.other_args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+
+def _reference_backward(reference):
+    def backward(ctx, *grads):
+        args = list(ctx.other_args)
+        for i, t in zip(ctx.tensor_args, ctx.saved_tensors):
+            args[i] = t
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need]
+        result = [None] * len(args)
+        if not wanted:
+            return tuple(result)
+
+        def f(*diff):
+            a = list(args)
+            for i, t in zip(wanted, diff):
+                a[i] = t
+            out = reference(*a)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+        # torch.func.vjp, not autograd.grad on a graph built here: the inputs are part of
+        # the graph being differentiated, whose spent nodes autograd.grad would walk into
+        outs, vjp = torch.func.vjp(f, *[args[i] for i in wanted])
+        got = vjp(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)))
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return tuple(result)
+    return backward
+
+
+for _name, _reference in _REFERENCE_DIFFERENTIATED.items():
+    torch.library.register_autograd(f"sparseticket::{_name}", _reference_backward(_reference),
+                                    setup_context=_reference_setup)
+
+
 def _sparse_linear_setup(ctx, inputs, output):
     x, values, crow, col, ccol, row, perm, bias, active = inputs
     ctx.save_for_backward(x, values, crow, col, ccol, row, perm, active)
