@@ -184,9 +184,10 @@ def test_only_sequential_neighbours_used_once_are_fused(gen):
     assert m[2] is m[4]
     dense = stnn.densify(copy.deepcopy(m))
     assert type(dense[1]) is nn.ReLU
-    masked = stnn.densify(m)  # magnitude pruning changed the weights: compare to the dense masked model
-    assert torch.equal(masked(x), dense(x))
-    assert expected.shape == masked(x).shape
+    # magnitude pruning changed the weights: the fused sparse model is compared to the dense
+    # masked one (review 50: this compared densify's output with itself, never running m)
+    torch.testing.assert_close(m(x), dense(x), rtol=1e-5, atol=1e-6)
+    assert expected.shape == m(x).shape
 
 
 def test_densify_refuses_activation_without_placeholder(gen):

@@ -53,10 +53,13 @@ class MaxPool2d(nn.MaxPool2d):
                 and ops.BACKENDS.get("cpu") == "c++" and "max_pool2x2" not in ops.STALE_OPS)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.relu_after and self.return_indices:
+            # (never set so by sparsify) ReLU first, as written: pooled after it, a window of
+            # negative values returns the index of its first element (the tie of zeros), not
+            # that of its largest negative value
+            return super().forward(torch.relu(x))
         y = torch.ops.sparseticket.max_pool2x2(x)[0] if self._fast(x) else super().forward(x)
-        if not self.relu_after:
-            return y
-        return (torch.relu(y[0]), y[1]) if self.return_indices else torch.relu(y)
+        return torch.relu(y) if self.relu_after else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu_after=True" if self.relu_after else "")
