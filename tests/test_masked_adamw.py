@@ -90,3 +90,23 @@ def test_bad_input_names_argument():
     with pytest.raises(RuntimeError, match="keep_masks"):
         ST.masked_adamw_([p], [z], [z.clone()], [z.clone()], [], [torch.ones(4, 3)], [None], [None], [1.0], 1e-3,
                          0.9, 0.999, 1e-8, 0.0, False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_all_pruned_and_empty_params(dtype, amsgrad):
+    """100% sparsity (a keep mask with nothing kept) and zero-size parameters, beside a normal
+    one, against the reference (review 50: neither was tested)."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(4, 3), (0, 5), (6,)]
+    keeps = [torch.zeros(4, 3, dtype=torch.bool), None, torch.rand(6, generator=g) > 0.5]
+    p = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    state = [[torch.rand(s, generator=g, dtype=dtype) for s in shapes] for _ in range(3)]
+    exp_p, exp_state = [t.clone() for t in p], [[t.clone() for t in st] for st in state]
+    args = ([None] * 3, [None] * 3, [2.0, 1.0, 5.0], 1e-2, 0.9, 0.999, 1e-8, 1e-2, amsgrad, False)
+    R.reference_masked_adamw_(exp_p, grads, *exp_state[:2], exp_state[2] if amsgrad else [], keeps, *args)
+    ST.masked_adamw_(p, grads, *state[:2], state[2] if amsgrad else [], keeps, *args)
+    for new, want in zip(p + state[0] + state[1], exp_p + exp_state[0] + exp_state[1]):
+        torch.testing.assert_close(new, want, rtol=0, atol=0)
+    assert bool((p[0] == 0).all())  # nothing kept: exactly 0, whatever the update would be

@@ -370,3 +370,23 @@ def test_large_and_scalar_params_match_reference(cfg, dtype, gen):
             assert_close(bufs[j], bufs_r[j], tol=STEP_TOL[dtype], what=f"step {step} buf {j}")
     frozen_rows = ~acts[0]
     assert torch.equal(bits(ps[0])[frozen_rows], bits(ps_r[0])[frozen_rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_all_pruned_and_empty_params(dtype, fresh):
+    """100% sparsity (a keep mask with nothing kept) and zero-size parameters, beside a normal
+    one, against the reference (review 50: neither was tested)."""
+    g = torch.Generator().manual_seed(8)
+    shapes = [(4, 3), (0, 5), (6,)]
+    keeps = [torch.zeros(4, 3, dtype=torch.bool), None, torch.rand(6, generator=g) > 0.5]
+    p = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    bufs = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    exp_p, exp_bufs = [t.clone() for t in p], [t.clone() for t in bufs]
+    args = ([None] * 3, [None] * 3, [fresh] * 3, 0.1, 0.9, 0.1, 5e-4, True, False)
+    ref.reference_masked_sgd_(exp_p, grads, exp_bufs, keeps, *args)
+    ST.masked_sgd_(p, grads, bufs, keeps, *args)
+    for new, want in zip(p + bufs, exp_p + exp_bufs):
+        torch.testing.assert_close(new, want, rtol=0, atol=0)
+    assert bool((p[0] == 0).all())  # nothing kept: exactly 0, whatever the update would be
