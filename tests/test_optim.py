@@ -565,3 +565,53 @@ def test_masked_sgd_defers_to_torch_function(subclassed, monkeypatch):
         ref.grad = torch.ones(5, dtype=F64)
         ropt.step()
     torch.testing.assert_close(torch.Tensor(p.detach()), ref.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opt_cls, kw", [(MaskedSGD, dict(lr=0.1, momentum=0.9)), (MaskedAdamW, dict(lr=0.05))])
+@pytest.mark.parametrize("grow", [False, True])
+def test_state_saved_between_a_mask_change_and_the_next_step(opt_cls, kw, grow):
+    """A mask changes (IMP's prune), then the optimizer is checkpointed or copied before its
+    next step. Its state moved onto the new entries only at that step, so the checkpoint and
+    the copy held it laid out for the old mask: applied to the wrong weights when the counts
+    matched, reset when they did not (review 49). Both must train on as the live pair does."""
+    import io
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+        mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.5
+        return stnn.sparsify(m, masks={"0": mask}, mode="sparse")
+
+    def step(m, o):
+        o.zero_grad()
+        ((m(x) - t) ** 2).mean().backward()
+        o.step()
+
+    m = build()
+    o = opt_cls(m.parameters(), **kw)
+    for _ in range(3):
+        step(m, o)
+    mask = m[0].mask().clone()
+    on, off = mask[0].nonzero()[0, 0].item(), (~mask[0]).nonzero()[0, 0].item()
+    mask[0, off] = True                      # a weight of row 0 comes back...
+    if not grow:
+        mask[0, on] = False                  # ...and another goes: the same count
+    m[0].set_mask(mask)
+    copied = copy.deepcopy((m, o))
+    buf = io.BytesIO()
+    torch.save({"m": m.state_dict(), "o": o.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    resumed = build()
+    resumed[0].set_mask(mask)
+    resumed_o = opt_cls(resumed.parameters(), **kw)
+    resumed.load_state_dict(saved["m"])
+    resumed_o.load_state_dict(saved["o"])
+    for _ in range(2):
+        for pair in ((m, o), copied, (resumed, resumed_o)):
+            step(*pair)
+    want = m[0].dense_weight()
+    assert torch.equal(copied[0][0].dense_weight(), want)
+    assert torch.equal(resumed[0].dense_weight(), want)

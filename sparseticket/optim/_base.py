@@ -87,6 +87,12 @@ class MaskedOptimizer(Optimizer):
         super().__setstate__(state)
         self._st_reset_caches()
 
+    def __getstate__(self):
+        # a copy or a pickle keeps state laid out for the structure it is saved with
+        # (__setstate__ forgets which one it was)
+        self._follow_all()
+        return super().__getstate__()
+
     def _info(self, p: Tensor) -> Optional[ParamMasks]:
         if self._st_info_version != _registry.VERSION[0]:
             self._st_info.clear()
@@ -152,7 +158,19 @@ class MaskedOptimizer(Optimizer):
 
     def state_dict(self):
         self._sync_params()
+        self._follow_all()
         return super().state_dict()
+
+    def _follow_all(self) -> None:
+        """Move every parameter's state onto its module's present structure now, as the next
+        step would: a mask changed since the last step left it laid out for the old one,
+        and a checkpoint or a copy taken before that step kept it so (momentum on the wrong
+        weights when the counts matched, a reset when they did not; review 49)."""
+        for group in self.param_groups:
+            for p, info, _keep, _active, _row, token_fn in self._plan(group):
+                state = self.state.get(p)
+                if token_fn is not None and state:
+                    self._follow_structure(p, state, info)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
