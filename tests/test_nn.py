@@ -9,6 +9,7 @@ are compared with the masked dense gradient at the kept positions).
 import copy
 import io
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -941,3 +942,20 @@ def test_sparse_linear_nonfinite_inputs_reach_only_sums_that_read_them(n_in, n_o
         assert torch.equal(got.isfinite(), fin), f"{what}: {int((got.isfinite() != fin).sum())} entries differ"
         assert torch.equal(got[~fin].double().nan_to_num(0.0), want[~fin].nan_to_num(0.0)), f"{what}: NaN / Inf differ"
         torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-4, atol=1e-4)
+
+
+def test_sparsify_refuses_tied_weights():
+    """Two layers sharing one weight Parameter each became a ticket of its own and trained
+    apart (review 49). Refused, naming the other holder; one layer under two names is fine."""
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match=r"shares its weight with 'b'\.weight \(tied weights\)"):
+        stnn.sparsify(nn.Sequential(OrderedDict(a=a, r=nn.ReLU(), b=b)), amount=0.5)
+    emb = nn.Embedding(8, 8)
+    head = nn.Linear(8, 8, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(ValueError, match="tied weights"):
+        stnn.sparsify(nn.ModuleDict(dict(emb=emb, head=head)), amount=0.5)
+    shared = nn.Linear(8, 8)
+    m = stnn.sparsify(nn.Sequential(shared, nn.ReLU(), shared), amount=0.5)
+    assert m[0] is m[2] and isinstance(m[0], stnn.SparseLinear)

@@ -164,6 +164,7 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
     first = {}  # id(layer) -> its first name: a shared layer gets one mask
     for name, _, _, module in found:
         first.setdefault(id(module), name)
+    _check_untied(model, [(n, m) for n, _, _, m in found if first[id(m)] == n])
     base = {}
     for name, _, _, module in found:
         if first[id(module)] != name:
@@ -187,6 +188,28 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
         _fuse_relus(model)
         install_chains(model)
     return model
+
+
+def _check_untied(model: nn.Module, layers) -> None:
+    """A weight Parameter that another module holds too (tied weights: two layers, or a layer
+    and an embedding) would become a ticket of its own in each converted layer and train
+    apart from the other holder (review 49): refused. (One layer registered under two names
+    is fine: it stays one layer.)"""
+    holders: Dict[int, list] = {}
+    for mname, mod in model.named_modules(remove_duplicate=True):
+        for pname, par in mod._parameters.items():
+            if par is not None:
+                holders.setdefault(id(par), []).append((mname, mod, pname))
+    for name, module in layers:
+        for key in ("weight", "weight_orig"):
+            par = module._parameters.get(key)
+            if par is None:
+                continue
+            others = [f"'{n or '<model>'}'.{pn}" for n, m, pn in holders.get(id(par), []) if m is not module]
+            if others:
+                raise ValueError(f"sparseticket: sparsify: {where(module, name)} shares its {key} with "
+                                 f"{', '.join(others)} (tied weights); a sparse layer owns its weight: untie "
+                                 f"them, or leave all of them out with filter=")
 
 
 def _fuse_relus(model: nn.Module) -> None:
