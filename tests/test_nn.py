@@ -959,3 +959,39 @@ def test_sparsify_refuses_tied_weights():
     shared = nn.Linear(8, 8)
     m = stnn.sparsify(nn.Sequential(shared, nn.ReLU(), shared), amount=0.5)
     assert m[0] is m[2] and isinstance(m[0], stnn.SparseLinear)
+
+
+def test_sparsify_refuses_what_it_would_drop():
+    """A spectral-norm layer's weight_orig was taken for torch.nn.utils.prune's and its
+    normalisation dropped; hooks on a replaced layer or its weight were lost silently
+    (review 49). Each is refused before any layer is replaced; prune's own hook is fine."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+
+    cases = {}
+    m = net()
+    nn.utils.spectral_norm(m[0])
+    cases["spectral norm"] = (m, "forward pre-hook")
+    m = net()
+    m[0].register_forward_hook(lambda mod, i, o: None)
+    cases["forward hook"] = (m, "forward hook")
+    m = net()
+    m[2].weight.register_hook(lambda g: g)
+    cases["Parameter hook"] = (m, "hooks on its weight Parameter")
+    for what, (m, match) in cases.items():
+        before = [type(c) for c in m]
+        with pytest.raises(ValueError, match=match):
+            stnn.sparsify(m, amount=0.5)
+            pytest.fail(what)
+        assert [type(c) for c in m] == before, what          # nothing replaced
+    m = net()                                                # a parametrized layer is another class: left as is,
+    torch.nn.utils.parametrizations.weight_norm(m[2])        # and from_dense refuses it
+    stnn.sparsify(m, amount=0.5)
+    assert type(m[2]).__name__ == "ParametrizedLinear"
+    with pytest.raises(ValueError, match="parametrized"):
+        stnn.SparseLinear.from_dense(m[2])
+    m = net()
+    prune.l1_unstructured(m[0], "weight", amount=0.5)
+    stnn.sparsify(m)                                         # prune's mask is what sparsify reads
+    assert isinstance(m[0], stnn.SparseLinear) and m[0].mask().float().mean() == 0.5

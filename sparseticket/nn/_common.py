@@ -91,6 +91,32 @@ def check_active(active, n: int, what: str, device) -> Optional[Tensor]:
     return check_mask(active, (n,), what + ": active", device).contiguous()
 
 
+def check_replaceable(layer: nn.Module, what: str) -> None:
+    """A dense layer that sparsify / from_dense would replace by a new module: refused when
+    what it carries would be lost on the way (review 49): a parametrization or a hook that
+    changes the weight (spectral or weight norm: their weight_orig was taken for
+    torch.nn.utils.prune's and the normalisation dropped), hooks on the layer or on its
+    weight Parameter (they belong to the old module). torch.nn.utils.prune's own hook is
+    what sparsify reads the mask from, and is fine."""
+    from torch.nn.utils import parametrize, prune
+    if parametrize.is_parametrized(layer):
+        raise ValueError(f"sparseticket: {what} is parametrized ({', '.join(layer.parametrizations)}): its sparse "
+                         f"layer would keep the weight's present value and drop the parametrization; remove it "
+                         f"first (torch.nn.utils.parametrize.remove_parametrizations)")
+    kinds = [(k, [h for h in getattr(layer, attr).values() if not isinstance(h, prune.BasePruningMethod)])
+             for k, attr in (("forward pre-hook", "_forward_pre_hooks"), ("forward hook", "_forward_hooks"),
+                             ("backward hook", "_backward_hooks"), ("backward pre-hook", "_backward_pre_hooks"))]
+    found = [f"{len(h)} {k}{'s' if len(h) > 1 else ''} ({', '.join(sorted({type(x).__name__ for x in h}))})"
+             for k, h in kinds if h]
+    for name, p in layer._parameters.items():
+        if p is not None and (getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)):
+            found.append(f"hooks on its {name} Parameter")
+    if found:
+        raise ValueError(f"sparseticket: {what} has {'; '.join(found)}, which its sparse layer would not have "
+                         f"(a new module and new Parameters): remove them, sparsify, and register them on the "
+                         f"sparse layer (or leave this layer out with filter=)")
+
+
 def check_weight_dtype(dtype: torch.dtype, what: str) -> None:
     if dtype not in FLOATS:
         raise TypeError(f"sparseticket: {what}: sparse layers support float32/float64 weights, got {dtype} "

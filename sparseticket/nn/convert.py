@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from . import _mode
-from ._common import TicketModule, check_mask, describe, neq_capable, where
+from ._common import TicketModule, check_mask, check_replaceable, describe, neq_capable, where
 from ._registry import register_module_params
 from .conv import NEqConv2d, SparseConv2d
 from .fast_step import install_chains, remove_chains
@@ -157,6 +157,7 @@ def sparsify(model: nn.Module, masks: Optional[Dict[str, Tensor]] = None,
     if filter is not None:
         found = [r for r in found if filter(r[0], r[3])]
     for name, _, _, module in found:
+        check_replaceable(module, where(module, name))  # (all checked before any layer is replaced)
         w = _dense_weight(module)
         if w.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"sparseticket: {where(module, name)}: sparse layers support float32/float64 "

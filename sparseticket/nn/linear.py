@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import ops as _ops
 from . import _mode
 from ._common import (REDUCED_FLOATS, NEqMixin, TicketModule, autocast_device, autocast_operand, check_active,
-                      check_weight_dtype, where)
+                      check_replaceable, check_weight_dtype, where)
 from ._registry import register_module_params
 
 _sparse_linear = torch.ops.sparseticket.sparse_linear
@@ -269,6 +269,7 @@ def _random_mask(shape, density: float, device) -> Tensor:
 
 def _weight_and_mask(layer: nn.Module, mask):
     """(dense weight, mask) of a dense layer, honouring torch.nn.utils.prune's weight_orig/weight_mask."""
+    check_replaceable(layer, where(layer))
     if "weight_orig" in layer._parameters:
         weight = layer.weight_orig
         if mask is None:
