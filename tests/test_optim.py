@@ -615,3 +615,19 @@ def test_state_saved_between_a_mask_change_and_the_next_step(opt_cls, kw, grow):
     want = m[0].dense_weight()
     assert torch.equal(copied[0][0].dense_weight(), want)
     assert torch.equal(resumed[0].dense_weight(), want)
+
+
+def test_masked_optimizers_take_torch_keywords():
+    """Every keyword of torch.optim.AdamW and SGD is accepted at its default (review 49: capturable=False
+    raised TypeError); the options the masked step cannot honour are refused by name."""
+    import inspect
+    p = [nn.Parameter(torch.randn(3))]
+    defaults = {k: v.default for k, v in inspect.signature(torch.optim.AdamW).parameters.items()
+                if k != "params" and v.default is not inspect.Parameter.empty}
+    MaskedAdamW(p, **defaults)
+    MaskedSGD(p, **{k: v.default for k, v in inspect.signature(torch.optim.SGD).parameters.items()
+                    if k != "params" and v.default is not inspect.Parameter.empty})
+    with pytest.raises(ValueError, match="capturable"):
+        MaskedAdamW(p, capturable=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        MaskedAdamW(p, differentiable=True)

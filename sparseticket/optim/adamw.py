@@ -92,8 +92,10 @@ class MaskedAdamW(MaskedOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, differentiable: bool = False):
+                 capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None):
         check_implementation_args(differentiable)
+        if capturable:  # (torch.optim.AdamW's CUDA-graph option; False, its default, is accepted: review 49)
+            raise ValueError("sparseticket: MaskedAdamW does not support capturable=True (CUDA graph capture)")
         check_positive("learning rate", lr)
         check_positive("epsilon value", eps)
         check_positive("weight_decay value", weight_decay)
