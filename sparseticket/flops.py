@@ -445,6 +445,7 @@ class FlopCounter:
         def hook(module, args, output):
             if not torch.compiler.is_compiling():
                 _record_call(self, name, kind, module, args, output)
+        hook.follows_layer_swaps = True  # (the counter hooks a layer sparsify swaps in itself)
         return hook
 
     def _owner(self, p: Tensor):

@@ -97,13 +97,17 @@ def check_replaceable(layer: nn.Module, what: str) -> None:
     changes the weight (spectral or weight norm: their weight_orig was taken for
     torch.nn.utils.prune's and the normalisation dropped), hooks on the layer or on its
     weight Parameter (they belong to the old module). torch.nn.utils.prune's own hook is
-    what sparsify reads the mask from, and is fine."""
+    what sparsify reads the mask from, and a FlopCounter hooks the new layer itself: both
+    are fine."""
     from torch.nn.utils import parametrize, prune
     if parametrize.is_parametrized(layer):
         raise ValueError(f"sparseticket: {what} is parametrized ({', '.join(layer.parametrizations)}): its sparse "
                          f"layer would keep the weight's present value and drop the parametrization; remove it "
                          f"first (torch.nn.utils.parametrize.remove_parametrizations)")
-    kinds = [(k, [h for h in getattr(layer, attr).values() if not isinstance(h, prune.BasePruningMethod)])
+    def carried(h) -> bool:  # prune's hook, or one whose owner hooks the new layer itself (FlopCounter)
+        return isinstance(h, prune.BasePruningMethod) or getattr(h, "follows_layer_swaps", False)
+
+    kinds = [(k, [h for h in getattr(layer, attr).values() if not carried(h)])
              for k, attr in (("forward pre-hook", "_forward_pre_hooks"), ("forward hook", "_forward_hooks"),
                              ("backward hook", "_backward_hooks"), ("backward pre-hook", "_backward_pre_hooks"))]
     found = [f"{len(h)} {k}{'s' if len(h) > 1 else ''} ({', '.join(sorted({type(x).__name__ for x in h}))})"
