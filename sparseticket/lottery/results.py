@@ -10,10 +10,10 @@ from typing import Dict, List, Optional, Sequence
 from torch import nn
 
 #: CSV columns, in order; nested fields (per-layer dicts) stay in the JSON only
-CSV_COLUMNS = ("run", "baseline", "control", "transfer", "source_level", "level", "remaining", "train_acc", "test_acc",
-               "val_acc", "epochs", "first_step", "steps", "seconds", "setup_seconds", "train_seconds", "eval_seconds", "neq_frozen",
-               "ticket_bytes", "memory_bytes", "dense_bytes", "ticket_file_bytes", "flops_dense", "flops_executed",
-               "threads", "kernels")
+CSV_COLUMNS = ("run", "baseline", "control", "transfer", "source_level", "level", "remaining", "train_acc",
+               "test_acc", "val_acc", "epochs", "first_step", "steps", "seconds", "setup_seconds", "train_seconds",
+               "eval_seconds", "neq_frozen", "ticket_bytes", "memory_bytes", "dense_bytes", "ticket_file_bytes",
+               "flops_dense", "flops_executed", "threads", "kernels")
 
 
 def replace_synced(tmp, path) -> None:

@@ -768,8 +768,8 @@ class IMPRun:
     def _write_results(self, rows: List[dict]) -> None:
         # with fewer --levels than the folder has finished, the later levels stay listed
         top = max((r["level"] for r in rows), default=-1)
-        later = [json.loads(m.read_text()) for m in self.dir.glob("level_*/metrics.json")
-                 if int(m.parent.name[len("level_"):]) > top]  # (read only those: not every level's again)
+        later = [json.loads(m.read_text()) for level, m in _metrics_files(self.dir).items()
+                 if level > top]  # (read only those: not every level's again)
         rows = sorted(rows + later, key=lambda r: r["level"])
         rows = [{**r, "run": self.dir.name} for r in rows]  # (levels finished under a folder's old name)
         res.write_rows(rows, self.dir / "results")
@@ -845,9 +845,14 @@ def _link_legacy_name(folder: Path) -> None:
             pass
 
 
+def _metrics_files(run_dir: Path) -> Dict[int, Path]:
+    """{level: its metrics.json} for a run folder's finished levels."""
+    return {int(m.parent.name[len("level_"):]): m for m in Path(run_dir).glob("level_*/metrics.json")}
+
+
 def _finished_levels(run_dir: Path) -> List[int]:
     """The numbers of a run folder's finished levels (those with a metrics.json), in order."""
-    return sorted(int(m.parent.name[len("level_"):]) for m in Path(run_dir).glob("level_*/metrics.json"))
+    return sorted(_metrics_files(run_dir))
 
 
 def _threads(log: List[dict]):

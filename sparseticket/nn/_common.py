@@ -104,6 +104,7 @@ def check_replaceable(layer: nn.Module, what: str) -> None:
         raise ValueError(f"sparseticket: {what} is parametrized ({', '.join(layer.parametrizations)}): its sparse "
                          f"layer would keep the weight's present value and drop the parametrization; remove it "
                          f"first (torch.nn.utils.parametrize.remove_parametrizations)")
+
     def carried(h) -> bool:  # prune's hook, or one whose owner hooks the new layer itself (FlopCounter)
         return isinstance(h, prune.BasePruningMethod) or getattr(h, "follows_layer_swaps", False)
 

@@ -157,8 +157,7 @@ class MaskedOptimizer(Optimizer):
                     p.grad = None
 
     def state_dict(self):
-        self._sync_params()
-        self._follow_all()
+        self._follow_all()  # (its _plan calls sync the parameters, as _sync_params does)
         return super().state_dict()
 
     def _follow_all(self) -> None:
