@@ -99,6 +99,19 @@ def make_case(B: int, I: int, O: int, sparsity: float, holes: bool, dtype, gen: 
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded")
 
 
+def pruned_and_empty_params(seed: int):
+    """The optimizer ops' edge case: keep masks for a 4x3 weight with nothing kept (100%
+    sparsity), a zero-size parameter and a partly kept vector, and ``draw(dtype, fn)``, a list
+    of fn-random tensors of those three shapes (parameters, gradients, optimizer state)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (0, 5), (6,)]
+    keeps = [torch.zeros(4, 3, dtype=torch.bool), None, torch.rand(6, generator=g) > 0.5]
+
+    def draw(dtype, fn=torch.randn):
+        return [fn(s, generator=g, dtype=dtype) for s in shapes]
+    return keeps, draw
+
+
 def strided(t: Tensor) -> Tensor:
     """Same values as ``t``, as a view stepping by 2 in every dim of a bigger buffer.
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import pruned_and_empty_params
 from sparseticket.ops import reference as R
 
 ST = torch.ops.sparseticket
@@ -97,12 +98,9 @@ def test_bad_input_names_argument():
 def test_all_pruned_and_empty_params(dtype, amsgrad):
     """100% sparsity (a keep mask with nothing kept) and zero-size parameters, beside a normal
     one, against the reference (review 50: neither was tested)."""
-    g = torch.Generator().manual_seed(7)
-    shapes = [(4, 3), (0, 5), (6,)]
-    keeps = [torch.zeros(4, 3, dtype=torch.bool), None, torch.rand(6, generator=g) > 0.5]
-    p = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-    grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-    state = [[torch.rand(s, generator=g, dtype=dtype) for s in shapes] for _ in range(3)]
+    keeps, draw = pruned_and_empty_params(7)
+    p, grads = draw(dtype), draw(dtype)
+    state = [draw(dtype, torch.rand) for _ in range(3)]
     exp_p, exp_state = [t.clone() for t in p], [[t.clone() for t in st] for st in state]
     args = ([None] * 3, [None] * 3, [2.0, 1.0, 5.0], 1e-2, 0.9, 0.999, 1e-8, 1e-2, amsgrad, False)
     R.reference_masked_adamw_(exp_p, grads, *exp_state[:2], exp_state[2] if amsgrad else [], keeps, *args)

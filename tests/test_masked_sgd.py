@@ -13,7 +13,8 @@ import itertools
 
 import pytest
 import torch
-from helpers import ST, assert_bits_equal, assert_close, bits, make_mask, randn, ref, strided, transposed
+from helpers import (ST, assert_bits_equal, assert_close, bits, make_mask, pruned_and_empty_params, randn, ref, strided,
+                     transposed)
 
 LR = 0.05
 STEPS = 20
@@ -377,12 +378,8 @@ def test_large_and_scalar_params_match_reference(cfg, dtype, gen):
 def test_all_pruned_and_empty_params(dtype, fresh):
     """100% sparsity (a keep mask with nothing kept) and zero-size parameters, beside a normal
     one, against the reference (review 50: neither was tested)."""
-    g = torch.Generator().manual_seed(8)
-    shapes = [(4, 3), (0, 5), (6,)]
-    keeps = [torch.zeros(4, 3, dtype=torch.bool), None, torch.rand(6, generator=g) > 0.5]
-    p = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-    grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-    bufs = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    keeps, draw = pruned_and_empty_params(8)
+    p, grads, bufs = draw(dtype), draw(dtype), draw(dtype)
     exp_p, exp_bufs = [t.clone() for t in p], [t.clone() for t in bufs]
     args = ([None] * 3, [None] * 3, [fresh] * 3, 0.1, 0.9, 0.1, 5e-4, True, False)
     ref.reference_masked_sgd_(exp_p, grads, exp_bufs, keeps, *args)
